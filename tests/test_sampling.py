@@ -1,0 +1,380 @@
+"""Diffusion sampling (dlm.sampling): schedule, reveal rules, the core loop, generate / stream / batch / AR.
+
+Pure pieces are tested on synthetic tensors; the loop's bookkeeping on `FakeDLM` (a denoiser whose logits we
+choose, so orders and probabilities are known exactly); end-to-end behaviour on the tiny random LLaMA.
+"""
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+from dlm import sampling
+from dlm.sampling import (block_sizes, confidence_certainty, entropy_certainty, filter_logits, margin_certainty,
+                          reveal_random, reveal_schedule, reveal_top_k, sample_tokens, split_steps)
+
+PROMPT = "The quick brown fox"
+
+
+@pytest.fixture(scope="module")
+def model(tiny_llama_dir):
+    import dlm
+    return dlm.load(tiny_llama_dir, device="cpu", dtype="float32")
+
+
+class FakeDLM:
+    """Duck-typed DiffusionLM over a 64-token vocabulary whose logits are a fixed table [L, V] per position
+    (plus an optional bias). Lets tests know the exact probabilities the sampler saw."""
+
+    V, MASK, EOS = 64, 63, 2
+
+    def __init__(self, tokenizer, table: torch.Tensor, shift: bool = True):
+        self.tokenizer, self.table, self.shift = tokenizer, table, shift
+        self.mask_token_id, self.eos_token_ids = self.MASK, [self.EOS]
+        self.device, self.max_length, self.calls = torch.device("cpu"), 512, 0
+
+    def denoise_logits(self, input_ids, attention_mask=None, prefix_cache=None):
+        self.calls += 1
+        B, L = input_ids.shape
+        return self.table[:L].expand(B, L, self.V).clone()
+
+
+def fake(tokenizer, L=32, seed=0, **kw) -> FakeDLM:
+    g = torch.Generator().manual_seed(seed)
+    return FakeDLM(tokenizer, torch.randn(L, FakeDLM.V, generator=g) * 3, **kw)
+
+
+def mask_free(gen, mask_id):
+    assert mask_id not in gen.token_ids
+    assert all(mask_id not in f.tokens[f.start:] for f in gen.frames[-1:])
+
+
+def check_frames(gen, prompt_ids, mask_id):
+    """Frames are consistent: each revealed position was masked before, is set after, and never changes again;
+    the prompt never changes; the last frame is the final canvas."""
+    prev = list(prompt_ids) + [mask_id] * len(gen.token_ids)
+    seen = set()
+    for f in gen.frames:
+        assert f.tokens[: f.start] == list(prompt_ids)
+        assert len(f.revealed) == len(f.confidence)
+        for p in f.revealed:
+            assert p >= f.start and p not in seen and prev[p] == mask_id and f.tokens[p] != mask_id
+            seen.add(p)
+        changed = {i for i, (a, b) in enumerate(zip(prev, f.tokens)) if a != b}
+        assert changed == set(f.revealed)
+        prev = f.tokens
+    assert prev[len(prompt_ids):] == gen.token_ids
+    assert seen == set(range(len(prompt_ids), len(prompt_ids) + len(gen.token_ids)))
+
+
+# ----------------------------------------------------------------------------------------------- schedule
+
+@pytest.mark.parametrize("n,steps", [(1, 1), (8, 8), (10, 4), (64, 7), (5, 3), (100, 1)])
+def test_reveal_schedule_is_llada_even_split(n, steps):
+    base, rem = divmod(n, steps)
+    assert reveal_schedule(n, steps) == [base + 1] * rem + [base] * (steps - rem)
+
+
+def test_block_sizes_and_step_split():
+    assert block_sizes(12, None) == [12]
+    assert block_sizes(12, 4) == [4, 4, 4]
+    assert block_sizes(10, 4) == [4, 4, 2]  # short last block
+    assert block_sizes(3, 8) == [3]
+    assert split_steps(12, [4, 4, 4]) == [4, 4, 4]
+    assert split_steps(6, [4, 4, 4]) == [2, 2, 2]
+    assert split_steps(7, [4, 4, 4]) == [3, 2, 2]  # remainder to the earliest block
+    assert split_steps(5, [4, 4, 2]) == [2, 2, 1]  # in proportion to size
+    assert split_steps(10, [4, 4, 2]) == [4, 4, 2]
+    for steps in range(3, 11):
+        alloc = split_steps(steps, [4, 4, 2])
+        assert sum(alloc) == steps and all(1 <= a <= s for a, s in zip(alloc, [4, 4, 2]))
+    with pytest.raises(ValueError):
+        split_steps(2, [4, 4, 2])
+
+
+# -------------------------------------------------------------------------------- proposals and certainty
+
+def test_certainties_on_synthetic_probs():
+    probs = torch.tensor([[0.7, 0.2, 0.1, 0.0], [0.4, 0.35, 0.25, 0.0], [0.25, 0.25, 0.25, 0.25]])
+    x0 = torch.tensor([1, 0, 3])
+    assert torch.allclose(confidence_certainty(probs, x0), torch.tensor([0.2, 0.4, 0.25]))
+    assert torch.allclose(margin_certainty(probs, x0), torch.tensor([0.5, 0.05, 0.0]))
+    ent = entropy_certainty(probs, x0)
+    assert ent[0] > ent[1] > ent[2] and torch.isclose(ent[2], -torch.log(torch.tensor(4.0)))
+
+
+def test_filter_logits_top_k_and_top_p():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    assert torch.isfinite(filter_logits(logits, top_k=2)).tolist() == [[True, True, False, False]]
+    assert torch.isfinite(filter_logits(logits, top_p=0.8)).tolist() == [[True, True, False, False]]
+    assert torch.isfinite(filter_logits(logits, top_p=0.81)).tolist() == [[True, True, True, False]]
+    assert torch.isfinite(filter_logits(logits, top_p=0.1)).tolist() == [[True, False, False, False]]
+
+
+def test_sample_tokens_greedy_seeded_and_filtered():
+    logits = torch.randn(50, 10, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(sample_tokens(logits), logits.argmax(-1))
+    a = sample_tokens(logits, 1.0, generator=torch.Generator().manual_seed(3))
+    b = sample_tokens(logits, 1.0, generator=torch.Generator().manual_seed(3))
+    c = sample_tokens(logits, 1.0, generator=torch.Generator().manual_seed(4))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    top1 = sample_tokens(logits, 5.0, top_k=1, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(top1, logits.argmax(-1))
+
+
+def test_reveal_top_k_per_row_within_eligible():
+    score = torch.tensor([[0.9, 0.1, 0.8, 0.7, 0.95], [0.2, 0.3, 0.1, 0.6, 0.5]])
+    eligible = torch.tensor([[False, True, True, True, True], [True, True, True, True, False]])
+    reveal = reveal_top_k(score, eligible, torch.tensor([2, 1]))
+    assert reveal.tolist() == [[False, False, True, False, True], [False, False, False, True, False]]
+    none = reveal_top_k(score, eligible, torch.tensor([0, 0]))
+    assert not none.any()
+
+
+def test_reveal_random_probability_is_one_over_steps_left():
+    eligible = torch.ones(200, 50, dtype=torch.bool)
+    eligible[:, :10] = False
+    gen = torch.Generator().manual_seed(0)
+    for s in (1, 2, 4):
+        reveal = reveal_random(eligible, s, gen)
+        assert not (reveal & ~eligible).any()
+        assert abs(reveal.float().sum().item() / eligible.sum().item() - 1 / s) < 0.02
+
+
+# -------------------------------------------------------------------------------- core loop (FakeDLM)
+
+def test_steps_and_schedule_are_respected(smol_tokenizer):
+    m = fake(smol_tokenizer)
+    prompt = [5, 6, 7]
+    g = sampling.generate(m, prompt, max_new_tokens=10, steps=4)
+    assert g.nfe == m.calls == 4 and len(g.frames) == 4
+    assert [len(f.revealed) for f in g.frames] == reveal_schedule(10, 4)
+    assert [f.step for f in g.frames] == [1, 2, 3, 4] and all(f.total_steps == 4 for f in g.frames)
+    check_frames(g, prompt, m.MASK)
+
+
+@pytest.mark.parametrize("rule,temperature", [("confidence", 0.0), ("confidence", 3.0), ("margin", 3.0),
+                                              ("entropy", 3.0)])
+def test_certainty_rules_reveal_most_certain_first_from_untempered_probs(smol_tokenizer, rule, temperature):
+    m = fake(smol_tokenizer, seed=1)
+    prompt = [5, 6]
+    g = sampling.generate(m, prompt, max_new_tokens=12, steps=6, remasking=rule, temperature=temperature, seed=0)
+    probs = m.table.clone()
+    probs[:, m.MASK] = float("-inf")
+    probs = probs.softmax(-1)  # untempered
+    tokens = g.frames[-1].tokens
+    score = {"confidence": lambda p: probs[p, tokens[p]].item(),
+             "margin": lambda p: (lambda t: (t[0] - t[1]).item())(probs[p].topk(2).values),
+             "entropy": lambda p: torch.special.xlogy(probs[p], probs[p]).sum().item()}[rule]
+    remaining = set(range(2, 14))
+    for f in g.frames:
+        # the reported confidence is the untempered probability of the chosen token
+        assert f.confidence == pytest.approx([probs[p, tokens[p]].item() for p in f.revealed], rel=1e-5)
+        if rule != "confidence" or temperature == 0:  # else the score depends on tokens resampled each step
+            worst_revealed = min(score(p) for p in f.revealed)
+            remaining -= set(f.revealed)
+            assert all(score(p) <= worst_revealed + 1e-6 for p in remaining)
+
+
+def test_mask_and_pad_are_never_predicted(smol_tokenizer):
+    m = fake(smol_tokenizer)
+    m.table[:, m.MASK] = 100.0  # the model "wants" the mask token everywhere
+    g = sampling.generate(m, [5], max_new_tokens=8, steps=8)
+    assert m.MASK not in g.token_ids
+    g = sampling.generate(m, [5], max_new_tokens=8, steps=2, temperature=2.0, seed=0)
+    assert m.MASK not in g.token_ids
+
+
+def test_text_is_cut_at_first_eos_and_eos_can_be_suppressed(smol_tokenizer):
+    m = fake(smol_tokenizer)
+    m.table[4, FakeDLM.EOS] = 100.0  # EOS at the 3rd generated position (prompt = 2 tokens)
+    g = sampling.generate(m, [5, 6], max_new_tokens=6, steps=6)
+    assert g.token_ids[2] == FakeDLM.EOS and len(g.token_ids) == 6
+    assert g.text == smol_tokenizer.decode(g.token_ids[:2], skip_special_tokens=True)
+    g = sampling.generate(m, [5, 6], max_new_tokens=6, steps=6, suppress_eos=True)
+    assert FakeDLM.EOS not in g.token_ids
+
+
+def test_random_sampler_reveal_counts_match_algorithm_2_in_expectation(smol_tokenizer):
+    """Algorithm 2: with s steps left each masked position is revealed w.p. 1/s, so E[revealed at step j] =
+    n/T for the linear schedule, and revealed/remaining averages 1/s at every step."""
+    m = fake(smol_tokenizer)
+    n, T, runs = 12, 4, 300
+    counts = torch.zeros(runs, T)
+    ratio = torch.zeros(runs, T)
+    for r in range(runs):
+        g = sampling.generate(m, [5], max_new_tokens=n, steps=T, remasking="random", seed=r)
+        remaining = n
+        for j, f in enumerate(g.frames):
+            counts[r, j] = len(f.revealed)
+            ratio[r, j] = len(f.revealed) / remaining if remaining else 1.0
+            remaining -= len(f.revealed)
+        assert remaining == 0 and g.nfe == T
+    mean = counts.mean(0)
+    se = counts.std(0) / runs ** 0.5
+    assert ((mean - n / T).abs() < 4 * se + 0.05).all(), (mean, se)
+    expected_ratio = torch.tensor([1 / (T - j) for j in range(T)])
+    assert ((ratio.mean(0) - expected_ratio).abs() < 0.05).all(), ratio.mean(0)
+    assert counts.std(0)[0] > 0  # really random, not a fixed schedule
+
+
+def test_threshold_reveals_confident_positions_in_parallel(smol_tokenizer):
+    m = fake(smol_tokenizer)
+    m.table[3:7] = -10.0
+    m.table[3:7, 10] = 10.0  # positions 3..6 are near-certain, the rest are not
+    g = sampling.generate(m, [5, 6, 7], max_new_tokens=10, steps=10, threshold=0.9)
+    assert set(g.frames[0].revealed) >= {3, 4, 5, 6}
+    assert g.nfe == len(g.frames) < 10
+    assert all(len(f.revealed) >= 1 for f in g.frames)
+    check_frames(g, [5, 6, 7], m.MASK)
+
+
+# ------------------------------------------------------------------------------------ tiny random LLaMA
+
+def test_generate_plain_decoding(model):
+    g = model.generate(PROMPT, max_new_tokens=12, steps=6)
+    prompt_ids = model.tokenizer(PROMPT)["input_ids"]
+    assert g.nfe == 6 and len(g.frames) == 6 and len(g.token_ids) == 12
+    assert all(len(f.revealed) == 2 for f in g.frames)
+    mask_free(g, model.mask_token_id)
+    check_frames(g, prompt_ids, model.mask_token_id)
+    assert 0 < g.seconds and g.prompt == PROMPT and isinstance(g.text, str)
+
+
+@pytest.mark.parametrize("rule", sampling.REMASKING)
+def test_every_remasking_rule_fills_the_canvas(model, rule):
+    g = model.generate(PROMPT, max_new_tokens=8, steps=4, remasking=rule, temperature=0.7, top_p=0.9, top_k=50,
+                       seed=1)
+    check_frames(g, model.tokenizer(PROMPT)["input_ids"], model.mask_token_id)
+    assert g.nfe == 4
+
+
+def test_threshold_lowers_nfe(model):
+    low = model.generate(PROMPT, max_new_tokens=12, threshold=1e-9)  # any token clears it: one step
+    assert low.nfe == 1 and len(low.frames[0].revealed) == 12
+    blocks = model.generate(PROMPT, max_new_tokens=12, block_length=4, threshold=1e-9)
+    assert blocks.nfe == 3
+    high = model.generate(PROMPT, max_new_tokens=12, threshold=1.0)  # a random model is never that sure
+    assert high.nfe == 12 and all(len(f.revealed) == 1 for f in high.frames)
+    mask_free(low, model.mask_token_id)
+
+
+def test_seeds_reproduce_and_differ(model):
+    kw = dict(max_new_tokens=10, steps=5, temperature=1.0, remasking="random")
+    a, b, c = (model.generate(PROMPT, seed=s, **kw) for s in (7, 7, 8))
+    assert a.token_ids == b.token_ids and [f.revealed for f in a.frames] == [f.revealed for f in b.frames]
+    assert a.token_ids != c.token_ids
+
+
+def test_greedy_is_deterministic_without_seed(model):
+    a, b = model.generate(PROMPT, max_new_tokens=8, steps=4), model.generate(PROMPT, max_new_tokens=8, steps=4)
+    assert a.token_ids == b.token_ids
+
+
+def test_block_decoding_never_reveals_a_later_block_early(model):
+    n, bl = 10, 4  # blocks of 4, 4 and a short last block of 2
+    g = model.generate(PROMPT, max_new_tokens=n, steps=5, block_length=bl, temperature=0.8, seed=0)
+    start, mask = g.frames[0].start, model.mask_token_id
+    assert g.nfe == 5
+    for f in g.frames:
+        region = f.tokens[start:]
+        blocks = {(p - start) // bl for p in f.revealed}
+        assert len(blocks) == 1
+        b = blocks.pop()
+        assert mask not in region[: b * bl]  # earlier blocks complete
+        assert all(t == mask for t in region[(b + 1) * bl:])  # later blocks untouched
+    mask_free(g, mask)
+
+
+def test_stream_yields_the_same_frames_live(model):
+    kw = dict(max_new_tokens=8, steps=4, temperature=1.0, seed=3)
+    seen = []
+    items = []
+    for item in model.stream(PROMPT, on_step=seen.append, **kw):
+        items.append(item)
+        if len(items) == 1:
+            assert len(seen) == 1  # the first frame arrives before the remaining steps run
+    *frames, result = items
+    g = model.generate(PROMPT, **kw)
+    assert frames == g.frames == result.frames == seen
+    assert result.token_ids == g.token_ids and result.text == g.text
+
+
+def test_batch_equals_single_generation_with_left_padding(model):
+    prompts = ["Hi", PROMPT + " jumps over the lazy dog", "One two"]
+    batch = model.generate_batch(prompts, max_new_tokens=6, steps=3)
+    assert len(batch) == 3
+    for p, g in zip(prompts, batch):
+        single = model.generate(p, max_new_tokens=6, steps=3)
+        assert g.token_ids == single.token_ids and g.text == single.text
+        assert g.frames == single.frames and g.nfe == 3
+
+
+def test_use_cache_runs_and_reveals_the_same_tokens(model):
+    g = model.generate(PROMPT, max_new_tokens=12, steps=6, block_length=4, use_cache=True)
+    ref = model.generate(PROMPT, max_new_tokens=12, steps=6, block_length=4)
+    assert g.nfe == ref.nfe == 6
+    assert [len(f.revealed) for f in g.frames] == [len(f.revealed) for f in ref.frames]
+    check_frames(g, model.tokenizer(PROMPT)["input_ids"], model.mask_token_id)
+    # the first step of the first block sees exactly the uncached canvas
+    assert g.frames[0].tokens == ref.frames[0].tokens
+
+
+def test_chat_messages_use_the_template(model):
+    messages = [{"role": "user", "content": "Say hi"}]
+    g = model.generate(messages=messages, max_new_tokens=4, steps=2)
+    text = model.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert g.prompt == text
+    assert g.frames[0].tokens[: g.frames[0].start] == model.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def test_ar_generate_greedy_seeded_and_timed(model):
+    ids = model.tokenizer(PROMPT)["input_ids"]
+    g = model.ar_generate(PROMPT, max_new_tokens=5)
+    assert 1 <= g.nfe == len(g.token_ids) <= 5 and g.frames == [] and g.seconds > 0
+    with torch.no_grad():
+        logits = model.ar_logits(torch.tensor([ids]))[0, -1]
+    logits[model.mask_token_id] = float("-inf")
+    assert g.token_ids[0] == int(logits.argmax())  # greedy, causal, mask suppressed
+    kw = dict(max_new_tokens=6, temperature=1.0, seed=5)
+    a, b = model.ar_generate(PROMPT, **kw), model.ar_generate(PROMPT, **kw)
+    assert a.token_ids == b.token_ids and model.mask_token_id not in a.token_ids
+    state = torch.random.get_rng_state()
+    model.ar_generate(PROMPT, **kw)
+    assert torch.equal(state, torch.random.get_rng_state())  # the seed does not leak into global RNG
+
+
+# ----------------------------------------------------------------------------------------------- bad input
+
+@pytest.mark.parametrize("kwargs,pattern", [
+    (dict(prompt=""), "prompt is empty"),
+    (dict(prompt=None), "prompt is empty"),
+    (dict(steps=0), "steps must be between 1 and the generation length 8"),
+    (dict(steps=9), "steps must be between 1 and the generation length 8"),
+    (dict(max_new_tokens=0), "max_new_tokens must be a positive integer"),
+    (dict(max_new_tokens=600), "600.*512"),
+    (dict(remasking="lowest"), "unknown remasking 'lowest'.*random, confidence, margin, entropy"),
+    (dict(block_length=0), "block_length must be a positive integer"),
+    (dict(block_length=2, steps=3), "steps=3 is fewer than the 4 blocks"),
+    (dict(threshold=1.5), r"threshold must be in \(0, 1\]"),
+    (dict(threshold=0.9, remasking="random"), "threshold needs a certainty-based remasking"),
+    (dict(temperature=-1.0), "temperature must be"),
+    (dict(top_p=0.0), r"top_p must be in \(0, 1\]"),
+    (dict(top_k=-1), "top_k must be an integer >= 0"),
+    (dict(messages=[{"role": "user", "content": "x"}]), "either prompt or messages"),
+])
+def test_bad_input_raises_clear_value_error(model, kwargs, pattern):
+    args = dict(prompt=PROMPT, max_new_tokens=8)
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=pattern):
+        model.generate(args.pop("prompt"), **args)
+
+
+def test_batch_and_ar_bad_input(model):
+    with pytest.raises(ValueError, match="prompts is empty"):
+        model.generate_batch([])
+    with pytest.raises(ValueError, match="prompt is empty"):
+        model.generate_batch(["ok", ""])
+    with pytest.raises(ValueError, match=re.escape("max_new_tokens=600")):
+        model.ar_generate(PROMPT, max_new_tokens=600)
