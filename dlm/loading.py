@@ -210,6 +210,49 @@ def _load_wrapper(directory: Path, dtype: torch.dtype, attn_implementation: str)
     return model.to(dtype)
 
 
+def cache_dir() -> Path:
+    """Where derived files live (GGUF conversions): $DLM_CACHE_DIR, else ~/.cache/dlm-studio."""
+    return Path(os.environ.get("DLM_CACHE_DIR", Path.home() / ".cache" / "dlm-studio"))
+
+
+def _gguf_conversion(src: _Source) -> Optional[Path]:
+    """Dequantizing a GGUF takes ~30 s on a small CPU; do it once and keep float32 safetensors in the cache.
+
+    Keyed by file name, size and mtime, written atomically; returns None (load the GGUF directly) if the cache
+    cannot be written.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    gguf = src.directory / src.gguf_file
+    stat = gguf.stat()
+    target = cache_dir() / "gguf" / f"{gguf.stem}-{stat.st_size}-{int(stat.st_mtime)}"
+    if (target / "config.json").is_file() and _weight_files(target) and (target / "tokenizer_config.json").is_file():
+        return target
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
+    except OSError:
+        return None
+    try:
+        model = AutoModelForCausalLM.from_pretrained(src.directory, gguf_file=src.gguf_file, dtype=torch.float32)
+        # transformers refuses save_pretrained on a GGUF-loaded model; the dequantized weights are plain tensors.
+        from safetensors.torch import save_model
+        save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        model.config.quantization_config = None
+        cfg = model.config.to_dict()
+        cfg.pop("quantization_config", None)
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
+        AutoTokenizer.from_pretrained(src.directory, gguf_file=src.gguf_file).save_pretrained(str(tmp))
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(tmp, target)
+        return target
+    except OSError:
+        return None
+    except Exception as e:
+        raise LoadError(f"could not read GGUF {gguf}: {e}") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def _load_base(src: _Source, dtype: torch.dtype, device: torch.device, quantization: Optional[str],
                attn_implementation: str, trust_remote_code: bool, allow_pickle: bool):
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -246,8 +289,14 @@ def _load_base(src: _Source, dtype: torch.dtype, device: torch.device, quantizat
 
 
 def load_tokenizer(src_or_path, gguf_file: Optional[str] = None, fallback: Optional[str] = None):
-    """Tokenizer of a model directory / GGUF; `fallback` (registry name or path) when the directory has none."""
+    """Tokenizer of a registry name, model directory or GGUF; `fallback` when the directory has none."""
     from transformers import AutoTokenizer
+    if isinstance(src_or_path, str) and registry.is_registered(src_or_path):
+        src_or_path = _locate(src_or_path)
+    if isinstance(src_or_path, _Source) and src_or_path.gguf_file:
+        converted = _gguf_conversion(src_or_path)  # the GGUF tokenizer takes ~10 s to build; cached once
+        if converted is not None:
+            src_or_path = _Source(converted)
     directory = src_or_path.directory if isinstance(src_or_path, _Source) else Path(src_or_path)
     gguf_file = src_or_path.gguf_file if isinstance(src_or_path, _Source) else gguf_file
     try:
@@ -371,6 +420,11 @@ def load(source: Union[str, os.PathLike], *, mask_token_id: Optional[int] = None
         if (Path(adapter) / DLM_CONFIG_NAME).is_file() and saved is None:
             saved = DLMConfig.load(adapter)
 
+    if weights_src.gguf_file and quantization in (None, "none", ""):
+        converted = _gguf_conversion(weights_src)
+        if converted is not None:
+            weights_src = _Source(converted, None, weights_src.spec, weights_src.label)
+            src = weights_src if src.gguf_file else src
     base = _load_base(weights_src, torch_dtype, dev, quantization, attn_implementation, trust_remote_code,
                       allow_pickle)
     fallback = src.spec.ar_counterpart if src.spec is not None else None

@@ -478,7 +478,8 @@ def generate(model, prompt: Optional[Prompt] = None, *, messages=None, max_new_t
                     (add_generation_prompt=True). Exactly one of prompt / messages.
     max_new_tokens: length of the generated region (default 64); prompt + region must fit the model's context.
     steps:          denoising steps = forward evaluations (default max_new_tokens, one token per step);
-                    1 <= steps <= max_new_tokens.
+                    1 <= steps <= max_new_tokens. The loop stops early once nothing is masked (threshold, or
+                    the random rule revealing everything before its last step).
     block_length:   semi-autoregressive blocks (LLaDA): the region is split into blocks of this many tokens,
                     decoded left to right, steps split evenly over them; later blocks stay masked until the
                     earlier ones are complete. None (default) = one block. A short last block takes the rest.

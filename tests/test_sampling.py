@@ -200,22 +200,23 @@ def test_random_sampler_reveal_counts_match_algorithm_2_in_expectation(smol_toke
     """Algorithm 2: with s steps left each masked position is revealed w.p. 1/s, so E[revealed at step j] =
     n/T for the linear schedule, and revealed/remaining averages 1/s at every step."""
     m = fake(smol_tokenizer)
-    n, T, runs = 12, 4, 300
-    counts = torch.zeros(runs, T)
-    ratio = torch.zeros(runs, T)
+    n, T, runs = 12, 4, 200
+    counts = torch.zeros(runs, T)  # a step never run (everything already revealed) reveals 0
+    ratios: list[list[float]] = [[] for _ in range(T)]  # revealed / still masked, when something was masked
     for r in range(runs):
         g = sampling.generate(m, [5], max_new_tokens=n, steps=T, remasking="random", seed=r)
         remaining = n
         for j, f in enumerate(g.frames):
             counts[r, j] = len(f.revealed)
-            ratio[r, j] = len(f.revealed) / remaining if remaining else 1.0
+            ratios[j].append(len(f.revealed) / remaining)
             remaining -= len(f.revealed)
-        assert remaining == 0 and g.nfe == T
+        # the loop stops once nothing is masked: an evaluation then could not change anything
+        assert remaining == 0 and g.nfe == len(g.frames) <= T
     mean = counts.mean(0)
     se = counts.std(0) / runs ** 0.5
     assert ((mean - n / T).abs() < 4 * se + 0.05).all(), (mean, se)
-    expected_ratio = torch.tensor([1 / (T - j) for j in range(T)])
-    assert ((ratio.mean(0) - expected_ratio).abs() < 0.05).all(), ratio.mean(0)
+    for j in range(T):
+        assert abs(sum(ratios[j]) / len(ratios[j]) - 1 / (T - j)) < 0.05, (j, ratios[j])
     assert counts.std(0)[0] > 0  # really random, not a fixed schedule
 
 
@@ -247,7 +248,8 @@ def test_every_remasking_rule_fills_the_canvas(model, rule):
     g = model.generate(PROMPT, max_new_tokens=8, steps=4, remasking=rule, temperature=0.7, top_p=0.9, top_k=50,
                        seed=1)
     check_frames(g, model.tokenizer(PROMPT)["input_ids"], model.mask_token_id)
-    assert g.nfe == 4
+    # random (Algorithm 2) may reveal everything before the last step and then stop early
+    assert g.nfe == len(g.frames) == 4 if rule != "random" else 1 <= g.nfe == len(g.frames) <= 4
 
 
 def test_threshold_lowers_nfe(model):
@@ -319,6 +321,11 @@ def test_use_cache_runs_and_reveals_the_same_tokens(model):
     check_frames(g, model.tokenizer(PROMPT)["input_ids"], model.mask_token_id)
     # the first step of the first block sees exactly the uncached canvas
     assert g.frames[0].tokens == ref.frames[0].tokens
+    prompts = ["Hi", PROMPT]  # left padding through the cache too
+    for p, b in zip(prompts, model.generate_batch(prompts, max_new_tokens=8, steps=4, block_length=4,
+                                                  use_cache=True)):
+        check_frames(b, model.tokenizer(p)["input_ids"], model.mask_token_id)
+        assert b.nfe == 4
 
 
 def test_chat_messages_use_the_template(model):
