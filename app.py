@@ -11,8 +11,8 @@ import sys
 
 # No analytics / telemetry calls from Gradio or the hub client. (Not HF_HUB_OFFLINE: users with a network must
 # still be able to fetch hub models such as DiffuGPT.)
-os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
+os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 
 
 def parse_args(argv=None) -> argparse.Namespace:

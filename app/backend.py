@@ -18,7 +18,7 @@ from typing import Callable, Iterator, Optional, Union
 
 import dlm
 from dlm import registry
-from dlm.infill import stream_infill
+from dlm.infill import split_template, stream_infill
 from dlm.types import Frame, Generation
 
 DEFAULT_DLM = "smollm2-135m-dlm"
@@ -358,7 +358,8 @@ class Backend:
             return "**No model loaded.** Choose one below and press *Load*."
         ar = i.ar_name or f"{i.name} (same weights, causal attention)"
         lines = [
-            f"**DLM:** `{i.name}`" + (f" ({i.kind})" if i.kind else "") + (f" + LoRA `{i.adapter}`" if i.adapter else ""),
+            f"**DLM:** `{i.name}`" + (f" ({i.kind})" if i.kind else "")
+            + (f" + LoRA `{i.adapter}`" if i.adapter else ""),
             f"**Parameters:** {i.parameters / 1e6:.1f} M · **weights:** {i.weights_mb:.0f} MB · "
             f"**device:** {i.device} · **dtype:** {i.dtype} · **quantization:** {i.quantization}",
             f"**Load time:** {i.load_seconds:.1f} s · **context:** {i.max_length} tokens · "
@@ -373,17 +374,17 @@ class Backend:
         return self.info.notice
 
     # ---------------------------------------------------------------------------------------- decoding helpers
-    def decode_pieces(self, ids: list[int]) -> dict[int, str]:
-        """Display text of single tokens (a BPE piece decoded alone; special tokens by their name)."""
+    def piece_decoder(self) -> Callable[[list[int]], dict[int, str]]:
+        """A function giving the display text of single token ids (a BPE piece decoded alone; special tokens by
+        their name), bound to the current model's tokenizer (a later model switch does not affect it)."""
         tok = self.require_model().tokenizer
         special = set(getattr(tok, "all_special_ids", []) or [])
-        out = {}
-        for i in ids:
-            if i in special:
-                out[i] = tok.convert_ids_to_tokens(int(i))
-            else:
-                out[i] = tok.decode([int(i)], skip_special_tokens=False, clean_up_tokenization_spaces=False)
-        return out
+
+        def decode(ids: list[int]) -> dict[int, str]:
+            return {i: tok.convert_ids_to_tokens(int(i)) if i in special else
+                    tok.decode([int(i)], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+                    for i in ids}
+        return decode
 
     def special_ids(self) -> set[int]:
         tok = self.require_model().tokenizer
@@ -494,22 +495,26 @@ class Backend:
 
     def stream_infill(self, template: str, prefix: str, suffix: str, length: int, sampler: Sampler, *,
                       use_template: bool, session: Optional[str] = None) -> Iterator[Batch]:
-        """Fill a `[MASK:n]` template (or prefix + `length` tokens + suffix); throttled batches."""
+        """Fill a `[MASK:n]` template (or prefix + `length` tokens + suffix); throttled batches. `sampler.steps` is
+        capped at the number of masked tokens."""
         model = self.require_model()
         kw = sampler.kwargs(length=False)
         if use_template:
             if not (template or "").strip():
                 raise ValueError("the template is empty: write text with [MASK] or [MASK:n] spans to fill")
+            n_masked = sum(p for _, p in split_template(template) if isinstance(p, int))
+            kw["steps"] = min(kw["steps"], max(n_masked, 1))  # the UI's steps slider is capped, not an error
             return self._throttled(lambda: model.stream_fill(template, **kw), session)
         if not (prefix or suffix):
             raise ValueError("give a prefix and/or a suffix around the span to fill")
+        kw["steps"] = min(kw["steps"], max(int(length), 1))
         return self._throttled(lambda: stream_infill(model, prefix or "", suffix or "", int(length), **kw), session)
 
     # ---------------------------------------------------------------------------------------- one-shot calls
     def infill_sweep(self, template: str, prefix: str, suffix: str, lengths: list[int], sampler: Sampler, *,
                      use_template: bool, session: Optional[str] = None) -> list[dict]:
         """Fill the same template with every span set to each n in `lengths`; steps are capped at the number of
-        masked tokens of each run. Returns [{n, text, spans, nfe, seconds}]."""
+        masked tokens of each run. Returns [{n, text, spans, segments: [(text, generated?)], nfe, seconds}]."""
         model = self.require_model()
         if use_template and not (template or "").strip():
             raise ValueError("the template is empty: write text with [MASK] or [MASK:n] spans to fill")
@@ -528,10 +533,16 @@ class Backend:
                     kw = sampler.kwargs(length=False)
                     kw["steps"] = min(kw["steps"], n * n_spans)
                     if use_template:
-                        g = model.fill(with_span_length(template, n), **kw)
+                        filled = with_span_length(template, n)
+                        g = model.fill(filled, **kw)
+                        spans = iter(g.spans or [])
+                        segments = [(p, False) if isinstance(p, str) else (next(spans, ""), True)
+                                    for _, p in split_template(filled)]
                     else:
                         g = model.infill(prefix or "", suffix or "", n, **kw)
-                    rows.append(dict(n=n, text=g.text, spans=g.spans or [], nfe=g.nfe, seconds=g.seconds))
+                        segments = [(prefix or "", False), ((g.spans or [""])[0], True), (suffix or "", False)]
+                    rows.append(dict(n=n, text=g.text, spans=g.spans or [], segments=segments, nfe=g.nfe,
+                                     seconds=g.seconds))
         finally:
             self._end(key, cancel)
         return rows

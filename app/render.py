@@ -138,7 +138,8 @@ class Trace:
         f = self.frames[k]
         masked = sum(1 for t in f.tokens[f.start:] if t == self.mask_id)
         state = " · running…" if running else ""
-        return f"**step {f.step} / {f.total_steps}** · revealed {len(f.revealed)} this step · {masked} still masked{state}"
+        return (f"**step {f.step} / {f.total_steps}** · revealed {len(f.revealed)} this step · "
+                f"{masked} still masked{state}")
 
     # ---- plots (built once at the end of a run: sending a figure per step stalls the browser) ------------------
     def reveal_heatmap(self) -> go.Figure:
@@ -205,10 +206,12 @@ class Trace:
 def _empty(fig: go.Figure, message: str) -> go.Figure:
     fig.update_layout(
         height=330,
-        annotations=[dict(text=message, showarrow=False, x=0.5, y=0.5, xref="paper", yref="paper")],
-        xaxis_visible=False,
-        yaxis_visible=False,
+        plot_bgcolor="white",
+        annotations=[dict(text=message, showarrow=False, x=0.5, y=0.5, xref="paper", yref="paper",
+                          font=dict(color="#888"))],
     )
+    fig.update_xaxes(visible=False)
+    fig.update_yaxes(visible=False)
     return fig
 
 
@@ -216,31 +219,22 @@ def empty_figure(message: str = "run a generation to see this chart") -> go.Figu
     return _empty(go.Figure(), message)
 
 
-def spans_html(text: str, spans: Iterable[str]) -> str:
-    """Infill result with every generated span highlighted (spans are located left to right in `text`)."""
-    out, at = [], 0
-    for span in spans:
-        i = text.find(span, at) if span else -1
-        if i < 0:
-            continue
-        out.append(_display(text[at:i]))
-        out.append(f'<span class="t old">{_display(span)}</span>')
-        at = i + len(span)
-    out.append(_display(text[at:]))
-    return '<div class="tokview">' + "".join(out) + "</div>"
+def segments_html(segments: Iterable[tuple[str, bool]]) -> str:
+    """Inline HTML of (text, generated?) segments: generated spans highlighted, template text plain."""
+    return "".join(f'<span class="t old">{_display(t)}</span>' if gen else _display(t) for t, gen in segments)
 
 
 def sweep_html(rows: list[dict]) -> str:
-    """Span-length sweep: one line per n with the filled text, spans highlighted."""
+    """Span-length sweep: one line per n with the filled text, generated spans highlighted.
+    rows: [{n, nfe, seconds, segments: [(text, generated?)]}]."""
     if not rows:
         return ""
     parts = ['<div class="tokview" style="white-space:normal">']
     for r in rows:
-        inner = spans_html(r["text"], r.get("spans") or []).removeprefix('<div class="tokview">').removesuffix("</div>")
         parts.append(
             f'<div style="margin:4px 0"><b>n = {r["n"]}</b> '
             f'<span class="ell">({r["nfe"]} NFE, {r["seconds"]:.2f} s)</span><br>'
-            f'<span style="white-space:pre-wrap">{inner}</span></div>'
+            f'<span style="white-space:pre-wrap">{segments_html(r["segments"])}</span></div>'
         )
     parts.append("</div>")
     return "".join(parts)
@@ -250,7 +244,8 @@ def compare_chart(sweep: list[dict], ar: Optional[dict]) -> go.Figure:
     """DLM model time and quality (gen-PPL under the AR model, lower is better) against the number of denoising
     steps, with the AR model's values as horizontal dashed lines. `sweep` rows: {steps, seconds, ppl}; `ar`:
     {seconds, ppl} or None."""
-    fig = make_subplots(rows=1, cols=2, subplot_titles=("model time (s)", "gen-PPL under the AR model (lower = better)"))
+    fig = make_subplots(rows=1, cols=2,
+                        subplot_titles=("model time (s)", "gen-PPL under the AR model (lower = better)"))
     if not sweep:
         return _empty(fig, "tick 'sweep steps' and run to draw this chart")
     xs = [r["steps"] for r in sweep]

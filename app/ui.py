@@ -14,6 +14,7 @@ from app.backend import (DEVICES, DTYPES, QUANTIZATIONS, REMASKING, Backend, Sam
                          parse_int_list)
 from app.examples import load_examples
 from dlm import registry
+from dlm.infill import split_template
 
 MODEL = dict(concurrency_id="model", concurrency_limit=1)  # every event that runs a model
 LIGHT = dict(concurrency_limit=None, api_visibility="private", show_progress="hidden")  # render-only events
@@ -35,35 +36,43 @@ def _session(request: Optional[gr.Request]) -> Optional[str]:
     return getattr(request, "session_hash", None) if request is not None else None
 
 
-def _fail(e: BaseException):
-    """Re-raise anything as a gr.Error with a one-line message (the server keeps serving)."""
+def _fail(e: BaseException, *, for_browser: bool = True):
+    """Re-raise anything as a gr.Error with a one-line message (the server keeps serving). The browser renders
+    error messages as HTML, so `<` is escaped there (messages may quote user input); API clients get it raw."""
     if isinstance(e, gr.Error):
         raise e
-    raise gr.Error(html.escape(describe_error(e), quote=False), print_exception=False) from None
+    message = describe_error(e)
+    raise gr.Error(message.replace("<", "&lt;") if for_browser else message, print_exception=False) from None
 
 
 # --------------------------------------------------------------------------------------------- shared widgets
-def sampler_controls(length: int = 64, steps: int = 64, *, open_: bool = True, show_length: bool = True) -> list:
-    """The sampler knobs in an accordion, in `Sampler.from_ui` order."""
+def sampler_controls(prefix: str, length: int = 64, steps: int = 64, *, open_: bool = True,
+                     show_length: bool = True) -> list:
+    """The sampler knobs in an accordion, in `Sampler.from_ui` order (elem_ids `{prefix}-length`, ...)."""
     with gr.Accordion("Sampler settings", open=open_):
         with gr.Row():
-            c_len = gr.Slider(1, 512, value=length, step=1, label="Length (new tokens)", visible=show_length)
-            c_steps = gr.Slider(1, 512, value=steps, step=1, label="Steps (1 … length)")
-            c_block = gr.Slider(0, 512, value=0, step=1, label="Block length (0 = one block)")
+            c_len = gr.Slider(1, 512, value=length, step=1, label="Length (new tokens)", visible=show_length,
+                              elem_id=f"{prefix}-length")
+            c_steps = gr.Slider(1, 512, value=steps, step=1, elem_id=f"{prefix}-steps",
+                                label="Steps (1 … length)" if show_length else "Steps (capped at the masked tokens)")
+            c_block = gr.Slider(0, 512, value=0, step=1, label="Block length (0 = one block)",
+                                elem_id=f"{prefix}-block")
         with gr.Row():
-            c_rem = gr.Dropdown(REMASKING, value="confidence", label="Remasking order")
-            c_temp = gr.Slider(0.0, 2.0, value=0.0, step=0.05, label="Temperature (0 = greedy)")
+            c_rem = gr.Dropdown(REMASKING, value="confidence", label="Remasking order",
+                                elem_id=f"{prefix}-remasking")
+            c_temp = gr.Slider(0.0, 2.0, value=0.0, step=0.05, label="Temperature (0 = greedy)",
+                               elem_id=f"{prefix}-temperature")
             c_top_p = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="Top-p")
             c_top_k = gr.Number(0, precision=0, label="Top-k (0 = off)", minimum=0)
             c_thr = gr.Slider(0.0, 1.0, value=0.0, step=0.05, label="Parallel-decoding threshold (0 = off)")
-            c_seed = gr.Number(0, precision=0, label="Seed (-1 = random)")
+            c_seed = gr.Number(0, precision=0, label="Seed (-1 = random)", elem_id=f"{prefix}-seed")
     return [c_len, c_steps, c_block, c_rem, c_temp, c_top_p, c_top_k, c_thr, c_seed]
 
 
 class StreamView:
     """Token animation + step counter + scrub slider + final text + stats + the two end-of-run plots."""
 
-    def __init__(self, prefix: str, plots: bool = True):
+    def __init__(self, prefix: str, plots: bool = True, extra: Optional[list] = None):
         self.counter = gr.Markdown("step 0 / 0", elem_id=f"{prefix}-counter")
         self.view = gr.HTML(render.Trace(mask_id=-1).html(legend=False), css_template=render.TOKEN_CSS,
                             elem_id=f"{prefix}-view", js_on_load=None)
@@ -78,13 +87,14 @@ class StreamView:
                 self.heat = gr.Plot(render.empty_figure(), label="Reveal heatmap", show_label=False)
                 self.chart = gr.Plot(render.empty_figure(), label="Per-step reveals", show_label=False)
         self.trace = gr.State(None)
+        self.extra = list(extra or [])  # more outputs, filled from the final Generation by animate(extra_fn=...)
 
     @property
     def outputs(self) -> list:
         outs = [self.view, self.counter, self.scrub, self.text, self.stats]
         if self.heat is not None:
             outs += [self.heat, self.chart]
-        return outs + [self.trace]
+        return outs + [self.trace] + self.extra
 
     def wire_scrub(self) -> None:
         def scrub(k, trace):
@@ -95,21 +105,22 @@ class StreamView:
         self.scrub.input(scrub, [self.scrub, self.trace], [self.view, self.counter], trigger_mode="always_last",
                          **LIGHT)
 
-    def animate(self, backend: Backend, batches, result: Optional[list] = None):
+    def animate(self, backend: Backend, batches, extra_fn=None):
         """Turn backend batches into output tuples: the token view on every (throttled) batch; the plots, the
-        scrub slider and the text once at the end. The final `Generation` is appended to `result` if given."""
+        scrub slider and the text once at the end, plus `extra_fn(generation)` for the extra outputs."""
         model = backend.require_model()
         trace = render.Trace(mask_id=int(model.mask_token_id), special=backend.special_ids())
+        decode = backend.piece_decoder()
         n_plots = 2 if self.heat is not None else 0
         first = True
         for batch in batches:
             for f in batch.frames:
-                trace.add(f, backend.decode_pieces)
+                trace.add(f, decode)
             if batch.result is None and not batch.cancelled:
                 clear = ("", "") if first else (gr.skip(), gr.skip())  # wipe the previous run's text and stats
                 first = False
                 yield (trace.html(), trace.counter(running=True), gr.update(visible=False), *clear,
-                       *([gr.skip()] * n_plots), gr.skip())
+                       *([gr.skip()] * (n_plots + 1 + len(self.extra))))
                 continue
             g = batch.result
             if g is None:
@@ -118,12 +129,11 @@ class StreamView:
                 stats = (f"**{g.nfe}** network evaluations · model time **{g.seconds:.2f} s** · "
                          f"**{g.tokens_per_second:.1f}** tokens/s · {len(g.token_ids)} tokens")
                 text = g.text
-                if result is not None:
-                    result.append(g)
             n = max(len(trace), 1)
             plots = [trace.reveal_heatmap(), trace.step_chart()] if n_plots else []
+            extra = [gr.skip()] * len(self.extra) if g is None or extra_fn is None else list(extra_fn(g))
             yield (trace.html(), trace.counter(), gr.update(visible=n > 1, minimum=1, maximum=n, value=n),
-                   text, stats, *plots, trace)
+                   text, stats, *plots, trace, *extra)
             return
 
 
@@ -156,7 +166,7 @@ def build(backend: Optional[Backend] = None, *, model: Optional[str] = None, ar_
                         d_chat = gr.Checkbox(False, label="Chat template (instruct models)")
                         d_go = gr.Button("Generate", variant="primary", elem_id="denoise-generate")
                         d_stop = gr.Button("Stop", variant="stop", elem_id="denoise-stop")
-                d_sampler = sampler_controls(64, 64)
+                d_sampler = sampler_controls("denoise", 64, 64)
                 d_out = StreamView("denoise")
 
             # ---------------------------------------------------------------- 2. Infill
@@ -165,17 +175,18 @@ def build(backend: Optional[Backend] = None, *, model: Optional[str] = None, ar_
                                   elem_id="infill-mode")
                 i_template = gr.Textbox(INFILL_TEMPLATE, lines=3, elem_id="infill-template",
                                         label="Template: [MASK] = one token, [MASK:n] = n tokens")
-                with gr.Row():
+                with gr.Row(visible=False) as i_pair:
                     i_prefix = gr.Textbox("The old fisherman walked down to the", label="Prefix", lines=2)
-                    i_suffix = gr.Textbox("every morning before sunrise.", label="Suffix", lines=2)
+                    i_suffix = gr.Textbox(" every morning before sunrise.", label="Suffix", lines=2)
                     i_length = gr.Slider(1, 256, value=8, step=1, label="Length of the middle (tokens)")
                 with gr.Row():
                     i_ar = gr.Checkbox(True, label="Also run the AR model on the prefix only")
                     i_go = gr.Button("Fill", variant="primary", elem_id="infill-generate")
                     i_stop = gr.Button("Stop", variant="stop")
-                i_sampler = sampler_controls(14, 14, open_=False, show_length=False)
-                i_out = StreamView("infill")
-                i_spans = gr.JSON(label="Generated spans", elem_id="infill-spans")
+                i_sampler = sampler_controls("infill", 14, 64, open_=False, show_length=False)
+                i_spans = gr.JSON(label="Generated spans", elem_id="infill-spans", render=False)
+                i_out = StreamView("infill", extra=[i_spans])
+                i_spans.render()
                 i_ar_text = gr.Textbox(label="AR model, prefix only (as in the paper's Table 1)", lines=2,
                                        interactive=False, elem_id="infill-ar")
                 with gr.Accordion("Span-length sweep", open=False):
@@ -197,7 +208,7 @@ def build(backend: Optional[Backend] = None, *, model: Optional[str] = None, ar_
                 with gr.Row():
                     c_go = gr.Button("Run", variant="primary", elem_id="icl-run")
                     c_stop = gr.Button("Stop", variant="stop")
-                c_sampler = sampler_controls(examples[0].max_new_tokens if examples else 32,
+                c_sampler = sampler_controls("icl", examples[0].max_new_tokens if examples else 32,
                                              examples[0].steps if examples else 32, open_=False)
                 c_out = StreamView("icl", plots=False)
 
@@ -210,7 +221,7 @@ def build(backend: Optional[Backend] = None, *, model: Optional[str] = None, ar_
                         a_chat = gr.Checkbox(False, label="Chat template")
                         a_go = gr.Button("Compare", variant="primary", elem_id="compare-run")
                         a_stop = gr.Button("Stop", variant="stop")
-                a_sampler = sampler_controls(32, 32, open_=False)
+                a_sampler = sampler_controls("compare", 32, 32, open_=False)
                 with gr.Row():
                     a_sweep_on = gr.Checkbox(True, label="Sweep DLM steps (time & quality chart)")
                     a_sweep = gr.Textbox("4, 8, 16, 32", label="Step counts (each ≤ length)")
@@ -234,7 +245,8 @@ def build(backend: Optional[Backend] = None, *, model: Optional[str] = None, ar_
                     m_name = gr.Dropdown([(f"{s.name} ({s.kind}, {s.params})", s.name) for s in specs],
                                          value=backend.info.source if registry.is_registered(backend.info.source)
                                          else None, label="Registry model", scale=2)
-                    m_path = gr.Textbox("", label="…or a local path / hub id (overrides the registry choice)",
+                    m_path = gr.Textbox("" if registry.is_registered(backend.info.source) else backend.info.source,
+                                        label="…or a local path / hub id (overrides the registry choice)",
                                         scale=3)
                 m_notes = gr.Markdown()
                 with gr.Row():
@@ -252,7 +264,7 @@ def build(backend: Optional[Backend] = None, *, model: Optional[str] = None, ar_
 
         # =================================================================== events
         # ---- Denoise
-        def run_denoise(prompt, chat, *knobs, request: gr.Request):
+        def run_denoise(request: gr.Request, prompt, chat, *knobs):
             try:
                 sampler = Sampler.from_ui(*knobs)
                 yield from d_out.animate(backend, backend.stream_generate(prompt, sampler, chat=chat,
@@ -267,38 +279,42 @@ def build(backend: Optional[Backend] = None, *, model: Optional[str] = None, ar_
         d_out.wire_scrub()
 
         # ---- Infill
-        def run_infill(mode, template, prefix, suffix, length, with_ar, *knobs, request: gr.Request):
+        def run_infill(request: gr.Request, mode, template, prefix, suffix, length, *knobs):
             try:
                 sampler = Sampler.from_ui(*knobs)
-                use_template = mode == "template"
                 batches = backend.stream_infill(template, prefix, suffix, length, sampler,
-                                                use_template=use_template, session=_session(request))
-                done: list = []
-                n_view = len(i_out.outputs)
-                for out in i_out.animate(backend, batches, done):
-                    yield (*out, gr.skip(), gr.skip())
-                if not done:
-                    return
-                g = done[0]
-                yield (*([gr.skip()] * n_view), g.spans or [], "…" if with_ar else "")
-                if with_ar:
-                    # The AR model sees only the text before the first span and writes as many tokens as the
-                    # spans hold in total (the paper's Table 1 setting).
-                    ar_prefix = template.split("[MASK", 1)[0] if use_template else prefix
-                    n_new = sum(len(f.revealed) for f in g.frames)
-                    if not ar_prefix.strip():
-                        ar_text = "(no text before the first span: nothing for the AR model to continue)"
-                    else:
-                        ar_text = ar_prefix + backend.ar_continue(ar_prefix, n_new, sampler).text
-                    yield (*([gr.skip()] * n_view), gr.skip(), ar_text)
+                                                use_template=mode == "template", session=_session(request))
+                yield from i_out.animate(backend, batches, extra_fn=lambda g: [g.spans or []])
             except Exception as e:
                 _fail(e)
 
-        i_event = i_go.click(run_infill, [i_mode, i_template, i_prefix, i_suffix, i_length, i_ar, *i_sampler],
-                             [*i_out.outputs, i_spans, i_ar_text], api_visibility="private", **MODEL)
+        def run_ar_prefix(request: gr.Request, mode, template, prefix, length, with_ar, *knobs):
+            """The AR model sees only the text before the first span and writes as many tokens as the spans hold
+            in total (the paper's Table 1 setting)."""
+            if not with_ar:
+                return ""
+            try:
+                if mode == "template":
+                    parts = split_template(template or "")
+                    ar_prefix = template.split("[MASK", 1)[0]
+                    n_new = sum(p for _, p in parts if isinstance(p, int))
+                else:
+                    ar_prefix, n_new = prefix or "", int(length)
+                if not ar_prefix.strip() or n_new < 1:
+                    return "(no text before the first span: nothing for the AR model to continue)"
+                return ar_prefix + backend.ar_continue(ar_prefix, n_new, Sampler.from_ui(*knobs)).text
+            except Exception as e:
+                _fail(e)
+
+        i_event = i_go.click(run_infill, [i_mode, i_template, i_prefix, i_suffix, i_length, *i_sampler],
+                             i_out.outputs, api_visibility="private", **MODEL)
+        i_ar_event = i_event.success(run_ar_prefix, [i_mode, i_template, i_prefix, i_length, i_ar, *i_sampler],
+                                     i_ar_text, api_visibility="private", **MODEL)
+        i_mode.change(lambda m: (gr.update(visible=m == "template"), gr.update(visible=m != "template")),
+                      i_mode, [i_template, i_pair], **LIGHT)
         i_out.wire_scrub()
 
-        def run_sweep(mode, template, prefix, suffix, ns, *knobs, request: gr.Request):
+        def run_sweep(request: gr.Request, mode, template, prefix, suffix, ns, *knobs):
             try:
                 rows = backend.infill_sweep(template, prefix, suffix, parse_int_list(ns, "span lengths"),
                                             Sampler.from_ui(*knobs), use_template=mode == "template",
@@ -316,7 +332,7 @@ def build(backend: Optional[Backend] = None, *, model: Optional[str] = None, ar_
             return (e.prompt, gr.update(value=e.max_new_tokens), gr.update(value=e.steps),
                     f"Expected: `{e.expected}`" if e.expected else "")
 
-        def run_icl(prompt, *knobs, request: gr.Request):
+        def run_icl(request: gr.Request, prompt, *knobs):
             try:
                 sampler = Sampler.from_ui(*knobs)
                 yield from c_out.animate(backend, backend.stream_generate(prompt, sampler,
@@ -332,7 +348,7 @@ def build(backend: Optional[Backend] = None, *, model: Optional[str] = None, ar_
         c_out.wire_scrub()
 
         # ---- AR vs DLM
-        def run_compare(prompt, chat, sweep_on, sweep, *knobs, request: gr.Request):
+        def run_compare(request: gr.Request, prompt, chat, sweep_on, sweep, *knobs):
             try:
                 sampler = Sampler.from_ui(*knobs)
                 steps = parse_int_list(sweep, "step counts") if sweep_on else []
@@ -350,7 +366,7 @@ def build(backend: Optional[Backend] = None, *, model: Optional[str] = None, ar_
         def stop(request: gr.Request):
             backend.stop(_session(request))
 
-        running = [d_event, d_prompt_event, i_event, i_sweep_event, c_auto_event, c_event, a_event]
+        running = [d_event, d_prompt_event, i_event, i_ar_event, i_sweep_event, c_auto_event, c_event, a_event]
         for btn in (d_stop, i_stop, c_stop, a_stop):
             btn.click(stop, None, None, cancels=running, queue=False, **LIGHT)
 
@@ -371,7 +387,7 @@ def build(backend: Optional[Backend] = None, *, model: Optional[str] = None, ar_
                 backend.load(source, adapter=adapter, quantization=quant, device=device, dtype=dtype,
                              mask_token_id=None if mask is None or int(mask) < 0 else int(mask), ar_source=ar)
             except Exception as e:
-                gr.Warning(describe_error(e))
+                gr.Warning(f"Could not load {source!r}: {describe_error(e)}".replace("<", "&lt;"))
                 return backend.status_markdown(), _banner(backend.notice())
             return backend.status_markdown(), _banner(backend.notice())
 
@@ -387,12 +403,14 @@ def build(backend: Optional[Backend] = None, *, model: Optional[str] = None, ar_
                     request: gr.Request = None) -> dict:
             """Continue `prompt` by iterative unmasking. Streams {"done": false, "step", "total_steps",
             "partial"} while running (masked tokens shown as '·'), then {"done": true, "text", "token_ids", "nfe",
-            "seconds", "tokens_per_second", "steps", "prompt"} (+ "frames" when frames=True)."""
+            "seconds", "tokens_per_second", "steps", "prompt"} (+ "frames" when frames=True); a run stopped from
+            elsewhere (the session's Stop) ends with {"done": false, "stopped": true, "step", "total_steps"}."""
             try:
                 sampler = Sampler.from_ui(max_new_tokens, steps, block_length, remasking, temperature, top_p,
                                           top_k, threshold, seed)
                 model = backend.require_model()
                 mask_id, pieces, all_frames = int(model.mask_token_id), {}, []
+                decode = backend.piece_decoder()
                 for batch in backend.stream_generate(prompt, sampler, chat=chat, session=_session(request)):
                     all_frames += batch.frames
                     if batch.result is not None:
@@ -402,14 +420,18 @@ def build(backend: Optional[Backend] = None, *, model: Optional[str] = None, ar_
                         if frames:
                             out["frames"] = [f.to_dict() for f in all_frames]
                         yield out
+                    elif batch.cancelled:
+                        last = all_frames[-1] if all_frames else None
+                        yield dict(done=False, stopped=True, step=last.step if last else 0,
+                                   total_steps=last.total_steps if last else 0)
                     elif batch.frames:
                         f = batch.frames[-1]
                         new = [t for t in f.tokens[f.start:] if t != mask_id and t not in pieces]
-                        pieces.update(backend.decode_pieces(sorted(set(new))))
+                        pieces.update(decode(sorted(set(new))))
                         partial = "".join("·" if t == mask_id else pieces[t] for t in f.tokens[f.start:])
                         yield dict(done=False, step=f.step, total_steps=f.total_steps, partial=partial)
             except Exception as e:
-                _fail(e)
+                _fail(e, for_browser=False)
 
         def infill(template: str = "", prefix: str = "", suffix: str = "", length: int = 16,
                    steps: Optional[int] = None, remasking: str = "confidence", temperature: float = 0.0,
@@ -430,7 +452,7 @@ def build(backend: Optional[Backend] = None, *, model: Optional[str] = None, ar_
                         g = model.infill(prefix or "", suffix or "", int(length), **kw)
                 return dict(text=g.text, spans=g.spans or [], nfe=g.nfe, seconds=g.seconds)
             except Exception as e:
-                _fail(e)
+                _fail(e, for_browser=False)
 
         def compare(prompt: str, max_new_tokens: int = 32, steps: int = 32, remasking: str = "confidence",
                     temperature: float = 0.0, seed: int = 0, sweep_steps: str = "", chat: bool = False,
@@ -446,7 +468,7 @@ def build(backend: Optional[Backend] = None, *, model: Optional[str] = None, ar_
                     pass
                 return result
             except Exception as e:
-                _fail(e)
+                _fail(e, for_browser=False)
 
         gr.api(denoise, api_name="denoise", **MODEL)
         gr.api(infill, api_name="infill", **MODEL)

@@ -136,7 +136,9 @@ def parse_template(template: str, tokenizer, max_length: Optional[int] = None, s
 
     template:   literal text with masked spans: `[MASK]` = 1 token, `[MASK:n]` = n tokens.
     tokenizer:  a Hugging Face tokenizer; each literal piece is tokenized separately without special tokens,
-                so joining the pieces' ids reproduces the text faithfully (spaces included).
+                so joining the pieces' ids reproduces the text faithfully (spaces included). A space right
+                before a marker is therefore kept as its own token; write `The[MASK] sat` to let the model
+                generate the word together with its leading space, as BPE vocabularies usually do.
     max_length: the model's context size; a longer canvas raises ValueError (None = no limit).
     shift:      the model's shift flag: position 0 can then never be generated, so a template that starts with
                 a mask gets a start token (BOS, else EOS) in front (default True).

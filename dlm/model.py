@@ -353,6 +353,10 @@ class DiffusionLM(nn.Module):
         from . import infill
         return infill.stream_fill(self, template, **kwargs)
 
+    def stream_infill(self, prefix, suffix, length, **kwargs):
+        from . import infill
+        return infill.stream_infill(self, prefix, suffix, length, **kwargs)
+
     def score(self, context, continuation, **kwargs):
         from .likelihood import score
         return score(self, context, continuation, **kwargs)

@@ -71,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--gen-top-p", type=float, default=1.0)
     g.add_argument("--gen-prompt-words", type=int, default=0, help="0 = unconditional samples")
     g.add_argument("--ppl-max-tokens", type=_positive_int, default=128)
-    g.add_argument("--heldout-book", default=None, help="Gutenberg file under gutenberg/ (default: pg1661.txt.gz)")
+    g.add_argument("--heldout-book", default=None, help="Gutenberg file under gutenberg/ (default: the book the checkpoint's training held out, "
+                        "from dlm_config training.heldout_books, else pg1661.txt.gz)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p
@@ -120,6 +121,13 @@ def run(args: argparse.Namespace) -> int:
     kind = args.kind or default_kind(model, args.model)
     if kind == "ar":  # DLM-only knobs do not change AR predictions: keep them out of the resume check
         common.update({name: getattr(EvalSettings, name) for name in _DLM_ONLY})
+    book = heldout_book_of(model) if args.heldout_book is None else None
+    if book:  # the checkpoint says which book its training held out: evaluate perplexity / prompts on that one
+        common["heldout_book"] = book
+        uses_book = [spec.name for spec, _ in tasks if spec.name == "elbo_ppl" or GENPPL.match(spec.name)]
+        reloaded, _ = load_task_data(uses_book, [], data_dir, EvalSettings(**common), args.limit)
+        by_name = {spec.name: (spec, ex) for spec, ex in reloaded}
+        tasks = [by_name.get(spec.name, (spec, ex)) for spec, ex in tasks]
     settings = EvalSettings(kind=kind, **common)
     print(f"{args.model}: evaluated as {kind.upper()} on {', '.join(s.name for s, _ in tasks)} -> {args.out}")
     evaluate(model, tasks, args.out, settings, model_id=args.model, label=args.label, overwrite=args.overwrite,
@@ -127,6 +135,16 @@ def run(args: argparse.Namespace) -> int:
     print(f"wrote {args.out / 'results.json'} and {args.out / 'table.md'}")
     print((args.out / "table.md").read_text())
     return 1 if missing else 0
+
+
+def heldout_book_of(model) -> Optional[str]:
+    """The Gutenberg file a checkpoint's training held out, if its dlm_config records one
+    (`training["heldout_books"]`, names or paths; the first is used)."""
+    training = getattr(getattr(model, "config", None), "training", None) or {}
+    books = training.get("heldout_books") if isinstance(training, dict) else None
+    if isinstance(books, str):
+        books = [books]
+    return Path(books[0]).name if books else None
 
 
 _DLM_ONLY = ("n_samples", "score_method", "steps", "block_length", "remasking", "threshold")

@@ -39,7 +39,8 @@ def evaluate(model, tasks: Sequence[tuple[TaskSpec, list]], out: Path, settings:
     """
     out = Path(out)
     model_id = model_id or getattr(model, "source", None) or model.name
-    config = {"model": model_id, "label": label or model_id, "settings": asdict(settings)}
+    config = {"model": model_id, "label": label or model_id, "dtype": str(model.dtype).replace("torch.", ""),
+              "settings": asdict(settings)}
     prepare_out_dir(out, config, overwrite=overwrite)
     backend = Backend(model, settings)
     results = read_json(out / "results.json", {}) or {}

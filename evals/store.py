@@ -1,6 +1,6 @@
 """The output directory of a run: config, per-example predictions (append-only JSONL) and results.
 
-    OUT/config.json                 model, kind and every setting that changes predictions
+    OUT/config.json                 model, dtype, kind and every setting that changes predictions
     OUT/predictions/<task>.jsonl    one record per finished example (appended and flushed as it finishes)
     OUT/results.json                {"<task>": {"<metric>": value, "stderr": value, "n": count, ...}}
     OUT/table.md                    this run as one row of the paper's Table 1
@@ -52,12 +52,12 @@ def prepare_out_dir(out: Path, config: dict, overwrite: bool = False) -> None:
     """Create OUT and write config.json; refuse to reuse a directory made with different settings."""
     out = Path(out)
     old = read_json(out / "config.json")
-    same = old is None or (old.get("model"), old.get("settings")) == (config.get("model"), config.get("settings"))
+    identity = ("model", "dtype", "settings")
+    same = old is None or all(old.get(k) == config.get(k) for k in identity)
     if not same and not overwrite:
         before, after = old.get("settings", {}), config.get("settings", {})
         diff = [f"{k}: {before.get(k)!r} -> {v!r}" for k, v in after.items() if before.get(k) != v]
-        if old.get("model") != config.get("model"):
-            diff.insert(0, f"model: {old.get('model')!r} -> {config.get('model')!r}")
+        diff[:0] = [f"{k}: {old.get(k)!r} -> {config.get(k)!r}" for k in ("model", "dtype") if old.get(k) != config.get(k)]
         raise ConfigMismatch(f"{out} holds predictions made with other settings ({'; '.join(diff)}); "
                              "use another --out, or --overwrite to discard them")
     if overwrite:

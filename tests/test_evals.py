@@ -248,7 +248,7 @@ def test_ar_batch_scores_match_exact_scorer_and_greedy_flag(tiny_dlm):
 
 def test_dlm_scores_reproducible_per_seed(tiny_dlm):
     b = Backend(tiny_dlm, EvalSettings(kind="dlm", n_samples=4))
-    pairs = [("The sky is", " blue"), ("The sky is", " green today")]
+    pairs = [("The sky is", " blue and clear"), ("The sky is", " green today, oddly")]
     a, c, d = b.loglikelihoods(pairs, 1), b.loglikelihoods(pairs, 1), b.loglikelihoods(pairs, 2)
     assert [x.logprob for x in a] == [x.logprob for x in c]
     assert [x.logprob for x in a] != [x.logprob for x in d]
@@ -353,3 +353,10 @@ def test_cli_missing_data_and_bad_settings(tmp_path, tiny_llama_dir, data_dir, c
     assert evals_main(base + ["--n-samples", "2"]) == 0
     assert evals_main(base + ["--n-samples", "3"]) == 1
     assert "n_samples: 2 -> 3" in capsys.readouterr().err
+
+
+def test_heldout_book_comes_from_the_checkpoint_training_record():
+    from evals.cli import heldout_book_of
+    model = SimpleNamespace(config=SimpleNamespace(training={"heldout_books": ["../shared/data/gutenberg/46-0.txt.gz"]}))
+    assert heldout_book_of(model) == "46-0.txt.gz"
+    assert heldout_book_of(SimpleNamespace(config=SimpleNamespace(training={}))) is None

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from .config import ConfigError, load_config, validate
@@ -29,7 +30,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--resume", default=None, help="auto, or a checkpoint / output directory")
     p.add_argument("--print-config", action="store_true")
     p.add_argument("overrides", nargs="*", metavar="key=value")
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)
 
 
 def main(argv=None) -> int:
@@ -37,6 +38,8 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="[%(name)s] %(message)s")
     for noisy in ("httpx", "urllib3", "accelerate", "transformers"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # accelerate warns about the tied input/output embedding on every checkpoint; reloading handles it
+    logging.getLogger("accelerate.utils.other").setLevel(logging.ERROR)
     overrides = list(args.overrides)
     for flag, key in (("output_dir", "run.output_dir"), ("max_steps", "run.max_steps"),
                       ("save_every", "run.save_every"), ("resume", "run.resume")):
@@ -56,7 +59,7 @@ def main(argv=None) -> int:
     except (ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if summary.get("final_dir"):
+    if summary.get("final_dir") and os.environ.get("RANK", "0") == "0":
         print(f"done: {summary['steps']} steps, {summary['tokens_seen']:,} tokens -> {summary['final_dir']}")
     return 0
 

@@ -2,7 +2,8 @@
 
 A checkpoint is `accelerator.save_state` (model, optimizer, scheduler, per-rank python/numpy/torch RNG; sharded
 formats for DeepSpeed / FSDP come for free) plus:
-  noise_rng_<rank>.pt   the noise generator's state (t, masks and annealed attention patterns come from it),
+  rank_state_<rank>.pt  per-rank loop state: the noise generator (t, masks and annealed attention patterns come
+                        from it) and the not-yet-logged loss window, so a resumed run logs the same curve,
   trainer_state.json    step, data position, tokens seen, ... (written by the main process),
   manifest.json         every file's size, written last.
 Everything is written into `.tmp-step-N/` and renamed to `step-N/` only when complete (after an fsync), so a crash
@@ -88,9 +89,10 @@ def validate_checkpoint(directory: Path) -> Optional[str]:
     return None
 
 
-def save_checkpoint(accelerator, output_dir: Path, step: int, trainer_state: dict,
-                    noise_generator: torch.Generator, keep_last: int) -> Path:
-    """Collective: every rank calls it. Returns the final `step-N` path."""
+def save_checkpoint(accelerator, output_dir: Path, step: int, trainer_state: dict, rank_state: dict,
+                    keep_last: int) -> Path:
+    """Collective: every rank calls it. `rank_state`: this rank's tensors (noise RNG state, loss window).
+    Returns the final `step-N` path."""
     root = checkpoints_dir(output_dir)
     final, tmp = root / f"step-{step}", root / f".tmp-step-{step}"
     if accelerator.is_main_process:
@@ -99,7 +101,7 @@ def save_checkpoint(accelerator, output_dir: Path, step: int, trainer_state: dic
         tmp.mkdir()
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
-    torch.save(noise_generator.get_state(), tmp / f"noise_rng_{accelerator.process_index}.pt")
+    torch.save(rank_state, tmp / f"rank_state_{accelerator.process_index}.pt")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (tmp / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=1))
@@ -136,9 +138,9 @@ def resolve_candidates(resume: str, output_dir: Path) -> list[Path]:
     return found
 
 
-def load_checkpoint(accelerator, candidates: list[Path], noise_generator: torch.Generator,
-                    warn=log.warning) -> Optional[dict]:
-    """Restore the newest usable checkpoint; returns its trainer_state (None if none is usable).
+def load_checkpoint(accelerator, candidates: list[Path], warn=log.warning) -> Optional[tuple[dict, dict]]:
+    """Restore the newest usable checkpoint into the prepared objects; returns (trainer_state, this rank's
+    rank_state) or None if none is usable.
 
     A corrupt or unloadable checkpoint is reported and the previous one is tried. Every rank runs the same
     validation on the shared files; the chosen step is checked to be the same on all ranks.
@@ -148,18 +150,17 @@ def load_checkpoint(accelerator, candidates: list[Path], noise_generator: torch.
         if problem is None:
             try:
                 accelerator.load_state(str(directory))
-                rng_file = directory / f"noise_rng_{accelerator.process_index}.pt"
-                if rng_file.is_file():
-                    noise_generator.set_state(torch.load(rng_file, weights_only=True))
-                else:
-                    raise FileNotFoundError(f"{rng_file.name} missing (was it saved with fewer processes?)")
+                rank_file = directory / f"rank_state_{accelerator.process_index}.pt"
+                if not rank_file.is_file():
+                    raise FileNotFoundError(f"{rank_file.name} missing (was it saved with fewer processes?)")
+                rank_state = torch.load(rank_file, weights_only=True)
                 state = json.loads((directory / TRAINER_STATE).read_text())
             except Exception as e:  # noqa: BLE001 - any failure means "use the previous one"
                 problem = f"failed to load: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
         if problem is None:
             _agree(accelerator, int(state["step"]))
             state["loaded_from"] = str(directory)
-            return state
+            return state, rank_state
         warn(f"checkpoint {directory} is unusable ({problem}); falling back to the previous one")
     return None
 

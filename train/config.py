@@ -40,7 +40,8 @@ class ModelConfig:
                          `init` is set.
     init:                build a *random* model instead: transformers config kwargs incl. `model_type`
                          (e.g. {model_type: llama, hidden_size: 64, ...}); vocab/special ids come from `tokenizer`.
-    tokenizer:           tokenizer for `init` models (registry name, HF dir or .gguf path).
+    tokenizer:           tokenizer for `init` models: registry name, HF dir or .gguf path, or `bpe:N` (learn a
+                         byte-level BPE of N tokens from data.sources: tiny models stay tiny).
     mask_token_id:       explicit [MASK] id (default: what `dlm.load` decides: saved > tokenizer > new `<|mask|>`).
     shift:               paper's shift (hidden i predicts token i+1). `false` = the "no shift" ablation.
     dtype:               weight dtype: float32 (master weights; use run.mixed_precision=bf16 for autocast) or
@@ -201,6 +202,7 @@ class RunConfig:
     threads:         torch intra-op threads (0 = torch default).
     step_delay_s:    sleep after each step (fault-injection tests and demos only).
     tensorboard:     also log to TensorBoard when it is installed.
+    export:          write OUTPUT_DIR/final at the end (benchmarks turn it off).
     """
 
     output_dir: str = "runs/default"
@@ -224,6 +226,7 @@ class RunConfig:
     threads: int = 0
     step_delay_s: float = 0.0
     tensorboard: bool = True
+    export: bool = True
 
 
 @dataclass
@@ -285,6 +288,8 @@ def _coerce(key: str, value: Any, annotation) -> Any:
         except (TypeError, ValueError):
             raise ConfigError(f"{key}: expected a number, got {value!r}") from None
     if annotation is str:
+        if isinstance(value, bool):  # YAML 1.1 reads an unquoted `no` / `yes` as a boolean
+            return "yes" if value else "no"
         if isinstance(value, (dict, list)) or value is None:
             raise ConfigError(f"{key}: expected a string, got {value!r}")
         return str(value)
@@ -399,13 +404,14 @@ def find_config(name_or_path: str) -> Path:
 
 
 def _resolve_relative(cfg: TrainConfig, base_dir: Path) -> None:
-    """Paths in a preset are relative to the repository root when they start with 'train/', else left as given."""
+    """Relative data paths that do not exist from the working directory are taken from the repository root
+    (presets say `train/data/...` and `../shared/data/...`), so commands work from any directory."""
     repo = PACKAGE_DIR.parent
 
     def fix(p: str) -> str:
-        if p.startswith("train/") and not Path(p).exists() and (repo / p).exists():
-            return str(repo / p)
-        return p
+        if p.startswith("hf:") or Path(p).is_absolute() or Path(p).exists():
+            return p
+        return str(repo / p) if (repo / p).exists() else p
 
     cfg.data.sources = [fix(s) for s in cfg.data.sources]
     cfg.data.eval_sources = [fix(s) for s in cfg.data.eval_sources]

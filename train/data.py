@@ -271,6 +271,9 @@ def build_token_cache(data_cfg, tokenizer, *, progress: bool = False) -> TokenCa
         log.info("reusing token cache %s (%d tokens)", directory, meta["n_tokens"])
         return TokenCache(directory, meta["n_tokens"], meta["split"], meta["n_documents"], meta["dtype"], False)
 
+    if directory.exists():  # renamed into place, so it was complete once: damaged since, rebuild it
+        log.warning("token cache %s is damaged (size/meta mismatch): rebuilding", directory)
+        shutil.rmtree(directory, ignore_errors=True)
     root.mkdir(parents=True, exist_ok=True)
     dtype = np.uint16 if len(tokenizer) <= np.iinfo(np.uint16).max + 1 else np.uint32
     clean = CLEANERS[data_cfg.clean]

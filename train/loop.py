@@ -177,13 +177,15 @@ def train(cfg: TrainConfig, task: str = "pretrain") -> dict:
     if not run.resume and list_checkpoints(out):
         raise ConfigError(f"run.resume: {out} already has checkpoints; pass --resume auto to continue that run, "
                           "or choose another --output-dir")
+    threads_before = torch.get_num_threads()
     if run.threads:
         torch.set_num_threads(run.threads)
 
     from accelerate.utils import gather_object, set_seed
     accelerator = make_accelerator(cfg)
     main = accelerator.is_main_process
-    log.setLevel(logging.INFO if main else logging.WARNING)
+    if not main:
+        log.setLevel(logging.WARNING)
     gas = accelerator.gradient_accumulation_steps
     if gas != run.grad_accum:
         log.warning("the accelerate config sets gradient accumulation to %d (run.grad_accum=%d): using %d",
@@ -219,11 +221,15 @@ def train(cfg: TrainConfig, task: str = "pretrain") -> dict:
     sampler = BlockSampler(len(train_data), cfg.data.seed, world, rank)
     noise = torch.Generator(device="cpu").manual_seed(run.seed * 1_000_003 + 7919 * rank + 1)
     step, tokens_seen = 0, 0
+    window = [0.0, 0.0, 0.0]  # loss / masked CE sums and step count since the last metrics line
     resumed_from = None
     if run.resume:
         candidates = resolve_candidates(run.resume, out)
-        state = load_checkpoint(accelerator, candidates, noise, warn=log.warning) if candidates else None
-        if state is not None:
+        loaded = load_checkpoint(accelerator, candidates, warn=log.warning) if candidates else None
+        if loaded is not None:
+            state, rank_state = loaded
+            noise.set_state(rank_state["noise_rng"])
+            window = rank_state["window"].tolist()
             step, tokens_seen = int(state["step"]), int(state["tokens"])
             sampler.load_state_dict(state["sampler"])
             resumed_from = state["loaded_from"]
@@ -258,7 +264,9 @@ def train(cfg: TrainConfig, task: str = "pretrain") -> dict:
     def checkpoint() -> None:
         state = {"step": step, "tokens": tokens_seen, "sampler": sampler.state_dict(), "world_size": world,
                  "task": task, "time": time.time()}
-        path = save_checkpoint(accelerator, out, step, state, noise, run.keep_last)
+        rank_state = {"noise_rng": noise.get_state(),
+                      "window": torch.tensor([window_loss, window_ce, float(window_n)], dtype=torch.float64)}
+        path = save_checkpoint(accelerator, out, step, state, rank_state, run.keep_last)
         log.info("checkpoint %s", path)
 
     last_eval = run_eval() if step == 0 else None
@@ -268,7 +276,7 @@ def train(cfg: TrainConfig, task: str = "pretrain") -> dict:
         from tqdm.auto import tqdm
         bar = tqdm(total=run.max_steps, initial=step, desc=task, unit="step", dynamic_ncols=True)
     timed_tokens, timed_seconds, first_step_done = 0, 0.0, False
-    window_loss, window_ce, window_n = 0.0, 0.0, 0
+    window_loss, window_ce, window_n = window[0], window[1], int(window[2])
     grad_norm = None
     while step < run.max_steps:
         ratio = anneal_ratio(step, cfg.diffusion.anneal_steps)
@@ -329,14 +337,14 @@ def train(cfg: TrainConfig, task: str = "pretrain") -> dict:
 
     # ----- export + cross-rank check ------------------------------------------------------------------------------
     unwrapped = accelerator.unwrap_model(objective)
-    full_state = accelerator.get_state_dict(objective) if sharded else None
+    full_state = accelerator.get_state_dict(objective) if sharded and run.export else None
     final_dir = out / "final"
     info = {"task": task, "steps": step, "tokens_seen": tokens_seen, "world_size": world,
             "objective": cfg.diffusion.objective, "anneal_steps": cfg.diffusion.anneal_steps,
             "weighting": cfg.diffusion.weighting, "shift": cfg.model.shift, "lora": cfg.lora.enabled,
             "base": cfg.model.source if not cfg.model.init else "random init", "seq_len": seq_len,
             "data": [str(s) for s in cfg.data.sources]}
-    if main:
+    if main and run.export:
         base_sd = None
         if full_state is not None:
             base_sd = {k[len("model.base."):]: v for k, v in full_state.items() if k.startswith("model.base.")}
@@ -344,7 +352,8 @@ def train(cfg: TrainConfig, task: str = "pretrain") -> dict:
                training_info=info, state_dict=base_sd)
         log.info("exported %s", final_dir)
     fingerprints = gather_object([weights_fingerprint(unwrapped)]) if not sharded else []
-    summary = {**info, "output_dir": str(out), "final_dir": str(final_dir), "resumed_from": resumed_from,
+    summary = {**info, "output_dir": str(out), "final_dir": str(final_dir) if run.export else None,
+               "resumed_from": resumed_from,
                "tokens_per_s": timed_tokens / timed_seconds if timed_seconds > 0 else None,
                "timed_steps_tokens": timed_tokens, "timed_seconds": timed_seconds,
                "fingerprints": fingerprints, "ranks_agree": len(set(fingerprints)) <= 1,
@@ -366,6 +375,7 @@ def train(cfg: TrainConfig, task: str = "pretrain") -> dict:
     else:
         from accelerate.state import AcceleratorState
         AcceleratorState._reset_state(reset_partial_state=True)  # lets one process run train() again (tests, bench)
+    torch.set_num_threads(threads_before)  # do not leak the run's setting into a caller's process
     if not summary["ranks_agree"]:
         raise RuntimeError(f"ranks finished with different weights {fingerprints}: gradients were not synchronised "
                            "(a CPU launch needs Accelerator(cpu=True) and distributed_type MULTI_GPU)")

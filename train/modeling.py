@@ -64,13 +64,67 @@ def load_tokenizer_cached(source: str):
     return tok
 
 
-def materialize_random_model(model_cfg, directory: Path, seed: int) -> Path:
+def train_bpe_tokenizer(vocab_size: int, data_cfg):
+    """A byte-level BPE with `vocab_size` tokens learned from the run's own training text (`model.tokenizer:
+    bpe:N`): tiny models then spend their compute on the network, not on a 49k-row output layer.
+    Deterministic for the same text. Special tokens: <|endoftext|> (EOS, id 0) and <|mask|> (id 1)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    from .data import CLEANERS, expand_sources
+    clean = CLEANERS[data_cfg.clean]
+    files = [f for f in expand_sources(list(data_cfg.sources)) if not f.startswith("hf:")]
+    if not files:
+        from .config import ConfigError
+        raise ConfigError("model.tokenizer: bpe:N learns from local data.sources files; none are given")
+    texts = [clean(doc) for f in files for doc in _bpe_texts(f, data_cfg.text_field)]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>", registry.NEW_MASK_TOKEN],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>",
+                                   mask_token=registry.NEW_MASK_TOKEN)
+
+
+def _bpe_texts(path: str, text_field: str):
+    """Documents to learn a BPE from: a text file whole; a JSONL record's text field, else all its strings
+    (SFT records such as GSM8K's question/answer)."""
+    from .data import _open_text, iter_documents
+    if ".jsonl" not in Path(path).name:
+        yield from iter_documents(path, text_field)
+        return
+    import json
+    with _open_text(path) as f:
+        for line in f:
+            if line.strip():
+                record = json.loads(line)
+                if text_field in record:
+                    yield str(record[text_field])
+                else:
+                    yield "\n".join(str(v) for v in record.values() if isinstance(v, str))
+
+
+def _init_tokenizer(spec: str, data_cfg):
+    if spec.startswith("bpe:"):
+        try:
+            size = int(spec[4:])
+        except ValueError:
+            size = 0
+        if size < 260:
+            from .config import ConfigError
+            raise ConfigError(f"model.tokenizer: {spec!r}: write bpe:N with N >= 260 (256 bytes + specials)")
+        return train_bpe_tokenizer(size, data_cfg)
+    return load_tokenizer_cached(spec)
+
+
+def materialize_random_model(model_cfg, directory: Path, seed: int, data_cfg=None) -> Path:
     """Build the random model described by `model.init` (+ its tokenizer, with a `<|mask|>` token added) and save
     it to `directory`, once: the same seed and init give bit-identical weights, so reruns and resumes agree."""
     from transformers import AutoConfig, AutoModelForCausalLM
     if (directory / "config.json").is_file() and any(directory.glob("*.safetensors")):
         return directory
-    tok = load_tokenizer_cached(model_cfg.tokenizer)
+    tok = _init_tokenizer(model_cfg.tokenizer, data_cfg)
     if tok.mask_token_id is None:
         tok.add_special_tokens({"mask_token": registry.NEW_MASK_TOKEN})
     init = dict(model_cfg.init)
@@ -105,7 +159,7 @@ def build_model(cfg, init_dir: Path) -> "dlm.DiffusionLM":
     Callers building a random `init` model on several ranks must do it inside `main_process_first()`.
     """
     mc = cfg.model
-    source = str(materialize_random_model(mc, init_dir, cfg.run.seed)) if mc.init else mc.source
+    source = str(materialize_random_model(mc, init_dir, cfg.run.seed, cfg.data)) if mc.init else mc.source
     torch.manual_seed(cfg.run.seed)  # a newly added mask row is drawn from the global RNG (mean resizing)
     model = dlm.load(source, mask_token_id=mc.mask_token_id, device="cpu", dtype=mc.dtype,
                      attn_implementation=mc.attn_implementation, shift=mc.shift)

@@ -1,0 +1,114 @@
+"""`python -m dlm ...`: JSON round-trips as real subprocesses, one-line errors, real boolean flags."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dlm import cli
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def run_cli(*args: str, timeout: int = 180) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, "-m", "dlm", *args], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def one_json_object(proc: subprocess.CompletedProcess) -> dict:
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) == 1, proc.stdout  # exactly one JSON object, nothing else on stdout
+    return json.loads(lines[0])
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, *fragments: str) -> None:
+    assert proc.returncode != 0
+    assert proc.stdout == ""
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("dlm: error: ") and "Traceback" not in proc.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def test_generate_json_round_trip(tiny_llama_dir):
+    proc = run_cli("generate", "--model", str(tiny_llama_dir), "--prompt", "Once upon a time",
+                   "--max-new-tokens", "8", "--steps", "4", "--seed", "0", "--device", "cpu", "--json")
+    out = one_json_object(proc)
+    assert out["command"] == "generate" and out["nfe"] == 4 and len(out["token_ids"]) == 8
+    assert isinstance(out["text"], str) and out["prompt"] == "Once upon a time"
+    assert out["seconds"] > 0 and "frames" not in out
+    assert "Traceback" not in proc.stderr and "denoising" not in proc.stderr  # no progress bar off a TTY
+
+
+def test_fill_json_round_trip_keeps_the_template_text(tiny_llama_dir):
+    proc = run_cli("fill", "--model", str(tiny_llama_dir), "--template", "The [MASK:3] sat on the [MASK].",
+                   "--seed", "1", "--remasking", "random", "--frames", "--json")
+    out = one_json_object(proc)
+    assert out["command"] == "fill" and len(out["spans"]) == 2
+    assert out["text"] == "The " + out["spans"][0] + " sat on the " + out["spans"][1] + "."
+    assert out["nfe"] == len(out["frames"]) == 4  # default steps = one per masked token
+
+
+def test_score_json_round_trip_is_reproducible(tiny_llama_dir):
+    args = ("score", "--model", str(tiny_llama_dir), "--context", "The cat sat on the", "--continuation",
+            " mat and purred", "--n-samples", "6", "--seed", "2", "--json")
+    first, second = one_json_object(run_cli(*args)), one_json_object(run_cli(*args))
+    assert first == second
+    assert first["method"] == "elbo" and first["n_samples"] == 6 and first["n_tokens"] >= 3
+    assert first["logprob"] < 0 and first["stderr"] > 0
+
+
+def test_bad_input_exits_with_one_line_and_no_traceback(tiny_llama_dir):
+    proc = run_cli("score", "--model", str(tiny_llama_dir), "--context", "The cat", "--continuation", "")
+    assert_one_line_error(proc, "continuation is empty")
+    proc = run_cli("generate", "--model", str(tiny_llama_dir / "missing"), "--prompt", "hi")
+    assert_one_line_error(proc, "missing")
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["generate", "--model", "x", "--prompt", "hi", "--steps", "0"], "--steps"),
+    (["generate", "--model", "x", "--prompt", "hi", "--use-cache", "false"], "unrecognized arguments: false"),
+    (["fill", "--model", "x"], "--template"),
+    (["score", "--model", "x", "--continuation", "a", "--method", "nope"], "--method"),
+    (["nonsense"], "invalid choice"),
+])
+def test_usage_errors_are_one_line(argv, fragment, capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.main(argv)
+    assert info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("dlm: error: ") and fragment in err[0]
+
+
+def test_boolean_flags_are_store_true():
+    parser = cli.build_parser()
+    base = ["generate", "--model", "m", "--prompt", "p"]
+    off = parser.parse_args(base)
+    on = parser.parse_args(base + ["--use-cache", "--suppress-eos", "--json", "--chat"])
+    assert (off.use_cache, off.suppress_eos, off.json, off.chat) == (False, False, False, False)
+    assert (on.use_cache, on.suppress_eos, on.json, on.chat) == (True, True, True, True)
+
+
+def test_debug_shows_the_exception(tiny_llama_dir):
+    with pytest.raises(ValueError, match="n_samples|continuation"):
+        cli.main(["score", "--model", str(tiny_llama_dir), "--continuation", "", "--debug"])
+
+
+def test_models_and_info(tiny_llama_dir, capsys):
+    assert cli.main(["models", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    names = {m["name"]: m for m in out["models"]}
+    assert "smollm2-135m" in names and "diffugpt-s" in names
+    assert names["diffugpt-s"]["mask_token_id"] == 10541
+
+    assert cli.main(["info", "--model", str(tiny_llama_dir), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["parameters"] > 0 and info["shift"] is True and info["family"] == "llama"
+    assert info["mask_token_id"] == info["vocab_size"] - 1 and info["mask_token"] == "<|mask|>"
