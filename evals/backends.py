@@ -190,7 +190,11 @@ class Backend:
 
     # ----- generation --------------------------------------------------------------------------------------------
     def _sampler_kwargs(self, length: int) -> dict:
+        """Sampler knobs for a generation of `length` tokens: steps capped at the length and raised to one per
+        block (answer lengths vary per example, so a fixed --steps must fit every one of them)."""
         steps = min(self.s.steps, length) if self.s.steps else None
+        if steps is not None and self.s.block_length:
+            steps = max(steps, -(-length // self.s.block_length))
         return dict(steps=steps, block_length=self.s.block_length, remasking=self.s.remasking,
                     threshold=self.s.threshold)
 

@@ -200,4 +200,4 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 1
 
 
-__all__ = ["main", "build_parser", "GENPPL"]
+__all__ = ["main", "build_parser"]

@@ -1,7 +1,7 @@
 """lm-evaluation-harness adapter: any `dlm.load`-able model as an lm-eval `LM`, registered as `dlm`.
 
     python -m evals.lm_eval_model run --model dlm \\
-        --model_args pretrained=smollm2-135m-dlm,n_samples=32 --tasks piqa --limit 100
+        --model_args pretrained=smollm2-135m-dlm,n_samples=32 --device cpu --tasks piqa --limit 100
     # or from Python: lm_eval.simple_evaluate(model=DLMHarnessLM(model=loaded_model), tasks=[...])
 
 - loglikelihood:         DLM: `model.score` (ELBO Monte-Carlo, or the paper's estimator); AR: exact causal score.
@@ -41,7 +41,8 @@ class DLMHarnessLM(LM):
     kind:          "dlm" / "ar"; default from the checkpoint (adapted -> dlm).
     n_samples, score_method, steps, block_length, remasking, threshold, seed: as in `evals.backends.EvalSettings`.
     max_gen_toks:  default generation length when a task gives none (128).
-    device, dtype: passed to `dlm.load`. Other lm-eval arguments (batch_size, ...) are accepted and ignored.
+    device, dtype: passed to `dlm.load` (device comes from lm-eval's own --device, not --model_args).
+    Other lm-eval arguments (batch_size, ...) are accepted and ignored.
     """
 
     def __init__(self, pretrained: Optional[str] = None, model=None, kind: Optional[str] = None,

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Sequence
 
 from .store import read_json
-from .tasks import TABLE_ORDER, TASKS, get_task
+from .tasks import TABLE_ORDER, get_task
 
 PERCENT = {"acc", "acc_norm", "em", "pass@1"}
 
@@ -99,4 +99,4 @@ def table_from_dirs(dirs: Sequence[Path]) -> str:
     return markdown_table(runs)
 
 
-__all__ = ["markdown_table", "table_from_dirs", "format_cell", "TASKS"]
+__all__ = ["markdown_table", "table_from_dirs", "format_cell"]

@@ -50,8 +50,9 @@ def evaluate(model, tasks: Sequence[tuple[TaskSpec, list]], out: Path, settings:
         results[spec.name] = run_task(backend, spec, examples, store, progress)
         write_json(out / "results.json", results)  # after every task, so a crash keeps the finished ones
         r = results[spec.name]
-        log(f"{spec.name}: {spec.main} = {r.get(spec.main, float('nan')):.4f} ± {r.get('stderr') or float('nan'):.4f}"
-            f" (n = {r['n']}, {time.perf_counter() - t0:.0f} s)")
+        value, se = r.get(spec.main), r.get("stderr")
+        log(f"{spec.name}: {spec.main} = {float('nan') if value is None else value:.4f} ± "
+            f"{float('nan') if se is None else se:.4f} (n = {r['n']}, {time.perf_counter() - t0:.0f} s)")
     (out / "table.md").write_text(markdown_table([(config, results)]), encoding="utf-8")
     return results
 

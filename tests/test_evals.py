@@ -336,6 +336,10 @@ def test_cli_writes_results_schema(tmp_path, tiny_llama_dir, data_dir, kind, cap
     before = (out / "predictions" / "piqa.jsonl").read_text()
     assert evals_main(args) == 0
     assert (out / "predictions" / "piqa.jsonl").read_text() == before
+    capsys.readouterr()
+    assert evals_main(["table", str(out), str(out), "--out", str(tmp_path / "t.md")]) == 0
+    rows = [l for l in (tmp_path / "t.md").read_text().splitlines() if l.startswith(f"| {tiny_llama_dir}")]
+    assert len(rows) == 2 and "| PIQA |" in capsys.readouterr().out
 
 
 def test_cli_missing_data_and_bad_settings(tmp_path, tiny_llama_dir, data_dir, capsys):
@@ -360,3 +364,11 @@ def test_heldout_book_comes_from_the_checkpoint_training_record():
     model = SimpleNamespace(config=SimpleNamespace(training={"heldout_books": ["../shared/data/gutenberg/46-0.txt.gz"]}))
     assert heldout_book_of(model) == "46-0.txt.gz"
     assert heldout_book_of(SimpleNamespace(config=SimpleNamespace(training={}))) is None
+
+
+def test_dlm_steps_fit_every_answer_length(tiny_dlm):
+    b = Backend(tiny_dlm, EvalSettings(kind="dlm", steps=4, block_length=8))
+    assert b._sampler_kwargs(64)["steps"] == 8   # 8 blocks need 8 steps
+    assert b._sampler_kwargs(3)["steps"] == 3    # never more steps than tokens
+    g = b.complete("The sky is", 20, seed=0)
+    assert g.nfe == 4 and len(g.token_ids) == 20

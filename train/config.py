@@ -187,7 +187,9 @@ class RunConfig:
     max_steps:       optimizer steps.
     batch_size:      sequences per device per micro-batch; global batch = batch_size * grad_accum * processes.
     grad_accum:      micro-batches per optimizer step.
-    mixed_precision: no / bf16 / fp16 (autocast via accelerate; fp16 needs a GPU).
+    mixed_precision: no / bf16 / fp16 (autocast via accelerate; fp16 needs a GPU) / auto: bf16 on a GPU that
+                     supports it (else fp16), on a CPU only with native bf16 (AMX / AVX512-BF16: without it bf16
+                     autocast was ~40% *slower* than fp32 for SmolLM2-135M here), else no.
     gradient_checkpointing: recompute activations in backward (less memory, ~30% slower).
     compile:         torch.compile the base model.
     save_every:      checkpoint every N steps (0 = only at the end). keep_last: checkpoints kept.
@@ -209,7 +211,7 @@ class RunConfig:
     max_steps: int = 1000
     batch_size: int = 8
     grad_accum: int = 1
-    mixed_precision: str = field(default="no", metadata=_choices("no", "bf16", "fp16"))
+    mixed_precision: str = field(default="no", metadata=_choices("no", "bf16", "fp16", "auto"))
     gradient_checkpointing: bool = False
     compile: bool = False
     save_every: int = 500

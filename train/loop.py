@@ -60,15 +60,33 @@ def lr_factor(step: int, warmup_steps: int, max_steps: int, schedule: str = "cos
 
 
 # ----- small helpers ----------------------------------------------------------------------------------------------------
+def cpu_has_native_bf16() -> bool:
+    """AMX or AVX512-BF16 in /proc/cpuinfo (Linux). Without them CPU bf16 matmuls are emulated and slower."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def resolve_mixed_precision(value: str) -> str:
+    if value != "auto":
+        return value
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16" if cpu_has_native_bf16() else "no"
+
+
 def make_accelerator(cfg: TrainConfig):
     from accelerate import Accelerator
     # cpu=True is what makes a multi-process CPU launch use gloo and synchronise gradients; without it two CPU
     # processes silently train two independent models (measured with accelerate 1.15).
     cpu = not torch.cuda.is_available()
-    if cpu and cfg.run.mixed_precision == "fp16":
+    mixed = resolve_mixed_precision(cfg.run.mixed_precision)
+    if cpu and mixed == "fp16":
         raise ConfigError("run.mixed_precision: fp16 needs a GPU; use bf16 on CPU")
-    return Accelerator(cpu=cpu, mixed_precision=cfg.run.mixed_precision,
-                       gradient_accumulation_steps=cfg.run.grad_accum, step_scheduler_with_optimizer=False)
+    return Accelerator(cpu=cpu, mixed_precision=mixed, gradient_accumulation_steps=cfg.run.grad_accum,
+                       step_scheduler_with_optimizer=False)
 
 
 def _is_sharded(accelerator) -> bool:
@@ -228,6 +246,9 @@ def train(cfg: TrainConfig, task: str = "pretrain") -> dict:
         loaded = load_checkpoint(accelerator, candidates, warn=log.warning) if candidates else None
         if loaded is not None:
             state, rank_state = loaded
+            if int(state.get("world_size", world)) != world:
+                raise ConfigError(f"run.resume: {state['loaded_from']} was saved by {state['world_size']} processes, "
+                                  f"this launch has {world}; resume with the same number of processes")
             noise.set_state(rank_state["noise_rng"])
             window = rank_state["window"].tolist()
             step, tokens_seen = int(state["step"]), int(state["tokens"])
@@ -357,7 +378,7 @@ def train(cfg: TrainConfig, task: str = "pretrain") -> dict:
                "tokens_per_s": timed_tokens / timed_seconds if timed_seconds > 0 else None,
                "timed_steps_tokens": timed_tokens, "timed_seconds": timed_seconds,
                "fingerprints": fingerprints, "ranks_agree": len(set(fingerprints)) <= 1,
-               "last_eval": last_eval, "data_info": data_info, "mixed_precision": run.mixed_precision,
+               "last_eval": last_eval, "data_info": data_info, "mixed_precision": accelerator.mixed_precision,
                "dtype": cfg.model.dtype, "device": str(accelerator.device)}
     if main:
         (out / "run_summary.json").write_text(json.dumps(summary, indent=1))
