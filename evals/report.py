@@ -57,7 +57,7 @@ def column_title(task: str) -> str:
 def row_label(config: dict) -> str:
     label = config.get("label") or config.get("model", "?")
     kind = config.get("settings", {}).get("kind", "?").upper()
-    return f"{label} ({kind})"
+    return label if f"({kind})" in label else f"{label} ({kind})"  # a label that already names the kind
 
 
 def ordered_tasks(results: Sequence[dict]) -> list[str]:

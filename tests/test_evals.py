@@ -372,3 +372,10 @@ def test_dlm_steps_fit_every_answer_length(tiny_dlm):
     assert b._sampler_kwargs(3)["steps"] == 3    # never more steps than tokens
     g = b.complete("The sky is", 20, seed=0)
     assert g.nfe == 4 and len(g.token_ids) == 20
+
+
+def test_row_label_names_the_kind_once():
+    from evals.report import row_label
+    assert row_label({"model": "smollm2-135m", "settings": {"kind": "ar"}}) == "smollm2-135m (AR)"
+    assert row_label({"label": "SmolLM2 (DLM)", "settings": {"kind": "dlm"}}) == "SmolLM2 (DLM)"
+    assert row_label({"label": "SmolLM2 (AR)", "settings": {"kind": "dlm"}}) == "SmolLM2 (AR) (DLM)"

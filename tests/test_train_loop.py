@@ -78,6 +78,15 @@ def test_loss_falls_and_the_export_is_the_trained_model(tmp_path, cache_dir):
     assert {"eval/acc@0.15", "eval/acc@0.9", "eval/elbo_ppl"} <= set(evals[-1])
     assert summary["steps"] == 30 and summary["tokens_seen"] == 30 * 8 * 64 and summary["tokens_per_s"] > 0
 
+    from train.curve import main as curve_main, markdown, read_metrics
+    ev, tr = read_metrics(out)
+    table = markdown(ev).splitlines()
+    assert table[0].startswith("| step | tokens | acc@0.15 | acc@0.5 | acc@0.9 | elbo_ppl")
+    assert [row.split("|")[1].strip() for row in table[2:]] == ["0", "30"] and len(tr) == 6
+    assert curve_main([str(out), "--html", str(tmp_path / "curve.html")]) == 0
+    assert "plotly" in (tmp_path / "curve.html").read_text()[:200000].lower()
+    assert curve_main([str(tmp_path / "nope")]) == 2
+
     import dlm
     model = dlm.load(out / "final", device="cpu", dtype="float32")
     assert model.shift and model.mask_token_id == model.tokenizer.mask_token_id and model.config.adapted
@@ -207,6 +216,21 @@ def test_lora_trains_the_mask_row_and_exports_an_adapter_dlm_load_accepts(tmp_pa
     others = torch.ones(ea.shape[0], dtype=torch.bool)
     others[mask] = False
     assert torch.equal(ea[others], e0[others])                      # no other embedding row changed
+
+    # shipping it as an asset: bf16 adapter, same predictions up to bf16 rounding of the LoRA weights
+    from train.ship import ship
+    asset = tmp_path / "assets" / "tiny-dlm"
+    size = ship(final, asset, dtype="bfloat16")
+    assert 0 < size < (final / "adapter_model.safetensors").stat().st_size + 2**20
+    shipped = dlm.load(asset, device="cpu", dtype="float32")
+    with torch.no_grad():
+        ls = shipped.denoise_logits(x)
+    assert (ls - la).abs().max() < 0.05 * la.abs().max() and not torch.allclose(ls, l0)
+    with pytest.raises(ValueError, match="max-mb"):                 # an oversize asset is refused ...
+        ship(final, asset, max_mb=1e-4)
+    assert (asset / "adapter_model.safetensors").is_file()          # ... and the shipped one stays intact
+    with pytest.raises(ValueError, match="not a LoRA export"):
+        ship(out / "init-model", tmp_path / "assets" / "nope")
 
     # a LoRA run resumes exactly too: drop the tail of this run and resume it from its step-3 checkpoint
     import shutil

@@ -111,19 +111,24 @@ def _open_text(path: str):
         open(path, "r", encoding="utf-8", errors="replace")
 
 
-def _read_jsonl(path: str, text_field: str) -> Iterator[str]:
+def iter_jsonl(path: str) -> Iterator[tuple[int, object]]:
+    """(line number, parsed record) for each non-blank line; a malformed line raises DataError naming file:line."""
     with _open_text(path) as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                record = json.loads(line)
+                yield lineno, json.loads(line)
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-            if not isinstance(record, dict) or text_field not in record:
-                keys = ", ".join(record) if isinstance(record, dict) else type(record).__name__
-                raise DataError(f"{path}:{lineno}: no field {text_field!r} (has: {keys}); set data.text_field")
-            yield str(record[text_field])
+
+
+def _read_jsonl(path: str, text_field: str) -> Iterator[str]:
+    for lineno, record in iter_jsonl(path):
+        if not isinstance(record, dict) or text_field not in record:
+            keys = ", ".join(record) if isinstance(record, dict) else type(record).__name__
+            raise DataError(f"{path}:{lineno}: no field {text_field!r} (has: {keys}); set data.text_field")
+        yield str(record[text_field])
 
 
 def _read_hf(spec: str, text_field: str, split: str) -> Iterator[str]:

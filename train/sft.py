@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .data import DataError, _file_stamp, _open_text, cache_root, expand_sources, tokenizer_fingerprint
+from .data import DataError, _file_stamp, cache_root, expand_sources, iter_jsonl, tokenizer_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -38,19 +38,12 @@ def read_records(files: list[str], fields: list[str]) -> list[dict]:
     """JSONL files -> records, each checked for the fields the templates use (errors name file:line)."""
     records = []
     for path in files:
-        with _open_text(path) as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-                missing = [k for k in fields if not isinstance(record, dict) or k not in record]
-                if missing:
-                    raise DataError(f"{path}:{lineno}: record has no field(s) {', '.join(missing)} used by the "
-                                    "sft templates (set sft.prompt_template / sft.response_template)")
-                records.append(record)
+        for lineno, record in iter_jsonl(path):
+            missing = [k for k in fields if not isinstance(record, dict) or k not in record]
+            if missing:
+                raise DataError(f"{path}:{lineno}: record has no field(s) {', '.join(missing)} used by the "
+                                "sft templates (set sft.prompt_template / sft.response_template)")
+            records.append(record)
     if not records:
         raise DataError(f"no records in {', '.join(files)}")
     return records
