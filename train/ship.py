@@ -10,6 +10,7 @@ carries the added `<|mask|>` token) and `dlm_config.json` (which names `base_mod
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import sys
@@ -20,8 +21,9 @@ from typing import Optional, Sequence
 import torch
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+FROZEN_COPY = ".token_adapter.base_layer.weight"
 COPIED = ("adapter_config.json", "dlm_config.json", "tokenizer.json", "tokenizer_config.json",
-          "special_tokens_map.json", "chat_template.jinja", "README.md")
+          "special_tokens_map.json", "chat_template.jinja")
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
@@ -33,17 +35,28 @@ def ship(export_dir: Path, dest: Path, dtype: str = "bfloat16", max_mb: float = 
         raise ValueError(f"{export_dir} is not a LoRA export (needs {ADAPTER_WEIGHTS} and dlm_config.json); "
                          "train with lora.enabled=true")
     tensors = load_file(str(export_dir / ADAPTER_WEIGHTS))
-    tensors = {k: (v.to(DTYPES[dtype]) if v.is_floating_point() else v).contiguous() for k, v in tensors.items()}
+    # peft saves the whole (frozen) embedding / tied head next to a trainable-token delta when the vocabulary was
+    # resized for the added [MASK] token; `dlm.load` rebuilds that resized matrix from the base deterministically
+    # (mean-initialised mask row), so only the delta ships.
+    tensors = {k: (v.to(DTYPES[dtype]) if v.is_floating_point() else v).contiguous() for k, v in tensors.items()
+               if not k.endswith(FROZEN_COPY)}
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; an asset is meant to be read by everyone
     try:
         save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+        (tmp / ADAPTER_WEIGHTS).chmod(0o644)
         for name in COPIED:
             src = export_dir / name
-            if name == "README.md" and (dest / name).is_file():
-                src = dest / name  # keep the hand-written model card
             if src.is_file():
                 shutil.copy2(src, tmp / name)
+        if (dest / "README.md").is_file():  # keep the hand-written model card (not peft's generated one)
+            shutil.copy2(dest / "README.md", tmp / "README.md")
+        base = json.loads((export_dir / "dlm_config.json").read_text()).get("base_model")
+        if base and (tmp / "adapter_config.json").is_file():  # name the base, not a path on the training machine
+            cfg = json.loads((tmp / "adapter_config.json").read_text())
+            cfg["base_model_name_or_path"] = base
+            (tmp / "adapter_config.json").write_text(json.dumps(cfg, indent=2) + "\n")
         size = sum(p.stat().st_size for p in tmp.iterdir())
         if size > max_mb * 2**20:
             raise ValueError(f"asset would be {size / 2**20:.1f} MB > --max-mb {max_mb}: lower lora.r or use bf16")
