@@ -193,8 +193,8 @@ def test_default_model_serves_with_or_without_the_adapted_artifact():
     demo = ui.build(device="cpu")
     try:
         info = demo.backend.info
-        if registry.is_available(DEFAULT_DLM) and info.source == DEFAULT_DLM:
-            assert info.kind == "dlm"
+        if registry.is_available(DEFAULT_DLM):  # shipped in assets/: it must load, not fall back
+            assert info.source == DEFAULT_DLM and info.kind == "dlm", info.notice
         else:
             assert info.source == FALLBACK_DLM
             assert "not diffusion-adapted yet: output is noise-like" in info.notice
