@@ -28,7 +28,7 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .curve import read_metrics
+from .curve import eval_columns, read_metrics
 
 VARIANTS: dict[str, list[str]] = {
     "adapted": [],
@@ -39,7 +39,6 @@ VARIANTS: dict[str, list[str]] = {
     "full": ["lora.enabled=false"],
 }
 DEFAULT_VARIANTS = ("adapted", "no-anneal", "no-shift", "scratch")
-METRICS = ("eval/acc@0.15", "eval/acc@0.5", "eval/acc@0.9", "eval/elbo_ppl")
 
 
 def run_dir(out: Path, variant: str) -> Path:
@@ -69,21 +68,28 @@ def summarize(out: Path, variants: Sequence[str]) -> dict:
         rows[v] = {"steps": evals[-1]["step"], "tokens": evals[-1]["tokens"], "finished": bool(summary),
                    "tokens_per_s": summary.get("tokens_per_s"),
                    "seconds": (times[-1] - times[0]) if len(times) > 1 else None,
-                   "last": {m: evals[-1][m] for m in METRICS if m in evals[-1]},
-                   "curve": [{k: r[k] for k in ("step", "tokens", *METRICS) if k in r} for r in evals]}
+                   "last": {m: evals[-1][m] for m in eval_columns(evals[-1:])},
+                   "curve": [{k: r[k] for k in ("step", "tokens", *eval_columns([r]))} for r in evals]}
     return rows
 
 
+def headline(columns: list[str]) -> str:
+    """The accuracy column followed step by step: the middle mask ratio (acc@0.5 with the default ratios)."""
+    accs = [c for c in columns if c.startswith("eval/acc@")]
+    return accs[len(accs) // 2] if accs else columns[0]
+
+
 def markdown(rows: dict) -> str:
-    """Last-eval table (delta to the first variant) + accuracy@0.5 at every evaluated step."""
+    """Last-eval table (delta to the first variant) + the headline accuracy at every evaluated step."""
     if not rows:
         return "(no finished variant)"
     ref = next(iter(rows.values()))["last"]
-    head = "| variant | steps | tokens | acc@0.15 | acc@0.5 | acc@0.9 | ELBO PPL | tok/s |"
-    lines = [head, "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    columns = eval_columns([r["last"] for r in rows.values()])
+    names = [c[5:] if c.startswith("eval/acc") else "ELBO PPL" for c in columns]
+    lines = ["| variant | steps | tokens | " + " | ".join(names) + " | tok/s |", "|---|" + "---:|" * (len(columns) + 3)]
     for v, r in rows.items():
         cells = []
-        for m in METRICS:
+        for m in columns:
             val = r["last"].get(m)
             if val is None:
                 cells.append("-")
@@ -96,10 +102,11 @@ def markdown(rows: dict) -> str:
         lines.append(f"| {v}{'' if r['finished'] else ' (running)'} | {r['steps']} | {r['tokens']:,} | "
                      + " | ".join(cells) + f" | {tps} |")
     steps = sorted({p["step"] for r in rows.values() for p in r["curve"]})
-    lines += ["", "acc@0.5 (held out) by step:", "",
+    acc = headline(columns)
+    lines += ["", f"{acc[5:]} (held out) by step:", "",
               "| step | " + " | ".join(rows) + " |", "|---:|" + "---:|" * len(rows)]
     for s in steps:
-        cells = [next((f"{p['eval/acc@0.5']:.3f}" for p in r["curve"] if p["step"] == s and "eval/acc@0.5" in p), "-")
+        cells = [next((f"{p[acc]:.3f}" for p in r["curve"] if p["step"] == s and acc in p), "-")
                  for r in rows.values()]
         lines.append(f"| {s} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -108,12 +115,13 @@ def markdown(rows: dict) -> str:
 def figure(rows: dict, title: str = ""):
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
-    fig = make_subplots(rows=1, cols=2, subplot_titles=("masked-token accuracy @0.5 (held out)",
+    acc = headline(eval_columns([r["last"] for r in rows.values()]))
+    fig = make_subplots(rows=1, cols=2, subplot_titles=(f"masked-token accuracy {acc[5:]} (held out)",
                                                         "ELBO perplexity bound (held out)"))
     for i, (v, r) in enumerate(rows.items()):
         color = f"hsl({(i * 67) % 360},65%,45%)"
         xs = [p["tokens"] for p in r["curve"]]
-        fig.add_trace(go.Scatter(x=xs, y=[p.get("eval/acc@0.5") for p in r["curve"]], name=v, legendgroup=v,
+        fig.add_trace(go.Scatter(x=xs, y=[p.get(acc) for p in r["curve"]], name=v, legendgroup=v,
                                  mode="lines+markers", line=dict(color=color)), row=1, col=1)
         fig.add_trace(go.Scatter(x=xs, y=[p.get("eval/elbo_ppl") for p in r["curve"]], name=v, legendgroup=v,
                                  showlegend=False, mode="lines+markers", line=dict(color=color)), row=1, col=2)
