@@ -25,6 +25,7 @@ from typing import Optional, Union
 import torch
 
 from . import registry
+from .fileio import atomic_directory
 from .model import DLM_CONFIG_NAME, DiffusionLM, DLMConfig
 
 log = logging.getLogger(__name__)
@@ -474,22 +475,12 @@ def save_pretrained(model: DiffusionLM, directory: Union[str, os.PathLike], base
     A peft-wrapped base is saved as its adapter only (plus the dlm config naming `base_model`, default the
     model's own source); otherwise full safetensors weights. The directory is written atomically.
     """
-    directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
-    try:
-        cfg = DLMConfig(**model.config.__dict__)
-        is_peft = hasattr(model.base, "peft_config")
-        if is_peft:
-            cfg.base_model = base_model or cfg.base_model or getattr(model, "source", None)
-            if not cfg.base_model:
-                raise ValueError("saving an adapter needs base_model= (registry name or path of the base weights)")
+    cfg = DLMConfig(**model.config.__dict__)
+    if hasattr(model.base, "peft_config"):
+        cfg.base_model = base_model or cfg.base_model or getattr(model, "source", None)
+        if not cfg.base_model:
+            raise ValueError("saving an adapter needs base_model= (registry name or path of the base weights)")
+    with atomic_directory(directory) as tmp:
         model.base.save_pretrained(str(tmp), safe_serialization=True)
         model.tokenizer.save_pretrained(str(tmp))
         cfg.save(tmp)
-        if directory.exists():
-            shutil.rmtree(directory)
-        os.replace(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise

@@ -21,6 +21,7 @@ from torch import nn
 
 import dlm
 from dlm import registry
+from dlm.fileio import atomic_directory
 from dlm.loading import load_tokenizer
 
 from .data import cache_root
@@ -142,13 +143,9 @@ def materialize_random_model(model_cfg, directory: Path, seed: int, data_cfg=Non
         raise ConfigError(f"model.init: vocab_size {config.vocab_size} < tokenizer size {len(tok)}")
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
-    model.save_pretrained(tmp, safe_serialization=True)
-    tok.save_pretrained(tmp)
-    if directory.exists():
-        shutil.rmtree(directory)
-    os.rename(tmp, directory)
+    with atomic_directory(directory) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
     return directory
 
 
@@ -258,16 +255,11 @@ def export(model, directory: Path, base_model: Optional[str], training_info: dic
         model.save_pretrained(directory, base_model=base_model if is_peft else None)
         return directory
     from dlm.model import DLMConfig
-    directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
-    model.base.save_pretrained(str(tmp), state_dict=state_dict, safe_serialization=True)
-    model.tokenizer.save_pretrained(str(tmp))
     cfg = DLMConfig(**model.config.__dict__)
     if is_peft:
         cfg.base_model = base_model
-    cfg.save(tmp)
-    if directory.exists():
-        shutil.rmtree(directory)
-    os.rename(tmp, directory)
-    return directory
+    with atomic_directory(directory) as tmp:
+        model.base.save_pretrained(str(tmp), state_dict=state_dict, safe_serialization=True)
+        model.tokenizer.save_pretrained(str(tmp))
+        cfg.save(tmp)
+    return Path(directory)

@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
+
+from dlm.fileio import atomic_directory
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 FROZEN_COPY = ".token_adapter.base_layer.weight"
@@ -40,10 +40,7 @@ def ship(export_dir: Path, dest: Path, dtype: str = "bfloat16", max_mb: float = 
     # (mean-initialised mask row), so only the delta ships.
     tensors = {k: (v.to(DTYPES[dtype]) if v.is_floating_point() else v).contiguous() for k, v in tensors.items()
                if not k.endswith(FROZEN_COPY)}
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private; an asset is meant to be read by everyone
-    try:
+    with atomic_directory(dest) as tmp:
         save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
         (tmp / ADAPTER_WEIGHTS).chmod(0o644)
         for name in COPIED:
@@ -58,19 +55,9 @@ def ship(export_dir: Path, dest: Path, dtype: str = "bfloat16", max_mb: float = 
             cfg["base_model_name_or_path"] = base
             (tmp / "adapter_config.json").write_text(json.dumps(cfg, indent=2) + "\n")
         size = sum(p.stat().st_size for p in tmp.iterdir())
-        if size > max_mb * 2**20:
+        if size > max_mb * 2**20:  # raising here leaves the shipped asset as it was
             raise ValueError(f"asset would be {size / 2**20:.1f} MB > --max-mb {max_mb}: lower lora.r or use bf16")
-        old = None
-        if dest.exists():
-            old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
-            os.rename(dest, old)
-        os.rename(tmp, dest)
-        if old is not None:
-            shutil.rmtree(old)
-        return size
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
+    return size
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
