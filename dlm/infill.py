@@ -17,8 +17,10 @@ from typing import Iterator, Optional, Union
 
 import torch
 
-from dlm.sampling import DenoiseRun, denoise_canvas, make_generator, resolve_options
-from dlm.types import Frame, Generation
+from .decoders import DecodeRun
+from .sampler_config import SamplerConfig
+from .sampling import resolve_config, run_decoder
+from .types import Frame, Generation
 
 MARKER = "[MASK"
 _LENGTH = re.compile(r"\s*-?\d+\s*")
@@ -151,23 +153,31 @@ def parse_template(template: str, tokenizer, max_length: Optional[int] = None, s
 # ------------------------------------------------------------------------------------------------ sampling
 
 
-def _stream_canvas(model, ic: InfillCanvas, prompt: str, *, steps=None, block_length=None, temperature=0.0,
-                   top_p=1.0, top_k=0, remasking="confidence", threshold=None, suppress_eos=False,
-                   use_cache=False, seed=None, on_step=None) -> Iterator[Union[Frame, Generation]]:
-    n_masked = sum(not f for f in ic.fixed)
-    opts = resolve_options(n_masked, steps=steps, block_length=block_length, temperature=temperature,
-                           top_p=top_p, top_k=top_k, remasking=remasking, threshold=threshold,
-                           suppress_eos=suppress_eos, use_cache=use_cache)
+def infill_config(model, config: Optional[SamplerConfig] = None, **overrides) -> SamplerConfig:
+    """The config an infilling call runs with: `config`, else the model's recommended infilling config (full
+    attention), then the overrides. Infilling needs the full-attention decoder (fixed text after the gap)."""
+    base = config if config is not None else getattr(model, "infill_config", None)
+    cfg = resolve_config(model, base if base is not None else SamplerConfig(), **overrides)
+    if cfg.decoder != "full":
+        raise ValueError(f"decoder: infilling needs the full-attention decoder 'full' (text after the gap must be "
+                         f"seen), got {cfg.decoder!r}")
+    return cfg
+
+
+def _stream_canvas(model, ic: InfillCanvas, prompt: str, config: SamplerConfig, on_step=None, frames_on: bool = True
+                   ) -> Iterator[Union[Frame, Generation]]:
     device = torch.device(model.device)
     canvas = torch.tensor([ic.input_ids], dtype=torch.long, device=device)  # [1, L]
     fixed = torch.tensor([ic.fixed], dtype=torch.bool, device=device)
-    run = DenoiseRun(canvas)
     frames: list[Frame] = []
-    for (frame,) in denoise_canvas(model, run, fixed, opts, generator=make_generator(model, seed)):
-        frames.append(frame)
+    for item in run_decoder(model, canvas, fixed, config, frames=frames_on or on_step is not None):
+        if isinstance(item, DecodeRun):
+            run = item
+            break
+        frames.append(item[0])
         if on_step is not None:
-            on_step(frame)
-        yield frame
+            on_step(item[0])
+        yield item[0]
     tokens = canvas[0].tolist()
     decode = model.tokenizer.decode
     span_texts = [decode(tokens[a:b], skip_special_tokens=True, clean_up_tokenization_spaces=False)
@@ -179,42 +189,62 @@ def _stream_canvas(model, ic: InfillCanvas, prompt: str, *, steps=None, block_le
                      spans=span_texts, prompt=prompt)
 
 
-def stream_fill(model, template: str, **sampler_kwargs) -> Iterator[Union[Frame, Generation]]:
-    """Like `fill`, but yields each step's `Frame` live and finally the `Generation`."""
-    ic = parse_template(template, model.tokenizer, getattr(model, "max_length", None), bool(model.shift))
-    yield from _stream_canvas(model, ic, template, **sampler_kwargs)
+def template_canvas(model, template: str) -> InfillCanvas:
+    """Parse a `[MASK]` / `[MASK:n]` template for this model (its tokenizer, context size and shift)."""
+    return parse_template(template, model.tokenizer, getattr(model, "max_length", None),
+                          model.first_predictable > 0)
 
 
-def fill(model, template: str, **sampler_kwargs) -> Generation:
-    """Fill every `[MASK]` / `[MASK:n]` span of `template` (see `parse_template`); the rest never changes.
-
-    sampler_kwargs: steps (default = total masked tokens), block_length, temperature, top_p, top_k, remasking,
-    threshold, suppress_eos, use_cache, seed, on_step; meanings as in `dlm.sampling.generate`.
-    Returns a `Generation`: `.text` = the template with its spans filled, `.spans` = the generated pieces,
-    `.token_ids` = the whole canvas, `.frames` / `.nfe` / `.seconds` as for `generate`.
-    """
-    *_, result = stream_fill(model, template, **sampler_kwargs)
-    return result
-
-
-def stream_infill(model, prefix: str, suffix: str, length: int, **sampler_kwargs
-                  ) -> Iterator[Union[Frame, Generation]]:
-    """Like `infill`, but yields each step's `Frame` live and finally the `Generation`."""
+def pair_canvas(model, prefix: str, suffix: str, length) -> tuple[InfillCanvas, str]:
+    """prefix + `length` masks + suffix as a canvas, and the equivalent template text."""
     if isinstance(length, bool) or not isinstance(length, int) or length < 1:
-        raise ValueError(f"infill length must be a positive integer (tokens to generate), got {length!r}")
+        raise ValueError(f"length: must be a positive integer (tokens to generate), got {length!r}")
     if not isinstance(prefix, str) or not isinstance(suffix, str):
-        raise ValueError("prefix and suffix must be strings (use '' for none)")
+        raise ValueError("prefix / suffix: must be strings (use '' for none)")
+    if not (prefix or suffix):
+        raise ValueError("prefix / suffix: give a prefix and/or a suffix around the span to fill")
     parts = [(0, prefix)] if prefix else []
     parts += [(len(prefix), length)] + ([(len(prefix), suffix)] if suffix else [])
-    ic = build_canvas(parts, model.tokenizer, getattr(model, "max_length", None), bool(model.shift))
-    yield from _stream_canvas(model, ic, f"{prefix}[MASK:{length}]{suffix}", **sampler_kwargs)
+    ic = build_canvas(parts, model.tokenizer, getattr(model, "max_length", None), model.first_predictable > 0)
+    return ic, f"{prefix}[MASK:{length}]{suffix}"
 
 
-def infill(model, prefix: str, suffix: str, length: int, **sampler_kwargs) -> Generation:
-    """Generate `length` tokens between `prefix` and `suffix` (either may be ''); both stay exactly as given.
+def stream_fill(model, template: str, config: Optional[SamplerConfig] = None, *, on_step=None, **overrides
+                ) -> Iterator[Union[Frame, Generation]]:
+    """Like `fill`, but yields each step's `Frame` live and finally the `Generation`."""
+    cfg = infill_config(model, config, **overrides)
+    yield from _stream_canvas(model, template_canvas(model, template), template, cfg, on_step)
 
-    sampler_kwargs as for `fill`. `.text` = prefix + middle + suffix, `.spans` = [middle].
+
+def fill(model, template: str, config: Optional[SamplerConfig] = None, *, frames: bool = False, **overrides
+         ) -> Generation:
+    """Fill every `[MASK]` / `[MASK:n]` span of `template` (see `parse_template`); the rest never changes.
+
+    config / overrides: a `SamplerConfig` and single fields (steps default = the total masked tokens; the decoder
+    must be "full"); default `model.infill_config`. frames: keep one Frame per step (default False).
+    Returns a `Generation`: `.text` = the template with its spans filled, `.spans` = the generated pieces,
+    `.token_ids` = the whole canvas, `.frames` / `.nfe` / `.seconds`.
     """
-    *_, result = stream_infill(model, prefix, suffix, length, **sampler_kwargs)
+    cfg = infill_config(model, config, **overrides)
+    *_, result = _stream_canvas(model, template_canvas(model, template), template, cfg, frames_on=frames)
     return result
 
+
+def stream_infill(model, prefix: str, suffix: str, length: int, config: Optional[SamplerConfig] = None, *,
+                  on_step=None, **overrides) -> Iterator[Union[Frame, Generation]]:
+    """Like `infill`, but yields each step's `Frame` live and finally the `Generation`."""
+    cfg = infill_config(model, config, **overrides)
+    ic, template = pair_canvas(model, prefix, suffix, length)
+    yield from _stream_canvas(model, ic, template, cfg, on_step)
+
+
+def infill(model, prefix: str, suffix: str, length: int, config: Optional[SamplerConfig] = None, *,
+           frames: bool = False, **overrides) -> Generation:
+    """Generate `length` tokens between `prefix` and `suffix` (either may be ''); both stay exactly as given.
+
+    config / frames / overrides as for `fill`. `.text` = prefix + middle + suffix, `.spans` = [middle].
+    """
+    cfg = infill_config(model, config, **overrides)
+    ic, template = pair_canvas(model, prefix, suffix, length)
+    *_, result = _stream_canvas(model, ic, template, cfg, frames_on=frames)
+    return result

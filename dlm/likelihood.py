@@ -322,11 +322,13 @@ def elbo_nll(model, input_ids: torch.Tensor, maskable: Optional[torch.Tensor] = 
 
 def masked_token_accuracy(model, input_ids: torch.Tensor, mask_ratio: float, seed: Optional[int] = None,
                           maskable: Optional[torch.Tensor] = None, attention_mask: Optional[torch.Tensor] = None,
-                          batch_size: int = 8) -> float:
+                          batch_size: int = 8, block_length: Optional[int] = None) -> float:
     """Fraction of masked tokens the denoiser's argmax gets right, with round(mask_ratio * m) of each row's m
     maskable tokens masked (at least 1), chosen uniformly at random.
 
     mask_ratio: in (0, 1].  seed: int for reproducible masks.  maskable / attention_mask / batch_size: as elbo_nll.
+    block_length: None = the full-attention denoiser (the paper); an int = block diffusion with blocks of that
+    size (each masked token predicted from its noisy block and the clean blocks before it).
     """
     if not 0.0 < float(mask_ratio) <= 1.0:
         raise ValueError(f"mask_ratio must be in (0, 1], got {mask_ratio}")
@@ -347,7 +349,9 @@ def masked_token_accuracy(model, input_ids: torch.Tensor, mask_ratio: float, see
                 continue
             x0 = input_ids[lo:hi].to(device)
             am = attention_mask[lo:hi].to(device) if attention_mask is not None else None
-            logits = model.denoise_logits(x0.masked_fill(mk, model.mask_token_id), attention_mask=am)  # [b, L, V]
+            x_t = x0.masked_fill(mk, model.mask_token_id)
+            logits = (model.denoise_logits(x_t, attention_mask=am) if block_length is None else
+                      model.block_denoise_logits(x_t, x0, block_length, 0, am))               # [b, L, V]
             correct += int((logits[mk].argmax(dim=-1) == x0[mk]).sum())
             total += int(mk.sum())
     if total == 0:

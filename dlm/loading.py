@@ -26,7 +26,7 @@ import torch
 
 from . import registry
 from .fileio import atomic_directory
-from .model import DLM_CONFIG_NAME, DiffusionLM, DLMConfig
+from .model import DLM_CONFIG_NAME, DiffusionLM, DLMConfig, load_sampler_configs
 
 log = logging.getLogger(__name__)
 
@@ -464,23 +464,11 @@ def load(source: Union[str, os.PathLike], *, mask_token_id: Optional[int] = None
     if shift is not None:
         cfg.shift = bool(shift)
     name = src.label if src.spec is not None else Path(str(source)).name or str(source)
-    model = DiffusionLM(base, tokenizer, cfg, name=name)
+    generate_cfg = infill_cfg = None
+    for directory in [src.directory, *adapter_dirs]:  # an adapter's recommendation wins over its base's
+        if not src.gguf_file or directory != src.directory:
+            g, i = load_sampler_configs(directory)
+            generate_cfg, infill_cfg = g or generate_cfg, i or infill_cfg
+    model = DiffusionLM(base, tokenizer, cfg, name=name, sampler_config=generate_cfg, infill_config=infill_cfg)
     model.source = str(source)
     return model
-
-
-def save_pretrained(model: DiffusionLM, directory: Union[str, os.PathLike], base_model: Optional[str] = None) -> None:
-    """Write the model so that `dlm.load(directory)` restores it exactly.
-
-    A peft-wrapped base is saved as its adapter only (plus the dlm config naming `base_model`, default the
-    model's own source); otherwise full safetensors weights. The directory is written atomically.
-    """
-    cfg = DLMConfig(**model.config.__dict__)
-    if hasattr(model.base, "peft_config"):
-        cfg.base_model = base_model or cfg.base_model or getattr(model, "source", None)
-        if not cfg.base_model:
-            raise ValueError("saving an adapter needs base_model= (registry name or path of the base weights)")
-    with atomic_directory(directory) as tmp:
-        model.base.save_pretrained(str(tmp), safe_serialization=True)
-        model.tokenizer.save_pretrained(str(tmp))
-        cfg.save(tmp)

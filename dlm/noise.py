@@ -22,7 +22,8 @@ def q_sample(x0: torch.Tensor, t: torch.Tensor, mask_token_id: int, maskable: Op
     """Corrupt clean tokens: each maskable token becomes `mask_token_id` with probability t.
 
     x0:       [B, L] clean token ids.
-    t:        [B] (or scalar) masking probability per sequence, in [0, 1].
+    t:        [B] (or scalar) masking probability per sequence, or [B, L] per token (block diffusion: one t per
+              block), in [0, 1].
     maskable: [B, L] bool, positions that may be masked (None = all). Prompts / padding / the start token are not.
     Returns (x_t [B, L], masked [B, L] bool). `masked` is the ground truth of which positions were noised: callers
     must use it, never `x_t == mask_token_id`, because the mask id can occur in clean text (DiffuLLaMA issue #11).
@@ -32,7 +33,7 @@ def q_sample(x0: torch.Tensor, t: torch.Tensor, mask_token_id: int, maskable: Op
         t = t.expand(x0.shape[0])
     gen_device = generator.device if generator is not None else x0.device
     u = torch.rand(x0.shape, generator=generator, device=gen_device).to(x0.device)
-    masked = u < t[:, None]
+    masked = u < (t[:, None] if t.dim() == 1 else t)
     if maskable is not None:
         masked &= maskable.bool()
     x_t = torch.where(masked, torch.full_like(x0, mask_token_id), x0)

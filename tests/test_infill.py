@@ -90,7 +90,7 @@ def test_template_beyond_context_names_the_position(smol_tokenizer):
 def test_infill_preserves_prefix_and_suffix_exactly(model):
     tok = model.tokenizer
     prefix, suffix = "def add(a, b):\n    return", "\n\nprint(add(1, 2))"
-    g = model.infill(prefix, suffix, 6, steps=3)
+    g = model.infill(prefix, suffix, 6, steps=3, frames=True)
     assert g.text.startswith(prefix) and g.text.endswith(suffix)
     assert g.text == prefix + g.spans[0] + suffix and len(g.spans) == 1
     ids = tok(prefix, add_special_tokens=False)["input_ids"]
@@ -104,7 +104,7 @@ def test_infill_preserves_prefix_and_suffix_exactly(model):
 
 
 def test_infill_with_empty_prefix_starts_with_a_fixed_token(model):
-    g = model.infill("", " the end.", 3)
+    g = model.infill("", " the end.", 3, frames=True)
     assert g.text.endswith(" the end.") and g.text == g.spans[0] + " the end."
     assert g.frames[0].start == 1  # position 0 holds the start token, never generated
     assert model.mask_token_id not in g.token_ids and g.nfe == 3
@@ -113,7 +113,7 @@ def test_infill_with_empty_prefix_starts_with_a_fixed_token(model):
 def test_fill_many_spans_keeps_every_unmasked_token(model):
     template = "The [MASK:2] sat on the [MASK]. It was [MASK:3] and [MASK]!"
     canvas = parse_template(template, model.tokenizer, model.max_length, model.shift)
-    g = model.fill(template, steps=4, temperature=0.9, seed=0)
+    g = model.fill(template, steps=4, temperature=0.9, seed=0, frames=True)
     assert_fixed_unchanged(g, canvas, model.mask_token_id)
     assert len(g.spans) == 4
     it = iter(g.spans)
@@ -130,7 +130,7 @@ def test_fill_blocks_follow_span_order_and_cache_runs(model):
     canvas = parse_template(template, model.tokenizer, model.max_length, model.shift)
     (a0, a1), (b0, b1) = canvas.spans
     for use_cache in (False, True):
-        g = model.fill(template, block_length=3, steps=4, use_cache=use_cache)
+        g = model.fill(template, block_length=3, steps=4, use_cache=use_cache, frames=True)
         assert_fixed_unchanged(g, canvas, model.mask_token_id)
         first = [set(f.revealed) <= set(range(a0, a1)) for f in g.frames]
         assert first == [True, True, False, False]  # block 1 (first span) completes before block 2 starts
@@ -139,21 +139,21 @@ def test_fill_blocks_follow_span_order_and_cache_runs(model):
 
 def test_fill_is_seeded_and_stream_fill_matches(model):
     template = "Once upon a [MASK:4] there was a [MASK:2]."
-    a = model.fill(template, temperature=1.0, seed=11, remasking="random", steps=3)
+    a = model.fill(template, temperature=1.0, seed=11, remasking="random", steps=3, frames=True)
     *frames, b = model.stream_fill(template, temperature=1.0, seed=11, remasking="random", steps=3)
     assert a.token_ids == b.token_ids and a.frames == frames == b.frames
-    c = model.fill(template, temperature=1.0, seed=12, remasking="random", steps=3)
+    c = model.fill(template, temperature=1.0, seed=12, remasking="random", steps=3, frames=True)
     assert c.token_ids != a.token_ids
 
 
 def test_fill_and_infill_bad_input(model):
     with pytest.raises(ValueError, match="unclosed mask marker at position 6"):
-        model.fill("Hello [MASK:4 world")
+        model.fill("Hello [MASK:4 world", frames=True)
     with pytest.raises(ValueError, match="beyond the model's context of 512"):
-        model.fill("Hello [MASK:600]")
-    with pytest.raises(ValueError, match="infill length must be a positive integer"):
+        model.fill("Hello [MASK:600]", frames=True)
+    with pytest.raises(ValueError, match="length: must be a positive integer"):
         model.infill("a", "b", 0)
-    with pytest.raises(ValueError, match="steps must be between 1 and the generation length 3"):
-        model.fill("a [MASK:3] b", steps=4)
-    with pytest.raises(ValueError, match="unknown remasking"):
+    with pytest.raises(ValueError, match="steps: must be an integer >= 1"):
+        model.fill("a [MASK:3] b", steps=0)
+    with pytest.raises(ValueError, match="remasking: must be one of"):
         model.infill("a", "b", 2, remasking="best")

@@ -10,9 +10,11 @@ import re
 import pytest
 import torch
 
-from dlm import sampling
-from dlm.sampling import (block_sizes, confidence_certainty, entropy_certainty, filter_logits, margin_certainty,
-                          reveal_random, reveal_schedule, reveal_top_k, sample_tokens, split_steps)
+import dlm
+from dlm import REVEAL_RULES, sampling
+from dlm.decoders import sample_tokens
+from dlm.reveal import (block_sizes, confidence_certainty, entropy_certainty, margin_certainty, reveal_random,
+                        reveal_schedule, reveal_top_k, split_steps)
 
 PROMPT = "The quick brown fox"
 
@@ -31,6 +33,7 @@ class FakeDLM:
 
     def __init__(self, tokenizer, table: torch.Tensor, shift: bool = True):
         self.tokenizer, self.table, self.shift = tokenizer, table, shift
+        self.first_predictable = 1 if shift else 0
         self.mask_token_id, self.eos_token_ids = self.MASK, [self.EOS]
         self.device, self.max_length, self.calls = torch.device("cpu"), 512, 0
 
@@ -104,12 +107,15 @@ def test_certainties_on_synthetic_probs():
     assert ent[0] > ent[1] > ent[2] and torch.isclose(ent[2], -torch.log(torch.tensor(4.0)))
 
 
-def test_filter_logits_top_k_and_top_p():
-    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
-    assert torch.isfinite(filter_logits(logits, top_k=2)).tolist() == [[True, True, False, False]]
-    assert torch.isfinite(filter_logits(logits, top_p=0.8)).tolist() == [[True, True, False, False]]
-    assert torch.isfinite(filter_logits(logits, top_p=0.81)).tolist() == [[True, True, True, False]]
-    assert torch.isfinite(filter_logits(logits, top_p=0.1)).tolist() == [[True, False, False, False]]
+def test_top_k_and_top_p_filter_the_sampling_distribution():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).expand(4000, 4)
+    def support(**kw):
+        return set(sample_tokens(logits, 1.0, generator=torch.Generator().manual_seed(0), **kw).tolist())
+    assert support(top_k=2) == {0, 1}
+    assert support(top_p=0.79) == {0, 1}
+    assert support(top_p=0.81) == {0, 1, 2}
+    assert support(top_p=0.1) == {0}
+    assert support() == {0, 1, 2, 3}
 
 
 def test_sample_tokens_greedy_seeded_and_filtered():
@@ -147,7 +153,7 @@ def test_reveal_random_probability_is_one_over_steps_left():
 def test_steps_and_schedule_are_respected(smol_tokenizer):
     m = fake(smol_tokenizer)
     prompt = [5, 6, 7]
-    g = sampling.generate(m, prompt, max_new_tokens=10, steps=4)
+    g = sampling.generate(m, prompt, frames=True, max_new_tokens=10, steps=4)
     assert g.nfe == m.calls == 4 and len(g.frames) == 4
     assert [len(f.revealed) for f in g.frames] == reveal_schedule(10, 4)
     assert [f.step for f in g.frames] == [1, 2, 3, 4] and all(f.total_steps == 4 for f in g.frames)
@@ -159,7 +165,7 @@ def test_steps_and_schedule_are_respected(smol_tokenizer):
 def test_certainty_rules_reveal_most_certain_first_from_untempered_probs(smol_tokenizer, rule, temperature):
     m = fake(smol_tokenizer, seed=1)
     prompt = [5, 6]
-    g = sampling.generate(m, prompt, max_new_tokens=12, steps=6, remasking=rule, temperature=temperature, seed=0)
+    g = sampling.generate(m, prompt, frames=True, max_new_tokens=12, steps=6, remasking=rule, temperature=temperature, seed=0)
     probs = m.table.clone()
     probs[:, m.MASK] = float("-inf")
     probs = probs.softmax(-1)  # untempered
@@ -180,19 +186,19 @@ def test_certainty_rules_reveal_most_certain_first_from_untempered_probs(smol_to
 def test_mask_and_pad_are_never_predicted(smol_tokenizer):
     m = fake(smol_tokenizer)
     m.table[:, m.MASK] = 100.0  # the model "wants" the mask token everywhere
-    g = sampling.generate(m, [5], max_new_tokens=8, steps=8)
+    g = sampling.generate(m, [5], frames=True, max_new_tokens=8, steps=8)
     assert m.MASK not in g.token_ids
-    g = sampling.generate(m, [5], max_new_tokens=8, steps=2, temperature=2.0, seed=0)
+    g = sampling.generate(m, [5], frames=True, max_new_tokens=8, steps=2, temperature=2.0, seed=0)
     assert m.MASK not in g.token_ids
 
 
 def test_text_is_cut_at_first_eos_and_eos_can_be_suppressed(smol_tokenizer):
     m = fake(smol_tokenizer)
     m.table[4, FakeDLM.EOS] = 100.0  # EOS at the 3rd generated position (prompt = 2 tokens)
-    g = sampling.generate(m, [5, 6], max_new_tokens=6, steps=6)
+    g = sampling.generate(m, [5, 6], frames=True, max_new_tokens=6, steps=6)
     assert g.token_ids[2] == FakeDLM.EOS and len(g.token_ids) == 6
     assert g.text == smol_tokenizer.decode(g.token_ids[:2], skip_special_tokens=True)
-    g = sampling.generate(m, [5, 6], max_new_tokens=6, steps=6, suppress_eos=True)
+    g = sampling.generate(m, [5, 6], frames=True, max_new_tokens=6, steps=6, suppress_eos=True)
     assert FakeDLM.EOS not in g.token_ids
 
 
@@ -204,7 +210,7 @@ def test_random_sampler_reveal_counts_match_algorithm_2_in_expectation(smol_toke
     counts = torch.zeros(runs, T)  # a step never run (everything already revealed) reveals 0
     ratios: list[list[float]] = [[] for _ in range(T)]  # revealed / still masked, when something was masked
     for r in range(runs):
-        g = sampling.generate(m, [5], max_new_tokens=n, steps=T, remasking="random", seed=r)
+        g = sampling.generate(m, [5], frames=True, max_new_tokens=n, steps=T, remasking="random", seed=r)
         remaining = n
         for j, f in enumerate(g.frames):
             counts[r, j] = len(f.revealed)
@@ -224,7 +230,7 @@ def test_threshold_reveals_confident_positions_in_parallel(smol_tokenizer):
     m = fake(smol_tokenizer)
     m.table[3:7] = -10.0
     m.table[3:7, 10] = 10.0  # positions 3..6 are near-certain, the rest are not
-    g = sampling.generate(m, [5, 6, 7], max_new_tokens=10, steps=10, threshold=0.9)
+    g = sampling.generate(m, [5, 6, 7], frames=True, max_new_tokens=10, steps=10, threshold=0.9)
     assert set(g.frames[0].revealed) >= {3, 4, 5, 6}
     assert g.nfe == len(g.frames) < 10
     assert all(len(f.revealed) >= 1 for f in g.frames)
@@ -234,7 +240,7 @@ def test_threshold_reveals_confident_positions_in_parallel(smol_tokenizer):
 # ------------------------------------------------------------------------------------ tiny random LLaMA
 
 def test_generate_plain_decoding(model):
-    g = model.generate(PROMPT, max_new_tokens=12, steps=6)
+    g = model.generate(PROMPT, frames=True, max_new_tokens=12, steps=6)
     prompt_ids = model.tokenizer(PROMPT)["input_ids"]
     assert g.nfe == 6 and len(g.frames) == 6 and len(g.token_ids) == 12
     assert all(len(f.revealed) == 2 for f in g.frames)
@@ -243,9 +249,9 @@ def test_generate_plain_decoding(model):
     assert 0 < g.seconds and g.prompt == PROMPT and isinstance(g.text, str)
 
 
-@pytest.mark.parametrize("rule", sampling.REMASKING)
+@pytest.mark.parametrize("rule", sorted(REVEAL_RULES))
 def test_every_remasking_rule_fills_the_canvas(model, rule):
-    g = model.generate(PROMPT, max_new_tokens=8, steps=4, remasking=rule, temperature=0.7, top_p=0.9, top_k=50,
+    g = model.generate(PROMPT, frames=True, max_new_tokens=8, steps=4, remasking=rule, temperature=0.7, top_p=0.9, top_k=50,
                        seed=1)
     check_frames(g, model.tokenizer(PROMPT)["input_ids"], model.mask_token_id)
     # random (Algorithm 2) may reveal everything before the last step and then stop early
@@ -253,30 +259,30 @@ def test_every_remasking_rule_fills_the_canvas(model, rule):
 
 
 def test_threshold_lowers_nfe(model):
-    low = model.generate(PROMPT, max_new_tokens=12, threshold=1e-9)  # any token clears it: one step
+    low = model.generate(PROMPT, frames=True, max_new_tokens=12, threshold=1e-9)  # any token clears it: one step
     assert low.nfe == 1 and len(low.frames[0].revealed) == 12
-    blocks = model.generate(PROMPT, max_new_tokens=12, block_length=4, threshold=1e-9)
+    blocks = model.generate(PROMPT, frames=True, max_new_tokens=12, block_length=4, threshold=1e-9)
     assert blocks.nfe == 3
-    high = model.generate(PROMPT, max_new_tokens=12, threshold=1.0)  # a random model is never that sure
+    high = model.generate(PROMPT, frames=True, max_new_tokens=12, threshold=1.0)  # a random model is never that sure
     assert high.nfe == 12 and all(len(f.revealed) == 1 for f in high.frames)
     mask_free(low, model.mask_token_id)
 
 
 def test_seeds_reproduce_and_differ(model):
     kw = dict(max_new_tokens=10, steps=5, temperature=1.0, remasking="random")
-    a, b, c = (model.generate(PROMPT, seed=s, **kw) for s in (7, 7, 8))
+    a, b, c = (model.generate(PROMPT, seed=s, frames=True, **kw) for s in (7, 7, 8))
     assert a.token_ids == b.token_ids and [f.revealed for f in a.frames] == [f.revealed for f in b.frames]
     assert a.token_ids != c.token_ids
 
 
 def test_greedy_is_deterministic_without_seed(model):
-    a, b = model.generate(PROMPT, max_new_tokens=8, steps=4), model.generate(PROMPT, max_new_tokens=8, steps=4)
+    a, b = model.generate(PROMPT, frames=True, max_new_tokens=8, steps=4), model.generate(PROMPT, max_new_tokens=8, steps=4)
     assert a.token_ids == b.token_ids
 
 
 def test_block_decoding_never_reveals_a_later_block_early(model):
     n, bl = 10, 4  # blocks of 4, 4 and a short last block of 2
-    g = model.generate(PROMPT, max_new_tokens=n, steps=5, block_length=bl, temperature=0.8, seed=0)
+    g = model.generate(PROMPT, frames=True, max_new_tokens=n, steps=5, block_length=bl, temperature=0.8, seed=0)
     start, mask = g.frames[0].start, model.mask_token_id
     assert g.nfe == 5
     for f in g.frames:
@@ -298,24 +304,28 @@ def test_stream_yields_the_same_frames_live(model):
         if len(items) == 1:
             assert len(seen) == 1  # the first frame arrives before the remaining steps run
     *frames, result = items
-    g = model.generate(PROMPT, **kw)
+    g = model.generate(PROMPT, frames=True, **kw)
     assert frames == g.frames == result.frames == seen
     assert result.token_ids == g.token_ids and result.text == g.text
 
 
 def test_batch_equals_single_generation_with_left_padding(model):
     prompts = ["Hi", PROMPT + " jumps over the lazy dog", "One two"]
-    batch = model.generate_batch(prompts, max_new_tokens=6, steps=3)
-    assert len(batch) == 3
+    assert len(model.generate_batch(prompts, max_new_tokens=6, steps=3)) == 3
+    batch = model.generate_batch(prompts, max_new_tokens=6, steps=3, frames=True)
     for p, g in zip(prompts, batch):
-        single = model.generate(p, max_new_tokens=6, steps=3)
-        assert g.token_ids == single.token_ids and g.text == single.text
-        assert g.frames == single.frames and g.nfe == 3
+        single = model.generate(p, max_new_tokens=6, steps=3, frames=True)
+        assert g.token_ids == single.token_ids and g.text == single.text and g.nfe == 3
+        # token ids exactly; probabilities to float rounding (batched and single matmuls round differently)
+        assert [(f.step, f.tokens, f.revealed, f.start) for f in g.frames] == \
+            [(f.step, f.tokens, f.revealed, f.start) for f in single.frames]
+        for a, b in zip(g.frames, single.frames):
+            assert a.confidence == pytest.approx(b.confidence, rel=1e-4, abs=1e-6)
 
 
 def test_use_cache_runs_and_reveals_the_same_tokens(model):
-    g = model.generate(PROMPT, max_new_tokens=12, steps=6, block_length=4, use_cache=True)
-    ref = model.generate(PROMPT, max_new_tokens=12, steps=6, block_length=4)
+    g = model.generate(PROMPT, frames=True, max_new_tokens=12, steps=6, block_length=4, use_cache=True)
+    ref = model.generate(PROMPT, frames=True, max_new_tokens=12, steps=6, block_length=4)
     assert g.nfe == ref.nfe == 6
     assert [len(f.revealed) for f in g.frames] == [len(f.revealed) for f in ref.frames]
     check_frames(g, model.tokenizer(PROMPT)["input_ids"], model.mask_token_id)
@@ -323,14 +333,14 @@ def test_use_cache_runs_and_reveals_the_same_tokens(model):
     assert g.frames[0].tokens == ref.frames[0].tokens
     prompts = ["Hi", PROMPT]  # left padding through the cache too
     for p, b in zip(prompts, model.generate_batch(prompts, max_new_tokens=8, steps=4, block_length=4,
-                                                  use_cache=True)):
+                                                  use_cache=True, frames=True)):
         check_frames(b, model.tokenizer(p)["input_ids"], model.mask_token_id)
         assert b.nfe == 4
 
 
 def test_chat_messages_use_the_template(model):
     messages = [{"role": "user", "content": "Say hi"}]
-    g = model.generate(messages=messages, max_new_tokens=4, steps=2)
+    g = model.generate(frames=True, messages=messages, max_new_tokens=4, steps=2)
     text = model.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     assert g.prompt == text
     assert g.frames[0].tokens[: g.frames[0].start] == model.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -355,20 +365,24 @@ def test_ar_generate_greedy_seeded_and_timed(model):
 # ----------------------------------------------------------------------------------------------- bad input
 
 @pytest.mark.parametrize("kwargs,pattern", [
-    (dict(prompt=""), "prompt is empty"),
-    (dict(prompt=None), "prompt is empty"),
-    (dict(steps=0), "steps must be between 1 and the generation length 8"),
-    (dict(steps=9), "steps must be between 1 and the generation length 8"),
-    (dict(max_new_tokens=0), "max_new_tokens must be a positive integer"),
-    (dict(max_new_tokens=600), "600.*512"),
-    (dict(remasking="lowest"), "unknown remasking 'lowest'.*random, confidence, margin, entropy"),
-    (dict(block_length=0), "block_length must be a positive integer"),
+    (dict(prompt=""), "prompt: it is empty"),
+    (dict(prompt=None), "prompt: it is empty"),
+    (dict(steps=0), r"steps: must be an integer >= 1 \(or None\), got 0"),
+    (dict(max_new_tokens=0), "max_new_tokens: must be an integer >= 1, got 0"),
+    (dict(max_new_tokens=600), "max_new_tokens: .*600.*512"),
+    (dict(remasking="lowest"), "remasking: must be one of .*confidence.*random.*, got 'lowest'"),
+    (dict(block_length=0), "block_length: must be an integer >= 1"),
     (dict(block_length=2, steps=3), "steps=3 is fewer than the 4 blocks"),
-    (dict(threshold=1.5), r"threshold must be in \(0, 1\]"),
-    (dict(threshold=0.9, remasking="random"), "threshold needs a certainty-based remasking"),
-    (dict(temperature=-1.0), "temperature must be"),
-    (dict(top_p=0.0), r"top_p must be in \(0, 1\]"),
-    (dict(top_k=-1), "top_k must be an integer >= 0"),
+    (dict(threshold=1.5), r"threshold: must be in \(0, 1\]"),
+    (dict(threshold=0.9, remasking="random"), "threshold: needs a certainty-based remasking"),
+    (dict(temperature=-1.0), "temperature: must be a number >= 0"),
+    (dict(temperature=float("nan")), "temperature: must be a finite number"),
+    (dict(top_p=0.0), r"top_p: must be in \(0, 1\]"),
+    (dict(top_k=-1), "top_k: must be an integer >= 0"),
+    (dict(seed=10**30), "seed: must be an integer between 0 and"),
+    (dict(seed="abc"), "seed: must be an integer, got 'abc'"),
+    (dict(stepz=3), "unknown sampler setting 'stepz' .did you mean steps"),
+    (dict(decoder="blocks"), "block_length: the blocks decoder needs a block size"),
     (dict(messages=[{"role": "user", "content": "x"}]), "either prompt or messages"),
 ])
 def test_bad_input_raises_clear_value_error(model, kwargs, pattern):
@@ -379,9 +393,103 @@ def test_bad_input_raises_clear_value_error(model, kwargs, pattern):
 
 
 def test_batch_and_ar_bad_input(model):
-    with pytest.raises(ValueError, match="prompts is empty"):
+    with pytest.raises(ValueError, match="prompts: it is empty"):
         model.generate_batch([])
-    with pytest.raises(ValueError, match="prompt is empty"):
+    with pytest.raises(ValueError, match="prompt: it is empty"):
         model.generate_batch(["ok", ""])
     with pytest.raises(ValueError, match=re.escape("max_new_tokens=600")):
         model.ar_generate(PROMPT, max_new_tokens=600)
+
+
+def test_steps_beyond_the_length_are_capped_at_one_token_per_step(model):
+    g = model.generate(PROMPT, max_new_tokens=8, steps=50, frames=True)
+    assert g.nfe == 8 and all(len(f.revealed) == 1 for f in g.frames)
+
+
+def test_frames_are_recorded_only_on_request(model):
+    plain = model.generate(PROMPT, max_new_tokens=6, steps=3)
+    kept = model.generate(PROMPT, max_new_tokens=6, steps=3, frames=True)
+    assert plain.frames == [] and len(kept.frames) == 3 and plain.token_ids == kept.token_ids
+
+
+def test_a_whole_config_and_overrides(model):
+    cfg = dlm.SamplerConfig(max_new_tokens=6, steps=3, remasking="margin")
+    a = model.generate(PROMPT, cfg)
+    b = model.generate(PROMPT, max_new_tokens=6, steps=3, remasking="margin")
+    c = model.generate(PROMPT, cfg, steps=6)                  # override one field of a whole config
+    assert a.token_ids == b.token_ids and a.nfe == 3 and c.nfe == 6
+    model.sampler_config = cfg                                 # the model's recommended config is the default
+    try:
+        assert model.generate(PROMPT).nfe == 3
+    finally:
+        model.sampler_config = dlm.SamplerConfig()
+
+
+# ------------------------------------------------------------------------------------ the blocks decoder
+
+def test_blocks_decoder_fills_block_by_block_with_the_exact_cache(model):
+    g = model.generate(PROMPT, max_new_tokens=12, decoder="blocks", block_length=4, steps=12, frames=True,
+                       suppress_eos=True)
+    start = g.frames[0].start
+    assert g.nfe == 12 and len(g.token_ids) == 12 and model.mask_token_id not in g.token_ids
+    for f in g.frames:  # each step reveals inside one block; earlier blocks done; the canvas grows by blocks
+        blocks = {(p - start) // 4 for p in f.revealed}
+        assert len(blocks) == 1
+        b = blocks.pop()
+        assert len(f.tokens) == start + 4 * (b + 1)
+        assert model.mask_token_id not in f.tokens[start: start + 4 * b]
+
+
+def test_blocks_decoder_equals_uncached_block_decoding(model):
+    """Greedy block decoding through the cache picks the same tokens as recomputing every block's logits from
+    scratch with one uncached staircase forward over [x_t; x_0]."""
+    cfg = dlm.SamplerConfig(decoder="blocks", block_length=4, max_new_tokens=8, steps=8, suppress_eos=True)
+    g = model.generate(PROMPT, cfg)
+    ids = model.tokenizer(PROMPT)["input_ids"]
+    P = len(ids)
+    canvas = torch.tensor([ids + [model.mask_token_id] * 8])
+    banned = sorted({model.mask_token_id, *model.eos_token_ids} | ({model.tokenizer.pad_token_id}
+                                                                   if model.tokenizer.pad_token_id is not None
+                                                                   else set()))
+    for b in range(2):
+        for _ in range(4):  # one token per step, most confident first, as the config asks
+            x0 = canvas.clone()
+            with torch.no_grad():
+                logits = model.block_denoise_logits(canvas, x0, 4, offset=P % 4)[0].float()
+            logits[:, banned] = float("-inf")
+            window = range(P + 4 * b, P + 4 * b + 4)
+            probs = logits.softmax(-1)
+            best = max((p for p in window if canvas[0, p] == model.mask_token_id),
+                       key=lambda p: float(probs[p].max()))
+            canvas[0, best] = int(probs[best].argmax())
+    assert g.token_ids == canvas[0, P:].tolist()
+
+
+def test_blocks_decoder_stops_at_eos_at_block_granularity(model):
+    eos = model.eos_token_ids[0]
+    model.base.lm_head.bias = None
+    with torch.no_grad():  # make EOS by far the likeliest token everywhere
+        saved = model.base.lm_head.weight[eos].clone()
+        model.base.lm_head.weight[eos] = model.base.model.norm.weight * 50
+    try:
+        g = model.generate(PROMPT, max_new_tokens=16, decoder="blocks", block_length=4, steps=16)
+        full = model.generate(PROMPT, max_new_tokens=16, decoder="blocks", block_length=4, steps=16,
+                              stop_at_eos=False)
+    finally:
+        with torch.no_grad():
+            model.base.lm_head.weight[eos] = saved
+    assert eos in g.token_ids[:4] and len(g.token_ids) == 4 and g.nfe == 4 and g.text == ""
+    assert len(full.token_ids) == 16
+
+
+def test_blocks_decoder_batch_equals_single(model):
+    prompts = ["Hi", PROMPT + " jumps"]
+    cfg = dlm.SamplerConfig(decoder="blocks", block_length=4, max_new_tokens=8, steps=4, suppress_eos=True)
+    batch = model.generate_batch(prompts, cfg)
+    for p, g in zip(prompts, batch):
+        assert g.token_ids == model.generate(p, cfg).token_ids
+
+
+def test_blocks_decoder_refuses_infilling(model):
+    with pytest.raises(ValueError, match="decoder: infilling needs the full-attention decoder"):
+        model.fill("The [MASK:2] dog", decoder="blocks", block_length=2)

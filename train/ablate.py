@@ -18,6 +18,10 @@ Variants (`VARIANTS`; the first is the reference):
     scratch     model.from_scratch=true: the same architecture, randomly initialised, all weights trained (LoRA
                 off: a low-rank update of random weights is not a model); the paper's adaptation-vs-scratch claim
     full        lora.enabled=false: full fine-tuning instead of the config's LoRA (pair it with optim.lr)
+    attn-full / attn-blocks / attn-mixture
+                diffusion.attention: the paper's full attention, block diffusion, or a mixture of the two (one
+                adapter for both modes); pass run.eval_block_length=N so every variant is also scored as a
+                block denoiser
 """
 from __future__ import annotations
 
@@ -37,6 +41,9 @@ VARIANTS: dict[str, list[str]] = {
     "no-1/t": ["diffusion.weighting=none"],
     "scratch": ["model.from_scratch=true", "lora.enabled=false"],
     "full": ["lora.enabled=false"],
+    "attn-full": ["diffusion.attention=full"],
+    "attn-blocks": ["diffusion.attention=blocks"],
+    "attn-mixture": ["diffusion.attention=mixture"],
 }
 DEFAULT_VARIANTS = ("adapted", "no-anneal", "no-shift", "scratch")
 

@@ -72,6 +72,9 @@ class LoraConfigSection:
                          starts untrained, so without this the model cannot learn what [MASK] means.
     trainable_token_ids: extra embedding rows to train the same way.
     modules_to_save:     modules trained and saved in full (e.g. ["embed_tokens", "lm_head"]).
+    init_from:           warm start: a LoRA adapter directory (or the registry name of a shipped adapter such as
+                         smollm2-135m-dlm) whose weights the run continues training; its r / alpha / targets
+                         replace the ones above. "" = fresh LoRA.
     """
 
     enabled: bool = False
@@ -82,6 +85,7 @@ class LoraConfigSection:
     train_mask_row: bool = True
     trainable_token_ids: list = field(default_factory=list)
     modules_to_save: list = field(default_factory=list)
+    init_from: str = ""
 
 
 @dataclass
@@ -148,13 +152,23 @@ class DiffusionConfig:
     """The training objective and the paper's ablation switches.
 
     objective:    diffusion (Eq. 7) or ar (plain causal-LM loss, same model and loop: the baseline / benchmark).
+    attention:    full (the paper: bidirectional over the whole sequence, with annealing; what infilling and
+                  any-order decoding need), blocks (block diffusion: causal across blocks, bidirectional inside
+                  one, the [x_t; x_0] staircase; what the fast block decoder needs), or mixture (each optimizer
+                  step draws one of the two, `block_fraction` of the steps are blocks: one adapter for both).
+    block_lengths: block sizes for blocks / mixture steps; each block step draws one (LLaDA 2.0 trains one model
+                  across block sizes). Size 1 is the causal LM itself.
+    block_fraction: mixture only: share of optimizer steps that use the block objective.
     anneal_steps: attention-mask annealing length: ratio = min(1, step / anneal_steps); 0 = no annealing
-                  (bidirectional from the first step: the "annealing off" ablation).
+                  (bidirectional from the first step: the "annealing off" ablation). Full-attention steps only.
     weighting:    inverse_t (Eq. 7's 1/t) or none (the "no 1/t weighting" ablation).
     eps:          t ~ U(eps, 1) keeps 1/t bounded.
     """
 
     objective: str = field(default="diffusion", metadata=_choices("diffusion", "ar"))
+    attention: str = field(default="full", metadata=_choices("full", "blocks", "mixture"))
+    block_lengths: list = field(default_factory=lambda: [4])
+    block_fraction: float = 0.5
     anneal_steps: int = 0
     weighting: str = field(default="inverse_t", metadata=_choices("inverse_t", "none"))
     eps: float = 1e-3
@@ -198,7 +212,9 @@ class RunConfig:
     eval_every:      held-out evaluation every N steps (0 = only at the end). eval_batches / eval_batch_size:
                      how many held-out blocks are scored (fixed set, so the curve is comparable).
     eval_mask_ratios: masked-token accuracy is reported at these ratios. eval_elbo_samples: MC samples of the
-                     ELBO perplexity bound (0 = skip).
+                     ELBO perplexity bound (0 = skip). eval_block_length: also report block-diffusion accuracy
+                     (eval/block_acc@r) with blocks of this size; 0 = the first of diffusion.block_lengths when
+                     diffusion.attention is blocks / mixture, else off.
     log_every:       metrics line every N steps. progress: tqdm bar on the main process.
     seed:            model init / noise / dropout seed.
     threads:         torch intra-op threads (0 = torch default).
@@ -222,6 +238,7 @@ class RunConfig:
     eval_batch_size: int = 8
     eval_mask_ratios: list = field(default_factory=lambda: [0.15, 0.5, 0.9])
     eval_elbo_samples: int = 4
+    eval_block_length: int = 0
     log_every: int = 10
     progress: bool = True
     seed: int = 0
@@ -458,6 +475,7 @@ def validate(cfg: TrainConfig, task: str = "pretrain") -> TrainConfig:
     need(r.threads >= 0, "run.threads", f"must be >= 0, got {r.threads}")
     need(r.step_delay_s >= 0, "run.step_delay_s", f"must be >= 0, got {r.step_delay_s}")
     need(r.eval_elbo_samples >= 0, "run.eval_elbo_samples", f"must be >= 0, got {r.eval_elbo_samples}")
+    need(r.eval_block_length >= 0, "run.eval_block_length", f"must be >= 0 (0 = auto), got {r.eval_block_length}")
     need(bool(r.output_dir), "run.output_dir", "must not be empty")
     for x in r.eval_mask_ratios:
         need(isinstance(x, (int, float)) and not isinstance(x, bool) and 0 < float(x) <= 1,
@@ -477,6 +495,15 @@ def validate(cfg: TrainConfig, task: str = "pretrain") -> TrainConfig:
     need(0 < cfg.diffusion.eps < 1, "diffusion.eps", f"must be in (0, 1), got {cfg.diffusion.eps}")
     need(cfg.diffusion.anneal_steps >= 0, "diffusion.anneal_steps",
          f"must be >= 0 (0 = no annealing), got {cfg.diffusion.anneal_steps}")
+    dc = cfg.diffusion
+    dc.block_lengths = [int(b) if isinstance(b, str) and b.strip().isdigit() else b for b in dc.block_lengths]
+    need(bool(dc.block_lengths) and all(isinstance(b, int) and not isinstance(b, bool) and b >= 1
+                                        for b in dc.block_lengths),
+         "diffusion.block_lengths", f"must be a list of positive integers, got {dc.block_lengths!r}")
+    need(0.0 <= dc.block_fraction <= 1.0, "diffusion.block_fraction", f"must be in [0, 1], got {dc.block_fraction}")
+    if dc.attention != "full":
+        need(m.attn_implementation != "flash_attention_2", "diffusion.attention",
+             "block attention needs sdpa/eager attention (flash_attention_2 takes no custom mask)")
     need(cfg.sft.max_length >= 4, "sft.max_length", f"must be >= 4, got {cfg.sft.max_length}")
     need(bool(m.source) or bool(m.init), "model.source", "set a model source, or model.init for a random model")
     if m.init:

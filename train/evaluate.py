@@ -6,6 +6,7 @@ fixed seeds, so successive evaluations of one run (and of different runs on the 
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 
@@ -22,7 +23,7 @@ def scored_mask(model, input_ids: torch.Tensor, maskable, attention_mask) -> tor
 
 @torch.no_grad()
 def evaluate(model, eval_data, *, n_items: int, batch_size: int, mask_ratios, elbo_samples: int,
-             seed: int = 1234) -> dict:
+             seed: int = 1234, block_length: Optional[int] = None) -> dict:
     """Metrics on the first `n_items` held-out items (blocks or SFT canvases).
 
     model:        the unwrapped `DiffusionLM` (full parameters on this process).
@@ -32,6 +33,7 @@ def evaluate(model, eval_data, *, n_items: int, batch_size: int, mask_ratios, el
     mask_ratios:  masked-token accuracy is reported at each ratio (e.g. 0.15, 0.5, 0.9).
     elbo_samples: Monte-Carlo masks per item for the ELBO bound (0 = skip).
     seed:         fixed seed for the masks.
+    block_length: also report block-diffusion accuracy with blocks of this size ("eval/block_acc@r").
     Returns {"eval/acc@0.15": ..., "eval/elbo_nll": nats per scored token, "eval/elbo_ppl": exp of it,
              "eval/items": n, "eval/tokens": scored tokens}.
     """
@@ -43,6 +45,10 @@ def evaluate(model, eval_data, *, n_items: int, batch_size: int, mask_ratios, el
         out[f"eval/acc@{float(ratio):g}"] = masked_token_accuracy(
             model, input_ids, float(ratio), seed=seed + i, maskable=maskable, attention_mask=attention_mask,
             batch_size=batch_size)
+        if block_length is not None:
+            out[f"eval/block_acc@{float(ratio):g}"] = masked_token_accuracy(
+                model, input_ids, float(ratio), seed=seed + i, maskable=maskable, attention_mask=attention_mask,
+                batch_size=batch_size, block_length=block_length)
     if elbo_samples > 0:
         nll = elbo_nll(model, input_ids, maskable=maskable, n_samples=elbo_samples, seed=seed + 100,
                        attention_mask=attention_mask, batch_size=batch_size)   # [B] nats per sequence

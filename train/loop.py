@@ -59,6 +59,18 @@ def lr_factor(step: int, warmup_steps: int, max_steps: int, schedule: str = "cos
     return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def step_mode(step: int, seed: int, attention: str, block_lengths, block_fraction: float) -> Optional[int]:
+    """The attention mode of optimizer step `step`: None = full attention (the paper), else the block length of
+    a block-diffusion step. A pure function of (seed, step), so a resumed run makes the same choices."""
+    if attention == "full":
+        return None
+    import random
+    rng = random.Random(seed * 1_000_003 + step)
+    if attention == "mixture" and rng.random() >= block_fraction:
+        return None
+    return int(rng.choice(list(block_lengths)))
+
+
 # ----- small helpers ----------------------------------------------------------------------------------------------------
 def cpu_has_native_bf16() -> bool:
     """AMX or AVX512-BF16 in /proc/cpuinfo (Linux). Without them CPU bf16 matmuls are emulated and slower."""
@@ -189,7 +201,7 @@ def train(cfg: TrainConfig, task: str = "pretrain") -> dict:
     if task not in ("pretrain", "sft"):
         raise ConfigError(f"task must be pretrain or sft, got {task!r}")
     validate(cfg, task)
-    run = cfg.run
+    run, dc = cfg.run, cfg.diffusion
     out = Path(run.output_dir).expanduser()
     expand_sources(list(cfg.data.sources))  # fail fast on missing data, before any model is loaded
     if not run.resume and list_checkpoints(out):
@@ -263,6 +275,7 @@ def train(cfg: TrainConfig, task: str = "pretrain") -> dict:
     seq_len = data_info["seq_len"]
     tokens_per_step = run.batch_size * seq_len * gas * world
     metrics = MetricsLog(out / "metrics.jsonl", step if resumed_from else None, run.tensorboard) if main else None
+    eval_block_length = run.eval_block_length or (None if dc.attention == "full" else int(dc.block_lengths[0]))
     can_eval = eval_data is not None and run.eval_batches > 0 and not sharded
     if eval_data is not None and sharded:
         log.warning("held-out evaluation is skipped under ZeRO-3 / FSDP (parameters are sharded)")
@@ -274,7 +287,8 @@ def train(cfg: TrainConfig, task: str = "pretrain") -> dict:
             with torch.random.fork_rng(devices=[]), accelerator.autocast():
                 result = evaluate(unwrapped, eval_data, n_items=run.eval_batches * run.eval_batch_size,
                                   batch_size=run.eval_batch_size, mask_ratios=run.eval_mask_ratios,
-                                  elbo_samples=run.eval_elbo_samples)
+                                  elbo_samples=run.eval_elbo_samples,
+                                  block_length=eval_block_length)
             unwrapped.train()
             metrics.write({"step": step, "tokens": tokens_seen, **result})
             log.info("eval @ step %d: %s", step, ", ".join(f"{k[5:]}={v:.4g}" for k, v in result.items()
@@ -300,13 +314,14 @@ def train(cfg: TrainConfig, task: str = "pretrain") -> dict:
     window_loss, window_ce, window_n = window[0], window[1], int(window[2])
     grad_norm = None
     while step < run.max_steps:
-        ratio = anneal_ratio(step, cfg.diffusion.anneal_steps)
+        ratio = anneal_ratio(step, dc.anneal_steps)
+        block_length = step_mode(step, run.seed, dc.attention, dc.block_lengths, dc.block_fraction)
         t0 = time.perf_counter()
         step_loss = step_ce = 0.0
         for _ in range(gas):
             batch = _to_device(train_data.batch(sampler.next_indices(run.batch_size)), accelerator.device)
             with accelerator.accumulate(objective):
-                loss, ce = objective(**batch, attention_mask_ratio=ratio, generator=noise)
+                loss, ce = objective(**batch, attention_mask_ratio=ratio, generator=noise, block_length=block_length)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and o.grad_clip > 0:
                     grad_norm = accelerator.clip_grad_norm_(objective.parameters(), o.grad_clip)
@@ -338,7 +353,8 @@ def train(cfg: TrainConfig, task: str = "pretrain") -> dict:
                 gn = float(grad_norm) if grad_norm is not None else None
                 metrics.write({"step": step, "tokens": tokens_seen, "loss": float(mean[0]),
                                "masked_ce": float(mean[1]), "lr": scheduler.get_last_lr()[0], "grad_norm": gn,
-                               "anneal_ratio": ratio, "tokens_per_s": tok_s, "epoch": sampler.epoch,
+                               "anneal_ratio": ratio, "block_length": block_length, "tokens_per_s": tok_s,
+                               "epoch": sampler.epoch,
                                "time": time.time()})
             window_loss = window_ce = 0.0
             window_n = 0
@@ -361,7 +377,8 @@ def train(cfg: TrainConfig, task: str = "pretrain") -> dict:
     full_state = accelerator.get_state_dict(objective) if sharded and run.export else None
     final_dir = out / "final"
     info = {"task": task, "steps": step, "tokens_seen": tokens_seen, "world_size": world,
-            "objective": cfg.diffusion.objective, "anneal_steps": cfg.diffusion.anneal_steps,
+            "objective": cfg.diffusion.objective, "attention": dc.attention, "block_lengths": list(dc.block_lengths),
+            "block_fraction": dc.block_fraction, "anneal_steps": cfg.diffusion.anneal_steps,
             "weighting": cfg.diffusion.weighting, "shift": cfg.model.shift, "lora": cfg.lora.enabled,
             "base": cfg.model.source if not cfg.model.init else "random init", "seq_len": seq_len,
             "data": [str(s) for s in cfg.data.sources]}

@@ -181,9 +181,20 @@ def build_model(cfg, init_dir: Path) -> "dlm.DiffusionLM":
 def add_lora(model, lora_cfg) -> None:
     """Wrap `model.base` with peft LoRA; the [MASK] embedding row (and `trainable_token_ids`) stay trainable."""
     try:
-        from peft import LoraConfig, get_peft_model
+        from peft import LoraConfig, PeftModel, get_peft_model
     except ImportError:
         raise RuntimeError("lora.enabled needs peft: pip install peft") from None
+    if lora_cfg.init_from:
+        path = Path(lora_cfg.init_from)
+        if registry.is_registered(lora_cfg.init_from):
+            path = registry.asset_dir(registry.get(lora_cfg.init_from).source.partition(":")[2])
+        if not (path / "adapter_config.json").is_file():
+            from .config import ConfigError
+            raise ConfigError(f"lora.init_from: {lora_cfg.init_from!r} is not a LoRA adapter directory "
+                              "(no adapter_config.json)")
+        model.base = PeftModel.from_pretrained(model.base, str(path), is_trainable=True)
+        log.info("lora.init_from: continuing the adapter in %s", path)
+        return
     targets = lora_cfg.target_modules
     target = "all-linear" if list(targets) == ["all-linear"] else list(targets)
     tokens = sorted(set(int(t) for t in lora_cfg.trainable_token_ids)
@@ -210,7 +221,9 @@ def trainable_summary(model) -> str:
 class Objective(nn.Module):
     """forward(batch) -> (loss, masked_ce) for the configured objective.
 
-    diffusion: `DiffusionLM.diffusion_loss` (Eq. 7) with the step's annealing ratio, weighting and noise generator.
+    diffusion, attention "full":   `DiffusionLM.diffusion_loss` (Eq. 7) with the step's annealing ratio.
+    diffusion, attention "blocks": `DiffusionLM.block_diffusion_loss` (the [x_t; x_0] staircase) with the step's
+                                   block length; the loop picks the mode per step for a "mixture".
     ar:        plain next-token cross-entropy with the base model's causal attention (baseline / benchmark);
                `masked_ce` is then the same CE.
     """
@@ -222,7 +235,7 @@ class Objective(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, maskable: Optional[torch.Tensor] = None,
                 attention_mask: Optional[torch.Tensor] = None, attention_mask_ratio: float = 1.0,
-                generator: Optional[torch.Generator] = None):
+                generator: Optional[torch.Generator] = None, block_length: Optional[int] = None):
         if self.objective == "ar":
             logits = self.model.base(input_ids=input_ids, attention_mask=attention_mask).logits  # [B, L, V]
             targets = input_ids[:, 1:]
@@ -231,9 +244,14 @@ class Objective(nn.Module):
                 keep = keep & attention_mask[:, 1:].bool()
             ce = F.cross_entropy(logits[:, :-1][keep].float(), targets[keep])
             return ce, ce.detach()
-        out = self.model.diffusion_loss(input_ids, maskable=maskable, attention_mask=attention_mask,
-                                        attention_mask_ratio=attention_mask_ratio, weighting=self.weighting,
-                                        eps=self.eps, generator=generator)
+        if block_length is not None:
+            out = self.model.block_diffusion_loss(input_ids, block_length, maskable=maskable,
+                                                  attention_mask=attention_mask, weighting=self.weighting,
+                                                  eps=self.eps, generator=generator)
+        else:
+            out = self.model.diffusion_loss(input_ids, maskable=maskable, attention_mask=attention_mask,
+                                            attention_mask_ratio=attention_mask_ratio, weighting=self.weighting,
+                                            eps=self.eps, generator=generator)
         return out.loss, out.masked_ce
 
 

@@ -1,0 +1,117 @@
+"""Block diffusion: the staircase training pattern, block size 1 = the causal LM, the exact block KV cache."""
+import pytest
+import torch
+
+import dlm
+from dlm.attention import block_ids, block_pattern, staircase
+
+
+@pytest.fixture(params=["llama", "gpt2"])
+def family_dlm(request, tiny_llama_dir, tiny_gpt2_dir):
+    d = tiny_llama_dir if request.param == "llama" else tiny_gpt2_dir
+    return dlm.load(d, device="cpu", dtype="float32")
+
+
+def _ids(n=12, batch=2, seed=0):
+    return torch.randint(100, 1000, (batch, n), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("offset", [0, 1, 3])
+def test_staircase_pattern_matches_its_definition(offset):
+    L, bl = 10, 4
+    pattern, positions, rows = staircase(L, bl, offset)
+    blk = block_ids(L, bl, offset)
+    assert int((blk == 0).sum()) == (offset or bl) and torch.equal(positions, torch.arange(L).repeat(2))
+    for q in range(2 * L):
+        for k in range(2 * L):
+            qn, kn = q < L, k < L  # the first half is x_t (noisy), the second x_0 (clean)
+            bq, bk = int(blk[q % L]), int(blk[k % L])
+            want = (kn and bk == bq) or (not kn and bk < bq) if qn else (not kn and bk <= bq)
+            assert bool(pattern[q, k]) == want, (q, k)
+    for j in range(1, L):  # the shift: a block's first token is read from the clean row before it
+        start = bool(blk[j] != blk[j - 1])
+        assert int(rows[j]) == (L + j - 1 if start else j - 1)
+
+
+def test_block_size_one_is_the_causal_base_model(family_dlm):
+    x = _ids()
+    with torch.no_grad():
+        ar = family_dlm.base(x).logits                                           # row i predicts token i+1
+        masked = x.clone()
+        masked[:, 1:] = family_dlm.mask_token_id
+        aligned = family_dlm.block_denoise_logits(masked, x, block_length=1)    # every token is its own block
+    torch.testing.assert_close(aligned[:, 1:], ar[:, :-1], atol=1e-4, rtol=1e-4)
+    assert torch.equal(aligned[:, 1:].argmax(-1), ar[:, :-1].argmax(-1))
+
+
+def test_noisy_block_sees_only_itself_and_earlier_clean_blocks(family_dlm):
+    x = _ids(n=12, batch=1)
+    x_t = x.clone()
+    x_t[:, 4:8] = family_dlm.mask_token_id          # block 1 of size 4 is noisy
+    with torch.no_grad():
+        a = family_dlm.block_denoise_logits(x_t, x, 4)
+        later = x.clone()
+        later[:, 8:] += 1                            # change the clean future (block 2)
+        later_t = x_t.clone()
+        later_t[:, 8:] += 1
+        b = family_dlm.block_denoise_logits(later_t, later, 4)
+        inside = x_t.clone()
+        inside[:, 6] = 5                              # change a token inside the noisy block
+        c = family_dlm.block_denoise_logits(inside, x, 4)
+    assert torch.equal(a[:, :9], b[:, :9])           # positions <= 8 never see block 2
+    assert (a[:, 5:8] - c[:, 5:8]).abs().amax() > 1e-6   # bidirectional inside the block
+
+
+def test_clean_positions_carry_no_loss(tiny_dlm):
+    x = _ids(n=16, batch=2)
+    none = torch.zeros_like(x, dtype=torch.bool)
+    out = tiny_dlm.block_diffusion_loss(x, 4, maskable=none, generator=torch.Generator().manual_seed(0))
+    assert float(out.loss) == 0.0
+    # one maskable position: the loss is exactly that token's 1/t-weighted CE, t = 1 masks it for sure
+    one = none.clone()
+    one[:, 6] = True
+    out = tiny_dlm.block_diffusion_loss(x, 4, offset=0, maskable=one, t=torch.ones(2, 4), weighting="none")
+    x_t = x.clone()
+    x_t[:, 6] = tiny_dlm.mask_token_id
+    with torch.no_grad():
+        logits = tiny_dlm.block_denoise_logits(x_t, x, 4)
+    want = torch.nn.functional.cross_entropy(logits[:, 6], x[:, 6])
+    torch.testing.assert_close(out.loss.detach(), want, atol=1e-5, rtol=1e-5)
+
+
+def test_block_loss_trains_and_is_deterministic(tiny_dlm):
+    x = _ids(n=16, batch=2)
+    a = tiny_dlm.block_diffusion_loss(x, 4, generator=torch.Generator().manual_seed(3))
+    b = tiny_dlm.block_diffusion_loss(x, 4, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(a.loss, b.loss) and a.loss.requires_grad and torch.isfinite(a.loss)
+    a.loss.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in tiny_dlm.parameters())
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+def test_cached_block_step_equals_one_uncached_forward(family_dlm, impl):
+    """Prompt, two finished blocks and a noisy block through the cache in three calls give the logits of one
+    forward over everything under the same block pattern."""
+    m = family_dlm
+    m.base.set_attn_implementation(impl)
+    prompt, b1, b2 = _ids(5, 1, 1), _ids(4, 1, 2), _ids(4, 1, 3)
+    noisy = torch.full((1, 4), m.mask_token_id)
+    noisy[0, 2] = 7
+    with torch.no_grad():
+        cache = m.new_block_cache()
+        m.block_step(cache, None, clean_ids=prompt)
+        m.block_step(cache, None, clean_ids=b1)
+        cached = m.block_step(cache, noisy, clean_ids=b2)
+        assert cache.length == 13 and cache.n_blocks == 3
+        again = m.block_step(cache, noisy)           # the cache holds only clean tokens: same answer again
+        # uncached: all 17 tokens in one forward, with the same blocks
+        ids = torch.cat([prompt, b1, b2, noisy], 1)
+        noisy_flag = torch.tensor([False] * 13 + [True] * 4)
+        blocks = torch.tensor([0] * 5 + [1] * 4 + [2] * 4 + [3] * 4)
+        from dlm.attention import prepared_mask
+        mask = prepared_mask(m.base.config, block_pattern(noisy_flag, blocks, noisy_flag, blocks), 1, m.dtype)
+        raw = m.base(input_ids=ids, attention_mask=mask, position_ids=torch.arange(17)[None]).logits
+    want = raw[:, 12:16]                              # shift: noisy token i is read from row 12 + i
+    torch.testing.assert_close(cached, want, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(again, want, atol=1e-4, rtol=1e-4)
+    assert torch.equal(cached.argmax(-1), want.argmax(-1))
