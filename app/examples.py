@@ -1,4 +1,4 @@
-"""Curated few-shot examples shipped in `assets/examples/*.txt`.
+"""Curated few-shot examples shipped as package data in `app/examples/*.txt`.
 
 Each file is a small header of `key: value` lines, a line `---`, then the prompt exactly as the model sees it:
 
@@ -15,10 +15,11 @@ Plain text rather than JSON so the prompts (with their newlines) stay readable a
 """
 from __future__ import annotations
 
+import importlib.resources
 from dataclasses import dataclass
 from pathlib import Path
 
-EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "assets" / "examples"
+EXAMPLES_DIR = Path(str(importlib.resources.files("app") / "examples"))
 
 
 @dataclass

@@ -34,3 +34,13 @@ def atomic_directory(directory: Union[str, os.PathLike]) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+CACHE_ENV = "DLM_CACHE_DIR"
+
+
+def cache_dir() -> Path:
+    """The one folder for derived files (GGUF conversions, token caches, extracted tokenizers):
+    $DLM_CACHE_DIR, else ~/.cache/dlm-studio."""
+    value = os.environ.get(CACHE_ENV)
+    return Path(value).expanduser() if value else Path.home() / ".cache" / "dlm-studio"

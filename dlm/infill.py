@@ -248,3 +248,76 @@ def infill(model, prefix: str, suffix: str, length: int, config: Optional[Sample
     ic, template = pair_canvas(model, prefix, suffix, length)
     *_, result = _stream_canvas(model, ic, template, cfg, frames_on=frames)
     return result
+
+
+# ------------------------------------------------------------------------------------------ edit and re-denoise
+
+
+def edit_canvas(tokens: list[int], fixed: list[bool], edits: list[tuple[int, int, Optional[int]]]
+                ) -> tuple[list[int], list[bool], list[tuple[int, int]]]:
+    """Remask spans of a finished canvas: each edit (start, end, new_length) replaces tokens[start:end] with
+    `new_length` masks (None = the same count). Edits must not overlap and may not touch fixed positions
+    (the prompt). Returns (new tokens with placeholders 0 at the masks, new fixed flags, the new spans)."""
+    if not edits:
+        raise ValueError("edits: select at least one span to remask")
+    spans = sorted(edits, key=lambda e: e[0])
+    out_ids, out_fixed, new_spans, pos = [], [], [], 0
+    for start, end, new_len in spans:
+        if not (isinstance(start, int) and isinstance(end, int)) or not 0 <= start < end <= len(tokens):
+            raise ValueError(f"edits: span ({start}, {end}) is outside the canvas of {len(tokens)} tokens")
+        if start < pos:
+            raise ValueError(f"edits: span ({start}, {end}) overlaps the previous one")
+        if any(fixed[start:end]):
+            raise ValueError(f"edits: span ({start}, {end}) touches fixed text (the prompt or template)")
+        n = end - start if new_len is None else new_len
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"edits: the new length of span ({start}, {end}) must be a positive integer, got {n!r}")
+        out_ids += tokens[pos:start]
+        out_fixed += [True] * (start - pos)  # everything that is not edited stays exactly as it is
+        new_spans.append((len(out_ids), len(out_ids) + n))
+        out_ids += [0] * n
+        out_fixed += [False] * n
+        pos = end
+    out_ids += tokens[pos:]
+    out_fixed += [True] * (len(tokens) - pos)
+    return out_ids, out_fixed, new_spans
+
+
+def _edited_canvas(model, tokens: list[int], fixed: list[bool], edits) -> InfillCanvas:
+    ids, new_fixed, spans = edit_canvas(list(tokens), list(fixed), edits)
+    limit = getattr(model, "max_length", None)
+    if limit is not None and len(ids) > limit:
+        raise ValueError(f"edits: the edited canvas has {len(ids)} tokens, beyond the model's context of {limit}")
+    decode = model.tokenizer.decode
+    pieces: list[Union[str, int]] = []
+    last = 0
+    for a, b in spans:  # literal text between the spans, so the text is rebuilt exactly as infilling does
+        pieces.append(decode(ids[last:a], skip_special_tokens=True, clean_up_tokenization_spaces=False))
+        pieces.append(b - a)
+        last = b
+    pieces.append(decode(ids[last:], skip_special_tokens=True, clean_up_tokenization_spaces=False))
+    return InfillCanvas(ids, new_fixed, spans, 0, pieces)
+
+
+def stream_redenoise(model, tokens: list[int], fixed: list[bool], edits: list[tuple[int, int, Optional[int]]],
+                     config: Optional[SamplerConfig] = None, *, on_step=None, **overrides
+                     ) -> Iterator[Union[Frame, Generation]]:
+    """Like `redenoise`, yielding each step's Frame live and finally the Generation."""
+    cfg = infill_config(model, config, **overrides)
+    ic = _edited_canvas(model, tokens, fixed, edits)
+    yield from _stream_canvas(model, ic, model.tokenizer.decode(list(tokens), skip_special_tokens=True), cfg, on_step)
+
+
+def redenoise(model, tokens: list[int], fixed: list[bool], edits: list[tuple[int, int, Optional[int]]],
+              config: Optional[SamplerConfig] = None, *, frames: bool = False, **overrides) -> Generation:
+    """Edit a finished canvas (what an AR model cannot do): remask the `edits` spans (start, end, new_length or
+    None = same length) of `tokens` and denoise only those positions with full attention, everything else fixed.
+
+    tokens / fixed: a canvas and its fixed flags (e.g. a Generation's prompt ids + token_ids, the prompt fixed).
+    Returns a Generation over the whole edited canvas (`.token_ids`); `.spans` = the new text of each span.
+    """
+    cfg = infill_config(model, config, **overrides)
+    ic = _edited_canvas(model, tokens, fixed, edits)
+    *_, result = _stream_canvas(model, ic, model.tokenizer.decode(list(tokens), skip_special_tokens=True), cfg,
+                                frames_on=frames)
+    return result

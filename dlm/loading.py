@@ -25,7 +25,7 @@ from typing import Optional, Union
 import torch
 
 from . import registry
-from .fileio import atomic_directory
+from .fileio import atomic_directory, cache_dir
 from .model import DLM_CONFIG_NAME, DiffusionLM, DLMConfig, load_sampler_configs
 
 log = logging.getLogger(__name__)
@@ -209,11 +209,6 @@ def _load_wrapper(directory: Path, dtype: torch.dtype, attn_implementation: str)
                         f"unexpected {unexpected[:5]}")
     model.tie_weights()
     return model.to(dtype)
-
-
-def cache_dir() -> Path:
-    """Where derived files live (GGUF conversions): $DLM_CACHE_DIR, else ~/.cache/dlm-studio."""
-    return Path(os.environ.get("DLM_CACHE_DIR", Path.home() / ".cache" / "dlm-studio"))
 
 
 def _gguf_conversion(src: _Source) -> Optional[Path]:

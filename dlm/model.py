@@ -523,6 +523,17 @@ class DiffusionLM(nn.Module):
     def stream_infill(self, prefix: str, suffix: str, length: int, config: Optional[SamplerConfig] = None, **kwargs):
         return infill_mod.stream_infill(self, prefix, suffix, length, config, **kwargs)
 
+    def redenoise(self, tokens, fixed, edits, config: Optional[SamplerConfig] = None, **kwargs) -> Generation:
+        """Remask spans of a finished canvas and denoise only them (`dlm.infill.redenoise`)."""
+        return infill_mod.redenoise(self, tokens, fixed, edits, config, **kwargs)
+
+    def stream_redenoise(self, tokens, fixed, edits, config: Optional[SamplerConfig] = None, **kwargs):
+        return infill_mod.stream_redenoise(self, tokens, fixed, edits, config, **kwargs)
+
+    def ar_stream(self, prompt=None, config: Optional[SamplerConfig] = None, **kwargs):
+        """Left-to-right generation one token per step, yielding a Frame per token (`dlm.sampling.ar_stream`)."""
+        return sampling.ar_stream(self, prompt, config, **kwargs)
+
     def score(self, context: str, continuation: str, **kwargs) -> Score:
         return likelihood.score(self, context, continuation, **kwargs)
 

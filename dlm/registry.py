@@ -1,17 +1,19 @@
 """Known models: one place for names, sources, mask ids and AR counterparts.
 
 `source` is what the loader resolves: a Hugging Face hub id, `gguf:<package>:<file>` for a GGUF shipped inside an
-installed Python package, or `asset:<dir>` for a directory under the repository's `assets/` (the project's own
+installed Python package, or `asset:<dir>` for a directory of the package data `dlm/assets/` (the project's own
 adapted model, stored as a LoRA adapter over `base`).
 """
 from __future__ import annotations
 
+import importlib.resources
 import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets"
+# Package data of `dlm` (found through importlib.resources, so it works from an installed wheel as from a checkout).
+ASSETS_DIR = Path(str(importlib.resources.files("dlm") / "assets"))
 
 # Mask ids of the released checkpoints (paper's code): DiffuGPT-S reuses an existing GPT-2 token, DiffuGPT-M adds
 # the token "[¨M¨]" (id 50257), DiffuLLaMA reuses LLaMA-2 token 811.

@@ -120,17 +120,44 @@ def _finish(model, frames: list[Frame], tokens: list[int], start: int, prompt_te
                       seconds=run.seconds if seconds is None else seconds, prompt=prompt_text)
 
 
+def prompt_canvas(model, ids: list[int], cfg: SamplerConfig, pins=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """prompt ids + max_new_tokens masks -> (canvas [1, L], fixed [1, L]).
+
+    pins: LLaDA-style word constraints, {offset in the generated region: token id or text}; a text is tokenized
+    without special tokens and fills consecutive positions. Pinned positions are fixed: the decoder writes around
+    them (the full-attention decoder only)."""
+    check_length(model, len(ids), cfg.max_new_tokens)
+    new = [int(model.mask_token_id)] * cfg.max_new_tokens
+    fixed_new = [False] * cfg.max_new_tokens
+    for offset, value in sorted((pins or {}).items()):
+        if cfg.decoder != "full":
+            raise ValueError(f"pins: pinned words need the full-attention decoder 'full', not {cfg.decoder!r}")
+        if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+            raise ValueError(f"pins: positions must be integers >= 0 (offsets into the new tokens), got {offset!r}")
+        piece = [int(value)] if isinstance(value, int) and not isinstance(value, bool) else \
+            list(model.tokenizer(str(value), add_special_tokens=False)["input_ids"])
+        if not piece or offset + len(piece) > cfg.max_new_tokens:
+            raise ValueError(f"pins: {value!r} at {offset} does not fit in max_new_tokens={cfg.max_new_tokens}")
+        for k, t in enumerate(piece):
+            if fixed_new[offset + k]:
+                raise ValueError(f"pins: position {offset + k} is pinned twice")
+            new[offset + k], fixed_new[offset + k] = t, True
+    if all(fixed_new):
+        raise ValueError("pins: every new position is pinned; nothing is left to generate")
+    device = torch.device(model.device)
+    canvas = torch.tensor([ids + new], device=device)
+    fixed = torch.tensor([[True] * len(ids) + fixed_new], device=device)
+    return canvas, fixed
+
+
 def stream(model, prompt: Optional[Prompt] = None, config: Optional[SamplerConfig] = None, *, messages=None,
-           on_step: Optional[Callable[[Frame], None]] = None, **overrides) -> Iterator[Union[Frame, Generation]]:
+           pins=None, on_step: Optional[Callable[[Frame], None]] = None, **overrides
+           ) -> Iterator[Union[Frame, Generation]]:
     """Like `generate`, but a generator: yields each step's `Frame` as soon as it is computed, and finally the
     `Generation` (so `*frames, result = stream(...)`)."""
     cfg = resolve_config(model, config, **overrides)
     ids, prompt_text = encode_prompt(model, prompt, messages)
-    check_length(model, len(ids), cfg.max_new_tokens)
-    device = torch.device(model.device)
-    canvas = torch.tensor([ids + [int(model.mask_token_id)] * cfg.max_new_tokens], device=device)  # [1, L]
-    fixed = torch.zeros_like(canvas, dtype=torch.bool)
-    fixed[:, : len(ids)] = True
+    canvas, fixed = prompt_canvas(model, ids, cfg, pins)
     frames: list[Frame] = []
     for item in run_decoder(model, canvas, fixed, cfg):
         if isinstance(item, DecodeRun):
@@ -143,12 +170,14 @@ def stream(model, prompt: Optional[Prompt] = None, config: Optional[SamplerConfi
 
 
 def generate(model, prompt: Optional[Prompt] = None, config: Optional[SamplerConfig] = None, *, messages=None,
-             frames: bool = False, on_step: Optional[Callable[[Frame], None]] = None, **overrides) -> Generation:
+             pins=None, frames: bool = False, on_step: Optional[Callable[[Frame], None]] = None, **overrides
+             ) -> Generation:
     """Generate after a prompt with a diffusion decoder.
 
     prompt:    text (tokenized with the tokenizer's special tokens) or a list of token ids.
     config:    a `SamplerConfig` (every knob, see its docstring); default `model.sampler_config`.
     messages:  chat messages instead of a prompt (the tokenizer's chat template, add_generation_prompt=True).
+    pins:      word constraints {offset in the new tokens: token id or text} held fixed (decoder "full").
     frames:    keep one `Frame` per step in `.frames` (default False: evals and benchmarks never read them);
                `on_step` (called with each Frame) implies it.
     overrides: single SamplerConfig fields, e.g. max_new_tokens=32, steps=16, temperature=0.7.
@@ -157,14 +186,11 @@ def generate(model, prompt: Optional[Prompt] = None, config: Optional[SamplerCon
     (model calls only), `.prompt`.
     """
     if frames or on_step is not None:
-        *_, result = stream(model, prompt, config, messages=messages, on_step=on_step, **overrides)
+        *_, result = stream(model, prompt, config, messages=messages, pins=pins, on_step=on_step, **overrides)
         return result
     cfg = resolve_config(model, config, **overrides)
     ids, prompt_text = encode_prompt(model, prompt, messages)
-    check_length(model, len(ids), cfg.max_new_tokens)
-    canvas = torch.tensor([ids + [int(model.mask_token_id)] * cfg.max_new_tokens], device=torch.device(model.device))
-    fixed = torch.zeros_like(canvas, dtype=torch.bool)
-    fixed[:, : len(ids)] = True
+    canvas, fixed = prompt_canvas(model, ids, cfg, pins)
     *_, run = run_decoder(model, canvas, fixed, cfg, frames=False)
     return _finish(model, [], canvas[0, : run.end].tolist(), len(ids), prompt_text, run)
 
@@ -257,3 +283,46 @@ def ar_generate(model, prompt: Optional[Prompt] = None, config: Optional[Sampler
     text = ar.tokenizer.decode(cut_at_eos(new, eos), skip_special_tokens=True)
     return Generation(text=text, token_ids=new, frames=[], nfe=len(new), seconds=seconds, prompt=prompt_text)
 
+
+
+def ar_stream(model, prompt: Optional[Prompt] = None, config: Optional[SamplerConfig] = None, *, messages=None,
+              ar_model=None, **overrides) -> Iterator[Union[Frame, Generation]]:
+    """Left to right, one token per step, as a stream of `Frame`s (each reveals the next position) and finally the
+    `Generation`, so an AR model can be animated and raced step by step against a diffusion decoder.
+
+    One KV-cached forward per token, sampled with transformers' logits processors (the config's temperature /
+    top-k / top-p, the mask token suppressed, EOS too with suppress_eos); stops at EOS. `.seconds` counts model
+    calls only. Same arguments as `ar_generate`.
+    """
+    from transformers import DynamicCache, LogitsProcessorList, SuppressTokensLogitsProcessor
+    from .decoders import sample_tokens
+    cfg = resolve_config(model, config, **overrides)
+    ar = model if ar_model is None else ar_model
+    ids, prompt_text = encode_prompt(ar, prompt, messages)
+    check_length(ar, len(ids), cfg.max_new_tokens)
+    device = torch.device(ar.device)
+    eos = [int(e) for e in ar.eos_token_ids or []]
+    suppress = LogitsProcessorList([SuppressTokensLogitsProcessor(
+        [int(ar.mask_token_id)] + (eos if cfg.suppress_eos else []), device=device)])
+    generator = make_generator(ar, cfg.seed)
+    cache, seconds, tokens, new = DynamicCache(config=ar.base.config), 0.0, list(ids), []
+    feed = torch.tensor([ids], device=device)
+    for step in range(1, cfg.max_new_tokens + 1):
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            logits = ar.base(input_ids=feed, cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1].float()
+            logits = suppress(None, logits)
+            token = int(sample_tokens(logits, cfg.temperature, cfg.top_k, cfg.top_p, generator)[0])
+            p = float(logits.softmax(-1)[0, token])
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds += time.perf_counter() - t0
+        tokens.append(token)
+        new.append(token)
+        yield Frame(step=step, total_steps=cfg.max_new_tokens, tokens=list(tokens), revealed=[len(tokens) - 1],
+                    confidence=[p], start=len(ids))
+        if token in eos:
+            break
+        feed = torch.tensor([[token]], device=device)
+    text = ar.tokenizer.decode(cut_at_eos(new, eos), skip_special_tokens=True)
+    yield Generation(text=text, token_ids=new, frames=[], nfe=len(new), seconds=seconds, prompt=prompt_text)

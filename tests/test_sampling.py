@@ -493,3 +493,36 @@ def test_blocks_decoder_batch_equals_single(model):
 def test_blocks_decoder_refuses_infilling(model):
     with pytest.raises(ValueError, match="decoder: infilling needs the full-attention decoder"):
         model.fill("The [MASK:2] dog", decoder="blocks", block_length=2)
+
+
+def test_pinned_words_stay_where_they_were_put(model):
+    g = model.generate(PROMPT, max_new_tokens=10, steps=5, pins={3: " dog", 8: 1234}, frames=True)
+    dog = model.tokenizer(" dog", add_special_tokens=False)["input_ids"]
+    assert g.token_ids[3:3 + len(dog)] == dog and g.token_ids[8] == 1234
+    start = g.frames[0].start
+    assert all(not ({start + 3, start + 8} & set(f.revealed)) for f in g.frames)   # never rewritten
+    with pytest.raises(ValueError, match="pins: .* does not fit"):
+        model.generate(PROMPT, max_new_tokens=4, pins={3: " a b c d"})
+    with pytest.raises(ValueError, match="pins: pinned words need the full-attention decoder"):
+        model.generate(PROMPT, max_new_tokens=4, pins={1: 5}, decoder="blocks", block_length=2)
+
+
+def test_redenoise_changes_only_the_edited_span(model):
+    g = model.generate(PROMPT, max_new_tokens=10, steps=10, temperature=1.0, seed=0)
+    ids = model.tokenizer(PROMPT)["input_ids"]
+    tokens, fixed = ids + g.token_ids, [True] * len(ids) + [False] * 10
+    a, b = len(ids) + 3, len(ids) + 6
+    for new_len in (None, 5):
+        e = model.redenoise(tokens, fixed, [(a, b, new_len)], temperature=1.0, seed=1)
+        n = new_len or 3
+        assert e.token_ids[:a] == tokens[:a] and e.token_ids[a + n:] == tokens[b:]  # everything else identical
+        assert len(e.token_ids) == len(tokens) - 3 + n and model.mask_token_id not in e.token_ids
+    with pytest.raises(ValueError, match="edits: span .* touches fixed text"):
+        model.redenoise(tokens, fixed, [(0, 2, None)])
+
+
+def test_ar_stream_matches_ar_generate_greedy(model):
+    *frames, g = model.ar_stream(PROMPT, max_new_tokens=6)
+    ref = model.ar_generate(PROMPT, max_new_tokens=6)
+    assert g.token_ids == ref.token_ids and len(frames) == len(g.token_ids) and g.seconds > 0
+    assert all(f.revealed == [f.start + k] for k, f in enumerate(frames))

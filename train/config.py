@@ -106,7 +106,7 @@ class DataConfig:
     max_tokens:     stop tokenizing after this many tokens (0 = all; required for streamed HF datasets).
     shuffle_documents: shuffle the file order (seeded by `seed`) before splitting; False keeps sorted order.
     seed:           data-order seed (document shuffle and block order).
-    cache_dir:      where token files live (default: $DLM_CACHE or ~/.cache/dlm-studio, then /tokens).
+    cache_dir:      where token files live (default: $DLM_CACHE_DIR or ~/.cache/dlm-studio, then /tokens).
     """
 
     sources: list = field(default_factory=list)

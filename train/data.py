@@ -29,6 +29,8 @@ from typing import Callable, Iterator, Optional
 import numpy as np
 import torch
 
+from dlm.fileio import cache_dir
+
 log = logging.getLogger(__name__)
 
 TEXT_SUFFIXES = (".txt", ".txt.gz", ".jsonl", ".jsonl.gz", ".json.gz")
@@ -38,11 +40,6 @@ _CHUNK_CHARS = 1 << 16  # long documents are tokenized in ~64k-character pieces 
 
 class DataError(ValueError):
     """Missing, empty or unreadable training data; the message names the source."""
-
-
-def cache_root() -> Path:
-    """$DLM_CACHE, else ~/.cache/dlm-studio (token files, extracted tokenizers)."""
-    return Path(os.environ.get("DLM_CACHE") or Path.home() / ".cache" / "dlm-studio").expanduser()
 
 
 # ----- cleaning hooks --------------------------------------------------------------------------------------------------
@@ -268,7 +265,7 @@ def build_token_cache(data_cfg, tokenizer, *, progress: bool = False) -> TokenCa
         raise DataError("streaming a Hugging Face dataset needs data.max_tokens > 0 (how many tokens to cache)")
     if data_cfg.shuffle_documents:
         random.Random(data_cfg.seed).shuffle(files)
-    root = Path(data_cfg.cache_dir).expanduser() if data_cfg.cache_dir else cache_root() / "tokens"
+    root = Path(data_cfg.cache_dir).expanduser() if data_cfg.cache_dir else cache_dir() / "tokens"
     key = cache_key(data_cfg, tokenizer, files, eval_files)
     directory = root / key
     meta = _load_meta(directory)

@@ -24,7 +24,7 @@ from dlm import registry
 from dlm.fileio import atomic_directory
 from dlm.loading import load_tokenizer
 
-from .data import cache_root
+from dlm.fileio import cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ def load_tokenizer_cached(source: str):
         return load_tokenizer(Path(source))
     st = gguf.stat()
     key = hashlib.sha256(f"{gguf.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
-    directory = cache_root() / "tokenizers" / key
+    directory = cache_dir() / "tokenizers" / key
     if (directory / "tokenizer_config.json").is_file():
         try:
             return AutoTokenizer.from_pretrained(directory)

@@ -25,7 +25,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .data import DataError, _file_stamp, cache_root, expand_sources, iter_jsonl, tokenizer_fingerprint
+from dlm.fileio import cache_dir
+
+from .data import DataError, _file_stamp, expand_sources, iter_jsonl, tokenizer_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +97,7 @@ def build_sft_cache(data_cfg, sft_cfg, tokenizer) -> SFTArrays:
                         sft_cfg.max_length, sft_cfg.padding, _pad_id(sft_cfg, tokenizer)],
                 "max_documents": data_cfg.max_documents, "version": 1}
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:20]
-    root = (Path(data_cfg.cache_dir).expanduser() if data_cfg.cache_dir else cache_root() / "tokens") / "sft"
+    root = (Path(data_cfg.cache_dir).expanduser() if data_cfg.cache_dir else cache_dir() / "tokens") / "sft"
     directory = root / key
     if (directory / "meta.json").is_file():
         try:

@@ -1,0 +1,1 @@
+"""The Gradio playground: `ui` (layout + events), `render` (frames -> HTML / plotly), `backend` (owns models)."""

@@ -1,0 +1,73 @@
+"""Curated few-shot examples shipped as package data in `app/examples/*.txt`.
+
+Each file is a small header of `key: value` lines, a line `---`, then the prompt exactly as the model sees it:
+
+    title: Word analogies          (shown in the UI; defaults to the file name)
+    category: analogy              (free text)
+    max_new_tokens: 8              (suggested length of the answer)
+    steps: 8                       (suggested denoising steps; defaults to max_new_tokens)
+    expected: kitten               (optional: what a good model should produce)
+    ---
+    hot is to cold as up is to down
+    ...
+
+Plain text rather than JSON so the prompts (with their newlines) stay readable and easy to edit.
+"""
+from __future__ import annotations
+
+import importlib.resources
+from dataclasses import dataclass
+from pathlib import Path
+
+EXAMPLES_DIR = Path(str(importlib.resources.files("app") / "examples"))
+
+
+@dataclass
+class Example:
+    name: str  # file stem, stable id
+    title: str
+    category: str
+    prompt: str
+    max_new_tokens: int = 32
+    steps: int = 32
+    expected: str = ""
+
+
+def parse_example(text: str, name: str) -> Example:
+    """Parse one example file's text; raises ValueError naming the file when the header is malformed."""
+    head, sep, body = text.partition("\n---\n")
+    if not sep:
+        raise ValueError(f"example {name!r}: missing the '---' line between header and prompt")
+    meta: dict[str, str] = {}
+    for lineno, line in enumerate(head.splitlines(), 1):
+        if not line.strip():
+            continue
+        key, colon, value = line.partition(":")
+        if not colon:
+            raise ValueError(f"example {name!r}, header line {lineno}: expected 'key: value', got {line!r}")
+        meta[key.strip().lower()] = value.strip()
+    prompt = body.rstrip("\n")
+    if not prompt.strip():
+        raise ValueError(f"example {name!r}: the prompt is empty")
+    try:
+        max_new = int(meta.get("max_new_tokens", 32))
+        steps = int(meta.get("steps", max_new))
+    except ValueError as e:
+        raise ValueError(f"example {name!r}: max_new_tokens / steps must be integers ({e})") from None
+    return Example(
+        name=name,
+        title=meta.get("title", name),
+        category=meta.get("category", ""),
+        prompt=prompt,
+        max_new_tokens=max_new,
+        steps=steps,
+        expected=meta.get("expected", ""),
+    )
+
+
+def load_examples(directory: Path | str = EXAMPLES_DIR) -> list[Example]:
+    """All `*.txt` examples in `directory`, sorted by file name (empty list when the folder is missing)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    return [parse_example(p.read_text(encoding="utf-8"), p.stem) for p in sorted(directory.glob("*.txt"))]

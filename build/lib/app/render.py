@@ -1,0 +1,269 @@
+"""Frames -> HTML token views and plotly figures. Pure functions of plain data: no model, no Gradio.
+
+A `Trace` collects the `Frame`s of one run (as they stream in) together with the display string of every token id
+it has seen, so the whole run can be re-rendered at any step afterwards (the scrub slider) without the tokenizer.
+It is plain data, safe to keep in a per-session `gr.State`.
+"""
+from __future__ import annotations
+
+import html
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Optional
+
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+from dlm.types import Frame
+
+# How many prompt tokens to show before the generated region (long few-shot prompts would drown the answer).
+PROMPT_TOKENS_SHOWN = 160
+
+# Scoped to the gr.HTML component through its `css_template`.
+TOKEN_CSS = """
+.tokview { font-family: ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; font-size: 14px;
+           line-height: 2.0; white-space: pre-wrap; word-break: break-word; padding: 10px 12px;
+           border: 1px solid #d5d9e0; border-radius: 8px; background: #fcfcfd; color: #1f2430; min-height: 3em; }
+.tokview .t { border-radius: 4px; padding: 1px 0; }
+.tokview .p { color: #8a8f99; }
+.tokview .fx { color: #1f2430; text-decoration: underline dotted #9aa0aa; }
+.tokview .m { background: #d9dce1; color: #9aa0aa; display: inline-block; min-width: 1.3em; text-align: center;
+              line-height: 1.3; margin: 0 1px; }
+.tokview .old { background: #e6edf7; color: #22324a; }
+.tokview .new { color: #111; font-weight: 600; box-shadow: 0 0 0 1px rgba(0,0,0,.25); }
+.tokview .sp { color: #b0b4bb; font-size: 11px; }
+.tokview .ell { color: #9aa0aa; }
+.tokview .legend { font-family: system-ui, sans-serif; font-size: 12px; color: #555; margin-bottom: 6px; }
+.tokview .legend span { padding: 1px 6px; margin-right: 8px; border-radius: 4px; }
+"""
+
+
+def confidence_colour(p: float) -> str:
+    """Background colour for a token revealed at this step: red (p=0) -> yellow -> green (p=1)."""
+    p = min(max(float(p), 0.0), 1.0)
+    return f"hsl({int(round(120 * p))}, 80%, 72%)"
+
+
+def _display(piece: str) -> str:
+    """HTML-escape a token's text, making newlines and tabs visible while keeping the line break."""
+    s = html.escape(piece)
+    return s.replace("\n", "↵\n").replace("\t", "⇥")
+
+
+@dataclass
+class Trace:
+    """The frames of one run plus what is needed to draw them.
+
+    mask_id:   the model's mask token id (drawn as a grey box).
+    special:   token ids drawn as small labels (EOS, pad, chat markers) rather than text.
+    frames:    every `Frame` received so far, in order.
+    pieces:    token id -> display text, filled by `add` through the caller's `decode` function.
+    reveal_step / reveal_conf: canvas position -> 1-based step at which it was revealed / its confidence.
+    """
+
+    mask_id: int
+    special: set[int] = field(default_factory=set)
+    frames: list[Frame] = field(default_factory=list)
+    pieces: dict[int, str] = field(default_factory=dict)
+    reveal_step: dict[int, int] = field(default_factory=dict)
+    reveal_conf: dict[int, float] = field(default_factory=dict)
+
+    def add(self, frame: Frame, decode: Callable[[list[int]], dict[int, str]]) -> None:
+        """Append one frame; `decode(ids)` returns the display text of token ids not seen before."""
+        missing = sorted({t for t in frame.tokens if t not in self.pieces and t != self.mask_id})
+        if missing:
+            self.pieces.update(decode(missing))
+        self.frames.append(frame)
+        for pos, conf in zip(frame.revealed, frame.confidence):
+            self.reveal_step.setdefault(pos, frame.step)
+            self.reveal_conf.setdefault(pos, float(conf))
+
+    def __len__(self) -> int:
+        return len(self.frames)
+
+    # ---- token view -------------------------------------------------------------------------------------------
+    def html(self, k: Optional[int] = None, *, legend: bool = True) -> str:
+        """The canvas after frame `k` (0-based; default the last one) as HTML.
+
+        Masked positions are grey boxes, tokens revealed at that very step are coloured by their confidence,
+        tokens revealed earlier are a calm blue, prompt tokens grey, other fixed tokens (infill suffix / template
+        text) plain and dotted-underlined.
+        """
+        if not self.frames:
+            return '<div class="tokview"><span class="ell">(nothing generated yet)</span></div>'
+        k = len(self.frames) - 1 if k is None else min(max(int(k), 0), len(self.frames) - 1)
+        frame = self.frames[k]
+        step = frame.step
+        out: list[str] = []
+        if legend:
+            out.append(
+                '<div class="legend"><span class="m">masked</span>'
+                f'<span style="background:{confidence_colour(0.2)}">new, low p</span>'
+                f'<span style="background:{confidence_colour(0.95)}">new, high p</span>'
+                '<span class="old">earlier</span><span class="fx">fixed</span></div>'
+            )
+        first = max(0, frame.start - PROMPT_TOKENS_SHOWN)
+        if first > 0:
+            out.append(f'<span class="ell">… ({first} prompt tokens) </span>')
+        for pos in range(first, len(frame.tokens)):
+            tok = frame.tokens[pos]
+            if tok == self.mask_id:
+                out.append(f'<span class="t m" title="pos {pos}: masked">·</span>')
+                continue
+            text = self.pieces.get(tok, "?")
+            text = f'<span class="sp">{html.escape(text)}</span>' if tok in self.special else _display(text)
+            if pos < frame.start:
+                out.append(f'<span class="t p">{text}</span>')
+                continue
+            rs = self.reveal_step.get(pos)
+            if rs is None or rs > step:  # never revealed: a fixed token of an infill template / suffix
+                out.append(f'<span class="t fx" title="pos {pos}: fixed">{text}</span>')
+            elif rs == step:
+                conf = self.reveal_conf[pos]
+                out.append(
+                    f'<span class="t new" style="background:{confidence_colour(conf)}" '
+                    f'title="pos {pos}: step {rs}, p={conf:.2f}">{text}</span>'
+                )
+            else:
+                out.append(
+                    f'<span class="t old" title="pos {pos}: step {rs}, p={self.reveal_conf[pos]:.2f}">{text}</span>'
+                )
+        return '<div class="tokview">' + "".join(out) + "</div>"
+
+    def counter(self, k: Optional[int] = None, *, running: bool = False) -> str:
+        """'step i / N' plus how many tokens this step revealed and how many are still masked."""
+        if not self.frames:
+            return "step 0 / 0"
+        k = len(self.frames) - 1 if k is None else min(max(int(k), 0), len(self.frames) - 1)
+        f = self.frames[k]
+        masked = sum(1 for t in f.tokens[f.start:] if t == self.mask_id)
+        state = " · running…" if running else ""
+        return (f"**step {f.step} / {f.total_steps}** · revealed {len(f.revealed)} this step · "
+                f"{masked} still masked{state}")
+
+    # ---- plots (built once at the end of a run: sending a figure per step stalls the browser) ------------------
+    def reveal_heatmap(self) -> go.Figure:
+        """Position x step heatmap: the cell (step s, position i) holds the confidence of token i if it was
+        revealed at step s (empty otherwise). Positions are counted from the first generated token."""
+        fig = go.Figure()
+        if not self.frames:
+            return _empty(fig, "no run yet")
+        start = self.frames[-1].start
+        n_pos = len(self.frames[-1].tokens) - start
+        n_steps = len(self.frames)
+        z: list[list[Optional[float]]] = [[None] * n_pos for _ in range(n_steps)]
+        for row, f in enumerate(self.frames):
+            for pos, conf in zip(f.revealed, f.confidence):
+                if 0 <= pos - start < n_pos:
+                    z[row][pos - start] = float(conf)
+        fig.add_trace(
+            go.Heatmap(
+                z=z,
+                x=list(range(n_pos)),
+                y=[f.step for f in self.frames],
+                colorscale="RdYlGn",
+                zmin=0.0,
+                zmax=1.0,
+                colorbar=dict(title="p"),
+                hovertemplate="position %{x}<br>step %{y}<br>p=%{z:.2f}<extra></extra>",
+            )
+        )
+        fig.update_layout(
+            title="When each token was revealed (colour = confidence)",
+            xaxis_title="position in the generated region",
+            yaxis_title="step",
+            yaxis_autorange="reversed",
+            height=330,
+            margin=dict(l=50, r=20, t=50, b=45),
+        )
+        return fig
+
+    def step_chart(self) -> go.Figure:
+        """Bars: tokens revealed per step; line (right axis): mean confidence of the tokens revealed at that step."""
+        fig = make_subplots(specs=[[{"secondary_y": True}]])
+        if not self.frames:
+            return _empty(fig, "no run yet")
+        steps = [f.step for f in self.frames]
+        counts = [len(f.revealed) for f in self.frames]
+        means = [sum(f.confidence) / len(f.confidence) if f.confidence else None for f in self.frames]
+        fig.add_trace(go.Bar(x=steps, y=counts, name="revealed", marker_color="#8fb3e0"), secondary_y=False)
+        fig.add_trace(
+            go.Scatter(x=steps, y=means, name="mean p", mode="lines+markers", line=dict(color="#d0632b")),
+            secondary_y=True,
+        )
+        fig.update_yaxes(title_text="tokens revealed", secondary_y=False)
+        fig.update_yaxes(title_text="mean confidence", range=[0, 1.02], secondary_y=True)
+        fig.update_layout(
+            title="Tokens revealed per step and their mean confidence",
+            xaxis_title="step",
+            height=330,
+            margin=dict(l=50, r=50, t=50, b=45),
+            legend=dict(orientation="h", y=-0.25),
+        )
+        return fig
+
+
+def _empty(fig: go.Figure, message: str) -> go.Figure:
+    fig.update_layout(
+        height=330,
+        plot_bgcolor="white",
+        annotations=[dict(text=message, showarrow=False, x=0.5, y=0.5, xref="paper", yref="paper",
+                          font=dict(color="#888"))],
+    )
+    fig.update_xaxes(visible=False)
+    fig.update_yaxes(visible=False)
+    return fig
+
+
+def empty_figure(message: str = "run a generation to see this chart") -> go.Figure:
+    return _empty(go.Figure(), message)
+
+
+def segments_html(segments: Iterable[tuple[str, bool]]) -> str:
+    """Inline HTML of (text, generated?) segments: generated spans highlighted, template text plain."""
+    return "".join(f'<span class="t old">{_display(t)}</span>' if gen else _display(t) for t, gen in segments)
+
+
+def sweep_html(rows: list[dict]) -> str:
+    """Span-length sweep: one line per n with the filled text, generated spans highlighted.
+    rows: [{n, nfe, seconds, segments: [(text, generated?)]}]."""
+    if not rows:
+        return ""
+    parts = ['<div class="tokview" style="white-space:normal">']
+    for r in rows:
+        parts.append(
+            f'<div style="margin:4px 0"><b>n = {r["n"]}</b> '
+            f'<span class="ell">({r["nfe"]} NFE, {r["seconds"]:.2f} s)</span><br>'
+            f'<span style="white-space:pre-wrap">{segments_html(r["segments"])}</span></div>'
+        )
+    parts.append("</div>")
+    return "".join(parts)
+
+
+def compare_chart(sweep: list[dict], ar: Optional[dict]) -> go.Figure:
+    """DLM model time and quality (gen-PPL under the AR model, lower is better) against the number of denoising
+    steps, with the AR model's values as horizontal dashed lines. `sweep` rows: {steps, seconds, ppl}; `ar`:
+    {seconds, ppl} or None."""
+    fig = make_subplots(rows=1, cols=2,
+                        subplot_titles=("model time (s)", "gen-PPL under the AR model (lower = better)"))
+    if not sweep:
+        return _empty(fig, "tick 'sweep steps' and run to draw this chart")
+    xs = [r["steps"] for r in sweep]
+    fig.add_trace(go.Scatter(x=xs, y=[r["seconds"] for r in sweep], mode="lines+markers", name="DLM",
+                             line=dict(color="#2b6cb0")), row=1, col=1)
+    fig.add_trace(go.Scatter(x=xs, y=[_finite(r.get("ppl")) for r in sweep], mode="lines+markers", name="DLM",
+                             line=dict(color="#2b6cb0"), showlegend=False), row=1, col=2)
+    if ar:
+        for col, key in ((1, "seconds"), (2, "ppl")):
+            y = _finite(ar.get(key))
+            if y is not None:
+                fig.add_trace(go.Scatter(x=[min(xs), max(xs)], y=[y, y], mode="lines", name="AR",
+                                         line=dict(color="#c05621", dash="dash"), showlegend=(col == 1)),
+                              row=1, col=col)
+    fig.update_xaxes(title_text="denoising steps")
+    fig.update_layout(height=340, margin=dict(l=50, r=20, t=50, b=45), legend=dict(orientation="h", y=-0.3))
+    return fig
+
+
+def _finite(x) -> Optional[float]:
+    return float(x) if x is not None and math.isfinite(float(x)) else None

@@ -1,0 +1,122 @@
+"""Attention patterns for a decoder-only model used as a denoiser, through public transformers arguments only.
+
+Three patterns, all materialised by `transformers.masking_utils` (so the mask has the format, dtype and padding
+handling the model's attention implementation expects):
+
+- full (ratio = 1): bidirectional attention via `config.is_causal = False` for the duration of the call;
+  transformers' own mask builder then makes a bidirectional mask with padding handled (sdpa, eager, flash).
+- annealed (0 < ratio < 1, paper §3.2): allowed = causal ∪ Bernoulli(ratio) over the strict upper triangle, one
+  pattern shared by the batch, heads and layers (sdpa / eager; flash-attention cannot take an arbitrary mask).
+  ratio = 0 is the base model's own causal attention: nothing is changed.
+- blocks (block diffusion: BD3-LM, Fast-dLLM v2, SDAR): the sequence is cut into blocks; every token is *clean*
+  (known) or *noisy* (its block is being denoised). A clean token sees the clean tokens of its own and earlier
+  blocks (causal across blocks, bidirectional inside one); a noisy token sees the noisy tokens of its own block and
+  the clean tokens of earlier blocks. Training puts [x_t; x_0] side by side (the staircase: every block of a
+  sequence is denoised in one forward); decoding puts the finished blocks in the KV cache (their keys and values
+  never depend on later tokens, so the cache is exact) and runs one noisy block over it.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator, Optional
+
+import torch
+
+
+def anneal_attention_mask(seq_len: int, ratio: float, *, generator: Optional[torch.Generator] = None,
+                          device=None) -> torch.Tensor:
+    """Boolean [L, L] pattern, True = query i may attend to key j: causal ∪ Bernoulli(ratio) above the diagonal."""
+    if not 0.0 <= ratio <= 1.0:
+        raise ValueError(f"attention_mask_ratio must be in [0, 1], got {ratio}")
+    causal = torch.ones(seq_len, seq_len, dtype=torch.bool, device=device).tril()
+    if ratio == 0.0:
+        return causal
+    if ratio == 1.0:
+        return torch.ones_like(causal)
+    gen_device = generator.device if generator is not None else device
+    extra = torch.rand(seq_len, seq_len, generator=generator, device=gen_device).to(causal.device) < ratio
+    return causal | (extra & ~causal)
+
+
+def block_ids(length: int, block_length: int, offset: int = 0, device=None) -> torch.Tensor:
+    """Block index of each of `length` positions -> [length] long. The first block holds `offset` tokens when
+    0 < offset < block_length (so any boundary can be put at a chosen position), every later one `block_length`."""
+    if block_length < 1:
+        raise ValueError(f"block_length must be >= 1, got {block_length}")
+    lead = (block_length - offset % block_length) % block_length
+    return (torch.arange(length, device=device) + lead) // block_length
+
+
+def block_pattern(q_noisy: torch.Tensor, q_block: torch.Tensor, k_noisy: torch.Tensor, k_block: torch.Tensor
+                  ) -> torch.Tensor:
+    """The block-diffusion rule as a [Q, K] bool pattern (True = may attend), from per-token (noisy?, block id):
+    clean query -> clean keys of blocks <= its own; noisy query -> noisy keys of its own block + clean keys of
+    earlier blocks. Cached tokens are clean keys of earlier blocks, visible to every new query."""
+    qn, qb = q_noisy[:, None], q_block[:, None]
+    kn, kb = k_noisy[None, :], k_block[None, :]
+    clean_rule = ~kn & (kb <= qb)
+    noisy_rule = (kn & (kb == qb)) | (~kn & (kb < qb))
+    return torch.where(qn, noisy_rule, clean_rule)
+
+
+def staircase(seq_len: int, block_length: int, offset: int = 0, shift: bool = True, device=None):
+    """Layout of one block-diffusion training forward over [x_t; x_0] (2L tokens).
+
+    Returns (pattern [2L, 2L] bool, position_ids [2L], rows [L]): row `rows[j]` of that forward's output predicts
+    token j of x_0. Without the shift it is the noisy copy of j. With the shift (hidden state i predicts token
+    i + 1) a block's first token is read from the *clean* row before it (the last token of the previous block, as
+    the decoder will have it), the others from the noisy row before them inside the block. Row 0 predicts
+    position 0 only without the shift (position 0 is never a target with it).
+    """
+    blk = block_ids(seq_len, block_length, offset, device)
+    noisy = torch.cat([torch.ones(seq_len, dtype=torch.bool, device=device),
+                       torch.zeros(seq_len, dtype=torch.bool, device=device)])
+    both = torch.cat([blk, blk])
+    pattern = block_pattern(noisy, both, noisy, both)
+    positions = torch.arange(seq_len, device=device).repeat(2)
+    j = torch.arange(seq_len, device=device)
+    if not shift:
+        return pattern, positions, j
+    starts = torch.ones(seq_len, dtype=torch.bool, device=device)
+    starts[1:] = blk[1:] != blk[:-1]
+    rows = torch.where(starts, seq_len + j - 1, j - 1)
+    rows[0] = 0  # position 0 has nothing before it: never a target under the shift
+    return pattern, positions, rows
+
+
+def prepared_mask(config, pattern: torch.Tensor, batch_size: int, dtype: torch.dtype,
+                  padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """A [Q, K] bool pattern (queries are the last Q of K positions; the first K - Q are cached) + an optional
+    [B, K] padding mask (1 = token) -> the 4D mask the model's attention implementation expects, built by
+    `transformers.masking_utils` (bool for sdpa, additive for eager). Every query keeps its own key, so rows of
+    padding stay finite."""
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+    impl = getattr(config, "_attn_implementation", None) or "sdpa"
+    if impl.startswith("flash"):
+        raise ValueError("block and annealed attention need attn_implementation 'sdpa' or 'eager'; "
+                         "flash-attention supports only full attention")
+    Q, K = pattern.shape
+    past = K - Q
+    pad = padding_mask.bool() if padding_mask is not None else None
+
+    def mask_function(b, h, q, kv):
+        allowed = pattern[q - past, kv]
+        if pad is not None:
+            allowed = allowed & pad[b, kv]
+        return allowed | (q == kv)
+
+    builder = ALL_MASK_ATTENTION_FUNCTIONS[impl if impl in ALL_MASK_ATTENTION_FUNCTIONS else "sdpa"]
+    return builder(batch_size=batch_size, q_length=Q, kv_length=K, q_offset=past, kv_offset=0,
+                   mask_function=mask_function, attention_mask=None, allow_is_causal_skip=False,
+                   allow_is_bidirectional_skip=False, dtype=dtype, device=pattern.device, config=config)
+
+
+@contextlib.contextmanager
+def bidirectional(config) -> Iterator[None]:
+    """Make a transformers model attend in both directions while inside the block (restores the old value)."""
+    old = getattr(config, "is_causal", True)
+    config.is_causal = False
+    try:
+        yield
+    finally:
+        config.is_causal = old

@@ -1,0 +1,46 @@
+"""Writing a directory atomically: readers see the old complete directory or the new complete one, never half."""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, Union
+
+
+@contextmanager
+def atomic_directory(directory: Union[str, os.PathLike]) -> Iterator[Path]:
+    """Yield a fresh temp dir beside `directory`; fill it in the `with` block.
+
+    On success it takes `directory`'s place: an existing one is moved aside first and deleted only once the new one
+    is in place (a crash in between leaves it recoverable as `.NAME.old-PID`). If the block raises, the temp dir is
+    deleted and `directory` is left exactly as it was.
+    """
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; a saved model is meant to be readable like any other file
+    try:
+        yield tmp
+        old = None
+        if directory.exists():
+            old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(directory, old)
+        os.replace(tmp, directory)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+CACHE_ENV = "DLM_CACHE_DIR"
+
+
+def cache_dir() -> Path:
+    """The one folder for derived files (GGUF conversions, token caches, extracted tokenizers):
+    $DLM_CACHE_DIR, else ~/.cache/dlm-studio."""
+    value = os.environ.get(CACHE_ENV)
+    return Path(value).expanduser() if value else Path.home() / ".cache" / "dlm-studio"

@@ -1,0 +1,556 @@
+"""DiffusionLM: a Hugging Face causal LM used as a time-embedding-free masked diffusion denoiser.
+
+The paper's recipe (An et al. 2024, §3):
+- attention: causal -> bidirectional, optionally annealed (`dlm.attention`);
+- shift: the AR model's hidden state i predicts token i+1; the DLM keeps that, so the prediction for a masked
+  token at position i is read from row i-1. This class is the only place that knows about it: `denoise_logits`
+  returns *position-aligned* logits (row i predicts token i), so samplers, losses and scores never shift;
+- absorbing [MASK] noise with no time embedding (`dlm.noise`);
+- loss (Eq. 7): L = E_t [ 1/t * sum_{i masked} -log p_theta(x0_i | x_t) ], normalised by the number of masked tokens.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import NamedTuple, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import infill as infill_mod
+from . import likelihood, sampling
+from .attention import anneal_attention_mask, bidirectional, block_ids, block_pattern, prepared_mask, staircase
+from .fileio import atomic_directory
+from .noise import q_sample, sample_t
+from .sampler_config import SAMPLER_CONFIG_NAME, SamplerConfig
+from .types import Generation, Score
+
+DLM_CONFIG_NAME = "dlm_config.json"
+
+
+@dataclass
+class DLMConfig:
+    """What turns a causal LM into a DLM; saved as `dlm_config.json` next to the weights.
+
+    mask_token_id:    id of [MASK] (absorbing state).
+    shift:            hidden state i predicts token i+1 (True for DiffuGPT / DiffuLLaMA).
+    base_family:      transformers model_type of the base (gpt2, llama, qwen2, ...).
+    ar_counterpart:   registry name / path of the AR model to compare with (side-by-side, eval).
+    adapted:          True when the weights were trained with the diffusion objective.
+    added_mask_token: the mask token was added to the base vocabulary (its AR logit is suppressed).
+    base_model:       for adapter-only saves: the registry name / path of the base weights.
+    training:         free-form record of how the weights were made (recipe, tokens seen).
+    """
+
+    mask_token_id: int
+    shift: bool = True
+    base_family: str = ""
+    ar_counterpart: Optional[str] = None
+    adapted: bool = False
+    added_mask_token: bool = False
+    base_model: Optional[str] = None
+    training: dict = field(default_factory=dict)
+    format_version: int = 1
+
+    def save(self, directory: str | os.PathLike) -> None:
+        Path(directory, DLM_CONFIG_NAME).write_text(json.dumps(asdict(self), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> "DLMConfig":
+        path = Path(directory, DLM_CONFIG_NAME)
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not valid JSON: {e}") from None
+        known = {f.name for f in fields(cls)}
+        if "mask_token_id" not in data:
+            raise ValueError(f"{path} has no mask_token_id")
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+class DiffusionLossOutput(NamedTuple):
+    loss: torch.Tensor       # Eq. 7: (1/t)-weighted masked CE, normalised by the masked-token count
+    masked_ce: torch.Tensor  # the same CE without the 1/t weight (a readable training signal)
+
+
+@dataclass
+class PrefixCache:
+    """KV of the first `length` canvas positions (Fast-dLLM-style approximate prefix cache).
+
+    With the shift, the prediction for position `length` is read from row `length - 1`, so the cache holds the
+    first `length - 1` positions and the forward re-feeds position `length - 1`.
+    `logits`: position-aligned logits for positions >= length from the forward that built the cache
+    ([B, L - length, V]); a sampler may use them for its first step instead of a second forward.
+    """
+
+    kv: object
+    length: int
+    n_cached: int
+    attention_mask: Optional[torch.Tensor]
+    logits: Optional[torch.Tensor] = None
+
+
+@dataclass
+class BlockCache:
+    """Exact KV cache of the clean tokens for block-diffusion decoding (`DiffusionLM.block_step`).
+
+    kv:          the transformers cache of every clean token so far (prompt + finished blocks).
+    length:      number of clean tokens in it (including left padding, which is never attended to).
+    n_blocks:    clean blocks so far (the next noisy block gets id `n_blocks`).
+    padding:     [B, length] 1 = token, 0 = left padding; None = no padding.
+    next_logits: [B, V] the prediction for the token right after the clean tokens, read from the last clean row
+                 (the shift): the first token of the next block. It never changes while that block is denoised.
+    """
+
+    kv: object
+    length: int = 0
+    n_blocks: int = 0
+    padding: Optional[torch.Tensor] = None
+    next_logits: Optional[torch.Tensor] = None
+
+
+def _truncate_cache(cache, length: int) -> None:
+    extra = cache.get_seq_length() - length
+    if extra > 0:
+        cache.crop(-extra)  # negative = number of tokens to drop (transformers >= 4.4x and 5.x)
+
+
+def padding_position_ids(attention_mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """Left padding must not shift positions: position = number of real tokens before it."""
+    if attention_mask is None or bool(attention_mask.bool().all()):
+        return None
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+class DiffusionLM(nn.Module):
+    """A causal LM (`base`) + mask id + shift flag, used as a diffusion denoiser.
+
+    Build with `dlm.load(...)`; save with `save_pretrained(dir)`.
+    sampler_config: the recommended `SamplerConfig` for writing (every `generate` / `stream` call's default).
+    infill_config:  the recommended one for infilling (`fill` / `infill`; always the full-attention decoder).
+    Both come from the model directory's `sampler_config.json` when it has one.
+    """
+
+    def __init__(self, base: nn.Module, tokenizer, config: DLMConfig, name: str = "",
+                 sampler_config: Optional[SamplerConfig] = None, infill_config: Optional[SamplerConfig] = None):
+        super().__init__()
+        self.base = base
+        self.tokenizer = tokenizer
+        self.config = config
+        self.sampler_config = sampler_config or SamplerConfig()
+        self.infill_config = infill_config or SamplerConfig()
+        self.name = name or getattr(getattr(base, "config", None), "_name_or_path", "") or "dlm"
+        vocab = self.base.get_input_embeddings().weight.shape[0]
+        if not 0 <= config.mask_token_id < vocab:
+            raise ValueError(f"mask_token_id {config.mask_token_id} is outside the vocabulary (0..{vocab - 1})")
+
+    # ----- attributes ------------------------------------------------------------------------------------------
+    @property
+    def mask_token_id(self) -> int:
+        return self.config.mask_token_id
+
+    @property
+    def shift(self) -> bool:
+        return self.config.shift
+
+    @shift.setter
+    def shift(self, value: bool) -> None:
+        self.config.shift = bool(value)
+
+    @property
+    def first_predictable(self) -> int:
+        """The first canvas position the denoiser can predict: 1 under the shift (row 0 predicts nothing), else 0.
+        Samplers, likelihoods and losses ask this instead of reasoning about the shift themselves."""
+        return 1 if self.shift else 0
+
+    @property
+    def ar_counterpart(self) -> Optional[str]:
+        return self.config.ar_counterpart
+
+    @property
+    def hf_config(self):
+        return self.base.config
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.base.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.base.get_input_embeddings().weight.dtype
+
+    @property
+    def vocab_size(self) -> int:
+        return self.base.get_input_embeddings().weight.shape[0]
+
+    @property
+    def max_length(self) -> int:
+        cfg = self.base.config
+        for key in ("max_position_embeddings", "n_positions", "n_ctx"):
+            value = getattr(cfg, key, None)
+            if value:
+                return int(value)
+        return 2048
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        ids = set()
+        for source in (self.tokenizer, getattr(self.base, "generation_config", None), self.base.config):
+            value = getattr(source, "eos_token_id", None)
+            if isinstance(value, int):
+                ids.add(value)
+            elif isinstance(value, (list, tuple)):
+                ids.update(int(v) for v in value)
+        ids.discard(self.mask_token_id)
+        return sorted(ids)
+
+    @property
+    def attn_implementation(self) -> str:
+        return getattr(self.base.config, "_attn_implementation", None) or "eager"
+
+    def num_parameters(self, trainable_only: bool = False) -> int:
+        return sum(p.numel() for p in self.base.parameters() if p.requires_grad or not trainable_only)
+
+    # ----- forward passes --------------------------------------------------------------------------------------
+    def _base_logits(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor], ratio: float,
+                     generator: Optional[torch.Generator] = None, **kwargs) -> torch.Tensor:
+        """Raw base-model logits (row i predicts token i+1 when shift) under the chosen attention pattern."""
+        position_ids = kwargs.pop("position_ids", None)
+        if position_ids is None:
+            position_ids = padding_position_ids(attention_mask)
+        if ratio <= 0.0:
+            out = self.base(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kwargs)
+        elif ratio >= 1.0:
+            with bidirectional(self.base.config):
+                out = self.base(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                **kwargs)
+        else:
+            if self.attn_implementation.startswith("flash"):
+                raise ValueError("attention-mask annealing (0 < ratio < 1) needs attn_implementation 'sdpa' or "
+                                 "'eager'; flash-attention supports only full attention (ratio = 1)")
+            B, L = input_ids.shape
+            allowed = anneal_attention_mask(L, ratio, generator=generator, device=input_ids.device)
+            mask4d = prepared_mask(self.base.config, allowed, B, self.dtype, attention_mask)
+            if position_ids is None:
+                position_ids = torch.arange(L, device=input_ids.device)[None].expand(B, L)
+            out = self.base(input_ids=input_ids, attention_mask=mask4d, position_ids=position_ids, **kwargs)
+        return out.logits
+
+    def _align(self, logits: torch.Tensor) -> torch.Tensor:
+        """Raw logits -> position-aligned (row i predicts token i). Row 0 is never predicted under the shift."""
+        if not self.shift:
+            return logits
+        return torch.cat([torch.zeros_like(logits[:, :1]), logits[:, :-1]], dim=1)
+
+    def denoise_logits(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                       attention_mask_ratio: float = 1.0, prefix_cache: Optional[PrefixCache] = None,
+                       generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """Position-aligned denoiser logits.
+
+        input_ids:            [B, L] noisy canvas (mask ids where unknown).
+        attention_mask:       [B, L] 1 = token, 0 = padding (left padding supported), None = no padding.
+        attention_mask_ratio: 1.0 = bidirectional (inference), 0.0 = the base's causal attention, in between =
+                              annealed (training only; the random pattern comes from `generator`).
+        prefix_cache:         from `build_prefix_cache`; then only positions >= prefix_cache.length are computed.
+        Returns [B, L, V] with row i the prediction for token i, or [B, L - P, V] for rows P.. with a cache.
+        """
+        if prefix_cache is None:
+            return self._align(self._base_logits(input_ids, attention_mask, attention_mask_ratio, generator))
+        P, n = prefix_cache.length, prefix_cache.n_cached
+        mask = prefix_cache.attention_mask
+        positions = (mask.long().cumsum(-1) - 1).clamp(min=0) if mask is not None else \
+            torch.arange(input_ids.shape[1], device=input_ids.device)[None].expand(input_ids.shape[0], -1)
+        with bidirectional(self.base.config):
+            out = self.base(input_ids=input_ids[:, n:], attention_mask=mask, position_ids=positions[:, n:],
+                            cache=prefix_cache.kv, use_cache=True)
+        _truncate_cache(prefix_cache.kv, n)  # leave the cache as it was
+        logits = out.logits
+        return logits[:, :-1] if self.shift else logits  # with the shift, row 0 is position P-1 -> predicts P
+
+    def build_prefix_cache(self, input_ids: torch.Tensor, prefix_length: int,
+                           attention_mask: Optional[torch.Tensor] = None) -> PrefixCache:
+        """One bidirectional forward over the whole canvas; keep the KV of the first `prefix_length` positions.
+
+        input_ids: [B, L]; prefix_length: P (0 < P <= L). The cached prefix saw the canvas as it is now (masks
+        included); later calls reuse it while the rest changes (the Fast-dLLM approximation). The forward's
+        position-aligned logits for positions >= P are returned in `.logits`.
+        """
+        L = input_ids.shape[1]
+        if not 0 < prefix_length <= L:
+            raise ValueError(f"prefix_length must be in 1..{L}, got {prefix_length}")
+        n = prefix_length - 1 if self.shift else prefix_length
+        with bidirectional(self.base.config):
+            out = self.base(input_ids=input_ids, attention_mask=attention_mask,
+                            position_ids=padding_position_ids(attention_mask), use_cache=True)
+        kv = out.cache
+        _truncate_cache(kv, n)
+        logits = self._align(out.logits)[:, prefix_length:]
+        return PrefixCache(kv=kv, length=prefix_length, n_cached=n, attention_mask=attention_mask, logits=logits)
+
+    def new_block_cache(self) -> BlockCache:
+        from transformers import DynamicCache
+        return BlockCache(kv=DynamicCache(config=self.base.config))
+
+    def block_step(self, cache: BlockCache, noisy_ids: Optional[torch.Tensor], clean_ids: Optional[torch.Tensor] = None,
+                   clean_blocks: Optional[torch.Tensor] = None, clean_padding: Optional[torch.Tensor] = None
+                   ) -> Optional[torch.Tensor]:
+        """One block-diffusion forward over the exact cache: commit `clean_ids` (finished tokens) to the cache and
+        denoise the noisy block `noisy_ids` that follows them, in one call.
+
+        cache:        a `BlockCache` (from `new_block_cache`), updated in place with the clean tokens only.
+        noisy_ids:    [B, n] the block being denoised (mask ids where unknown), or None to only commit.
+        clean_ids:    [B, c] tokens to append to the cache first (the prompt, or the block just finished).
+        clean_blocks: [c] block index of each clean token, relative (default: one block); ordered, >= 0.
+        clean_padding:[B, c] 1 = token, 0 = left padding (prompts of a batch), default all tokens.
+        Attention is the block rule of `dlm.attention`: clean tokens see the cache and the clean tokens of their own
+        and earlier blocks; the noisy block sees the cache, every clean token and itself (bidirectional).
+        Returns position-aligned logits [B, n, V] for the noisy block (row i predicts noisy token i), or None.
+        """
+        B = (noisy_ids if noisy_ids is not None else clean_ids).shape[0]
+        device = self.device
+        c = clean_ids.shape[1] if clean_ids is not None else 0
+        n = noisy_ids.shape[1] if noisy_ids is not None else 0
+        parts = [x for x in (clean_ids, noisy_ids) if x is not None]
+        ids = torch.cat(parts, dim=1).to(device)
+        past = cache.length
+        # per-token (noisy?, block) for the cached keys (clean, earlier blocks) and the new tokens
+        cb = torch.zeros(c, dtype=torch.long, device=device) if clean_blocks is None else clean_blocks.to(device)
+        first_new_block = cache.n_blocks
+        new_blocks = torch.cat([cb + first_new_block,
+                                torch.full((n,), int(cb.max()) + first_new_block + 1 if c else first_new_block,
+                                           dtype=torch.long, device=device)])
+        new_noisy = torch.cat([torch.zeros(c, dtype=torch.bool, device=device),
+                               torch.ones(n, dtype=torch.bool, device=device)])
+        k_noisy = torch.cat([torch.zeros(past, dtype=torch.bool, device=device), new_noisy])
+        k_block = torch.cat([torch.full((past,), -1, dtype=torch.long, device=device), new_blocks])
+        pattern = block_pattern(new_noisy, new_blocks, k_noisy, k_block)            # [c + n, past + c + n]
+        pad_new = torch.ones(B, c + n, dtype=torch.long, device=device)
+        if clean_padding is not None:
+            pad_new[:, :c] = clean_padding.to(device)
+        padding = pad_new if cache.padding is None else torch.cat([cache.padding.to(device), pad_new], dim=1)
+        has_pad = not bool(padding.bool().all())
+        positions = ((padding.long().cumsum(-1) - 1).clamp(min=0) if has_pad else
+                     torch.arange(past + c + n, device=device)[None].expand(B, -1))[:, past:]
+        mask = prepared_mask(self.base.config, pattern, B, self.dtype, padding if has_pad else None)
+        keep = None
+        if n:  # logits only where they are read: the last clean row (shift) and the noisy rows
+            first = c - 1 if (self.shift and c) else c
+            keep = torch.arange(max(first, 0), c + n, device=device)
+        elif self.shift and c:
+            keep = torch.tensor([c - 1], device=device)
+        out = self.base(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache.kv, use_cache=True,
+                        logits_to_keep=keep if keep is not None else 1)
+        _truncate_cache(cache.kv, past + c)  # keep the clean tokens only: the noisy block is not final
+        cache.length = past + c
+        cache.padding = padding[:, :past + c]
+        if c:
+            cache.n_blocks = first_new_block + int(cb.max()) + 1
+        logits = out.logits
+        if self.shift and c:
+            cache.next_logits = logits[:, 0]
+            logits = logits[:, 1:]
+        if not n:
+            return None
+        if not self.shift:
+            return logits
+        if cache.next_logits is None:
+            raise ValueError("the first block needs clean tokens before it (a prompt or a start token)")
+        return torch.cat([cache.next_logits[:, None], logits[:, :-1]], dim=1)
+
+    def ar_logits(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Plain causal next-token logits of the same weights (row i predicts token i+1) -> [B, L, V].
+
+        An added mask token gets -inf so the AR distribution is the base model's own.
+        """
+        logits = self._base_logits(input_ids, attention_mask, 0.0)
+        if self.config.added_mask_token:
+            logits = logits.clone()
+            logits[..., self.mask_token_id] = float("-inf")
+        return logits
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                attention_mask_ratio: float = 1.0) -> torch.Tensor:
+        return self.denoise_logits(input_ids, attention_mask, attention_mask_ratio)
+
+    # ----- training objective (Eq. 7) --------------------------------------------------------------------------
+    def default_maskable(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """[B, L] bool: real tokens, minus position 0 under the shift (nothing predicts it)."""
+        maskable = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+        if self.shift:
+            maskable = maskable.clone()
+            maskable[:, 0] = False
+        return maskable
+
+    def diffusion_loss(self, input_ids: torch.Tensor, t: Optional[torch.Tensor] = None,
+                       maskable: Optional[torch.Tensor] = None, attention_mask: Optional[torch.Tensor] = None,
+                       attention_mask_ratio: float = 1.0, weighting: str = "inverse_t", eps: float = 1e-3,
+                       generator: Optional[torch.Generator] = None) -> DiffusionLossOutput:
+        """Eq. 7 on a batch of clean sequences.
+
+        input_ids: [B, L] clean tokens x0.
+        t:         [B] noise levels; default t ~ U(eps, 1) per sequence.
+        maskable:  [B, L] bool, positions that may be noised (SFT: the response only). Default: every real token
+                   except position 0 under the shift. Position 0 is never maskable under the shift.
+        attention_mask_ratio: annealing ratio for this step (1 = bidirectional).
+        weighting: "inverse_t" (Eq. 7) or "none" (ablation: plain masked CE).
+        Returns (loss, masked_ce): both normalised by the number of masked tokens.
+        """
+        if weighting not in ("inverse_t", "none"):
+            raise ValueError(f"weighting must be 'inverse_t' or 'none', got {weighting!r}")
+        B = input_ids.shape[0]
+        if maskable is None:
+            maskable = self.default_maskable(input_ids, attention_mask)
+        elif self.shift:
+            maskable = maskable.bool().clone()
+            maskable[:, 0] = False
+        if t is None:
+            t = sample_t(B, eps, generator=generator, device=input_ids.device)
+        t = torch.as_tensor(t, dtype=torch.float32, device=input_ids.device).expand(B)
+        x_t, masked = q_sample(input_ids, t, self.mask_token_id, maskable, generator=generator)
+        logits = self.denoise_logits(x_t, attention_mask, attention_mask_ratio, generator=generator)  # [B, L, V]
+        if not bool(masked.any()):
+            zero = logits.sum() * 0.0  # keeps the graph (and DDP) happy when nothing was masked
+            return DiffusionLossOutput(zero, zero.detach())
+        ce = F.cross_entropy(logits[masked].float(), input_ids[masked], reduction="none")  # [N]
+        n = masked.sum()
+        weight = (1.0 / t)[:, None].expand_as(masked)[masked] if weighting == "inverse_t" else torch.ones_like(ce)
+        return DiffusionLossOutput((ce * weight).sum() / n, ce.detach().sum() / n)
+
+    def block_denoise_logits(self, x_t: torch.Tensor, x0: torch.Tensor, block_length: int, offset: int = 0,
+                             attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Position-aligned block-diffusion logits [B, L, V]: row j predicts token j of block b from the noisy
+        block b (`x_t`) and the clean blocks before it (`x0`), in one staircase forward over [x_t; x_0]."""
+        B, L = x0.shape
+        pattern, positions, rows = staircase(L, block_length, offset, self.shift, device=x0.device)
+        pad = torch.cat([attention_mask, attention_mask], 1) if attention_mask is not None else None
+        if pad is not None and not bool(pad.bool().all()):
+            half = padding_position_ids(attention_mask)
+            position_ids = torch.cat([half, half], 1)
+        else:
+            pad, position_ids = None, positions[None].expand(B, -1)
+        mask = prepared_mask(self.base.config, pattern, B, self.dtype, pad)
+        out = self.base(input_ids=torch.cat([x_t, x0], 1), attention_mask=mask, position_ids=position_ids,
+                        logits_to_keep=rows)
+        return out.logits
+
+    def block_diffusion_loss(self, input_ids: torch.Tensor, block_length: int, *, offset: Optional[int] = None,
+                             t: Optional[torch.Tensor] = None, maskable: Optional[torch.Tensor] = None,
+                             attention_mask: Optional[torch.Tensor] = None, weighting: str = "inverse_t",
+                             eps: float = 1e-3, generator: Optional[torch.Generator] = None) -> DiffusionLossOutput:
+        """Block-diffusion training (BD3-LM / Fast-dLLM v2) on a batch of clean sequences, every block in one pass.
+
+        The forward runs over [x_t; x_0] (2L tokens) with the staircase pattern (`dlm.attention.staircase`): noisy
+        block b attends to itself and to the clean blocks before it, clean blocks attend block-causally. Each block
+        gets its own t ~ U(eps, 1); the loss is Eq. 7 per block (1/t-weighted CE over its masked tokens), summed
+        over blocks and normalised by the number of masked tokens. Clean positions carry no loss.
+        input_ids:    [B, L] clean tokens x0.
+        block_length: tokens per block (1 = the causal LM itself: every token predicted from the clean past).
+        offset:       length of the first block (0 = a full one); None draws it uniformly from `generator`, so the
+                      model learns every alignment (at decoding the prompt ends exactly at a block boundary).
+        t:            [B, n_blocks] noise levels (default: drawn); maskable / attention_mask / weighting / eps /
+                      generator: as for `diffusion_loss`.
+        """
+        if weighting not in ("inverse_t", "none"):
+            raise ValueError(f"weighting must be 'inverse_t' or 'none', got {weighting!r}")
+        if isinstance(block_length, bool) or not isinstance(block_length, int) or block_length < 1:
+            raise ValueError(f"block_length must be a positive integer, got {block_length!r}")
+        B, L = input_ids.shape
+        device = input_ids.device
+        if offset is None:
+            offset = int(torch.randint(block_length, (1,), generator=generator)) if block_length > 1 else 0
+        blk = block_ids(L, block_length, offset, device)
+        n_blocks = int(blk[-1]) + 1
+        base_maskable = self.default_maskable(input_ids, attention_mask)
+        maskable = base_maskable if maskable is None else (maskable.bool() & base_maskable)
+        if t is None:
+            t = sample_t(B * n_blocks, eps, generator=generator, device=device).view(B, n_blocks)
+        t_tok = torch.as_tensor(t, dtype=torch.float32, device=device)[:, blk]                # [B, L]
+        x_t, masked = q_sample(input_ids, t_tok, self.mask_token_id, maskable, generator=generator)
+        logits = self.block_denoise_logits(x_t, input_ids, block_length, offset, attention_mask)  # [B, L, V]
+        if not bool(masked.any()):
+            zero = logits.sum() * 0.0
+            return DiffusionLossOutput(zero, zero.detach())
+        ce = F.cross_entropy(logits[masked].float(), input_ids[masked], reduction="none")
+        n = masked.sum()
+        weight = (1.0 / t_tok)[masked] if weighting == "inverse_t" else torch.ones_like(ce)
+        return DiffusionLossOutput((ce * weight).sum() / n, ce.detach().sum() / n)
+
+    # ----- persistence -------------------------------------------------------------------------------------------
+    def save_pretrained(self, directory: str | os.PathLike, base_model: Optional[str] = None) -> None:
+        """Write the model so that `dlm.load(directory)` restores it exactly, atomically: safetensors weights (or,
+        for a peft-wrapped base, only the adapter plus a dlm config naming `base_model`, default the model's own
+        source), the tokenizer, `dlm_config.json` and the recommended `sampler_config.json`."""
+        cfg = DLMConfig(**self.config.__dict__)
+        if hasattr(self.base, "peft_config"):
+            cfg.base_model = base_model or cfg.base_model or getattr(self, "source", None)
+            if not cfg.base_model:
+                raise ValueError("saving an adapter needs base_model= (registry name or path of the base weights)")
+        with atomic_directory(directory) as tmp:
+            self.base.save_pretrained(str(tmp), safe_serialization=True)
+            self.tokenizer.save_pretrained(str(tmp))
+            cfg.save(tmp)
+            save_sampler_configs(tmp, self.sampler_config, self.infill_config)
+
+    # ----- algorithms: the public call style (the code lives in one module per job) ------------------------------------
+    def generate(self, prompt=None, config: Optional[SamplerConfig] = None, **kwargs) -> Generation:
+        """Diffusion generation after a prompt (`dlm.sampling.generate`: config + keyword overrides)."""
+        return sampling.generate(self, prompt, config, **kwargs)
+
+    def stream(self, prompt=None, config: Optional[SamplerConfig] = None, **kwargs):
+        """`generate`, yielding each step's Frame live and then the Generation."""
+        return sampling.stream(self, prompt, config, **kwargs)
+
+    def generate_batch(self, prompts, config: Optional[SamplerConfig] = None, **kwargs) -> list[Generation]:
+        return sampling.generate_batch(self, prompts, config, **kwargs)
+
+    def ar_generate(self, prompt=None, config: Optional[SamplerConfig] = None, **kwargs) -> Generation:
+        """Left-to-right baseline with the same weights run causally (or `ar_model=`)."""
+        return sampling.ar_generate(self, prompt, config, **kwargs)
+
+    def infill(self, prefix: str, suffix: str, length: int, config: Optional[SamplerConfig] = None, **kwargs
+               ) -> Generation:
+        return infill_mod.infill(self, prefix, suffix, length, config, **kwargs)
+
+    def fill(self, template: str, config: Optional[SamplerConfig] = None, **kwargs) -> Generation:
+        return infill_mod.fill(self, template, config, **kwargs)
+
+    def stream_fill(self, template: str, config: Optional[SamplerConfig] = None, **kwargs):
+        return infill_mod.stream_fill(self, template, config, **kwargs)
+
+    def stream_infill(self, prefix: str, suffix: str, length: int, config: Optional[SamplerConfig] = None, **kwargs):
+        return infill_mod.stream_infill(self, prefix, suffix, length, config, **kwargs)
+
+    def score(self, context: str, continuation: str, **kwargs) -> Score:
+        return likelihood.score(self, context, continuation, **kwargs)
+
+    def ar_score(self, context: str, continuation: str, **kwargs) -> Score:
+        return likelihood.ar_score(self, context, continuation, **kwargs)
+
+
+def save_sampler_configs(directory, generate_cfg: SamplerConfig, infill_cfg: SamplerConfig) -> None:
+    """`sampler_config.json`: the recommended config for writing ("generate") and for infilling ("infill")."""
+    Path(directory, SAMPLER_CONFIG_NAME).write_text(json.dumps(
+        {"generate": generate_cfg.to_dict(), "infill": infill_cfg.to_dict()}, indent=2) + "\n")
+
+
+def load_sampler_configs(directory) -> tuple[Optional[SamplerConfig], Optional[SamplerConfig]]:
+    """The (generate, infill) configs of a model directory's `sampler_config.json`; (None, None) without one.
+    A flat file is the generate config (transformers' generation_config.json style)."""
+    path = Path(directory, SAMPLER_CONFIG_NAME)
+    if not path.is_file():
+        return None, None
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+    try:
+        if isinstance(data, dict) and set(data) <= {"generate", "infill"}:
+            g, i = data.get("generate"), data.get("infill")
+            return (SamplerConfig.from_dict(g) if g is not None else None,
+                    SamplerConfig.from_dict(i) if i is not None else None)
+        return SamplerConfig.from_dict(data), None
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None

@@ -1,0 +1,203 @@
+"""`python -m evals`: the paper's Table 1 (and generation quality) for one model, as a command.
+
+    python -m evals --model smollm2-135m --tasks piqa,siqa,winogrande,lambada --limit 200 --out runs/eval/smol-ar
+    python -m evals --model smollm2-135m-dlm --tasks rocstories,genppl64 --out runs/eval/smol-dlm
+    python -m evals --model smollm2-135m --kind dlm --tasks piqa --out runs/eval/smol-unadapted   # baseline
+    python -m evals table runs/eval/smol-ar runs/eval/smol-dlm                                # one table
+    python -m evals list                                                                     # tasks + data
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Optional
+
+from .backends import KINDS, SCORE_METHODS, EvalSettings, default_kind
+from .data import MissingDataError, default_data_dir
+from .report import table_from_dirs
+from .runner import eprint, evaluate
+from .tasks import GENPPL, TASKS, get_task, mc_file_spec
+
+DEFAULT_TASKS = "piqa,siqa,winogrande,lambada"
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m evals", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="registry name, local directory / .gguf, or hub id")
+    p.add_argument("--kind", choices=KINDS, default=None,
+                   help="evaluate as an AR or a diffusion LM (default: dlm for adapted checkpoints, ar for plain "
+                        "causal LMs; --kind dlm on a plain LM is the un-adapted baseline)")
+    p.add_argument("--tasks", default=DEFAULT_TASKS,
+                   help=f"comma-separated: {', '.join(TASKS)}, genppl / genppl<N> (default {DEFAULT_TASKS}); "
+                        "'' with --task-file runs only the file")
+    p.add_argument("--task-file", action="append", default=[], type=Path, metavar="PATH",
+                   help='extra multiple-choice JSONL task ({"context", "choices", "gold"} per line); repeatable')
+    p.add_argument("--limit", type=_positive_int, default=None, help="first N examples of each task (default all)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, required=True, help="output directory (resumable)")
+    p.add_argument("--data-dir", type=Path, default=None,
+                   help=f"task data folder (default $DLM_DATA_DIR or {default_data_dir()})")
+    p.add_argument("--label", default="", help="row name in the table (default: the model)")
+    p.add_argument("--overwrite", action="store_true", help="discard predictions made with other settings")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto", help="auto (fp32 on CPU, bf16 on GPU), bf16, fp16, fp32")
+    g = p.add_argument_group("likelihood (DLM)")
+    g.add_argument("--n-samples", type=_positive_int, default=32, help="ELBO samples / paper noise levels")
+    g.add_argument("--score-method", choices=SCORE_METHODS, default="elbo")
+    g = p.add_argument_group("generation")
+    g.add_argument("--steps", type=_positive_int, default=None, help="DLM steps (default: one token per step)")
+    g.add_argument("--block-length", type=_positive_int, default=None)
+    g.add_argument("--remasking", default="confidence", choices=("confidence", "margin", "entropy", "random"))
+    g.add_argument("--threshold", type=float, default=None)
+    g.add_argument("--oracle-length", action=argparse.BooleanOptionalAction, default=True,
+                   help="generate exactly the reference answer's number of tokens (the paper's setting; default)")
+    g.add_argument("--max-new-tokens", type=_positive_int, default=None,
+                   help="answer budget with --no-oracle-length (default per task)")
+    g.add_argument("--chat", action="store_true", help="GSM8K: use the tokenizer's chat template")
+    g.add_argument("--exec-timeout", type=float, default=10.0, help="seconds per HumanEval program")
+    g = p.add_argument_group("generation quality / perplexity")
+    g.add_argument("--judge", default="smollm2-135m", help="AR judge for gen-PPL (paper: gpt2-large)")
+    g.add_argument("--gen-length", type=_positive_int, default=64, help="tokens per sample for 'genppl'")
+    g.add_argument("--gen-temperature", type=float, default=1.0)
+    g.add_argument("--gen-top-p", type=float, default=1.0)
+    g.add_argument("--gen-prompt-words", type=int, default=0, help="0 = unconditional samples")
+    g.add_argument("--ppl-max-tokens", type=_positive_int, default=128)
+    g.add_argument("--heldout-book", default=None, help="Gutenberg file under gutenberg/ (default: the book the checkpoint's training held out, "
+                        "from dlm_config training.heldout_books, else pg1661.txt.gz)")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    return p
+
+
+def load_task_data(names: list[str], task_files: list[Path], data_dir: Path, settings: EvalSettings,
+                   limit: Optional[int]) -> tuple[list, list[str]]:
+    """Resolve task names and read their examples -> ([(spec, examples)], [messages about missing data])."""
+    specs = [get_task(n, settings.gen_length) for n in names] + [mc_file_spec(f) for f in task_files]
+    loaded, missing = [], []
+    for spec in specs:
+        try:
+            examples = spec.load(data_dir, settings)
+        except MissingDataError as e:
+            missing.append(str(e))
+            continue
+        if not examples:
+            missing.append(f"task {spec.name!r}: no examples found")
+            continue
+        loaded.append((spec, examples[:limit] if limit else examples))
+    return loaded, missing
+
+
+def run(args: argparse.Namespace) -> int:
+    import dlm
+    names = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if not names and not args.task_file:
+        raise ValueError("no tasks: give --tasks and/or --task-file")
+    for n in names:
+        get_task(n)  # unknown names fail before anything is loaded
+    data_dir = args.data_dir or default_data_dir()
+    common = dict(n_samples=args.n_samples, score_method=args.score_method, steps=args.steps,
+                  block_length=args.block_length, remasking=args.remasking, threshold=args.threshold,
+                  oracle_length=args.oracle_length, max_new_tokens=args.max_new_tokens, seed=args.seed,
+                  gen_length=args.gen_length, gen_temperature=args.gen_temperature, gen_top_p=args.gen_top_p,
+                  gen_prompt_words=args.gen_prompt_words, judge=args.judge, ppl_max_tokens=args.ppl_max_tokens,
+                  heldout_book=args.heldout_book, chat=args.chat, exec_timeout=args.exec_timeout)
+    provisional = EvalSettings(kind=args.kind or "ar", **common)
+    tasks, missing = load_task_data(names, args.task_file, data_dir, provisional, args.limit)
+    for msg in missing:
+        eprint(f"skipping: {msg}")
+    if not tasks:
+        eprint("nothing to evaluate: no task has its data (see --data-dir)")
+        return 1
+    model = dlm.load(args.model, device=args.device, dtype=args.dtype)
+    kind = args.kind or default_kind(model, args.model)
+    if kind == "ar":  # DLM-only knobs do not change AR predictions: keep them out of the resume check
+        common.update({name: getattr(EvalSettings, name) for name in _DLM_ONLY})
+    book = heldout_book_of(model) if args.heldout_book is None else None
+    if book:  # the checkpoint says which book its training held out: evaluate perplexity / prompts on that one
+        common["heldout_book"] = book
+        uses_book = [spec.name for spec, _ in tasks if spec.name == "elbo_ppl" or GENPPL.match(spec.name)]
+        reloaded, _ = load_task_data(uses_book, [], data_dir, EvalSettings(**common), args.limit)
+        by_name = {spec.name: (spec, ex) for spec, ex in reloaded}
+        tasks = [by_name.get(spec.name, (spec, ex)) for spec, ex in tasks]
+    settings = EvalSettings(kind=kind, **common)
+    print(f"{args.model}: evaluated as {kind.upper()} on {', '.join(s.name for s, _ in tasks)} -> {args.out}")
+    evaluate(model, tasks, args.out, settings, model_id=args.model, label=args.label, overwrite=args.overwrite,
+             progress=False if args.no_progress else None)
+    print(f"wrote {args.out / 'results.json'} and {args.out / 'table.md'}")
+    print((args.out / "table.md").read_text())
+    return 1 if missing else 0
+
+
+def heldout_book_of(model) -> Optional[str]:
+    """The Gutenberg file a checkpoint's training held out, if its dlm_config records one
+    (`training["heldout_books"]`, names or paths; the first is used)."""
+    training = getattr(getattr(model, "config", None), "training", None) or {}
+    books = training.get("heldout_books") if isinstance(training, dict) else None
+    if isinstance(books, str):
+        books = [books]
+    return Path(books[0]).name if books else None
+
+
+_DLM_ONLY = ("n_samples", "score_method", "steps", "block_length", "remasking", "threshold")
+
+
+def table_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="python -m evals table", description="merge run directories into one table")
+    p.add_argument("dirs", nargs="+", type=Path)
+    p.add_argument("--out", type=Path, default=None, help="write the table here too")
+    args = p.parse_args(argv)
+    text = table_from_dirs(args.dirs)
+    print(text)
+    if args.out:
+        args.out.write_text(text, encoding="utf-8")
+    return 0
+
+
+def list_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="python -m evals list", description="tasks and whether their data is present")
+    p.add_argument("--data-dir", type=Path, default=None)
+    args = p.parse_args(argv)
+    data_dir = args.data_dir or default_data_dir()
+    print(f"data dir: {data_dir}")
+    for name, spec in TASKS.items():
+        try:
+            n = len(spec.load(data_dir, EvalSettings(kind="ar")))
+            status = f"{n} examples"
+        except MissingDataError:
+            status = "data missing"
+        print(f"  {name:18s} {status:16s} {spec.description}")
+    print(f"  {'genppl<N>':18s} {'(held-out book)':16s} N-token samples: gen-PPL under an AR judge, distinct-2")
+    return 0
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "table":
+        return table_main(argv[1:])
+    if argv and argv[0] == "list":
+        return list_main(argv[1:])
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except KeyboardInterrupt:
+        eprint("interrupted: finished examples are saved; rerun the same command to resume")
+        return 130
+    except Exception as e:  # one line for the user; --debug for the traceback
+        if args.debug:
+            raise
+        message = e.args[0] if isinstance(e, KeyError) and e.args else e
+        eprint(f"error: {message}" if isinstance(e, (ValueError, OSError, KeyError)) else
+               f"error: {type(e).__name__}: {message}")
+        return 1
+
+
+__all__ = ["main", "build_parser"]

@@ -1,0 +1,128 @@
+"""Scoring functions: pure Python on strings and numbers (no model, no torch), so each is checked by hand.
+
+- `normalize_answer` / `exact_match`: SQuAD-style answer normalisation, max over gold aliases (TriviaQA).
+- `first_answer_span`: the part of a generated answer before the first newline / period / comma (lm-eval's
+  TriviaQA stop strings).
+- `rouge_scores`: ROUGE-1/2/L F-measure x 100 with `rouge-score` (ROCStories infilling, as the paper).
+- `gsm8k_gold` / `gsm8k_prediction` / `numbers_equal`: GSM8K final-answer parsing.
+- `mean_stderr`: mean and standard error of per-example values (accuracy, ROUGE, pass@1 ...).
+- `distinct_n`: fraction of unique n-grams in a text (diversity of generations).
+"""
+from __future__ import annotations
+
+import math
+import re
+import string
+from functools import lru_cache
+from typing import Iterable, Optional, Sequence
+
+
+# ----- exact match (TriviaQA) ----------------------------------------------------------------------------------
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_PUNCT = set(string.punctuation)
+
+
+def normalize_answer(text: str) -> str:
+    """SQuAD normalisation: lower case, drop punctuation, drop articles (a/an/the), collapse whitespace."""
+    text = text.lower()
+    text = "".join(ch for ch in text if ch not in _PUNCT)
+    text = _ARTICLES.sub(" ", text)
+    return " ".join(text.split())
+
+
+def exact_match(prediction: str, aliases: Iterable[str]) -> float:
+    """1.0 if the normalised prediction equals the normalised form of any alias, else 0.0."""
+    pred = normalize_answer(prediction)
+    return float(any(pred == normalize_answer(a) for a in aliases))
+
+
+def first_answer_span(text: str, stops: Sequence[str] = ("\n", ".", ",")) -> str:
+    """Cut a generated short answer at the first stop string (lm-eval's TriviaQA `until`), then strip."""
+    cut = len(text)
+    for s in stops:
+        i = text.find(s)
+        if i != -1:
+            cut = min(cut, i)
+    return text[:cut].strip()
+
+
+# ----- ROUGE (ROCStories infilling) ------------------------------------------------------------------------------
+ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
+
+
+@lru_cache(maxsize=1)
+def _rouge_scorer():
+    from rouge_score import rouge_scorer
+    return rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=True)
+
+
+def rouge_scores(prediction: str, reference: str) -> dict[str, float]:
+    """ROUGE-1/2/L F-measure of `prediction` against `reference`, scaled to 0..100 (the paper's Table 1 units)."""
+    scores = _rouge_scorer().score(reference, prediction)
+    return {k: 100.0 * scores[k].fmeasure for k in ROUGE_TYPES}
+
+
+# ----- GSM8K -------------------------------------------------------------------------------------------------------
+_NUMBER = re.compile(r"-?\$?\d[\d,]*(?:\.\d+)?|-?\.\d+")
+
+
+def _clean_number(text: str) -> Optional[str]:
+    text = text.replace(",", "").replace("$", "").strip().rstrip(".")
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    return str(int(value)) if value == int(value) else repr(value)
+
+
+def gsm8k_gold(answer: str) -> str:
+    """The reference answer: what follows '####' in a GSM8K solution, as a canonical number string."""
+    if "####" not in answer:
+        raise ValueError(f"GSM8K answer has no '####' marker: {answer[-80:]!r}")
+    tail = answer.split("####")[-1].strip()
+    cleaned = _clean_number(tail)
+    return cleaned if cleaned is not None else tail
+
+
+def gsm8k_prediction(text: str) -> Optional[str]:
+    """The model's final answer: the first number after the last '####' if there is one, else the last number in
+    the text; canonical number string ("1,000.00" -> "1000"), None when the text holds no number."""
+    if "####" in text:
+        after = _NUMBER.findall(text.split("####")[-1])
+        if after:
+            return _clean_number(after[0])
+    found = _NUMBER.findall(text)
+    return _clean_number(found[-1]) if found else None
+
+
+def numbers_equal(a: Optional[str], b: Optional[str], tol: float = 1e-6) -> bool:
+    if a is None or b is None:
+        return False
+    try:
+        return math.isclose(float(a), float(b), rel_tol=0.0, abs_tol=tol)
+    except ValueError:
+        return a.strip() == b.strip()
+
+
+# ----- aggregation -------------------------------------------------------------------------------------------------
+def mean_stderr(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and standard error of the mean, std(ddof=1)/sqrt(n) (lm-eval's convention); stderr NaN when n < 2."""
+    n = len(values)
+    if n == 0:
+        return float("nan"), float("nan")
+    mean = sum(values) / n
+    if n < 2:
+        return mean, float("nan")
+    var = sum((v - mean) ** 2 for v in values) / (n - 1)
+    return mean, math.sqrt(var / n)
+
+
+# ----- diversity -----------------------------------------------------------------------------------------------------
+def distinct_n(text: str, n: int = 2) -> float:
+    """Distinct-n (Li et al. 2016) of one text: unique word n-grams / all word n-grams (NaN when none).
+
+    Words are whitespace-separated, so the number is comparable across models with different tokenizers.
+    """
+    words = text.split()
+    grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else float("nan")

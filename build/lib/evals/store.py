@@ -1,0 +1,104 @@
+"""The output directory of a run: config, per-example predictions (append-only JSONL) and results.
+
+    OUT/config.json                 model, dtype, kind and every setting that changes predictions
+    OUT/predictions/<task>.jsonl    one record per finished example (appended and flushed as it finishes)
+    OUT/results.json                {"<task>": {"<metric>": value, "stderr": value, "n": count, ...}}
+    OUT/table.md                    this run as one row of the paper's Table 1
+
+A rerun with the same settings skips every example already in predictions/ (resumable after a crash or with a
+larger --limit); a rerun with different settings is refused unless --overwrite, so a file never mixes settings.
+"""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+from typing import Iterable
+
+
+class ConfigMismatch(ValueError):
+    pass
+
+
+def _jsonable(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None  # JSON has no NaN / inf
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def write_json(path: Path, obj) -> None:
+    path = Path(path)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(_jsonable(obj), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    tmp.replace(path)
+
+
+def read_json(path: Path, default=None):
+    path = Path(path)
+    if not path.is_file():
+        return default
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e.msg}); delete it or use another --out") from None
+
+
+def prepare_out_dir(out: Path, config: dict, overwrite: bool = False) -> None:
+    """Create OUT and write config.json; refuse to reuse a directory made with different settings."""
+    out = Path(out)
+    old = read_json(out / "config.json")
+    identity = ("model", "dtype", "settings")
+    same = old is None or all(old.get(k) == config.get(k) for k in identity)
+    if not same and not overwrite:
+        before, after = old.get("settings", {}), config.get("settings", {})
+        diff = [f"{k}: {before.get(k)!r} -> {v!r}" for k, v in after.items() if before.get(k) != v]
+        diff[:0] = [f"{k}: {old.get(k)!r} -> {config.get(k)!r}" for k in ("model", "dtype") if old.get(k) != config.get(k)]
+        raise ConfigMismatch(f"{out} holds predictions made with other settings ({'; '.join(diff)}); "
+                             "use another --out, or --overwrite to discard them")
+    if overwrite:
+        shutil.rmtree(out / "predictions", ignore_errors=True)
+        for name in ("results.json", "table.md"):
+            (out / name).unlink(missing_ok=True)
+    (out / "predictions").mkdir(parents=True, exist_ok=True)
+    write_json(out / "config.json", config)
+
+
+class PredictionStore:
+    """Append-only per-example records of one task, keyed by example id."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.records: dict[int, dict] = {}
+        if self.path.is_file():
+            lines = self.path.read_text(encoding="utf-8").splitlines()
+            for n, line in enumerate(lines, 1):
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:
+                    if n == len(lines):
+                        continue  # a line cut short by a crash: that example simply runs again
+                    raise ValueError(f"{self.path}:{n} is not valid JSON; delete the file to recompute") from None
+                self.records[int(rec["id"])] = rec
+            # rewrite without a torn last line so later appends stay valid JSONL
+            self.path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in self.records.values()),
+                                 encoding="utf-8")
+
+    def __contains__(self, example_id: int) -> bool:
+        return example_id in self.records
+
+    def add(self, record: dict) -> None:
+        record = _jsonable(record)
+        self.records[int(record["id"])] = record
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+            f.flush()
+
+    def select(self, ids: Iterable[int]) -> list[dict]:
+        return [self.records[i] for i in ids if i in self.records]

@@ -1,0 +1,278 @@
+"""The tasks: for each, how to load its examples, how to turn one example into a prediction record, and which
+per-example numbers become the task's metrics.
+
+A record is a JSON-able dict with the example `id`, what the model produced and one number per metric; the run
+appends it to `predictions/<task>.jsonl` as soon as it exists (that is what makes runs resumable), and `aggregate`
+turns the records into `{"<metric>": mean, "<metric>_stderr": se, "stderr": se(main), "n": n}`.
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+from . import data as D
+from .backends import Backend, example_seed
+from .execution import humaneval_program, run_program, single_line
+from .metrics import (distinct_n, exact_match, first_answer_span, gsm8k_prediction, mean_stderr, numbers_equal,
+                      rouge_scores)
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    name: str
+    title: str                               # column header in the Table-1 layout
+    load: Callable                           # (data_dir, backend settings) -> list of examples
+    evaluate: Callable                       # (backend, example) -> record dict
+    metrics: tuple[str, ...]                 # per-example keys averaged into the results
+    main: str                                # the metric shown in the table and whose stderr is "stderr"
+    aggregate: Optional[Callable] = None     # custom (records -> results) for corpus-level metrics
+    default_new_tokens: int = 32             # answer budget when the length is not the oracle's
+    description: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+# ----- multiple choice -------------------------------------------------------------------------------------------------
+def eval_mc(b: Backend, ex: D.MCExample) -> dict:
+    """acc: argmax of the summed log-likelihood; acc_norm: of log-likelihood per UTF-8 byte of the choice (lm-eval).
+    Under the DLM 'paper' estimator the score is already a per-token mean, so acc_norm is not computed."""
+    lls = b.loglikelihoods(list(zip(ex.contexts, ex.continuations)), seed=example_seed(b.s.seed, ex.id))
+    scores = [ll.logprob for ll in lls]
+    pred = max(range(len(scores)), key=scores.__getitem__)
+    rec = {"id": ex.id, "gold": ex.gold, "pred": pred, "logprobs": scores, "acc": float(pred == ex.gold)}
+    if any(ll.stderr for ll in lls):
+        rec["stderrs"] = [ll.stderr for ll in lls]
+    same_continuation = len(set(ex.continuations)) == 1
+    if not same_continuation and not (b.kind == "dlm" and b.s.score_method == "paper"):
+        norm = [s / max(1, len(c.encode("utf-8"))) for s, c in zip(scores, ex.continuations)]
+        pred_norm = max(range(len(norm)), key=norm.__getitem__)
+        rec.update(pred_norm=pred_norm, acc_norm=float(pred_norm == ex.gold))
+    return rec
+
+
+# ----- LAMBADA -------------------------------------------------------------------------------------------------------------
+_WORD_EDGE_PUNCT = re.compile(r"^[\W_]+|[\W_]+$")
+
+
+def first_word(text: str) -> str:
+    words = text.split()
+    return _WORD_EDGE_PUNCT.sub("", words[0]) if words else ""
+
+
+def eval_lastword(b: Backend, ex: D.LastWordExample) -> dict:
+    """Oracle length: AR = greedy decoding reproduces the target's tokens (lm-eval's lambada acc), DLM = the
+    target's number of tokens generated after the context (the paper's infilling of the last word) equals it.
+    Not oracle: the first word of a free continuation of `max_new_tokens` (default 8) equals the target word."""
+    seed = example_seed(b.s.seed, ex.id)
+    target = ex.target.strip()
+    rec: dict = {"id": ex.id, "target": target}
+    if b.kind == "ar":
+        ll = b.loglikelihoods([(ex.context, ex.target)], seed)[0]
+        rec["logprob"] = ll.logprob
+    if b.s.oracle_length:
+        if b.kind == "ar":
+            rec.update(pred=None, acc=float(ll.greedy))
+        else:
+            g = b.complete(ex.context, b.n_tokens(ex.target), seed)
+            rec.update(pred=g.text.strip(), acc=float(g.text.strip() == target))
+    else:
+        g = b.complete(ex.context, b.s.max_new_tokens or 8, seed)
+        rec.update(pred=first_word(g.text), acc=float(first_word(g.text) == _WORD_EDGE_PUNCT.sub("", target)))
+    return rec
+
+
+def aggregate_lastword(records: list[dict], main: str) -> dict:
+    out = aggregate_mean(records, ("acc",), main)
+    lps = [r["logprob"] for r in records if r.get("logprob") is not None]
+    if lps:  # lm-eval's lambada perplexity: exp(-mean log-likelihood of the target)
+        out["ppl"] = math.exp(-sum(lps) / len(lps))
+    return out
+
+
+# ----- TriviaQA ---------------------------------------------------------------------------------------------------------------
+def eval_qa(b: Backend, ex: D.QAExample) -> dict:
+    """Greedy answer (oracle: as many tokens as the first alias), cut at the first newline / '.' / ',', exact match
+    over the aliases after SQuAD normalisation."""
+    n = b.n_tokens(" " + ex.answer) if b.s.oracle_length else (b.s.max_new_tokens or 24)
+    g = b.complete(ex.prompt, n, example_seed(b.s.seed, ex.id))
+    pred = first_answer_span(g.text)
+    return {"id": ex.id, "pred": pred, "raw": g.text, "answer": ex.answer, "em": exact_match(pred, ex.aliases)}
+
+
+# ----- ROCStories --------------------------------------------------------------------------------------------------------------
+def eval_story_infill(b: Backend, ex: D.InfillExample) -> dict:
+    """Sentence 3 from sentences 1-2 and 4-5 (DLM) or from 1-2 only (AR); ROUGE-1/2/L F1 x 100 against the
+    reference. Oracle: the reference's number of tokens; else `max_new_tokens` (default 24). The prediction is
+    cut at the first newline."""
+    n = b.n_tokens(ex.target) if b.s.oracle_length else (b.s.max_new_tokens or 24)
+    middle = b.infill(ex.prefix, ex.suffix, n, example_seed(b.s.seed, ex.id))
+    pred = middle.split("\n")[0].strip()
+    return {"id": ex.id, "pred": pred, "target": ex.target.strip(), **rouge_scores(pred, ex.target.strip())}
+
+
+# ----- HumanEval single-line infilling -------------------------------------------------------------------------------------------
+def eval_code_infill(b: Backend, ex: D.InfillExample) -> dict:
+    """Middle line from prefix + suffix (DLM) or the prefix alone (AR), cut after its first newline, then the
+    task's unit tests run in a sandboxed subprocess (`evals.execution`): pass@1 with one greedy sample.
+    Oracle: the canonical line's number of tokens; else `max_new_tokens` (default 32)."""
+    n = b.n_tokens(ex.target) if b.s.oracle_length else (b.s.max_new_tokens or 32)
+    completion = single_line(b.infill(ex.prefix, ex.suffix, n, example_seed(b.s.seed, ex.id)))
+    result = run_program(humaneval_program(ex.prefix, completion, ex.suffix, ex.meta["test"], ex.meta["entry_point"]),
+                         timeout=b.s.exec_timeout)
+    return {"id": ex.id, "task_id": ex.meta["task_id"], "completion": completion, "status": result.status,
+            "detail": result.detail, "pass@1": float(result.passed)}
+
+
+# ----- GSM8K ---------------------------------------------------------------------------------------------------------------------
+def eval_gsm8k(b: Backend, ex: D.MathExample) -> dict:
+    """Zero-shot "Question: ...\\nAnswer:" (or the chat template with `chat`), greedy; the final answer is the
+    number after '####' in the output, else its last number. Oracle: the reference solution's token count."""
+    n = b.n_tokens(" " + ex.solution) if b.s.oracle_length else (b.s.max_new_tokens or 256)
+    seed = example_seed(b.s.seed, ex.id)
+    if b.s.chat:
+        g = b.complete(None, n, seed, messages=[{"role": "user", "content": ex.question}])
+    else:
+        g = b.complete(f"Question: {ex.question}\nAnswer:", n, seed)
+    pred = gsm8k_prediction(g.text)
+    return {"id": ex.id, "pred": pred, "answer": ex.answer, "raw": g.text, "acc": float(numbers_equal(pred, ex.answer))}
+
+
+# ----- held-out perplexity -----------------------------------------------------------------------------------------------------
+def load_ppl(data_dir: Path, s) -> list[D.TextExample]:
+    return D.heldout_paragraphs(data_dir, s.heldout_book)
+
+
+def eval_ppl(b: Backend, ex: D.TextExample) -> dict:
+    """NLL of the paragraph's first `ppl_max_tokens` tokens after the start token: exact for AR, the ELBO upper
+    bound for a DLM (so its perplexity is an upper bound, the paper's reported quantity)."""
+    ids = b.tokenizer(ex.text, add_special_tokens=False)["input_ids"][: b.s.ppl_max_tokens]
+    nll = b.nll(ids, example_seed(b.s.seed, ex.id))
+    return {"id": ex.id, "nll": nll, "n_tokens": len(ids), "nll_per_token": nll / len(ids)}
+
+
+def aggregate_ppl(records: list[dict], main: str) -> dict:
+    """Corpus perplexity exp(sum nll / sum tokens); stderr by the delta method on the per-paragraph NLL/token."""
+    total = sum(r["nll"] for r in records)
+    tokens = sum(r["n_tokens"] for r in records)
+    ppl = math.exp(total / tokens) if tokens else float("nan")
+    _, se = mean_stderr([r["nll_per_token"] for r in records])
+    return {"ppl": ppl, "ppl_stderr": ppl * se, "stderr": ppl * se, "n": len(records), "tokens": tokens}
+
+
+# ----- generation quality -------------------------------------------------------------------------------------------------------
+def load_genppl(data_dir: Path, s) -> list[D.TextExample]:
+    return D.heldout_paragraphs(data_dir, s.heldout_book)
+
+
+def eval_genppl(b: Backend, ex: D.TextExample, length: int) -> dict:
+    """Sample `length` tokens (unconditionally from the start token, or after the first `gen_prompt_words` words of
+    a held-out paragraph) at `gen_temperature` / `gen_top_p`; score the text with the AR judge; distinct-2."""
+    seed = example_seed(b.s.seed, ex.id)
+    prompt_text = " ".join(ex.text.split()[: b.s.gen_prompt_words])
+    prompt = prompt_text if prompt_text else [b.start_token()]
+    g = b.complete(prompt, length, seed, temperature=b.s.gen_temperature, top_p=b.s.gen_top_p)
+    text = g.text
+    rec = {"id": ex.id, "prompt": prompt_text, "text": text, "distinct2": distinct_n(text, 2), "nll": 0.0,
+           "n_tokens": 0}
+    if text.strip():
+        sc = b.judge().ar_score(prompt_text, text)
+        rec.update(nll=-float(sc.logprob), n_tokens=int(sc.n_tokens))
+    if math.isnan(rec["distinct2"]):
+        rec["distinct2"] = None
+    return rec
+
+
+def aggregate_genppl(records: list[dict], main: str) -> dict:
+    """gen_ppl = exp(sum judge NLL / sum judge tokens) over all samples; distinct2 = mean over samples."""
+    scored = [r for r in records if r["n_tokens"] > 0]
+    tokens = sum(r["n_tokens"] for r in scored)
+    ppl = math.exp(sum(r["nll"] for r in scored) / tokens) if tokens else float("nan")
+    _, se = mean_stderr([r["nll"] / r["n_tokens"] for r in scored])
+    d2, d2_se = mean_stderr([r["distinct2"] for r in records if r.get("distinct2") is not None])
+    return {"gen_ppl": ppl, "gen_ppl_stderr": ppl * se, "distinct2": d2, "distinct2_stderr": d2_se,
+            "stderr": ppl * se, "n": len(records), "empty": len(records) - len(scored)}
+
+
+# ----- aggregation ----------------------------------------------------------------------------------------------------------------
+def aggregate_mean(records: list[dict], metrics, main: str) -> dict:
+    """Mean and stderr of each per-example metric; "stderr" is the main metric's; "n" the number of records."""
+    out: dict = {}
+    for m in metrics:
+        values = [float(r[m]) for r in records if r.get(m) is not None]
+        if values:
+            out[m], out[f"{m}_stderr"] = mean_stderr(values)
+    out["stderr"] = out.get(f"{main}_stderr", float("nan"))
+    out["n"] = len(records)
+    return out
+
+
+def aggregate(spec: TaskSpec, records: list[dict]) -> dict:
+    if spec.aggregate is not None:
+        return spec.aggregate(records, spec.main)
+    return aggregate_mean(records, spec.metrics, spec.main)
+
+
+# ----- registry --------------------------------------------------------------------------------------------------------------------
+def _data(loader):
+    return lambda data_dir, s: loader(data_dir)
+
+
+TASKS: dict[str, TaskSpec] = {t.name: t for t in [
+    TaskSpec("triviaqa", "TriviaQA", _data(D.load_triviaqa), eval_qa, ("em",), "em",
+             description="closed-book QA, exact match over aliases (llm-foundry 3000-question subsample)"),
+    TaskSpec("triviaqa_full", "TriviaQA (full)", _data(D.load_triviaqa_full), eval_qa, ("em",), "em",
+             description="closed-book QA, exact match over aliases (unfiltered dev, 11313)"),
+    TaskSpec("lambada", "Lambada", _data(D.load_lambada), eval_lastword, ("acc",), "acc",
+             aggregate=aggregate_lastword, description="last-word accuracy (OpenAI LAMBADA)"),
+    TaskSpec("lambada_paper", "Lambada (paper file)", _data(D.load_lambada_paper), eval_lastword, ("acc",), "acc",
+             aggregate=aggregate_lastword, description="last-word accuracy on the paper's own plain-text file"),
+    TaskSpec("winogrande", "Wino.", _data(D.load_winogrande), eval_mc, ("acc",), "acc",
+             description="multiple choice, partial scoring (continuation given each filled-in context)"),
+    TaskSpec("siqa", "SIQA", _data(D.load_siqa), eval_mc, ("acc", "acc_norm"), "acc",
+             description="multiple choice, 3 answers"),
+    TaskSpec("piqa", "PIQA", _data(D.load_piqa), eval_mc, ("acc", "acc_norm"), "acc",
+             description="multiple choice, 2 solutions"),
+    TaskSpec("gsm8k", "GSM8K", _data(D.load_gsm8k), eval_gsm8k, ("acc",), "acc",
+             description="grade-school math, answer after ####, zero-shot (meant for SFT'd models)"),
+    TaskSpec("rocstories", "ROCStories", _data(D.load_rocstories), eval_story_infill,
+             ("rouge1", "rouge2", "rougeL"), "rouge1",
+             description="infill sentence 3 from 1-2 and 4-5 (AR: prefix only); ROUGE-1/2/L F1 x 100"),
+    TaskSpec("humaneval_infill", "Code", _data(D.load_humaneval_infill), eval_code_infill, ("pass@1",), "pass@1",
+             description="HumanEval single-line infilling, pass@1 (tests run in a sandboxed subprocess)"),
+    TaskSpec("elbo_ppl", "PPL (held-out)", load_ppl, eval_ppl, ("ppl",), "ppl", aggregate=aggregate_ppl,
+             description="perplexity of held-out Gutenberg paragraphs (DLM: ELBO upper bound)"),
+]}
+
+GENPPL = re.compile(r"^genppl(\d+)?$")
+# Column order of the paper's Table 1, then everything else.
+TABLE_ORDER = ("triviaqa", "triviaqa_full", "lambada", "lambada_paper", "hellaswag", "winogrande", "siqa", "piqa",
+               "gsm8k", "rocstories", "humaneval_infill")
+
+
+def genppl_spec(name: str, default_length: int) -> TaskSpec:
+    m = GENPPL.match(name)
+    length = int(m.group(1)) if m.group(1) else default_length
+    if length < 1:
+        raise ValueError(f"{name}: the generation length must be >= 1")
+    return TaskSpec(name, f"Gen-PPL@{length}", load_genppl, lambda b, ex: eval_genppl(b, ex, length),
+                    ("gen_ppl", "distinct2"), "gen_ppl", aggregate=aggregate_genppl,
+                    description=f"{length}-token samples: perplexity under an AR judge, distinct-2")
+
+
+def mc_file_spec(path: Path) -> TaskSpec:
+    """A task for a generic multiple-choice JSONL file (`--task-file`), named after the file."""
+    path = Path(path)
+    name = path.name.split(".")[0]
+    return TaskSpec(name, name, lambda data_dir, s: D.load_mc_file(path), eval_mc, ("acc", "acc_norm"), "acc",
+                    description=f"multiple choice from {path}")
+
+
+def get_task(name: str, gen_length: int = 64) -> TaskSpec:
+    if name in TASKS:
+        return TASKS[name]
+    if GENPPL.match(name):
+        return genppl_spec(name, gen_length)
+    raise KeyError(f"unknown task {name!r}; known: {', '.join(list(TASKS) + ['genppl', 'genppl<N>'])} "
+                   "(or --task-file PATH for a multiple-choice JSONL)")
