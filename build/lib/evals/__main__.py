@@ -1,6 +1,0 @@
-"""`python -m evals ...`: see evals/cli.py."""
-import sys
-
-from .cli import main
-
-sys.exit(main())
