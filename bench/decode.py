@@ -7,8 +7,12 @@ generated. For each length L (64/128/256; also 512/1024/2048 on a GPU):
   block32       semi-autoregressive blocks of 32 tokens, T = L/2
   thr0.9        Fast-dLLM parallel decoding: blocks of 32, confidence threshold 0.9 (nfe <= L)
   thr0.9+cache  the same with the approximate prefix KV cache
-Columns: seconds (model time only, best of --repeats), tokens/s (L / seconds; AR: tokens actually produced),
-NFE (forward evaluations), gen-PPL of the output under the judge (default: the AR counterpart), distinct-2.
+  blocks4+thr0.9 / blocks8+thr0.9   block diffusion (exact KV cache of finished blocks, only the current block
+                recomputed), threshold 0.9 inside the block: needs a model trained with block attention
+  recommended   the model's own sampler_config (its shipped default decoding)
+Columns: seconds (model time only, best of --repeats), tokens/s, "vs AR" (tokens/s relative to the AR row of the
+same length in the same run), NFE (forward evaluations), gen-PPL of the output under the judge (default: the AR
+counterpart), distinct-2. Every row generates exactly L tokens (EOS suppressed, greedy).
 
     python -m bench.decode                       # or: python -m bench decode
     python -m bench.decode --quick               # lengths 16/32, a few seconds
@@ -17,7 +21,6 @@ NFE (forward evaluations), gen-PPL of the output under the judge (default: the A
 from __future__ import annotations
 
 import argparse
-import inspect
 import math
 import time
 from dataclasses import dataclass
@@ -25,6 +28,8 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
+
+from dlm.quality import distinct_n, judge_ppl
 
 DEFAULT_PROMPT = "Once upon a time, in a small village by the sea, there lived"
 
@@ -41,6 +46,7 @@ class Row:
     gen_ppl: float
     distinct2: float
     text: str = ""
+    vs_ar: float = float("nan")   # tokens/s relative to the AR row of the same length, same run
 
 
 @dataclass
@@ -50,25 +56,22 @@ class Variant:
     block_length: Optional[int] = None
     threshold: Optional[float] = None
     use_cache: bool = False
+    decoder: str = "full"
+    recommended: bool = False            # the model's own sampler_config (greedy, exactly L tokens)
 
 
 VARIANTS = (Variant("T=L/4", 0.25), Variant("T=L/2", 0.5), Variant("T=L", 1.0),
             Variant("block32", 0.5, block_length=32), Variant("thr0.9", 1.0, block_length=32, threshold=0.9),
-            Variant("thr0.9+cache", 1.0, block_length=32, threshold=0.9, use_cache=True))
+            Variant("thr0.9+cache", 1.0, block_length=32, threshold=0.9, use_cache=True),
+            Variant("blocks4+thr0.9", 1.0, block_length=4, threshold=0.9, decoder="blocks"),
+            Variant("blocks8+thr0.9", 1.0, block_length=8, threshold=0.9, decoder="blocks"),
+            Variant("recommended", recommended=True))
 
 
 def _judge_score(judge, prompt: str, text: str) -> float:
     """Perplexity of `text` given `prompt` under the AR judge (NaN for empty text)."""
-    if not text.strip():
-        return float("nan")
-    sc = judge.ar_score(prompt, text)
-    return math.exp(-sc.logprob / max(1, sc.n_tokens))
-
-
-def _distinct2(text: str) -> float:
-    words = text.split()
-    grams = list(zip(words, words[1:]))
-    return len(set(grams)) / len(grams) if grams else float("nan")
+    ppl = judge_ppl(judge, prompt, text)
+    return float("nan") if ppl is None else ppl
 
 
 def _best_of(repeats: int, fn):
@@ -82,26 +85,30 @@ def _best_of(repeats: int, fn):
 
 
 def bench_ar(model, ar_model, prompt: str, length: int, repeats: int, seed: int):
-    kwargs = dict(max_new_tokens=length, temperature=0.0, seed=seed)
+    """HF greedy `generate` with its KV cache, exactly `length` tokens (EOS suppressed, as for the DLM rows)."""
+    kwargs = dict(max_new_tokens=length, temperature=0.0, seed=seed, suppress_eos=True)
     if ar_model is not model:
         kwargs["ar_model"] = ar_model
-    # ask for exactly L tokens when the AR baseline supports it (otherwise it stops at EOS: see the tokens column)
-    from dlm import sampling
-    if "suppress_eos" in inspect.signature(sampling.ar_generate).parameters:
-        kwargs["suppress_eos"] = True
     return _best_of(repeats, lambda: model.ar_generate(prompt, **kwargs))
 
 
-def bench_dlm(model, prompt: str, length: int, v: Variant, repeats: int, seed: int):
+def variant_config(model, v: Variant, length: int, seed: int):
+    """The SamplerConfig of one benchmark row for a generation of `length` tokens (greedy, no early EOS stop)."""
+    from dlm import SamplerConfig
+    if v.recommended:
+        return model.sampler_config.replace(max_new_tokens=length, temperature=0.0, seed=seed, suppress_eos=True)
     steps = max(1, round(length * v.steps_fraction))
     block = min(v.block_length, length) if v.block_length else None
     if block:
         steps = max(steps, math.ceil(length / block))  # every block needs a step
-    kwargs = dict(max_new_tokens=length, steps=steps, block_length=block, threshold=v.threshold,
-                  remasking="confidence", temperature=0.0, seed=seed)
-    if v.use_cache:
-        kwargs["use_cache"] = True
-    return steps, _best_of(repeats, lambda: model.generate(prompt, **kwargs))
+    return SamplerConfig(decoder=v.decoder, max_new_tokens=length, steps=steps, block_length=block,
+                         threshold=v.threshold, use_cache=v.use_cache, remasking="confidence", temperature=0.0,
+                         seed=seed, suppress_eos=True)
+
+
+def bench_dlm(model, prompt: str, length: int, v: Variant, repeats: int, seed: int):
+    cfg = variant_config(model, v, length, seed)
+    return cfg.steps_for(length), _best_of(repeats, lambda: model.generate(prompt, cfg))
 
 
 def run(model, ar_model, judge, lengths: Sequence[int], variants: Sequence[Variant], prompt: str = DEFAULT_PROMPT,
@@ -112,23 +119,27 @@ def run(model, ar_model, judge, lengths: Sequence[int], variants: Sequence[Varia
     for L in lengths:
         g = bench_ar(model, ar_model, prompt, L, repeats, seed)
         n = len(g.token_ids)
-        rows.append(Row("AR", L, n, g.nfe, g.seconds, n, n / g.seconds if g.seconds else float("nan"),
-                        _judge_score(judge, prompt, g.text), _distinct2(g.text), g.text))
+        ar_rate = n / g.seconds if g.seconds else float("nan")
+        rows.append(Row("AR", L, n, g.nfe, g.seconds, n, ar_rate, _judge_score(judge, prompt, g.text),
+                        distinct_n(g.text), g.text, 1.0))
         log(_format_row(rows[-1]))
         for v in variants:
             steps, g = bench_dlm(model, prompt, L, v, repeats, seed)
-            rows.append(Row(v.name, L, steps, g.nfe, g.seconds, L, L / g.seconds if g.seconds else float("nan"),
-                            _judge_score(judge, prompt, g.text), _distinct2(g.text), g.text))
+            n = len(g.token_ids)
+            rate = n / g.seconds if g.seconds else float("nan")
+            rows.append(Row(v.name, L, steps, g.nfe, g.seconds, n, rate, _judge_score(judge, prompt, g.text),
+                            distinct_n(g.text), g.text, rate / ar_rate))
             log(_format_row(rows[-1]))
     return rows
 
 
-HEADER = f"{'method':<13}{'L':>6}{'steps':>7}{'nfe':>6}{'seconds':>10}{'tok/s':>9}{'gen-PPL':>10}{'dist-2':>8}"
+HEADER = (f"{'method':<16}{'L':>6}{'steps':>7}{'nfe':>6}{'seconds':>10}{'tok/s':>9}{'vs AR':>7}{'gen-PPL':>10}"
+          f"{'dist-2':>8}")
 
 
 def _format_row(r: Row) -> str:
-    return (f"{r.method:<13}{r.length:>6}{r.steps:>7}{r.nfe:>6}{r.seconds:>10.3f}{r.tokens_per_s:>9.1f}"
-            f"{r.gen_ppl:>10.1f}{r.distinct2:>8.2f}")
+    return (f"{r.method:<16}{r.length:>6}{r.steps:>7}{r.nfe:>6}{r.seconds:>10.3f}{r.tokens_per_s:>9.1f}"
+            f"{r.vs_ar:>7.2f}{r.gen_ppl:>10.1f}{r.distinct2:>8.2f}")
 
 
 def format_table(rows: Sequence[Row]) -> str:

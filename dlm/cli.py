@@ -21,7 +21,6 @@ import sys
 from typing import Optional, Sequence
 
 PROG = "dlm"
-REMASKING = ("random", "confidence", "margin", "entropy")
 SCORE_METHODS = ("elbo", "paper", "ar")
 
 
@@ -54,23 +53,6 @@ def _non_negative_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
     if value < 0:
         raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
-    return value
-
-
-def _finite_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
-    return value
-
-
-def _probability(text: str) -> float:
-    value = _finite_float(text)
-    if not 0.0 < value <= 1.0:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}")
     return value
 
 
@@ -112,24 +94,37 @@ def _model_flags() -> argparse.ArgumentParser:
     return p
 
 
+def _flag_type(f: dict):
+    """argparse type for a SamplerConfig field: the config's own coercion, so the CLI's messages are its messages."""
+    def convert(text: str):
+        from .sampler_config import SamplerConfig, SamplerConfigError
+        try:
+            return getattr(SamplerConfig.from_dict({f["name"]: text}), f["name"])
+        except SamplerConfigError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    convert.__name__ = f["type"].__name__
+    return convert
+
+
 def _sampler_flags() -> argparse.ArgumentParser:
+    """One flag per `SamplerConfig` field (generated: a new knob is a new flag with no CLI change). Unset flags keep
+    the model's recommended config (its sampler_config.json); booleans are --x / --no-x."""
+    from .sampler_config import SamplerConfig
     p = argparse.ArgumentParser(add_help=False)
-    g = p.add_argument_group("sampler (DiffusionLM.generate)")
-    g.add_argument("--steps", type=_positive_int, default=None,
-                   help="denoising steps = forward evaluations (default: one per generated token)")
-    g.add_argument("--block-length", type=_positive_int, default=None,
-                   help="semi-autoregressive blocks of this many tokens (default: one block)")
-    g.add_argument("--remasking", choices=REMASKING, default="confidence",
-                   help="reveal rule: confidence (default), margin, entropy, random (the paper's Algorithm 2)")
-    g.add_argument("--threshold", type=_probability, default=None,
-                   help="parallel decoding: also reveal every position with confidence >= threshold")
-    g.add_argument("--temperature", type=_finite_float, default=0.0, help="0 = greedy (default)")
-    g.add_argument("--top-p", type=_probability, default=1.0, help="nucleus sampling (default 1.0 = off)")
-    g.add_argument("--top-k", type=_non_negative_int, default=0, help="top-k sampling (default 0 = off)")
-    g.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
-    g.add_argument("--use-cache", action="store_true", help="approximate prefix KV cache (Fast-dLLM)")
-    g.add_argument("--suppress-eos", action="store_true", help="never generate an end-of-sequence token")
+    g = p.add_argument_group("sampler (dlm.SamplerConfig; default: the model's recommended config)")
+    for f in SamplerConfig.describe():
+        flag = "--" + f["name"].replace("_", "-")
+        help_text = f"{f['help']} (library default {f['default']!r})"
+        if f["type"] is bool:
+            g.add_argument(flag, dest=f"cfg_{f['name']}", action=argparse.BooleanOptionalAction, default=None,
+                           help=help_text)
+        else:
+            g.add_argument(flag, dest=f"cfg_{f['name']}", type=_flag_type(f), default=None,
+                           choices=f.get("choices") or None, metavar=None if f.get("choices") else
+                           f["type"].__name__.upper(), help=help_text)
     g.add_argument("--frames", action="store_true", help="with --json: include every denoising frame")
+    g.add_argument("--animation", default=None, metavar="PATH",
+                   help="also write the denoising animation: an animated .gif or a self-contained .html replay")
     return p
 
 
@@ -141,7 +136,6 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", parents=[common, model, sampler], help="generate text after a prompt")
     p.add_argument("--prompt", type=_text, required=True, help="prompt text ('-' = stdin, '@file' = a file)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt as a user message (chat template)")
-    p.add_argument("--max-new-tokens", type=_positive_int, default=64, help="tokens to generate (default 64)")
     p.add_argument("--ar", action="store_true",
                    help="left-to-right baseline: the same weights run causally with Hugging Face generate")
 
@@ -161,7 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-samples", type=_positive_int, default=32,
                    help="Monte-Carlo samples (elbo) or noise levels T (paper); default 32")
     p.add_argument("--batch-size", type=_positive_int, default=16, help="masked copies per forward (default 16)")
-    p.add_argument("--seed", type=int, default=None, help="seed for reproducible masks")
+    p.add_argument("--seed", type=_flag_type({"name": "seed", "type": int}), default=None,
+                   help="seed for reproducible masks (an integer in 0..2**63-1)")
 
     sub.add_parser("info", parents=[common, model], help="registry entry and parameters of a model")
     sub.add_parser("models", parents=[common], help="list the registered models")
@@ -176,23 +171,24 @@ def _load(args):
                     attn_implementation=args.attn_implementation)
 
 
-def _sampler_kwargs(args) -> dict:
-    return dict(steps=args.steps, block_length=args.block_length, remasking=args.remasking, threshold=args.threshold,
-                temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
-                use_cache=args.use_cache, suppress_eos=args.suppress_eos)
+def _sampler_overrides(args) -> dict:
+    """The SamplerConfig fields given on the command line (unset ones keep the model's recommended config)."""
+    return {k[4:]: v for k, v in vars(args).items() if k.startswith("cfg_") and v is not None}
 
 
-def _run_stream(stream, show_progress: bool):
-    """Drive a `stream` generator (Frames, then the Generation) with a tqdm bar over the denoising steps."""
+def _run_stream(stream, show_progress: bool, keep: bool = False):
+    """Drive a `stream` generator (Frames, then the Generation) with a tqdm bar over the denoising steps; the
+    Generation keeps the frames only when `keep`."""
     from tqdm import tqdm
     from .types import Generation
-    bar = None
-    result = None
+    bar, result, frames = None, None, []
     try:
         for item in stream:
             if isinstance(item, Generation):
                 result = item
                 continue
+            if keep:
+                frames.append(item)
             if show_progress:
                 if bar is None:
                     bar = tqdm(total=item.total_steps, desc="denoising", unit="step", file=sys.stderr, leave=False)
@@ -202,6 +198,7 @@ def _run_stream(stream, show_progress: bool):
             bar.close()
     if result is None:
         raise RuntimeError("the sampler stopped without a result")
+    result.frames = frames if keep else []
     return result
 
 
@@ -209,41 +206,48 @@ def _generation_payload(args, model, gen) -> dict:
     out = {"command": args.command, "model": model.name}
     out.update(gen.to_dict(frames=args.frames))
     out["tokens_per_second"] = _finite_or_none(gen.tokens_per_second)
+    if getattr(args, "animation", None):
+        from .animation import save_animation
+        out["animation"] = str(save_animation(gen.frames, args.animation, model.tokenizer, model.mask_token_id))
     return out
 
 
+def _wants_frames(args) -> bool:
+    return bool(args.frames or args.animation)
+
+
 def cmd_generate(args, show_progress: bool) -> dict:
-    from . import sampling
     model = _load(args)
     prompt, messages = args.prompt, None
     if args.chat:
         prompt, messages = None, [{"role": "user", "content": args.prompt}]
+    overrides = _sampler_overrides(args)
     if args.ar:
-        ignored = [f for f, v in (("--steps", args.steps), ("--block-length", args.block_length),
-                                  ("--threshold", args.threshold), ("--use-cache", args.use_cache)) if v]
+        ignored = [f"--{k.replace('_', '-')}" for k in overrides
+                   if k in ("steps", "block_length", "threshold", "use_cache", "decoder", "remasking")]
         if ignored:
             raise CliError(f"{', '.join(ignored)} do not apply to --ar (left-to-right) generation")
-        gen = sampling.ar_generate(model, prompt, messages=messages, max_new_tokens=args.max_new_tokens,
-                                   temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed)
+        if args.animation:
+            gen = _run_stream(model.ar_stream(prompt, messages=messages, **overrides), show_progress, keep=True)
+        else:
+            gen = model.ar_generate(prompt, messages=messages, **overrides)
     else:
-        stream = sampling.stream(model, prompt, messages=messages, max_new_tokens=args.max_new_tokens,
-                                 **_sampler_kwargs(args))
-        gen = _run_stream(stream, show_progress)
+        gen = _run_stream(model.stream(prompt, messages=messages, **overrides), show_progress,
+                          keep=_wants_frames(args))
     return _generation_payload(args, model, gen)
 
 
 def cmd_infill(args, show_progress: bool) -> dict:
-    from . import infill
     model = _load(args)
-    gen = _run_stream(infill.stream_infill(model, args.prefix, args.suffix, args.length, **_sampler_kwargs(args)),
-                      show_progress)
+    gen = _run_stream(model.stream_infill(args.prefix, args.suffix, args.length, **_sampler_overrides(args)),
+                      show_progress, keep=_wants_frames(args))
     return _generation_payload(args, model, gen)
 
 
 def cmd_fill(args, show_progress: bool) -> dict:
-    from . import infill
     model = _load(args)
-    gen = _run_stream(infill.stream_fill(model, args.template, **_sampler_kwargs(args)), show_progress)
+    gen = _run_stream(model.stream_fill(args.template, **_sampler_overrides(args)), show_progress,
+                      keep=_wants_frames(args))
     return _generation_payload(args, model, gen)
 
 

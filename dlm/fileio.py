@@ -10,12 +10,13 @@ from typing import Iterator, Union
 
 
 @contextmanager
-def atomic_directory(directory: Union[str, os.PathLike]) -> Iterator[Path]:
+def atomic_directory(directory: Union[str, os.PathLike], *, keep_existing: bool = False) -> Iterator[Path]:
     """Yield a fresh temp dir beside `directory`; fill it in the `with` block.
 
     On success it takes `directory`'s place: an existing one is moved aside first and deleted only once the new one
-    is in place (a crash in between leaves it recoverable as `.NAME.old-PID`). If the block raises, the temp dir is
-    deleted and `directory` is left exactly as it was.
+    is in place (a crash in between leaves it recoverable as `.NAME.old-PID`). With `keep_existing` (caches that
+    several processes may build at once) a `directory` that exists by then wins: ours is dropped. If the block
+    raises, the temp dir is deleted and `directory` is left exactly as it was.
     """
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
@@ -23,6 +24,13 @@ def atomic_directory(directory: Union[str, os.PathLike]) -> Iterator[Path]:
     tmp.chmod(0o755)  # mkdtemp makes it private; a saved model is meant to be readable like any other file
     try:
         yield tmp
+        if keep_existing:
+            try:
+                os.rename(tmp, directory)  # fails when another process got there first: theirs is kept
+            except OSError:
+                if not directory.exists():
+                    raise
+            return
         old = None
         if directory.exists():
             old = directory.with_name(f".{directory.name}.old-{os.getpid()}")

@@ -20,6 +20,7 @@ import torch
 from .decoders import DecodeRun
 from .sampler_config import SamplerConfig
 from .sampling import resolve_config, run_decoder
+from .tokens import leading_special_ids, start_token_id
 from .types import Frame, Generation
 
 MARKER = "[MASK"
@@ -83,36 +84,21 @@ def split_template(template: str) -> list[tuple[int, Union[str, int]]]:
     return parts
 
 
-def _leading_special_ids(tokenizer) -> list[int]:
-    """Special tokens the tokenizer puts in front of every text by default (e.g. LLaMA's BOS; none for GPT-2)."""
-    plain = tokenizer("x", add_special_tokens=False)["input_ids"]
-    full = tokenizer("x", add_special_tokens=True)["input_ids"]
-    for k in range(len(full)):
-        if full[k:k + len(plain)] == plain:
-            return list(full[:k])
-    return []
-
-
-def start_token_id(tokenizer) -> int:
-    """The token put in front of a canvas that would otherwise start with a mask: BOS, else the first EOS."""
-    for tid in (tokenizer.bos_token_id, tokenizer.eos_token_id):
-        if tid is not None:
-            return int(tid)
-    raise ValueError("the tokenizer has neither a BOS nor an EOS token to start a canvas that begins with a mask; "
-                     "put some text before the first [MASK]")
-
-
 def build_canvas(parts: list[tuple[int, Union[str, int]]], tokenizer, max_length: Optional[int] = None,
                  shift: bool = True) -> InfillCanvas:
     """Tokenize split template parts into an `InfillCanvas` (see `parse_template`)."""
     if not any(isinstance(p, int) for _, p in parts):
         raise ValueError("the template has no masked span: mark what to generate with [MASK] or [MASK:n]")
-    ids = _leading_special_ids(tokenizer)
+    ids = leading_special_ids(tokenizer)
     first_mask = next(k for k, (_, p) in enumerate(parts) if isinstance(p, int))
     starts_with_mask = all(isinstance(p, str) and not tokenizer(p, add_special_tokens=False)["input_ids"]
                            for _, p in parts[:first_mask])
     if shift and not ids and starts_with_mask:
-        ids = [start_token_id(tokenizer)]
+        start = start_token_id(tokenizer)
+        if start is None:
+            raise ValueError("the tokenizer has neither a BOS nor an EOS token to start a canvas that begins with a "
+                             "mask; put some text before the first [MASK]")
+        ids = [start]
     n_added = len(ids)
     fixed = [True] * n_added
     spans: list[tuple[int, int]] = []

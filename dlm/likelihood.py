@@ -28,23 +28,14 @@ from typing import Iterator, Optional
 import torch
 import torch.nn.functional as F
 
-from .noise import q_sample
+from .noise import q_sample, seeded_generator
+from .tokens import leading_special_ids
 from .types import Score
 
 METHODS = ("elbo", "paper")
 
 
 # ----- shared helpers ----------------------------------------------------------------------------------------------
-def _generator(seed: Optional[int]) -> torch.Generator:
-    """A CPU generator: seeded -> reproducible on any device; None -> fresh OS entropy."""
-    g = torch.Generator(device="cpu")
-    if seed is None:
-        g.seed()
-    else:
-        g.manual_seed(int(seed))
-    return g
-
-
 @contextlib.contextmanager
 def _eval_mode(model) -> Iterator[None]:
     """No dropout and no autograd while scoring; the caller's train/eval mode is restored afterwards."""
@@ -55,15 +46,6 @@ def _eval_mode(model) -> Iterator[None]:
             yield
     finally:
         model.train(was_training)
-
-
-def start_token_id(model) -> Optional[int]:
-    """The token put in front of a text that has no context: BOS, else the first EOS (GPT-2's <|endoftext|>)."""
-    bos = getattr(model.tokenizer, "bos_token_id", None)
-    if isinstance(bos, int) and bos != model.mask_token_id:
-        return bos
-    eos = model.eos_token_ids
-    return eos[0] if eos else None
 
 
 def _encode(tokenizer, text: str) -> list[int]:
@@ -91,21 +73,11 @@ def encode_pair(model, context: str, continuation: str) -> tuple[list[int], list
     ctx = _encode(tok, context)
     whole = _encode(tok, context + continuation)
     cont = whole[len(ctx):] if whole[:len(ctx)] == ctx else _encode(tok, continuation)
-    ctx = _leading_special_ids(tok) + ctx
+    ctx = leading_special_ids(tok) + ctx
     if not ctx:
-        start = start_token_id(model)
+        start = model.start_token_id
         ctx = [start] if start is not None else []
     return ctx, cont
-
-
-def _leading_special_ids(tokenizer) -> list[int]:
-    """The special tokens the tokenizer puts in front of every text by default (LLaMA's BOS; none for GPT-2)."""
-    plain = list(tokenizer("x", add_special_tokens=False)["input_ids"])
-    full = list(tokenizer("x", add_special_tokens=True)["input_ids"])
-    for k in range(len(full) - len(plain) + 1):
-        if full[k:k + len(plain)] == plain:
-            return full[:k]
-    return []
 
 
 def _check_pair(model, ctx: list[int], cont: list[int]) -> None:
@@ -200,7 +172,7 @@ def score(model, context: str, continuation: str, n_samples: int = 32, method: s
     x0 = torch.tensor([ctx + cont], dtype=torch.long)                                 # [1, L]
     maskable = torch.zeros_like(x0, dtype=torch.bool)
     maskable[:, len(ctx):] = True                                                     # context is never masked
-    estimates = _elbo_samples(model, x0, maskable, n_samples, _generator(seed), batch_size)[0]   # [n]
+    estimates = _elbo_samples(model, x0, maskable, n_samples, seeded_generator(seed), batch_size)[0]   # [n]
     logprob, stderr = _mean_stderr(estimates)
     return Score(logprob=logprob, stderr=stderr, n_tokens=len(cont))
 
@@ -246,12 +218,11 @@ def paper_score(model, context_ids: list[int], continuation_ids: list[int], n_le
     """
     _check_counts(n_levels, batch_size)
     _check_pair(model, context_ids, continuation_ids)
-    generator = _generator(seed)
+    generator = seeded_generator(seed)
     x0 = torch.tensor([context_ids + continuation_ids], dtype=torch.long)             # [1, L]
     maskable = torch.zeros_like(x0, dtype=torch.bool)
     maskable[:, len(context_ids):] = True
-    if model.shift:
-        maskable[:, 0] = False
+    maskable = model.default_maskable(x0, None, maskable).cpu()
     rates = torch.arange(n_levels, 0, -1, dtype=torch.float32) / n_levels             # [T]: T/T .. 1/T
     per_level = torch.zeros(n_levels, dtype=torch.float64)                            # u_k
     with _eval_mode(model):
@@ -285,16 +256,9 @@ def ar_score(model, context: str, continuation: str) -> Score:
 # ----- whole-sequence metrics (training / held-out evaluation) -----------------------------------------------------
 def _default_maskable(model, input_ids: torch.Tensor, maskable: Optional[torch.Tensor],
                       attention_mask: Optional[torch.Tensor]) -> torch.Tensor:
-    if maskable is None:
-        return model.default_maskable(input_ids, attention_mask).cpu()
-    if maskable.shape != input_ids.shape:
+    if maskable is not None and maskable.shape != input_ids.shape:
         raise ValueError(f"maskable has shape {tuple(maskable.shape)}, input_ids {tuple(input_ids.shape)}")
-    out = maskable.bool().cpu().clone()
-    if attention_mask is not None:
-        out &= attention_mask.bool().cpu()
-    if model.shift:
-        out[:, 0] = False  # nothing predicts position 0
-    return out
+    return model.default_maskable(input_ids, attention_mask, maskable).cpu()
 
 
 def elbo_nll(model, input_ids: torch.Tensor, maskable: Optional[torch.Tensor] = None, n_samples: int = 8,
@@ -315,7 +279,7 @@ def elbo_nll(model, input_ids: torch.Tensor, maskable: Optional[torch.Tensor] = 
         raise ValueError(f"input_ids must be [B, L], got shape {tuple(input_ids.shape)}")
     _check_counts(n_samples, batch_size)
     maskable = _default_maskable(model, input_ids, maskable, attention_mask)
-    estimates = _elbo_samples(model, input_ids, maskable, n_samples, _generator(seed), batch_size,
+    estimates = _elbo_samples(model, input_ids, maskable, n_samples, seeded_generator(seed), batch_size,
                               attention_mask)                                         # [B, n]
     return (-estimates.mean(dim=1)).float()
 
@@ -338,7 +302,7 @@ def masked_token_accuracy(model, input_ids: torch.Tensor, mask_ratio: float, see
     maskable = _default_maskable(model, input_ids, maskable, attention_mask)
     m = maskable.sum(dim=1)
     counts = torch.where(m > 0, torch.clamp(torch.round(m.double() * float(mask_ratio)).long(), min=1), 0)
-    masked = mask_exact_count(maskable, torch.minimum(counts, m), _generator(seed))    # [B, L]
+    masked = mask_exact_count(maskable, torch.minimum(counts, m), seeded_generator(seed))    # [B, L]
     correct = total = 0
     device = model.device
     with _eval_mode(model):

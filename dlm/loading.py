@@ -134,21 +134,19 @@ def _locate(source: Union[str, os.PathLike], revision: Optional[str] = None) -> 
     text = str(source)
     if registry.is_registered(text):
         spec = registry.get(text)
-        kind, _, rest = spec.source.partition(":")
+        kind, where = spec.origin
+        if kind == "hub":
+            return _Source(_hub_download(where, revision), None, spec, text)
+        try:
+            path = spec.local_path()
+        except FileNotFoundError as e:
+            raise LoadError(str(e)) from None
         if kind == "gguf":
-            package, _, filename = rest.partition(":")
-            try:
-                path = registry.package_file(package, filename)
-            except FileNotFoundError as e:
-                raise LoadError(str(e)) from None
             return _Source(path.parent, path.name, spec, text)
-        if kind == "asset":
-            directory = registry.asset_dir(rest)
-            if not (directory / DLM_CONFIG_NAME).is_file():
-                raise LoadError(f"{text!r}: its files are missing from {directory} (the adapted model has not been "
-                                "produced or shipped yet; see train/ and assets/)")
-            return _Source(directory, None, spec, text)
-        return _Source(_hub_download(spec.source, revision), None, spec, text)
+        if not (path / DLM_CONFIG_NAME).is_file():
+            raise LoadError(f"{text!r}: its files are missing from {path} (the adapted model has not been "
+                            "produced or shipped yet; see train/ and dlm/assets/)")
+        return _Source(path, None, spec, text)
     path = Path(text).expanduser()
     if path.is_file():
         if path.suffix == ".gguf":
@@ -224,29 +222,22 @@ def _gguf_conversion(src: _Source) -> Optional[Path]:
     if (target / "config.json").is_file() and _weight_files(target) and (target / "tokenizer_config.json").is_file():
         return target
     try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
-    except OSError:
-        return None
-    try:
         model = AutoModelForCausalLM.from_pretrained(src.directory, gguf_file=src.gguf_file, dtype=torch.float32)
-        # transformers refuses save_pretrained on a GGUF-loaded model; the dequantized weights are plain tensors.
-        from safetensors.torch import save_model
-        save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        model.config.quantization_config = None
-        cfg = model.config.to_dict()
-        cfg.pop("quantization_config", None)
-        (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
-        AutoTokenizer.from_pretrained(src.directory, gguf_file=src.gguf_file).save_pretrained(str(tmp))
-        shutil.rmtree(target, ignore_errors=True)
-        os.replace(tmp, target)
-        return target
-    except OSError:
-        return None
+        tokenizer = AutoTokenizer.from_pretrained(src.directory, gguf_file=src.gguf_file)
     except Exception as e:
         raise LoadError(f"could not read GGUF {gguf}: {e}") from None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        with atomic_directory(target, keep_existing=True) as tmp:  # two processes may convert at once
+            # transformers refuses save_pretrained on a GGUF-loaded model; the dequantized weights are plain tensors
+            from safetensors.torch import save_model
+            save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+            cfg = model.config.to_dict()
+            cfg.pop("quantization_config", None)
+            (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
+            tokenizer.save_pretrained(str(tmp))
+    except OSError:  # a read-only or full cache: load the GGUF directly instead
+        return None
+    return target
 
 
 def _load_base(src: _Source, dtype: torch.dtype, device: torch.device, quantization: Optional[str],
@@ -334,8 +325,9 @@ def _ensure_mask_token(base, tokenizer, mask_token_id: Optional[int]) -> tuple[i
 
 
 # ----- adapters ------------------------------------------------------------------------------------------------------
-def _remap_adapter_dir(adapter: Path) -> Path:
-    """Original DiffuLLaMA adapters prefix module names with `denoise_model.`; strip it into a temp copy."""
+def _remap_adapter_dir(adapter: Path, tmp: Path) -> Path:
+    """Original DiffuLLaMA adapters prefix module names with `denoise_model.`; strip it into a copy under `tmp`
+    (a directory the caller deletes once the adapter is loaded). Returns the directory to load from."""
     from safetensors.torch import load_file, save_file
     weights = adapter / "adapter_model.safetensors"
     if not weights.is_file():
@@ -345,7 +337,6 @@ def _remap_adapter_dir(adapter: Path) -> Path:
     keys = _safetensors_keys(weights)
     if not any(_WRAPPER_PREFIX in k for k in keys):
         return adapter
-    tmp = Path(tempfile.mkdtemp(prefix="dlm-adapter-"))
     for f in adapter.iterdir():
         if f.is_file() and f.name != weights.name:
             shutil.copy(f, tmp / f.name)
@@ -369,12 +360,13 @@ def _apply_adapter(base, adapter: Union[str, os.PathLike], merge: bool):
     path = Path(adapter)
     if not (path / "adapter_config.json").is_file():
         raise LoadError(f"{path} is not a peft adapter directory (no adapter_config.json)")
-    path = _remap_adapter_dir(path)
-    try:
-        model = PeftModel.from_pretrained(base, str(path))
-    except Exception as e:
-        raise LoadError(f"adapter {adapter} does not fit the base model: {type(e).__name__}: "
-                        f"{str(e).strip().splitlines()[-1] if str(e).strip() else ''}") from None
+    with tempfile.TemporaryDirectory(prefix="dlm-adapter-") as tmp:  # the remapped copy lives until loaded
+        source = _remap_adapter_dir(path, Path(tmp))
+        try:
+            model = PeftModel.from_pretrained(base, str(source))
+        except Exception as e:
+            raise LoadError(f"adapter {adapter} does not fit the base model: {type(e).__name__}: "
+                            f"{str(e).strip().splitlines()[-1] if str(e).strip() else ''}") from None
     return model.merge_and_unload() if merge else model
 
 

@@ -26,6 +26,7 @@ from .attention import anneal_attention_mask, bidirectional, block_ids, block_pa
 from .fileio import atomic_directory
 from .noise import q_sample, sample_t
 from .sampler_config import SAMPLER_CONFIG_NAME, SamplerConfig
+from .tokens import start_token_id
 from .types import Generation, Score
 
 DLM_CONFIG_NAME = "dlm_config.json"
@@ -167,6 +168,11 @@ class DiffusionLM(nn.Module):
         return 1 if self.shift else 0
 
     @property
+    def start_token_id(self) -> Optional[int]:
+        """The token put in front of a text that has no context: BOS, else the first EOS, never the mask."""
+        return start_token_id(self.tokenizer, self.eos_token_ids, self.mask_token_id)
+
+    @property
     def ar_counterpart(self) -> Optional[str]:
         return self.config.ar_counterpart
 
@@ -259,7 +265,7 @@ class DiffusionLM(nn.Module):
         """
         if prefix_cache is None:
             return self._align(self._base_logits(input_ids, attention_mask, attention_mask_ratio, generator))
-        P, n = prefix_cache.length, prefix_cache.n_cached
+        n = prefix_cache.n_cached
         mask = prefix_cache.attention_mask
         positions = (mask.long().cumsum(-1) - 1).clamp(min=0) if mask is not None else \
             torch.arange(input_ids.shape[1], device=input_ids.device)[None].expand(input_ids.shape[0], -1)
@@ -376,13 +382,16 @@ class DiffusionLM(nn.Module):
         return self.denoise_logits(input_ids, attention_mask, attention_mask_ratio)
 
     # ----- training objective (Eq. 7) --------------------------------------------------------------------------
-    def default_maskable(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """[B, L] bool: real tokens, minus position 0 under the shift (nothing predicts it)."""
-        maskable = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
-        if self.shift:
-            maskable = maskable.clone()
-            maskable[:, 0] = False
-        return maskable
+    def default_maskable(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                         maskable: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """[B, L] bool: the positions the denoiser can be asked to predict. Real tokens (not padding), within
+        `maskable` when given (e.g. an SFT response), minus the positions before `first_predictable` (position 0
+        under the shift: no row predicts it). Losses, likelihoods and evaluations all take their targets here."""
+        out = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool().clone()
+        if maskable is not None:
+            out &= maskable.to(out.device).bool()
+        out[:, : self.first_predictable] = False
+        return out
 
     def diffusion_loss(self, input_ids: torch.Tensor, t: Optional[torch.Tensor] = None,
                        maskable: Optional[torch.Tensor] = None, attention_mask: Optional[torch.Tensor] = None,
@@ -401,11 +410,7 @@ class DiffusionLM(nn.Module):
         if weighting not in ("inverse_t", "none"):
             raise ValueError(f"weighting must be 'inverse_t' or 'none', got {weighting!r}")
         B = input_ids.shape[0]
-        if maskable is None:
-            maskable = self.default_maskable(input_ids, attention_mask)
-        elif self.shift:
-            maskable = maskable.bool().clone()
-            maskable[:, 0] = False
+        maskable = self.default_maskable(input_ids, attention_mask, maskable)
         if t is None:
             t = sample_t(B, eps, generator=generator, device=input_ids.device)
         t = torch.as_tensor(t, dtype=torch.float32, device=input_ids.device).expand(B)
@@ -463,8 +468,7 @@ class DiffusionLM(nn.Module):
             offset = int(torch.randint(block_length, (1,), generator=generator)) if block_length > 1 else 0
         blk = block_ids(L, block_length, offset, device)
         n_blocks = int(blk[-1]) + 1
-        base_maskable = self.default_maskable(input_ids, attention_mask)
-        maskable = base_maskable if maskable is None else (maskable.bool() & base_maskable)
+        maskable = self.default_maskable(input_ids, attention_mask, maskable)
         if t is None:
             t = sample_t(B * n_blocks, eps, generator=generator, device=device).view(B, n_blocks)
         t_tok = torch.as_tensor(t, dtype=torch.float32, device=device)[:, blk]                # [B, L]

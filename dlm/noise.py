@@ -38,3 +38,14 @@ def q_sample(x0: torch.Tensor, t: torch.Tensor, mask_token_id: int, maskable: Op
         masked &= maskable.bool()
     x_t = torch.where(masked, torch.full_like(x0, mask_token_id), x0)
     return x_t, masked
+
+
+def seeded_generator(seed: Optional[int], device="cpu") -> torch.Generator:
+    """A torch.Generator on `device` seeded with `seed` (fresh OS entropy when None). Scores use a CPU generator,
+    so a seed gives the same masks on any device; samplers use the model's device."""
+    gen = torch.Generator(device=torch.device(device))
+    if seed is None:
+        gen.seed()
+    else:
+        gen.manual_seed(int(seed))
+    return gen

@@ -36,6 +36,29 @@ class ModelSpec:
     params: str = ""
     notes: str = ""
 
+    @property
+    def origin(self) -> tuple[str, str]:
+        """The parsed `source` (the one place it is parsed): ("gguf", "<package>:<file>"), ("asset", "<dir>") or
+        ("hub", "<owner/name>")."""
+        kind, colon, rest = self.source.partition(":")
+        if colon and kind in ("gguf", "asset"):
+            return kind, rest
+        return "hub", self.source
+
+    def local_path(self) -> Path:
+        """The file (gguf) or directory (asset) this entry loads from; FileNotFoundError when it is absent,
+        ValueError for a hub entry (it has no local path before it is downloaded)."""
+        kind, where = self.origin
+        if kind == "gguf":
+            package, _, filename = where.partition(":")
+            return package_file(package, filename)
+        if kind == "asset":
+            directory = asset_dir(where)
+            if not directory.is_dir():
+                raise FileNotFoundError(f"{self.name!r}: {directory} is missing")
+            return directory
+        raise ValueError(f"{self.name!r} is a Hugging Face hub model ({self.source}); it has no local path")
+
 
 _MODELS: dict[str, ModelSpec] = {}
 
@@ -109,19 +132,15 @@ def is_available(name: str) -> bool:
     Hub entries count as available only if they are already in the local Hugging Face cache.
     """
     spec = get(name)
-    kind, _, rest = spec.source.partition(":")
-    if kind == "gguf":
-        package, _, filename = rest.partition(":")
+    kind, where = spec.origin
+    if kind in ("gguf", "asset"):
         try:
-            package_file(package, filename)
-            return True
+            path = spec.local_path()
         except FileNotFoundError:
             return False
-    if kind == "asset":
-        d = asset_dir(rest)
-        return (d / "adapter_config.json").is_file() or (d / "config.json").is_file()
+        return kind == "gguf" or (path / "adapter_config.json").is_file() or (path / "config.json").is_file()
     try:
         from huggingface_hub import try_to_load_from_cache
-        return isinstance(try_to_load_from_cache(spec.source, "config.json"), str)
+        return isinstance(try_to_load_from_cache(where, "config.json"), str)
     except Exception:
         return False

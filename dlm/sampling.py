@@ -16,7 +16,8 @@ from typing import Callable, Iterator, Optional, Sequence, Union
 
 import torch
 
-from .decoders import DECODERS, DecodeRun, Step
+from .decoders import DECODERS, DecodeRun, Step, sample_tokens
+from .noise import seeded_generator
 from .sampler_config import SamplerConfig
 from .types import Frame, Generation
 
@@ -34,13 +35,8 @@ def resolve_config(model, config: Optional[SamplerConfig] = None, **overrides) -
 
 
 def make_generator(model, seed: Optional[int]) -> torch.Generator:
-    """A torch.Generator on the model's device, seeded with `seed` (fresh entropy when None)."""
-    gen = torch.Generator(device=torch.device(model.device))
-    if seed is None:
-        gen.seed()
-    else:
-        gen.manual_seed(int(seed))
-    return gen
+    """The sampler's generator: on the model's device, seeded with `seed` (fresh entropy when None)."""
+    return seeded_generator(seed, model.device)
 
 
 # ----- prompts -------------------------------------------------------------------------------------------------------
@@ -295,7 +291,6 @@ def ar_stream(model, prompt: Optional[Prompt] = None, config: Optional[SamplerCo
     calls only. Same arguments as `ar_generate`.
     """
     from transformers import DynamicCache, LogitsProcessorList, SuppressTokensLogitsProcessor
-    from .decoders import sample_tokens
     cfg = resolve_config(model, config, **overrides)
     ar = model if ar_model is None else ar_model
     ids, prompt_text = encode_prompt(ar, prompt, messages)

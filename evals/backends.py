@@ -10,7 +10,7 @@ Tasks never branch on the kind; they call
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -28,10 +28,9 @@ class EvalSettings:
     kind:            "ar" (causal, same weights) or "dlm" (diffusion); default from the model (`default_kind`).
     n_samples:       DLM likelihood: Monte-Carlo samples (elbo) or noise levels (paper). Default 32.
     score_method:    "elbo" (stratified MC ELBO) or "paper" (DiffuLLaMA's unweighted grid estimate). Default elbo.
-    steps:           DLM denoising steps; None = one token per step (capped at the generation length).
-    block_length:    DLM semi-autoregressive block length; None = one block.
-    remasking:       DLM reveal rule: confidence (default), margin, entropy, random (the paper's Algorithm 2).
-    threshold:       DLM parallel-decoding confidence threshold; None = off.
+    sampler:         DLM generation: SamplerConfig fields overriding the model's recommended writing config
+                     (`model.sampler_config`), e.g. {"steps": 16}; {} = the model's own decoding.
+    infill_sampler:  the same for infilling tasks, over `model.infill_config` (always the full-attention decoder).
     oracle_length:   generate exactly as many tokens as the reference answer (the paper's setting). Default True.
     max_new_tokens:  answer budget when not oracle; None = each task's default.
     seed:            base seed; example i of a task uses a seed derived from (seed, i) so reruns are identical.
@@ -49,10 +48,8 @@ class EvalSettings:
     kind: str = "dlm"
     n_samples: int = 32
     score_method: str = "elbo"
-    steps: Optional[int] = None
-    block_length: Optional[int] = None
-    remasking: str = "confidence"
-    threshold: Optional[float] = None
+    sampler: dict = field(default_factory=dict)
+    infill_sampler: dict = field(default_factory=dict)
     oracle_length: bool = True
     max_new_tokens: Optional[int] = None
     seed: int = 0
@@ -73,6 +70,9 @@ class EvalSettings:
             raise ValueError(f"score_method must be one of {', '.join(SCORE_METHODS)}, got {self.score_method!r}")
         if self.n_samples < 1:
             raise ValueError(f"n_samples must be >= 1, got {self.n_samples}")
+        from dlm import SamplerConfig
+        SamplerConfig().replace(**self.sampler)          # unknown or bad fields fail before any example runs
+        SamplerConfig().replace(**self.infill_sampler)
 
 
 def example_seed(seed: int, example_id: int) -> int:
@@ -99,7 +99,7 @@ class LogLik:
     stderr: float = 0.0            # DLM: Monte-Carlo standard error of the estimate
 
 
-class Backend:
+class EvalModel:
     """Wraps a loaded `dlm.DiffusionLM` with the settings of one evaluation run."""
 
     def __init__(self, model, settings: EvalSettings):
@@ -121,8 +121,7 @@ class Backend:
         return max(1, len(self.tokenizer(text, add_special_tokens=False)["input_ids"]))
 
     def start_token(self) -> int:
-        from dlm.likelihood import start_token_id
-        start = start_token_id(self.model)
+        start = self.model.start_token_id
         if start is None:
             raise ValueError(f"{self.model.name}: the tokenizer has neither BOS nor EOS to start a text with")
         return start
@@ -189,29 +188,30 @@ class Backend:
         return float(F.cross_entropy(logits[0, :-1].float(), ids[0, 1:].to(logits.device), reduction="sum"))
 
     # ----- generation --------------------------------------------------------------------------------------------
-    def _sampler_kwargs(self, length: int) -> dict:
-        """Sampler knobs for a generation of `length` tokens: steps capped at the length and raised to one per
-        block (answer lengths vary per example, so a fixed --steps must fit every one of them)."""
-        steps = min(self.s.steps, length) if self.s.steps else None
-        if steps is not None and self.s.block_length:
-            steps = max(steps, -(-length // self.s.block_length))
-        return dict(steps=steps, block_length=self.s.block_length, remasking=self.s.remasking,
-                    threshold=self.s.threshold)
+    def _config(self, base, overrides: dict, length: int):
+        """The SamplerConfig for a generation of `length` tokens: the model's recommendation + the run's overrides,
+        with steps raised to one per block (answer lengths vary per example, so a fixed --steps must fit every
+        one of them; more steps than tokens are capped by the config itself)."""
+        cfg = base.replace(**overrides).replace(max_new_tokens=length)
+        if cfg.steps is not None and cfg.block_length:
+            cfg = cfg.replace(steps=max(min(cfg.steps, length), -(-length // cfg.block_length)))
+        return cfg
 
     def complete(self, prompt, max_new_tokens: int, seed: int, temperature: float = 0.0, top_p: float = 1.0,
                  messages=None):
         """Continue `prompt` (text, or token ids) by `max_new_tokens` tokens -> `Generation` (text cut at EOS)."""
+        cfg = self._config(self.model.sampler_config, self.s.sampler, max_new_tokens).replace(
+            temperature=temperature, top_p=top_p, seed=seed)
         if self.kind == "ar":
-            return self.model.ar_generate(prompt, messages=messages, max_new_tokens=max_new_tokens,
-                                          temperature=temperature, top_p=top_p, seed=seed)
-        return self.model.generate(prompt, messages=messages, max_new_tokens=max_new_tokens, temperature=temperature,
-                                   top_p=top_p, seed=seed, **self._sampler_kwargs(max_new_tokens))
+            return self.model.ar_generate(prompt, cfg, messages=messages)
+        return self.model.generate(prompt, cfg, messages=messages)
 
     def infill(self, prefix: str, suffix: str, length: int, seed: int) -> str:
         """The text between prefix and suffix. AR: a greedy continuation of the prefix alone."""
         if self.kind == "ar":
             return self.complete(prefix, length, seed).text
-        g = self.model.infill(prefix, suffix, length, seed=seed, **self._sampler_kwargs(length))
+        cfg = self._config(self.model.infill_config, self.s.infill_sampler, length).replace(seed=seed)
+        g = self.model.infill(prefix, suffix, length, cfg)
         return g.spans[0] if g.spans else ""
 
     # ----- gen-PPL judge -----------------------------------------------------------------------------------------

@@ -54,10 +54,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--n-samples", type=_positive_int, default=32, help="ELBO samples / paper noise levels")
     g.add_argument("--score-method", choices=SCORE_METHODS, default="elbo")
     g = p.add_argument_group("generation")
-    g.add_argument("--steps", type=_positive_int, default=None, help="DLM steps (default: one token per step)")
-    g.add_argument("--block-length", type=_positive_int, default=None)
-    g.add_argument("--remasking", default="confidence", choices=("confidence", "margin", "entropy", "random"))
-    g.add_argument("--threshold", type=float, default=None)
+    g.add_argument("--sampler", action="append", default=[], metavar="FIELD=VALUE",
+                   help="DLM generation: a dlm.SamplerConfig field over the model's recommended writing config "
+                        "(repeatable), e.g. --sampler steps=16 --sampler decoder=full")
+    g.add_argument("--infill-sampler", action="append", default=[], metavar="FIELD=VALUE",
+                   help="the same for infilling tasks (over the model's full-attention infilling config)")
     g.add_argument("--oracle-length", action=argparse.BooleanOptionalAction, default=True,
                    help="generate exactly the reference answer's number of tokens (the paper's setting; default)")
     g.add_argument("--max-new-tokens", type=_positive_int, default=None,
@@ -104,9 +105,8 @@ def run(args: argparse.Namespace) -> int:
     for n in names:
         get_task(n)  # unknown names fail before anything is loaded
     data_dir = args.data_dir or default_data_dir()
-    common = dict(n_samples=args.n_samples, score_method=args.score_method, steps=args.steps,
-                  block_length=args.block_length, remasking=args.remasking, threshold=args.threshold,
-                  oracle_length=args.oracle_length, max_new_tokens=args.max_new_tokens, seed=args.seed,
+    common = dict(n_samples=args.n_samples, score_method=args.score_method, sampler=_pairs(args.sampler, "--sampler"),
+                  infill_sampler=_pairs(args.infill_sampler, "--infill-sampler"), oracle_length=args.oracle_length, max_new_tokens=args.max_new_tokens, seed=args.seed,
                   gen_length=args.gen_length, gen_temperature=args.gen_temperature, gen_top_p=args.gen_top_p,
                   gen_prompt_words=args.gen_prompt_words, judge=args.judge, ppl_max_tokens=args.ppl_max_tokens,
                   heldout_book=args.heldout_book, chat=args.chat, exec_timeout=args.exec_timeout)
@@ -120,7 +120,9 @@ def run(args: argparse.Namespace) -> int:
     model = dlm.load(args.model, device=args.device, dtype=args.dtype)
     kind = args.kind or default_kind(model, args.model)
     if kind == "ar":  # DLM-only knobs do not change AR predictions: keep them out of the resume check
-        common.update({name: getattr(EvalSettings, name) for name in _DLM_ONLY})
+        common.update({name: getattr(EvalSettings, name) for name in _DLM_ONLY}, infill_sampler={})
+        common["sampler"] = {k: v for k, v in common["sampler"].items()
+                             if k in ("temperature", "top_p", "top_k", "suppress_eos")}
     book = heldout_book_of(model) if args.heldout_book is None else None
     if book:  # the checkpoint says which book its training held out: evaluate perplexity / prompts on that one
         common["heldout_book"] = book
@@ -147,7 +149,18 @@ def heldout_book_of(model) -> Optional[str]:
     return Path(books[0]).name if books else None
 
 
-_DLM_ONLY = ("n_samples", "score_method", "steps", "block_length", "remasking", "threshold")
+_DLM_ONLY = ("n_samples", "score_method")
+
+
+def _pairs(items: list[str], flag: str) -> dict:
+    """["steps=16", "decoder=full"] -> {"steps": "16", "decoder": "full"} (SamplerConfig coerces the values)."""
+    out = {}
+    for item in items:
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            raise ValueError(f"{flag}: expected FIELD=VALUE, got {item!r}")
+        out[key.strip()] = value.strip()
+    return out
 
 
 def table_main(argv: list[str]) -> int:

@@ -22,33 +22,26 @@ from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 from tqdm.auto import tqdm
 
-from .backends import Backend, EvalSettings, default_kind
-
-
-def _opt_int(value) -> Optional[int]:
-    return None if value in (None, "", "None", "none") else int(value)
-
-
-def _opt_float(value) -> Optional[float]:
-    return None if value in (None, "", "None", "none") else float(value)
+from .backends import EvalModel, EvalSettings, default_kind
 
 
 @register_model("dlm", "dlm-studio")
 class DLMHarnessLM(LM):
-    """lm-eval model class over `evals.backends.Backend`.
+    """lm-eval model class over `evals.backends.EvalModel`.
 
     pretrained:    registry name / path / hub id for `dlm.load` (or pass a loaded `model=` from Python).
     kind:          "dlm" / "ar"; default from the checkpoint (adapted -> dlm).
-    n_samples, score_method, steps, block_length, remasking, threshold, seed: as in `evals.backends.EvalSettings`.
+    n_samples, score_method, seed: as in `evals.backends.EvalSettings`; any other key that is a dlm.SamplerConfig
+                   field (steps, block_length, remasking, threshold, decoder, ...) overrides the model's
+                   recommended generation config (lm-eval passes --model_args values as strings: coerced).
     max_gen_toks:  default generation length when a task gives none (128).
     device, dtype: passed to `dlm.load` (device comes from lm-eval's own --device, not --model_args).
     Other lm-eval arguments (batch_size, ...) are accepted and ignored.
     """
 
     def __init__(self, pretrained: Optional[str] = None, model=None, kind: Optional[str] = None,
-                 n_samples=32, score_method: str = "elbo", steps=None, block_length=None,
-                 remasking: str = "confidence", threshold=None, seed=0, max_gen_toks=128, device="auto",
-                 dtype="auto", **_ignored):
+                 n_samples=32, score_method: str = "elbo", seed=0, max_gen_toks=128, device="auto",
+                 dtype="auto", **other):
         super().__init__()
         if model is None:
             if not pretrained:
@@ -56,10 +49,12 @@ class DLMHarnessLM(LM):
             import dlm
             model = dlm.load(pretrained, device=device or "auto", dtype=dtype or "auto")
         kind = kind or default_kind(model, pretrained or "")
+        from dlm import SamplerConfig
+        fields = {f["name"] for f in SamplerConfig.describe()}
+        sampler = {k: v for k, v in other.items() if k in fields and v not in (None, "", "None")}
         self.settings = EvalSettings(kind=kind, n_samples=int(n_samples), score_method=score_method,
-                                     steps=_opt_int(steps), block_length=_opt_int(block_length),
-                                     remasking=remasking, threshold=_opt_float(threshold), seed=int(seed))
-        self.backend = Backend(model, self.settings)
+                                     sampler=sampler, seed=int(seed))
+        self.backend = EvalModel(model, self.settings)
         self.max_gen_toks = int(max_gen_toks)
 
     def _seed(self, text: str) -> int:

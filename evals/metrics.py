@@ -118,11 +118,4 @@ def mean_stderr(values: Sequence[float]) -> tuple[float, float]:
 
 
 # ----- diversity -----------------------------------------------------------------------------------------------------
-def distinct_n(text: str, n: int = 2) -> float:
-    """Distinct-n (Li et al. 2016) of one text: unique word n-grams / all word n-grams (NaN when none).
-
-    Words are whitespace-separated, so the number is comparable across models with different tokenizers.
-    """
-    words = text.split()
-    grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
-    return len(set(grams)) / len(grams) if grams else float("nan")
+from dlm.quality import distinct_n  # noqa: E402,F401  (one definition for the app, evals and bench)

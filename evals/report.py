@@ -80,9 +80,9 @@ def markdown_table(runs: Sequence[tuple[dict, dict]]) -> str:
         ns = ", ".join(f"{t} {res[t].get('n', '?')}" for t in tasks if t in res)
         how = ("AR: exact causal log-likelihood (acc = summed, acc_norm = per byte), greedy decoding"
                if s.get("kind") == "ar" else
-               f"DLM: score={s.get('score_method')} x{s.get('n_samples')}, steps={s.get('steps') or 'L'}, "
-               f"block={s.get('block_length') or '-'}, remasking={s.get('remasking')}, "
-               f"threshold={s.get('threshold') or '-'}")
+               f"DLM: score={s.get('score_method')} x{s.get('n_samples')}, sampler overrides "
+               f"{s.get('sampler') or 'none (the model’s own decoding)'}, infill overrides "
+               f"{s.get('infill_sampler') or 'none'}")
         length = "oracle answer length" if s.get("oracle_length") else \
             f"fixed answer budget ({s.get('max_new_tokens') or 'task default'})"
         lines.append(f"- {row_label(config)}: n = {ns}; {how}; {length}; seed {s.get('seed')}.")

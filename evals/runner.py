@@ -9,13 +9,13 @@ from typing import Optional, Sequence
 
 from tqdm.auto import tqdm
 
-from .backends import Backend, EvalSettings
+from .backends import EvalModel, EvalSettings
 from .report import markdown_table
 from .store import PredictionStore, prepare_out_dir, read_json, write_json
 from .tasks import TaskSpec, aggregate
 
 
-def run_task(backend: Backend, spec: TaskSpec, examples: list, store: PredictionStore,
+def run_task(backend: EvalModel, spec: TaskSpec, examples: list, store: PredictionStore,
              progress: Optional[bool] = None) -> dict:
     """Evaluate the examples not yet in `store` (appending each record as it finishes), then aggregate all of
     `examples` from the store. progress: tqdm bar (None = only on a terminal)."""
@@ -42,7 +42,7 @@ def evaluate(model, tasks: Sequence[tuple[TaskSpec, list]], out: Path, settings:
     config = {"model": model_id, "label": label or model_id, "dtype": str(model.dtype).replace("torch.", ""),
               "settings": asdict(settings)}
     prepare_out_dir(out, config, overwrite=overwrite)
-    backend = Backend(model, settings)
+    backend = EvalModel(model, settings)
     results = read_json(out / "results.json", {}) or {}
     for spec, examples in tasks:
         t0 = time.perf_counter()

@@ -14,7 +14,9 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from . import data as D
-from .backends import Backend, example_seed
+from dlm.quality import judge_nll
+
+from .backends import EvalModel, example_seed
 from .execution import humaneval_program, run_program, single_line
 from .metrics import (distinct_n, exact_match, first_answer_span, gsm8k_prediction, mean_stderr, numbers_equal,
                       rouge_scores)
@@ -35,7 +37,7 @@ class TaskSpec:
 
 
 # ----- multiple choice -------------------------------------------------------------------------------------------------
-def eval_mc(b: Backend, ex: D.MCExample) -> dict:
+def eval_mc(b: EvalModel, ex: D.MCExample) -> dict:
     """acc: argmax of the summed log-likelihood; acc_norm: of log-likelihood per UTF-8 byte of the choice (lm-eval).
     Under the DLM 'paper' estimator the score is already a per-token mean, so acc_norm is not computed."""
     lls = b.loglikelihoods(list(zip(ex.contexts, ex.continuations)), seed=example_seed(b.s.seed, ex.id))
@@ -61,7 +63,7 @@ def first_word(text: str) -> str:
     return _WORD_EDGE_PUNCT.sub("", words[0]) if words else ""
 
 
-def eval_lastword(b: Backend, ex: D.LastWordExample) -> dict:
+def eval_lastword(b: EvalModel, ex: D.LastWordExample) -> dict:
     """Oracle length: AR = greedy decoding reproduces the target's tokens (lm-eval's lambada acc), DLM = the
     target's number of tokens generated after the context (the paper's infilling of the last word) equals it.
     Not oracle: the first word of a free continuation of `max_new_tokens` (default 8) equals the target word."""
@@ -92,7 +94,7 @@ def aggregate_lastword(records: list[dict], main: str) -> dict:
 
 
 # ----- TriviaQA ---------------------------------------------------------------------------------------------------------------
-def eval_qa(b: Backend, ex: D.QAExample) -> dict:
+def eval_qa(b: EvalModel, ex: D.QAExample) -> dict:
     """Greedy answer (oracle: as many tokens as the first alias), cut at the first newline / '.' / ',', exact match
     over the aliases after SQuAD normalisation."""
     n = b.n_tokens(" " + ex.answer) if b.s.oracle_length else (b.s.max_new_tokens or 24)
@@ -102,7 +104,7 @@ def eval_qa(b: Backend, ex: D.QAExample) -> dict:
 
 
 # ----- ROCStories --------------------------------------------------------------------------------------------------------------
-def eval_story_infill(b: Backend, ex: D.InfillExample) -> dict:
+def eval_story_infill(b: EvalModel, ex: D.InfillExample) -> dict:
     """Sentence 3 from sentences 1-2 and 4-5 (DLM) or from 1-2 only (AR); ROUGE-1/2/L F1 x 100 against the
     reference. Oracle: the reference's number of tokens; else `max_new_tokens` (default 24). The prediction is
     cut at the first newline."""
@@ -113,7 +115,7 @@ def eval_story_infill(b: Backend, ex: D.InfillExample) -> dict:
 
 
 # ----- HumanEval single-line infilling -------------------------------------------------------------------------------------------
-def eval_code_infill(b: Backend, ex: D.InfillExample) -> dict:
+def eval_code_infill(b: EvalModel, ex: D.InfillExample) -> dict:
     """Middle line from prefix + suffix (DLM) or the prefix alone (AR), cut after its first newline, then the
     task's unit tests run in a sandboxed subprocess (`evals.execution`): pass@1 with one greedy sample.
     Oracle: the canonical line's number of tokens; else `max_new_tokens` (default 32)."""
@@ -126,7 +128,7 @@ def eval_code_infill(b: Backend, ex: D.InfillExample) -> dict:
 
 
 # ----- GSM8K ---------------------------------------------------------------------------------------------------------------------
-def eval_gsm8k(b: Backend, ex: D.MathExample) -> dict:
+def eval_gsm8k(b: EvalModel, ex: D.MathExample) -> dict:
     """Zero-shot "Question: ...\\nAnswer:" (or the chat template with `chat`), greedy; the final answer is the
     number after '####' in the output, else its last number. Oracle: the reference solution's token count."""
     n = b.n_tokens(" " + ex.solution) if b.s.oracle_length else (b.s.max_new_tokens or 256)
@@ -144,7 +146,7 @@ def load_ppl(data_dir: Path, s) -> list[D.TextExample]:
     return D.heldout_paragraphs(data_dir, s.heldout_book)
 
 
-def eval_ppl(b: Backend, ex: D.TextExample) -> dict:
+def eval_ppl(b: EvalModel, ex: D.TextExample) -> dict:
     """NLL of the paragraph's first `ppl_max_tokens` tokens after the start token: exact for AR, the ELBO upper
     bound for a DLM (so its perplexity is an upper bound, the paper's reported quantity)."""
     ids = b.tokenizer(ex.text, add_special_tokens=False)["input_ids"][: b.s.ppl_max_tokens]
@@ -166,7 +168,7 @@ def load_genppl(data_dir: Path, s) -> list[D.TextExample]:
     return D.heldout_paragraphs(data_dir, s.heldout_book)
 
 
-def eval_genppl(b: Backend, ex: D.TextExample, length: int) -> dict:
+def eval_genppl(b: EvalModel, ex: D.TextExample, length: int) -> dict:
     """Sample `length` tokens (unconditionally from the start token, or after the first `gen_prompt_words` words of
     a held-out paragraph) at `gen_temperature` / `gen_top_p`; score the text with the AR judge; distinct-2."""
     seed = example_seed(b.s.seed, ex.id)
@@ -177,8 +179,8 @@ def eval_genppl(b: Backend, ex: D.TextExample, length: int) -> dict:
     rec = {"id": ex.id, "prompt": prompt_text, "text": text, "distinct2": distinct_n(text, 2), "nll": 0.0,
            "n_tokens": 0}
     if text.strip():
-        sc = b.judge().ar_score(prompt_text, text)
-        rec.update(nll=-float(sc.logprob), n_tokens=int(sc.n_tokens))
+        nll, n_tokens = judge_nll(b.judge(), prompt_text, text)
+        rec.update(nll=nll, n_tokens=n_tokens)
     if math.isnan(rec["distinct2"]):
         rec["distinct2"] = None
     return rec

@@ -78,6 +78,11 @@ def test_bad_input_exits_with_one_line_and_no_traceback(tiny_llama_dir):
     (["fill", "--model", "x"], "--template"),
     (["score", "--model", "x", "--continuation", "a", "--method", "nope"], "--method"),
     (["nonsense"], "invalid choice"),
+    (["generate", "--model", "x", "--prompt", "hi", "--seed", str(10**30)], "seed: must be an integer between"),
+    (["generate", "--model", "x", "--prompt", "hi", "--temperature", "nan"], "temperature: must be a finite"),
+    (["generate", "--model", "x", "--prompt", "hi", "--threshold", "abc"], "threshold: must be a number"),
+    (["generate", "--model", "x", "--prompt", "hi", "--decoder", "fast"], "--decoder"),
+    (["score", "--model", "x", "--continuation", "a", "--seed", "1.5"], "seed: must be a whole number"),
 ])
 def test_usage_errors_are_one_line(argv, fragment, capsys):
     with pytest.raises(SystemExit) as info:
@@ -87,13 +92,24 @@ def test_usage_errors_are_one_line(argv, fragment, capsys):
     assert len(err) == 1 and err[0].startswith("dlm: error: ") and fragment in err[0]
 
 
-def test_boolean_flags_are_store_true():
+def test_boolean_flags_are_real_booleans_and_unset_keeps_the_model_default():
     parser = cli.build_parser()
     base = ["generate", "--model", "m", "--prompt", "p"]
     off = parser.parse_args(base)
     on = parser.parse_args(base + ["--use-cache", "--suppress-eos", "--json", "--chat"])
-    assert (off.use_cache, off.suppress_eos, off.json, off.chat) == (False, False, False, False)
-    assert (on.use_cache, on.suppress_eos, on.json, on.chat) == (True, True, True, True)
+    no = parser.parse_args(base + ["--no-stop-at-eos"])
+    assert (off.cfg_use_cache, off.cfg_suppress_eos, off.json, off.chat) == (None, None, False, False)
+    assert cli._sampler_overrides(off) == {}                      # the model's recommended config decides
+    assert (on.cfg_use_cache, on.cfg_suppress_eos, on.json, on.chat) == (True, True, True, True)
+    assert cli._sampler_overrides(no) == {"stop_at_eos": False}
+
+
+def test_sampler_flags_are_generated_from_every_config_field():
+    import dlm
+    parser = cli.build_parser()
+    text = parser._subparsers._group_actions[0].choices["generate"].format_help()
+    for f in dlm.SamplerConfig.describe():
+        assert "--" + f["name"].replace("_", "-") in text, f["name"]
 
 
 def test_debug_shows_the_exception(tiny_llama_dir):
@@ -112,3 +128,15 @@ def test_models_and_info(tiny_llama_dir, capsys):
     info = json.loads(capsys.readouterr().out)
     assert info["parameters"] > 0 and info["shift"] is True and info["family"] == "llama"
     assert info["mask_token_id"] == info["vocab_size"] - 1 and info["mask_token"] == "<|mask|>"
+
+
+def test_animation_is_written_as_gif_and_html(tiny_llama_dir, tmp_path):
+    pytest.importorskip("PIL")
+    for suffix in ("gif", "html"):
+        path = tmp_path / f"run.{suffix}"
+        out = one_json_object(run_cli("generate", "--model", str(tiny_llama_dir), "--prompt", "Once upon a time",
+                                      "--max-new-tokens", "6", "--steps", "3", "--device", "cpu", "--animation",
+                                      str(path), "--json"))
+        assert out["animation"] == str(path) and path.stat().st_size > 0 and "frames" not in out
+    from PIL import Image
+    assert Image.open(tmp_path / "run.gif").n_frames >= 3

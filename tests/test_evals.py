@@ -13,7 +13,7 @@ from types import SimpleNamespace
 import pytest
 
 from evals import data as D
-from evals.backends import Backend, EvalSettings, default_kind
+from evals.backends import EvalModel, EvalSettings, default_kind
 from evals.cli import main as evals_main
 from evals.execution import humaneval_program, run_program, single_line
 from evals.metrics import (distinct_n, exact_match, first_answer_span, gsm8k_gold, gsm8k_prediction, mean_stderr,
@@ -236,7 +236,7 @@ def test_default_kind(tmp_path):
 
 # ----- backends on a tiny model --------------------------------------------------------------------------------------
 def test_ar_batch_scores_match_exact_scorer_and_greedy_flag(tiny_dlm):
-    b = Backend(tiny_dlm, EvalSettings(kind="ar"))
+    b = EvalModel(tiny_dlm, EvalSettings(kind="ar"))
     greedy = tiny_dlm.ar_generate("The weather today is", max_new_tokens=3).text
     pairs = [("The weather today is", greedy), ("The weather today is", " purple elephant dancing"),
              ("Hi", " there")]
@@ -247,7 +247,7 @@ def test_ar_batch_scores_match_exact_scorer_and_greedy_flag(tiny_dlm):
 
 
 def test_dlm_scores_reproducible_per_seed(tiny_dlm):
-    b = Backend(tiny_dlm, EvalSettings(kind="dlm", n_samples=4))
+    b = EvalModel(tiny_dlm, EvalSettings(kind="dlm", n_samples=4))
     pairs = [("The sky is", " blue and clear"), ("The sky is", " green today, oddly")]
     a, c, d = b.loglikelihoods(pairs, 1), b.loglikelihoods(pairs, 1), b.loglikelihoods(pairs, 2)
     assert [x.logprob for x in a] == [x.logprob for x in c]
@@ -266,7 +266,7 @@ def test_resume_skips_finished_examples(tmp_path, tiny_dlm, data_dir):
 
     spec = TaskSpec("piqa", "PIQA", base.load, counting, base.metrics, base.main)
     examples = D.load_piqa(data_dir)
-    backend = Backend(tiny_dlm, EvalSettings(kind="ar"))
+    backend = EvalModel(tiny_dlm, EvalSettings(kind="ar"))
     path = tmp_path / "piqa.jsonl"
     first = run_task(backend, spec, examples[:2], PredictionStore(path), progress=False)
     assert calls == [0, 1] and first["n"] == 2
@@ -367,9 +367,11 @@ def test_heldout_book_comes_from_the_checkpoint_training_record():
 
 
 def test_dlm_steps_fit_every_answer_length(tiny_dlm):
-    b = Backend(tiny_dlm, EvalSettings(kind="dlm", steps=4, block_length=8))
-    assert b._sampler_kwargs(64)["steps"] == 8   # 8 blocks need 8 steps
-    assert b._sampler_kwargs(3)["steps"] == 3    # never more steps than tokens
+    b = EvalModel(tiny_dlm, EvalSettings(kind="dlm", sampler={"steps": 4, "block_length": 8}))
+    assert b._config(tiny_dlm.sampler_config, b.s.sampler, 64).steps == 8   # 8 blocks need 8 steps
+    assert b._config(tiny_dlm.sampler_config, b.s.sampler, 3).steps_for(3) == 3   # never more steps than tokens
+    with pytest.raises(ValueError, match="unknown sampler setting 'stepz'"):
+        EvalSettings(kind="dlm", sampler={"stepz": 4})
     g = b.complete("The sky is", 20, seed=0)
     assert g.nfe == 4 and len(g.token_ids) == 20
 

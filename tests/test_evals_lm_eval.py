@@ -57,7 +57,7 @@ def test_simple_evaluate_on_a_local_task(tmp_path, tiny_dlm, kind, monkeypatch):
 def test_direct_calls_match_backend(tiny_dlm):
     from lm_eval.api.instance import Instance
     from evals.lm_eval_model import DLMHarnessLM
-    from evals.backends import Backend, EvalSettings
+    from evals.backends import EvalModel, EvalSettings
 
     lm = DLMHarnessLM(model=tiny_dlm, kind="ar")
     req = Instance(request_type="loglikelihood", doc={}, arguments=("The sky is", " blue"), idx=0)
@@ -67,7 +67,7 @@ def test_direct_calls_match_backend(tiny_dlm):
     gen = Instance(request_type="generate_until", doc={}, idx=0,
                    arguments=("Once upon a time", {"until": ["\n"], "max_gen_toks": 6}))
     (text,) = lm.generate_until([gen], disable_tqdm=True)
-    full = Backend(tiny_dlm, EvalSettings(kind="ar")).complete("Once upon a time", 6, lm._seed("Once upon a time"))
+    full = EvalModel(tiny_dlm, EvalSettings(kind="ar")).complete("Once upon a time", 6, lm._seed("Once upon a time"))
     assert text == full.text.split("\n")[0]
     roll = Instance(request_type="loglikelihood_rolling", doc={}, idx=0, arguments=("A short text to score.",))
     (ll,) = lm.loglikelihood_rolling([roll], disable_tqdm=True)

@@ -21,7 +21,6 @@ import os
 import random
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Optional
@@ -29,7 +28,7 @@ from typing import Callable, Iterator, Optional
 import numpy as np
 import torch
 
-from dlm.fileio import cache_dir
+from dlm.fileio import atomic_directory, cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -280,8 +279,7 @@ def build_token_cache(data_cfg, tokenizer, *, progress: bool = False) -> TokenCa
     dtype = np.uint16 if len(tokenizer) <= np.iinfo(np.uint16).max + 1 else np.uint32
     clean = CLEANERS[data_cfg.clean]
     eos = int(tokenizer.eos_token_id)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{key}.tmp-", dir=root))
-    try:
+    with atomic_directory(directory, keep_existing=True) as tmp:  # another rank may finish the same cache first
         boundaries: list[int] = []  # token offset after each document
         n_tokens = n_docs = 0
         with open(tmp / "tokens.bin", "wb") as out:
@@ -322,16 +320,10 @@ def build_token_cache(data_cfg, tokenizer, *, progress: bool = False) -> TokenCa
                 "eos": eos, "files": files, "eval_files": eval_files, "clean": data_cfg.clean,
                 "tokenizer": tokenizer_fingerprint(tokenizer)}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-        try:
-            os.rename(tmp, directory)
-        except OSError:  # another process finished the same cache first: use theirs
-            shutil.rmtree(tmp, ignore_errors=True)
-            meta = _load_meta(directory)
-            if meta is None:
-                raise DataError(f"token cache {directory} exists but is incomplete; delete it and re-run") from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    theirs = _load_meta(directory)
+    if theirs is None:
+        raise DataError(f"token cache {directory} exists but is incomplete; delete it and re-run")
+    meta, n_tokens, split = theirs, theirs["n_tokens"], theirs["split"]
     log.info("tokenized %d documents -> %d tokens (%d held out) in %s", n_docs, n_tokens, n_tokens - split,
              directory)
     return TokenCache(directory, meta["n_tokens"], meta["split"], meta["n_documents"], meta["dtype"], True)

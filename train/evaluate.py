@@ -14,11 +14,8 @@ from dlm.likelihood import elbo_nll, masked_token_accuracy
 
 
 def scored_mask(model, input_ids: torch.Tensor, maskable, attention_mask) -> torch.Tensor:
-    """[B, L] bool: the positions the metrics score (maskable & real tokens, minus position 0 under the shift)."""
-    out = model.default_maskable(input_ids, attention_mask).cpu()
-    if maskable is not None:
-        out &= maskable.bool().cpu()
-    return out
+    """[B, L] bool: the positions the metrics score (the model decides: `DiffusionLM.default_maskable`)."""
+    return model.default_maskable(input_ids, attention_mask, maskable).cpu()
 
 
 @torch.no_grad()

@@ -18,7 +18,6 @@ import json
 import logging
 import math
 import time
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Optional
 

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Optional
 
@@ -21,10 +19,8 @@ from torch import nn
 
 import dlm
 from dlm import registry
-from dlm.fileio import atomic_directory
+from dlm.fileio import atomic_directory, cache_dir
 from dlm.loading import load_tokenizer
-
-from dlm.fileio import cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -36,12 +32,10 @@ def load_tokenizer_cached(source: str):
     from transformers import AutoTokenizer
     gguf: Optional[Path] = None
     if registry.is_registered(source):
-        kind, _, rest = registry.get(source).source.partition(":")
-        if kind == "gguf":
-            package, _, filename = rest.partition(":")
-            gguf = registry.package_file(package, filename)
-        else:
-            return dlm.load_tokenizer(registry.get(source).source)
+        spec = registry.get(source)
+        if spec.origin[0] != "gguf":
+            return dlm.load_tokenizer(source)
+        gguf = spec.local_path()
     elif source.endswith(".gguf"):
         gguf = Path(source)
     if gguf is None:
@@ -55,13 +49,8 @@ def load_tokenizer_cached(source: str):
         except Exception:  # a damaged cache entry: rebuild it
             shutil.rmtree(directory, ignore_errors=True)
     tok = load_tokenizer(gguf.parent, gguf_file=gguf.name)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{key}.tmp-", dir=directory.parent))
-    tok.save_pretrained(tmp)
-    try:
-        os.rename(tmp, directory)
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with atomic_directory(directory, keep_existing=True) as tmp:
+        tok.save_pretrained(tmp)
     return tok
 
 
@@ -187,7 +176,11 @@ def add_lora(model, lora_cfg) -> None:
     if lora_cfg.init_from:
         path = Path(lora_cfg.init_from)
         if registry.is_registered(lora_cfg.init_from):
-            path = registry.asset_dir(registry.get(lora_cfg.init_from).source.partition(":")[2])
+            try:
+                path = registry.get(lora_cfg.init_from).local_path()
+            except (FileNotFoundError, ValueError) as e:
+                from .config import ConfigError
+                raise ConfigError(f"lora.init_from: {e}") from None
         if not (path / "adapter_config.json").is_file():
             from .config import ConfigError
             raise ConfigError(f"lora.init_from: {lora_cfg.init_from!r} is not a LoRA adapter directory "

@@ -15,17 +15,14 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import shutil
 import string
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from dlm.fileio import cache_dir
+from dlm.fileio import atomic_directory, cache_dir
 
 from .data import DataError, _file_stamp, expand_sources, iter_jsonl, tokenizer_fingerprint
 
@@ -123,17 +120,12 @@ def build_sft_cache(data_cfg, sft_cfg, tokenizer) -> SFTArrays:
         ids[i, : len(p)] = p
         ids[i, len(p): len(p) + len(r)] = r
         prompt_len[i], content_len[i] = len(p), len(p) + len(r)
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{key}.tmp-", dir=root))
-    np.save(tmp / "ids.npy", ids)
-    np.save(tmp / "prompt_len.npy", prompt_len)
-    np.save(tmp / "content_len.npy", content_len)
-    (tmp / "meta.json").write_text(json.dumps({"n": len(records), "max_length": L, "pad_id": pad,
-                                               "files": files}, indent=1))
-    try:
-        os.rename(tmp, directory)
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with atomic_directory(directory, keep_existing=True) as tmp:  # another rank may finish the same cache first
+        np.save(tmp / "ids.npy", ids)
+        np.save(tmp / "prompt_len.npy", prompt_len)
+        np.save(tmp / "content_len.npy", content_len)
+        (tmp / "meta.json").write_text(json.dumps({"n": len(records), "max_length": L, "pad_id": pad,
+                                                   "files": files}, indent=1))
     truncated = int((content_len >= L).sum())
     log.info("SFT: %d records -> %s (%d filled the whole canvas of %d)", len(records), directory, truncated, L)
     return _load(directory, built=True)

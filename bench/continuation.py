@@ -1,0 +1,216 @@
+"""Does the DLM write? Held-out prompts continued by the diffusion LM and by its AR twin, in one run, one table.
+
+For each prompt (the openings of held-out Gutenberg paragraphs, from the books DiffuSmol's training holds out, and
+ROCStories openings), both models continue it by `--new-tokens` tokens with the same sampling (default
+temperature 0.7, top-p 0.95, one seed per prompt):
+  DLM  its own recommended decoding (`model.sampler_config`, e.g. block diffusion with the exact cache + threshold)
+  AR   the AR twin with Hugging Face `generate` and its KV cache
+and the table reports, per model:
+  judge-PPL   perplexity of the continuations under the AR base (the judge), corpus level (lower = more fluent)
+  distinct-2  unique word bigrams / bigrams, mean over outputs (higher = more varied)
+  loops       share of outputs that repeat some word 3-gram 3+ times
+  tok/s       useful new tokens (up to and including EOS) per second of model time; "speed" = DLM / AR
+With --accuracy it also scores the full-attention mode on held-out Gutenberg blocks: masked-token accuracy at 15%
+masking (DLM) against the AR base's next-token accuracy on the same text.
+
+    python -m bench.continuation                          # default model vs its AR twin, 24 prompts x 48 tokens
+    python -m bench.continuation --n 12 --accuracy --out runs/bench/continuation.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+from dlm.quality import corpus_ppl, distinct_n, has_loop, judge_nll
+from dlm.sampling import cut_at_eos
+
+# The books DiffuSmol's training run holds out (the tail of its shuffled document order; see the model card).
+HELDOUT_BOOKS = ("11-0.txt.gz", "25344-0.txt.gz", "The-Art-of-War.txt.gz", "pg55.txt.gz")
+GOALS = "fluent: judge-PPL <= 2x AR | varied: distinct-2 >= 0.8x AR, loops <= AR + 15 pts | fast: speed >= 1.0x"
+
+
+@dataclass
+class Side:
+    """One model's outputs over all prompts."""
+
+    name: str
+    texts: list
+    nlls: list
+    tokens: int = 0
+    seconds: float = 0.0
+
+    def summary(self) -> dict:
+        d2 = [v for v in (distinct_n(t) for t in self.texts) if not math.isnan(v)]
+        return {"model": self.name, "judge_ppl": corpus_ppl(self.nlls),
+                "distinct2": sum(d2) / len(d2) if d2 else float("nan"),
+                "loops": sum(has_loop(t) for t in self.texts) / max(1, len(self.texts)),
+                "tokens": self.tokens, "seconds": self.seconds,
+                "tokens_per_s": self.tokens / self.seconds if self.seconds else float("nan")}
+
+
+def load_prompts(data_dir: Path, n: int, words: int = 32) -> list[str]:
+    """n prompts: half the first `words` words of held-out Gutenberg paragraphs, half ROCStories openings (the
+    first two sentences), picked evenly through each source so the set is fixed for a given n."""
+    from evals import data as D
+    paras: list[str] = []
+    for book in HELDOUT_BOOKS:
+        try:
+            paras += [p.text for p in D.heldout_paragraphs(data_dir, book, min_words=words + 20)]
+        except FileNotFoundError:
+            continue
+    stories = [f"{s.prefix}".strip() for s in D.load_rocstories(data_dir)]
+    half = n // 2
+    pick = lambda items, k: [items[int(i * len(items) / k)] for i in range(k)] if k and items else []
+    gutenberg = [" ".join(p.split()[:words]) for p in pick(paras, n - half)]
+    return gutenberg + pick(stories, half)
+
+
+def useful_tokens(token_ids: Sequence[int], eos_ids: Sequence[int]) -> int:
+    """New tokens up to and including the first EOS (what a reader gets; later ones are padding work)."""
+    kept = cut_at_eos(token_ids, eos_ids)
+    return len(kept) + (1 if len(kept) < len(token_ids) else 0)
+
+
+def run(model, ar_model, judge, prompts: Sequence[str], new_tokens: int = 48, temperature: float = 0.7,
+        top_p: float = 0.95, seed: int = 0, log=print) -> dict:
+    """Continue every prompt with both models; returns {"dlm": summary, "ar": summary, "speed": ratio, ...}."""
+    cfg = model.sampler_config.replace(max_new_tokens=new_tokens, temperature=temperature, top_p=top_p, seed=seed,
+                                       suppress_eos=False)
+    model.generate(prompts[0], cfg, max_new_tokens=4)                   # warm-up (allocations, kernels)
+    model.ar_generate(prompts[0], cfg, max_new_tokens=4, ar_model=ar_model)
+    dlm_side, ar_side = Side(model.name, [], []), Side(ar_model.name, [], [])
+    samples = []
+    for i, prompt in enumerate(prompts):
+        c = cfg.replace(seed=seed * 1_000_003 + i)
+        d = model.generate(prompt, c)
+        a = model.ar_generate(prompt, c, ar_model=ar_model)
+        for side, g, m in ((dlm_side, d, model), (ar_side, a, ar_model)):
+            side.texts.append(g.text)
+            side.nlls.append(judge_nll(judge, prompt, g.text))
+            side.tokens += useful_tokens(g.token_ids, m.eos_token_ids)
+            side.seconds += g.seconds
+        samples.append({"prompt": prompt, "dlm": d.text, "ar": a.text, "dlm_nfe": d.nfe,
+                        "dlm_tokens": useful_tokens(d.token_ids, model.eos_token_ids)})
+        log(f"[{i + 1}/{len(prompts)}] DLM {d.nfe:>3} nfe {d.seconds:6.2f}s | AR {a.seconds:6.2f}s | "
+            f"{_clip(d.text)!r}")
+    out = {"dlm": dlm_side.summary(), "ar": ar_side.summary(), "config": cfg.to_dict(), "n": len(prompts),
+           "new_tokens": new_tokens, "samples": samples}
+    out["speed"] = out["dlm"]["tokens_per_s"] / out["ar"]["tokens_per_s"]
+    out["tokens_per_step"] = dlm_side.tokens / max(1, sum(s["dlm_nfe"] for s in samples))
+    return out
+
+
+@torch.no_grad()
+def heldout_accuracy(model, ar_model, data_dir: Path, n_blocks: int = 16, block: int = 128, seed: int = 0,
+                     mask_ratio: float = 0.15) -> dict:
+    """Full-attention masked-token accuracy (DLM, `mask_ratio` of each block masked) and the AR base's next-token
+    accuracy on the same held-out Gutenberg blocks; also the block-diffusion accuracy when the model decodes in
+    blocks."""
+    from dlm.likelihood import masked_token_accuracy
+    from evals import data as D
+    text = "\n\n".join(D.load_heldout_text(data_dir, b) for b in HELDOUT_BOOKS)
+    ids = model.tokenizer(text, add_special_tokens=False)["input_ids"]
+    stride = max(block, (len(ids) - block) // n_blocks)
+    rows = torch.tensor([ids[i * stride: i * stride + block] for i in range(n_blocks)])
+    out = {"blocks": n_blocks, "block_tokens": block,
+           "dlm_masked_acc": masked_token_accuracy(model, rows, mask_ratio, seed=seed)}
+    if model.sampler_config.decoder == "blocks":
+        out["dlm_block_acc"] = masked_token_accuracy(model, rows, mask_ratio, seed=seed,
+                                                     block_length=model.sampler_config.block_length)
+    ar_logits = ar_model.ar_logits(rows.to(ar_model.device))
+    out["ar_next_token_acc"] = float((ar_logits[:, :-1].argmax(-1).cpu() == rows[:, 1:]).float().mean())
+    return out
+
+
+def format_table(result: dict) -> str:
+    d, a = result["dlm"], result["ar"]
+    lines = ["| model | judge-PPL | distinct-2 | loops | tok/s |", "|---|---|---|---|---|"]
+    for r in (d, a):
+        lines.append(f"| {r['model']} | {r['judge_ppl']:.2f} | {r['distinct2']:.3f} | {100 * r['loops']:.0f}% | "
+                     f"{r['tokens_per_s']:.2f} |")
+    ok = {"fluent": d["judge_ppl"] <= 2 * a["judge_ppl"],
+          "varied": d["distinct2"] >= 0.8 * a["distinct2"] and d["loops"] <= a["loops"] + 0.15,
+          "fast": result["speed"] >= 1.0}
+    lines.append("")
+    lines.append(f"ratios: judge-PPL {d['judge_ppl'] / a['judge_ppl']:.2f}x AR, distinct-2 "
+                 f"{d['distinct2'] / a['distinct2']:.2f}x AR, loops {100 * (d['loops'] - a['loops']):+.0f} pts, "
+                 f"speed {result['speed']:.2f}x AR ({result['tokens_per_step']:.2f} tokens per DLM step); "
+                 f"n={result['n']} prompts x {result['new_tokens']} tokens")
+    lines.append("goals (" + GOALS + "): " + ", ".join(f"{k} {'yes' if v else 'NO'}" for k, v in ok.items()))
+    if "accuracy" in result:
+        acc = result["accuracy"]
+        extra = f", block-mode {acc['dlm_block_acc']:.3f}" if "dlm_block_acc" in acc else ""
+        lines.append(f"held-out accuracy ({acc['blocks']} blocks x {acc['block_tokens']} tokens): DLM masked@15% "
+                     f"{acc['dlm_masked_acc']:.3f}{extra} vs AR next-token {acc['ar_next_token_acc']:.3f}")
+    return "\n".join(lines)
+
+
+def _clip(text: str, n: int = 70) -> str:
+    text = re.sub(r"\s+", " ", text)
+    return text if len(text) <= n else text[: n - 1] + "…"
+
+
+def main(argv: Optional[Sequence[str]] = None) -> dict:
+    p = argparse.ArgumentParser(prog="bench.continuation", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p.add_argument("--model", default="smollm2-135m-dlm", help="the DLM (its sampler_config is used)")
+    p.add_argument("--ar-model", default=None, help="the AR twin (default: the DLM's registered counterpart)")
+    p.add_argument("--judge", default=None, help="judge for judge-PPL (default: the AR twin)")
+    p.add_argument("--n", type=int, default=24, help="prompts (half Gutenberg, half ROCStories)")
+    p.add_argument("--new-tokens", type=int, default=48)
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--set", dest="settings", action="append", default=[], metavar="FIELD=VALUE",
+                   help="override a field of the DLM's recommended SamplerConfig (repeatable), e.g. "
+                        "--set decoder=blocks --set block_length=4 --set threshold=0.9")
+    p.add_argument("--accuracy", action="store_true", help="also held-out masked vs next-token accuracy")
+    p.add_argument("--data-dir", type=Path, default=None, help="default ../shared/data")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--out", type=Path, default=None, help="write the result (with every sample) as JSON")
+    args = p.parse_args(argv)
+
+    import dlm
+    from evals.data import default_data_dir
+    from transformers.utils import logging as hf_logging
+    hf_logging.set_verbosity_error()
+    data_dir = args.data_dir or default_data_dir()
+    model = dlm.load(args.model, device=args.device, dtype=args.dtype)
+    if args.settings:
+        pairs = dict(item.split("=", 1) for item in args.settings if "=" in item)
+        if len(pairs) != len(args.settings):
+            p.error("--set takes FIELD=VALUE")
+        model.sampler_config = dlm.SamplerConfig.from_dict({**model.sampler_config.to_dict(), **pairs})
+    ar_name = args.ar_model or model.ar_counterpart
+    if not ar_name:
+        p.error("the model names no AR counterpart: pass --ar-model")
+    ar_model = dlm.load(ar_name, device=args.device, dtype=args.dtype)
+    judge = ar_model if args.judge in (None, ar_name) else dlm.load(args.judge, device=args.device, dtype=args.dtype)
+    prompts = load_prompts(data_dir, args.n)
+    print(f"# {args.model} ({model.sampler_config.decoder} decoder) vs {ar_name}: {len(prompts)} prompts x "
+          f"{args.new_tokens} tokens, T={args.temperature}, top-p={args.top_p}, threads {torch.get_num_threads()}",
+          flush=True)
+    t0 = time.perf_counter()
+    result = run(model, ar_model, judge, prompts, args.new_tokens, args.temperature, args.top_p, args.seed,
+                 log=lambda line: print(line, flush=True))
+    if args.accuracy:
+        result["accuracy"] = heldout_accuracy(model, ar_model, data_dir, seed=args.seed)
+    print(format_table(result))
+    print(f"# {time.perf_counter() - t0:.0f} s")
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=1))
+    return result
+
+
+if __name__ == "__main__":
+    main()
