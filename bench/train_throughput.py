@@ -76,7 +76,11 @@ def run_once(model: str, variant: str, lora: bool, objective: str, steps: int, b
                  "run.export=false", "run.progress=false", f"run.log_every={steps}", f"run.output_dir={out}",
                  "run.tensorboard=false", f"run.threads={threads}", *extra]
     cfg = load_config(preset, overrides)
-    return train(cfg, "pretrain")
+    try:
+        return train(cfg, "pretrain")
+    finally:  # this benchmark runs several trainings in one process: each needs a fresh accelerate state
+        from accelerate.state import AcceleratorState
+        AcceleratorState._reset_state(reset_partial_state=True)
 
 
 def _count_params(model: str, lora: bool) -> tuple[float, float]:

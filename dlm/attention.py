@@ -59,19 +59,39 @@ def block_pattern(q_noisy: torch.Tensor, q_block: torch.Tensor, k_noisy: torch.T
     return torch.where(qn, noisy_rule, clean_rule)
 
 
-def staircase(seq_len: int, block_length: int, offset: int = 0, shift: bool = True, device=None):
+def clean_ids(blocks: torch.Tensor, causal: bool) -> torch.Tensor:
+    """The ids `block_pattern` gives clean tokens of the given blocks: their block (bidirectional inside a clean
+    block) or, with `causal`, their own position (token-causal: every clean row is then an AR next-token predictor,
+    which is what lets the speculative decoder verify drafts). Noisy tokens keep their block's first position as id
+    in the causal layout (`noisy_ids`), so the rule "clean keys of earlier blocks" stays the same comparison."""
+    return torch.arange(len(blocks), device=blocks.device) if causal else blocks
+
+
+def noisy_ids(blocks: torch.Tensor, causal: bool) -> torch.Tensor:
+    """Ids of noisy tokens: their block, or (causal layout) the position of their block's first token."""
+    if not causal:
+        return blocks
+    starts = torch.ones_like(blocks, dtype=torch.bool)
+    starts[1:] = blocks[1:] != blocks[:-1]
+    first = torch.cummax(torch.where(starts, torch.arange(len(blocks), device=blocks.device), 0), 0).values
+    return first
+
+
+def staircase(seq_len: int, block_length: int, offset: int = 0, shift: bool = True, device=None,
+              clean_causal: bool = False):
     """Layout of one block-diffusion training forward over [x_t; x_0] (2L tokens).
 
     Returns (pattern [2L, 2L] bool, position_ids [2L], rows [L]): row `rows[j]` of that forward's output predicts
     token j of x_0. Without the shift it is the noisy copy of j. With the shift (hidden state i predicts token
     i + 1) a block's first token is read from the *clean* row before it (the last token of the previous block, as
     the decoder will have it), the others from the noisy row before them inside the block. Row 0 predicts
-    position 0 only without the shift (position 0 is never a target with it).
+    position 0 only without the shift (position 0 is never a target with it). `clean_causal`: clean tokens attend
+    token-causally instead of block-causally (see `clean_ids`).
     """
     blk = block_ids(seq_len, block_length, offset, device)
     noisy = torch.cat([torch.ones(seq_len, dtype=torch.bool, device=device),
                        torch.zeros(seq_len, dtype=torch.bool, device=device)])
-    both = torch.cat([blk, blk])
+    both = torch.cat([noisy_ids(blk, clean_causal), clean_ids(blk, clean_causal)])
     pattern = block_pattern(noisy, both, noisy, both)
     positions = torch.arange(seq_len, device=device).repeat(2)
     j = torch.arange(seq_len, device=device)

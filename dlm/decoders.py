@@ -5,13 +5,17 @@ A decoder is a generator function `decoder(run: DecodeRun) -> Iterator[Step]`. I
 yields one `Step` (plain tensors: what was revealed, with what confidence) after each evaluation. It never builds
 display records: the caller turns steps into `Frame`s only when it streams or asks for them.
 
-    full    the paper's sampler (Algorithm 2 and its certainty-ordered variants) over the whole canvas with full
+    full         the paper's sampler (Algorithm 2 and its certainty-ordered variants) over the whole canvas with full
             attention: any order, any fixed positions (infilling), LLaDA-style semi-autoregressive blocks, and
             Fast-dLLM's approximate prefix cache.
-    blocks  block diffusion (Fast-dLLM v2, BD3-LM): the continuation is decoded block by block, causal across
-            blocks and bidirectional inside one; finished blocks live in an exact KV cache (their keys/values never
-            depend on later tokens), each step recomputes only the current block, and generation stops after the
-            first block that holds an EOS. Needs a model trained with block attention.
+    blocks       block diffusion (Fast-dLLM v2, BD3-LM): the continuation is decoded block by block, causal across
+                 blocks and bidirectional inside one; finished blocks live in an exact KV cache (their keys/values
+                 never depend on later tokens), each step recomputes only the current block, and generation stops
+                 after the first block that holds an EOS. Needs a model trained with block attention.
+    speculative  block diffusion drafting for itself: each forward verifies the previous block's drafts with the
+                 clean (AR) rows of the same weights and drafts the next block in parallel; exact speculative
+                 sampling, so the output is the clean path's own left-to-right distribution, at 1..block_length
+                 tokens per forward. Needs token-causal clean attention.
 
 A new decoder is one function here, registered with `@decoder("name")`; `SamplerConfig.decoder` then accepts it.
 """
@@ -92,9 +96,11 @@ Decoder = Callable[[DecodeRun], Iterator[Step]]
 DECODERS: dict[str, Decoder] = {}
 
 
-def decoder(name: str) -> Callable[[Decoder], Decoder]:
-    """Register a decoder under `name` (a value of `SamplerConfig.decoder`)."""
+def decoder(name: str, *, needs_block_length: bool = False) -> Callable[[Decoder], Decoder]:
+    """Register a decoder under `name` (a value of `SamplerConfig.decoder`). `needs_block_length`: the config must
+    give `block_length` (the decoder works block by block and has no sensible default size)."""
     def register(fn: Decoder) -> Decoder:
+        fn.needs_block_length = needs_block_length
         DECODERS[name] = fn
         return fn
     return register
@@ -113,20 +119,28 @@ def banned_token_ids(model, suppress_eos: bool = False) -> list[int]:
     return sorted(banned)
 
 
-def sample_tokens(logits: torch.Tensor, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-                  generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """Draw one token per row of `logits [N, V]` -> [N]: greedy at temperature 0, else transformers' temperature /
-    top-k / top-p warpers and a seeded multinomial draw."""
+def sampling_probs(logits: torch.Tensor, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0
+                   ) -> torch.Tensor:
+    """The distribution tokens are drawn from, per row of `logits [N, V]`: one-hot on the argmax at temperature 0,
+    else transformers' temperature / top-k / top-p warpers and a softmax."""
     if temperature == 0:
-        return logits.argmax(-1)
+        return torch.zeros_like(logits, dtype=torch.float32).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
     from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
     warpers = LogitsProcessorList([TemperatureLogitsWarper(float(temperature))])
     if top_k:
         warpers.append(TopKLogitsWarper(int(top_k)))
     if top_p < 1.0:
         warpers.append(TopPLogitsWarper(float(top_p)))
-    probs = warpers(None, logits.clone()).softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return warpers(None, logits.float().clone()).softmax(-1)
+
+
+def sample_tokens(logits: torch.Tensor, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+                  generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Draw one token per row of `logits [N, V]` -> [N] (greedy at temperature 0, else a seeded multinomial draw
+    from `sampling_probs`)."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    return torch.multinomial(sampling_probs(logits, temperature, top_k, top_p), 1, generator=generator).squeeze(-1)
 
 
 def propose_and_reveal(run: DecodeRun, logits: torch.Tensor, eligible: torch.Tensor, steps_left: int):
@@ -215,7 +229,7 @@ def decode_full(run: DecodeRun) -> Iterator[Step]:
 
 
 # ----- block diffusion with an exact cache ----------------------------------------------------------------------------------
-@decoder("blocks")
+@decoder("blocks", needs_block_length=True)
 def decode_blocks(run: DecodeRun) -> Iterator[Step]:
     """Continue a prompt block by block (Fast-dLLM v2 / BD3-LM decoding).
 
@@ -269,3 +283,143 @@ def decode_blocks(run: DecodeRun) -> Iterator[Step]:
             finished |= torch.isin(canvas[:, window], eos).any(-1)
             if bool(finished.all()):
                 break
+
+
+# ----- self-speculative block decoding ------------------------------------------------------------------------------------
+@decoder("speculative", needs_block_length=True)
+def decode_speculative(run: DecodeRun) -> Iterator[Step]:
+    """Block diffusion as its own drafter and verifier (needs token-causal clean attention, `clean_attention`
+    "causal" in the model's dlm_config.json): every forward commits the pending tokens as clean tokens and
+    denoises one noisy block after them, in one call over the exact cache.
+
+    - The clean rows are next-token (AR) predictions of the same weights, so the pending drafts are verified
+      left to right by speculative sampling: a draft x is kept with probability min(1, p(x) / q(x)) (p the AR
+      distribution, q the distribution it was drafted from; at temperature 0: kept iff it is the argmax), and the
+      first rejected one is replaced by a draw from the residual max(0, p - q). The output is distributed exactly
+      as left-to-right sampling with the clean path (greedy: identical to greedy AR decoding).
+    - If every draft was kept, the noisy block of the same forward (computed with all of them in context) gives
+      the next drafts: its first position is read from the last clean row (an exact AR draw), the others from the
+      noisy rows, all in parallel. Each forward therefore yields between 1 and `block_length` final tokens.
+    - `threshold` (optional) stops a draft at its first proposal whose drafted probability is below it (fewer
+      wasted verifications); `steps` and `remasking` do not apply. Stops at EOS or after max_new_tokens.
+    One sequence at a time (a batch has ragged acceptance): generate_batch with this decoder runs one row at a time.
+    """
+    model, cfg, canvas = run.model, run.config, run.canvas
+    if not getattr(model, "clean_causal", False):
+        raise ValueError("decoder: 'speculative' needs a model trained with token-causal clean attention "
+                         "(dlm_config.json clean_attention = causal); use decoder 'blocks'")
+    B, L = canvas.shape
+    P = int(run.fixed[0].sum())
+    if not (bool(run.fixed[:, :P].all()) and not bool(run.fixed[:, P:].any())) or P < 1:
+        raise ValueError("the speculative decoder continues a prompt (all fixed tokens first, at least one)")
+    if B > 1:  # ragged acceptance: decode the rows one by one on the same canvas, one Step per forward
+        yield from _speculative_rows(run)
+        return
+    mask_id = int(model.mask_token_id)
+    canvas[:, P:] = mask_id
+    width = int(cfg.block_length)
+    eos = set(int(e) for e in model.eos_token_ids or []) if not cfg.suppress_eos else set()
+    stop = cfg.stop_at_eos and bool(eos)
+    device = canvas.device
+
+    def probs_of(logits: torch.Tensor) -> torch.Tensor:   # [N, V] -> the distribution drawn from
+        logits = logits.float().clone()
+        logits[:, run.banned] = float("-inf")
+        return sampling_probs(logits, cfg.temperature, cfg.top_k, cfg.top_p)
+
+    def draw(p: torch.Tensor) -> int:
+        if cfg.temperature == 0:
+            return int(p.argmax())
+        return int(torch.multinomial(p, 1, generator=run.generator))
+
+    def uniform() -> float:
+        return float(torch.rand((), generator=run.generator, device=run.generator.device))
+
+    cache = model.new_block_cache()
+    pos = P                      # canvas[:, :pos] is final
+    commit = canvas[:, :P]       # clean tokens to add to the cache this forward (the first one onward are known)
+    drafts: list[tuple[int, torch.Tensor]] = []   # (token, its draft distribution q) waiting for verification
+    step, done = 0, False
+    total = L - P
+    while not done:
+        n_noisy = min(width, L - pos - len(drafts))
+        noisy = torch.full((1, n_noisy), mask_id, device=device) if n_noisy > 0 else None
+        draft_ids = torch.tensor([[t for t, _ in drafts]], device=device, dtype=torch.long)
+        clean = torch.cat([commit, draft_ids], dim=1) if drafts else commit
+        past = cache.length
+        aligned, clean_logits = run.call(model.block_step, cache, noisy, clean_ids=clean, return_clean=True)
+        reveal = torch.zeros(canvas.shape, dtype=torch.bool, device=device)
+        conf = torch.zeros(canvas.shape, dtype=torch.float32, device=device)
+        # verify the drafts with the AR rows before them: draft i sits at clean row (len(commit) + i)
+        n_commit, accepted, replacement = commit.shape[1], 0, None
+        for i, (token, q) in enumerate(drafts):
+            p = probs_of(clean_logits[0, n_commit - 1 + i][None])[0]
+            if cfg.temperature == 0:
+                ok = token == int(p.argmax())
+            else:
+                ok = uniform() < min(1.0, float(p[token]) / max(float(q[token]), 1e-30))
+            if not ok:
+                residual = (p - q).clamp(min=0) if cfg.temperature > 0 else p
+                replacement = draw(residual / residual.sum() if float(residual.sum()) > 0 else p)
+                break
+            accepted += 1
+        for i in range(accepted):
+            canvas[0, pos] = drafts[i][0]
+            reveal[0, pos], conf[0, pos] = True, float(drafts[i][1][drafts[i][0]])
+            pos += 1
+            if stop and drafts[i][0] in eos:
+                done = True
+                break
+        if replacement is not None:  # drop the rejected drafts from the cache; the new token is final
+            model.crop_block_cache(cache, past + n_commit + accepted)
+            if not done and pos < L:
+                canvas[0, pos] = replacement
+                reveal[0, pos] = True
+                conf[0, pos] = float(probs_of(clean_logits[0, n_commit - 1 + accepted][None])[0, replacement])
+                pos += 1
+                done = stop and replacement in eos
+            commit, drafts = canvas[:, pos - 1: pos], []
+            if not done and pos < L:   # the replacement still has to enter the cache: next forward commits it
+                step += 1
+                run.end = pos
+                yield Step(step, total, reveal, conf, pos)
+                continue
+        elif not done and pos < L and aligned is not None:
+            # every draft kept: the noisy block drafts what follows; its first row is the exact AR next token
+            rows = probs_of(aligned[0])
+            first = draw(rows[0])
+            canvas[0, pos] = first
+            reveal[0, pos], conf[0, pos] = True, float(rows[0, first])
+            pos += 1
+            done = stop and first in eos
+            commit = canvas[:, pos - 1: pos]
+            drafts = []
+            for k in range(1, rows.shape[0]):
+                if pos + len(drafts) >= L:
+                    break
+                token = draw(rows[k])
+                if cfg.threshold is not None and float(rows[k, token]) < cfg.threshold:
+                    break
+                drafts.append((token, rows[k]))
+        step += 1
+        run.end = pos
+        done = done or pos >= L
+        yield Step(step, total, reveal, conf, pos)
+
+
+def _speculative_rows(run: DecodeRun) -> Iterator[Step]:
+    """The speculative decoder over a batch: each row decoded on its own (acceptance lengths differ per row)."""
+    canvas, fixed, mask = run.canvas, run.fixed, run.attention_mask
+    for b in range(canvas.shape[0]):
+        pad = int((mask[b] == 0).sum()) if mask is not None else 0
+        sub = DecodeRun(run.model, canvas[b:b + 1, pad:].clone(), fixed[b:b + 1, pad:], run.config, run.generator)
+        for step in decode_speculative(sub):
+            reveal = torch.zeros(canvas.shape, dtype=torch.bool, device=canvas.device)
+            reveal[b, pad:] = step.reveal[0]
+            conf = torch.zeros(canvas.shape, dtype=step.confidence.dtype, device=canvas.device)
+            conf[b, pad:] = step.confidence[0]
+            canvas[b, pad:] = sub.canvas[0]
+            yield Step(step.index, step.total, reveal, conf, canvas.shape[1])
+        canvas[b, pad:] = sub.canvas[0]
+        run.nfe += sub.nfe
+        run.seconds += sub.seconds

@@ -44,6 +44,9 @@ class DLMConfig:
     added_mask_token: the mask token was added to the base vocabulary (its AR logit is suppressed).
     base_model:       for adapter-only saves: the registry name / path of the base weights.
     training:         free-form record of how the weights were made (recipe, tokens seen).
+    clean_attention:  block diffusion: how clean (known) tokens attend to each other, as trained: "causal" (token
+                      by token: every clean row is an AR predictor, which the speculative decoder uses to verify
+                      drafts) or "block" (bidirectional inside a clean block).
     """
 
     mask_token_id: int
@@ -54,6 +57,7 @@ class DLMConfig:
     added_mask_token: bool = False
     base_model: Optional[str] = None
     training: dict = field(default_factory=dict)
+    clean_attention: str = "causal"
     format_version: int = 1
 
     def save(self, directory: str | os.PathLike) -> None:
@@ -160,6 +164,11 @@ class DiffusionLM(nn.Module):
     @shift.setter
     def shift(self, value: bool) -> None:
         self.config.shift = bool(value)
+
+    @property
+    def clean_causal(self) -> bool:
+        """Block diffusion: clean tokens attend token-causally (`DLMConfig.clean_attention == "causal"`)."""
+        return self.config.clean_attention == "causal"
 
     @property
     def first_predictable(self) -> int:
@@ -301,8 +310,8 @@ class DiffusionLM(nn.Module):
         return BlockCache(kv=DynamicCache(config=self.base.config))
 
     def block_step(self, cache: BlockCache, noisy_ids: Optional[torch.Tensor], clean_ids: Optional[torch.Tensor] = None,
-                   clean_blocks: Optional[torch.Tensor] = None, clean_padding: Optional[torch.Tensor] = None
-                   ) -> Optional[torch.Tensor]:
+                   clean_blocks: Optional[torch.Tensor] = None, clean_padding: Optional[torch.Tensor] = None,
+                   return_clean: bool = False):
         """One block-diffusion forward over the exact cache: commit `clean_ids` (finished tokens) to the cache and
         denoise the noisy block `noisy_ids` that follows them, in one call.
 
@@ -313,7 +322,9 @@ class DiffusionLM(nn.Module):
         clean_padding:[B, c] 1 = token, 0 = left padding (prompts of a batch), default all tokens.
         Attention is the block rule of `dlm.attention`: clean tokens see the cache and the clean tokens of their own
         and earlier blocks; the noisy block sees the cache, every clean token and itself (bidirectional).
-        Returns position-aligned logits [B, n, V] for the noisy block (row i predicts noisy token i), or None.
+        Returns position-aligned logits [B, n, V] for the noisy block (row i predicts noisy token i), or None;
+        with `return_clean`, (that, clean_logits [B, c, V]) where clean row i predicts the token after clean token i
+        (an AR next-token prediction when clean attention is causal: the speculative decoder verifies with it).
         """
         B = (noisy_ids if noisy_ids is not None else clean_ids).shape[0]
         device = self.device
@@ -325,9 +336,13 @@ class DiffusionLM(nn.Module):
         # per-token (noisy?, block) for the cached keys (clean, earlier blocks) and the new tokens
         cb = torch.zeros(c, dtype=torch.long, device=device) if clean_blocks is None else clean_blocks.to(device)
         first_new_block = cache.n_blocks
-        new_blocks = torch.cat([cb + first_new_block,
-                                torch.full((n,), int(cb.max()) + first_new_block + 1 if c else first_new_block,
-                                           dtype=torch.long, device=device)])
+        if self.clean_causal:  # token-causal clean tokens: each its own id; the noisy block after all of them
+            new_blocks = torch.arange(past, past + c + 1, device=device)
+            new_blocks = torch.cat([new_blocks[:c], new_blocks[c:].expand(n)])
+        else:
+            new_blocks = torch.cat([cb + first_new_block,
+                                    torch.full((n,), int(cb.max()) + first_new_block + 1 if c else first_new_block,
+                                               dtype=torch.long, device=device)])
         new_noisy = torch.cat([torch.zeros(c, dtype=torch.bool, device=device),
                                torch.ones(n, dtype=torch.bool, device=device)])
         k_noisy = torch.cat([torch.zeros(past, dtype=torch.bool, device=device), new_noisy])
@@ -342,7 +357,9 @@ class DiffusionLM(nn.Module):
                      torch.arange(past + c + n, device=device)[None].expand(B, -1))[:, past:]
         mask = prepared_mask(self.base.config, pattern, B, self.dtype, padding if has_pad else None)
         keep = None
-        if n:  # logits only where they are read: the last clean row (shift) and the noisy rows
+        if return_clean:  # every row: the clean ones verify drafts
+            keep = torch.arange(0, c + n, device=device)
+        elif n:  # logits only where they are read: the last clean row (shift) and the noisy rows
             first = c - 1 if (self.shift and c) else c
             keep = torch.arange(max(first, 0), c + n, device=device)
         elif self.shift and c:
@@ -355,16 +372,32 @@ class DiffusionLM(nn.Module):
         if c:
             cache.n_blocks = first_new_block + int(cb.max()) + 1
         logits = out.logits
-        if self.shift and c:
+        clean_logits = None
+        if return_clean:
+            clean_logits, logits = logits[:, :c], logits[:, c:]
+            if self.shift and c:
+                cache.next_logits = clean_logits[:, -1]
+        elif self.shift and c:
             cache.next_logits = logits[:, 0]
             logits = logits[:, 1:]
         if not n:
-            return None
-        if not self.shift:
-            return logits
-        if cache.next_logits is None:
+            aligned = None
+        elif not self.shift:
+            aligned = logits
+        elif cache.next_logits is None:
             raise ValueError("the first block needs clean tokens before it (a prompt or a start token)")
-        return torch.cat([cache.next_logits[:, None], logits[:, :-1]], dim=1)
+        else:
+            aligned = torch.cat([cache.next_logits[:, None], logits[:, :-1]], dim=1)
+        return (aligned, clean_logits) if return_clean else aligned
+
+    def crop_block_cache(self, cache: BlockCache, length: int) -> None:
+        """Drop clean tokens from the end of the cache, keeping the first `length` (rejected drafts)."""
+        if length < cache.length:
+            _truncate_cache(cache.kv, length)
+            cache.length = length
+            if cache.padding is not None:
+                cache.padding = cache.padding[:, :length]
+            cache.next_logits = None
 
     def ar_logits(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Plain causal next-token logits of the same weights (row i predicts token i+1) -> [B, L, V].
@@ -425,11 +458,17 @@ class DiffusionLM(nn.Module):
         return DiffusionLossOutput((ce * weight).sum() / n, ce.detach().sum() / n)
 
     def block_denoise_logits(self, x_t: torch.Tensor, x0: torch.Tensor, block_length: int, offset: int = 0,
-                             attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+                             attention_mask: Optional[torch.Tensor] = None, with_clean: bool = False
+                             ) -> torch.Tensor:
         """Position-aligned block-diffusion logits [B, L, V]: row j predicts token j of block b from the noisy
-        block b (`x_t`) and the clean blocks before it (`x0`), in one staircase forward over [x_t; x_0]."""
+        block b (`x_t`) and the clean blocks before it (`x0`), in one staircase forward over [x_t; x_0].
+        with_clean: also return the L clean rows after them ([B, 2L, V]; clean row i = the next-token prediction
+        after x0[:i+1], an AR prediction when clean attention is causal)."""
         B, L = x0.shape
-        pattern, positions, rows = staircase(L, block_length, offset, self.shift, device=x0.device)
+        pattern, positions, rows = staircase(L, block_length, offset, self.shift, device=x0.device,
+                                             clean_causal=self.clean_causal)
+        if with_clean:  # also the clean rows (AR predictions under token-causal clean attention)
+            rows = torch.cat([rows, torch.arange(L, 2 * L, device=x0.device)])
         pad = torch.cat([attention_mask, attention_mask], 1) if attention_mask is not None else None
         if pad is not None and not bool(pad.bool().all()):
             half = padding_position_ids(attention_mask)
@@ -444,7 +483,8 @@ class DiffusionLM(nn.Module):
     def block_diffusion_loss(self, input_ids: torch.Tensor, block_length: int, *, offset: Optional[int] = None,
                              t: Optional[torch.Tensor] = None, maskable: Optional[torch.Tensor] = None,
                              attention_mask: Optional[torch.Tensor] = None, weighting: str = "inverse_t",
-                             eps: float = 1e-3, generator: Optional[torch.Generator] = None) -> DiffusionLossOutput:
+                             eps: float = 1e-3, generator: Optional[torch.Generator] = None,
+                             ar_weight: float = 0.0) -> DiffusionLossOutput:
         """Block-diffusion training (BD3-LM / Fast-dLLM v2) on a batch of clean sequences, every block in one pass.
 
         The forward runs over [x_t; x_0] (2L tokens) with the staircase pattern (`dlm.attention.staircase`): noisy
@@ -457,6 +497,9 @@ class DiffusionLM(nn.Module):
                       model learns every alignment (at decoding the prompt ends exactly at a block boundary).
         t:            [B, n_blocks] noise levels (default: drawn); maskable / attention_mask / weighting / eps /
                       generator: as for `diffusion_loss`.
+        ar_weight:    > 0 adds ar_weight x the next-token CE of the clean rows (clean attention "causal": the clean
+                      path stays a good AR model, the speculative decoder's verifier). 0 (default): only masked
+                      tokens of x_t carry loss, as in BD3-LM.
         """
         if weighting not in ("inverse_t", "none"):
             raise ValueError(f"weighting must be 'inverse_t' or 'none', got {weighting!r}")
@@ -473,14 +516,20 @@ class DiffusionLM(nn.Module):
             t = sample_t(B * n_blocks, eps, generator=generator, device=device).view(B, n_blocks)
         t_tok = torch.as_tensor(t, dtype=torch.float32, device=device)[:, blk]                # [B, L]
         x_t, masked = q_sample(input_ids, t_tok, self.mask_token_id, maskable, generator=generator)
-        logits = self.block_denoise_logits(x_t, input_ids, block_length, offset, attention_mask)  # [B, L, V]
+        logits = self.block_denoise_logits(x_t, input_ids, block_length, offset, attention_mask,
+                                           with_clean=ar_weight > 0)                         # [B, L(+L), V]
         if not bool(masked.any()):
             zero = logits.sum() * 0.0
             return DiffusionLossOutput(zero, zero.detach())
-        ce = F.cross_entropy(logits[masked].float(), input_ids[masked], reduction="none")
+        ce = F.cross_entropy(logits[:, :L][masked].float(), input_ids[masked], reduction="none")
         n = masked.sum()
         weight = (1.0 / t_tok)[masked] if weighting == "inverse_t" else torch.ones_like(ce)
-        return DiffusionLossOutput((ce * weight).sum() / n, ce.detach().sum() / n)
+        loss = (ce * weight).sum() / n
+        if ar_weight > 0:  # the clean path as an AR model: next-token CE on every clean row (the verifier)
+            target = self.default_maskable(input_ids, attention_mask)[:, 1:]
+            ar = F.cross_entropy(logits[:, L:-1][target].float(), input_ids[:, 1:][target])
+            loss = loss + ar_weight * ar
+        return DiffusionLossOutput(loss, ce.detach().sum() / n)
 
     # ----- persistence -------------------------------------------------------------------------------------------
     def save_pretrained(self, directory: str | os.PathLike, base_model: Optional[str] = None) -> None:

@@ -58,7 +58,8 @@ class SamplerConfig:
     decoder:        "full" = the paper's full attention over the whole canvas (any order, infilling, LLaDA-style
                     semi-autoregressive blocks, approximate prefix cache); "blocks" = block diffusion with an
                     exact KV cache of finished blocks (causal across blocks, bidirectional inside one; needs a
-                    model trained for it) that stops at EOS.
+                    model trained for it) that stops at EOS; "speculative" = block diffusion drafting a block in
+                    parallel and verifying it with the model's own clean (AR) rows (exact speculative sampling).
     max_new_tokens: tokens to generate after a prompt (infilling templates fix their own lengths).
     steps:          denoising steps (= forward evaluations) for all max_new_tokens; None = one token per step.
                     More steps than tokens are capped at one token per step.
@@ -76,8 +77,9 @@ class SamplerConfig:
     seed:           seeds every random draw (None = fresh randomness).
     """
 
-    decoder: str = knob("full", "decoding algorithm: full (the paper's full attention: any order, infilling) or "
-                                "blocks (block diffusion, exact KV cache, stops at EOS)",
+    decoder: str = knob("full", "decoding algorithm: full (the paper's full attention: any order, infilling), "
+                                "blocks (block diffusion, exact KV cache, stops at EOS) or speculative (block "
+                                "drafts verified by the model's own AR rows)",
                         label="Decoder", choices="decoders")
     max_new_tokens: int = knob(64, "tokens to generate after the prompt", label="Length (new tokens)", minimum=1,
                                maximum=None, step=1)
@@ -113,8 +115,8 @@ class SamplerConfig:
         """Check every field's type and range, and the combinations; raise SamplerConfigError naming the field."""
         for f in fields(self):
             setattr(self, f.name, _coerce(f, getattr(self, f.name), ui=False))
-        if self.decoder == "blocks" and self.block_length is None:
-            raise SamplerConfigError("block_length: the blocks decoder needs a block size (an integer >= 1), "
+        if getattr(DECODERS[self.decoder], "needs_block_length", False) and self.block_length is None:
+            raise SamplerConfigError(f"block_length: the {self.decoder} decoder needs a block size (an integer >= 1), "
                                      "e.g. the one the model was trained with (see its sampler_config.json)")
         if self.threshold is not None and not getattr(REVEAL_RULES[self.remasking], "uses_threshold", True):
             raise SamplerConfigError(f"threshold: needs a certainty-based remasking ("

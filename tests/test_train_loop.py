@@ -21,13 +21,6 @@ from train.loop import anneal_ratio, lr_factor, train
 REPO = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    yield
-    from accelerate.state import AcceleratorState
-    AcceleratorState._reset_state(reset_partial_state=True)  # a failed in-process run must not leak its state
-
-
 @pytest.fixture(scope="module")
 def cache_dir(tmp_path_factory) -> str:
     return str(tmp_path_factory.mktemp("token-cache"))
@@ -147,7 +140,16 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path, cache_dir):
     _run(tmp_path / "ref", cache_dir, "run.max_steps=12", "run.save_every=4", "run.eval_every=4")
 
     out = tmp_path / "killed"
-    victim = _cli(["pretrain", *common, "--output-dir", str(out), "run.step_delay_s=0.25"])
+    # the victim is slowed by a train() callback (the public hook), so the kill lands part-way through a run
+    script = ("import sys, time\nfrom train.config import load_config\n"
+              "from train.loop import train\nclass Slow:\n    def on_step_end(self, step, record):\n"
+              "        time.sleep(0.25)\nargs = sys.argv[1:]\n"
+              "train(load_config('tiny-cpu', args), 'pretrain', callbacks=[Slow()])\n")
+    victim = subprocess.Popen([sys.executable, "-c", script, "run.max_steps=12", "run.save_every=4",
+                               "run.eval_every=4", f"data.cache_dir={cache_dir}", "run.progress=false",
+                               "run.tensorboard=false", f"run.output_dir={out}"], cwd=REPO,
+                              env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"},
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 240
     while not (out / "checkpoints" / "step-4").is_dir():
         assert victim.poll() is None, victim.stdout.read()
@@ -266,6 +268,6 @@ def test_two_process_cpu_run_completes_and_ranks_agree(tmp_path, cache_dir):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = json.loads((out / "run_summary.json").read_text())
     assert summary["world_size"] == 2 and summary["tokens_seen"] == 6 * 2 * 8 * 64
-    assert len(summary["fingerprints"]) == 2 and summary["ranks_agree"]
+    assert len(summary["rank_checksums"]) == 2 and summary["ranks_agree"]
     assert (out / "checkpoints" / "step-6" / "rank_state_1.pt").is_file()  # per-rank noise state saved
     assert (out / "final" / "model.safetensors").is_file()

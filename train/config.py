@@ -15,7 +15,7 @@ import difflib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import yaml
 
@@ -159,6 +159,11 @@ class DiffusionConfig:
     block_lengths: block sizes for blocks / mixture steps; each block step draws one (LLaDA 2.0 trains one model
                   across block sizes). Size 1 is the causal LM itself.
     block_fraction: mixture only: share of optimizer steps that use the block objective.
+    clean_attention: block steps: clean tokens attend token-causally ("causal": every clean row stays an AR
+                  predictor, which the speculative decoder verifies drafts with) or block-causally ("block").
+                  Recorded in the exported dlm_config.json; the decoders follow it.
+    ar_weight:    block steps: weight of a next-token CE on the clean rows (keeps the clean path a good AR model;
+                  0 = only the masked tokens of x_t carry loss, as in BD3-LM).
     anneal_steps: attention-mask annealing length: ratio = min(1, step / anneal_steps); 0 = no annealing
                   (bidirectional from the first step: the "annealing off" ablation). Full-attention steps only.
     weighting:    inverse_t (Eq. 7's 1/t) or none (the "no 1/t weighting" ablation).
@@ -169,6 +174,8 @@ class DiffusionConfig:
     attention: str = field(default="full", metadata=_choices("full", "blocks", "mixture"))
     block_lengths: list = field(default_factory=lambda: [4])
     block_fraction: float = 0.5
+    clean_attention: str = field(default="causal", metadata=_choices("causal", "block"))
+    ar_weight: float = 0.0
     anneal_steps: int = 0
     weighting: str = field(default="inverse_t", metadata=_choices("inverse_t", "none"))
     eps: float = 1e-3
@@ -218,7 +225,6 @@ class RunConfig:
     log_every:       metrics line every N steps. progress: tqdm bar on the main process.
     seed:            model init / noise / dropout seed.
     threads:         torch intra-op threads (0 = torch default).
-    step_delay_s:    sleep after each step (fault-injection tests and demos only).
     tensorboard:     also log to TensorBoard when it is installed.
     export:          write OUTPUT_DIR/final at the end (benchmarks turn it off).
     """
@@ -243,7 +249,6 @@ class RunConfig:
     progress: bool = True
     seed: int = 0
     threads: int = 0
-    step_delay_s: float = 0.0
     tensorboard: bool = True
     export: bool = True
 
@@ -268,78 +273,9 @@ class TrainConfig:
 SECTIONS = [f.name for f in dataclasses.fields(TrainConfig)]
 
 
-# ----- value coercion ------------------------------------------------------------------------------------------------
-_TRUE = {"true", "yes", "on", "1"}
-_FALSE = {"false", "no", "off", "0"}
-
-
-def _coerce(key: str, value: Any, annotation) -> Any:
-    """Check/convert one value to the field's type; raise ConfigError naming `key`."""
-    origin = typing.get_origin(annotation)
-    if origin is typing.Union:  # Optional[X]
-        args = [a for a in typing.get_args(annotation) if a is not type(None)]
-        if value is None or (isinstance(value, str) and value.strip().lower() in ("null", "none", "~")):
-            return None
-        return _coerce(key, value, args[0])
-    if annotation is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, (str, int)) and str(value).strip().lower() in _TRUE | _FALSE:
-            return str(value).strip().lower() in _TRUE
-        raise ConfigError(f"{key}: expected true/false, got {value!r}")
-    if annotation is int:
-        if isinstance(value, bool):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
-        if isinstance(value, int):
-            return value
-        try:
-            number = float(str(value).replace("_", ""))
-        except ValueError:
-            raise ConfigError(f"{key}: expected an integer, got {value!r}") from None
-        if not number.is_integer():
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
-        return int(number)
-    if annotation is float:
-        if isinstance(value, bool):
-            raise ConfigError(f"{key}: expected a number, got {value!r}")
-        try:
-            return float(value)  # PyYAML reads "3e-4" as a string: accept it
-        except (TypeError, ValueError):
-            raise ConfigError(f"{key}: expected a number, got {value!r}") from None
-    if annotation is str:
-        if isinstance(value, bool):  # YAML 1.1 reads an unquoted `no` / `yes` as a boolean
-            return "yes" if value else "no"
-        if isinstance(value, (dict, list)) or value is None:
-            raise ConfigError(f"{key}: expected a string, got {value!r}")
-        return str(value)
-    if annotation is list or origin is list:
-        if isinstance(value, str):
-            return [v.strip() for v in value.split(",") if v.strip()]
-        if isinstance(value, (list, tuple)):
-            return list(value)
-        raise ConfigError(f"{key}: expected a list, got {value!r}")
-    if annotation is dict or origin is dict:
-        if value is None:
-            return {}
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
-        return dict(value)
-    return value
-
-
+# ----- keys ----------------------------------------------------------------------------------------------------------
 def _field_types(cls) -> dict:
     return typing.get_type_hints(cls)
-
-
-def _set(cfg: TrainConfig, section: str, name: str, value: Any) -> None:
-    sec = getattr(cfg, section)
-    hints = _field_types(type(sec))
-    key = f"{section}.{name}"
-    coerced = _coerce(key, value, hints[name])
-    choices = {f.name: f.metadata.get("choices") for f in dataclasses.fields(sec)}[name]
-    if choices and coerced not in choices:
-        raise ConfigError(f"{key}: must be one of {', '.join(choices)}, got {coerced!r}")
-    setattr(sec, name, coerced)
 
 
 def _all_keys() -> dict[str, list[str]]:
@@ -378,36 +314,54 @@ def resolve_key(key: str) -> tuple[str, str]:
     return sections[0], key
 
 
-def apply_mapping(cfg: TrainConfig, data: dict, origin: str = "config") -> TrainConfig:
-    """Apply a nested {section: {field: value}} mapping (a YAML preset) onto `cfg`."""
-    if not isinstance(data, dict):
-        raise ConfigError(f"{origin}: expected a mapping of sections ({', '.join(SECTIONS)}), got {type(data).__name__}")
-    for section, values in data.items():
-        if section not in SECTIONS:
-            raise _unknown(str(section))
-        if values is None:
-            continue
-        if not isinstance(values, dict):
-            raise ConfigError(f"{origin}: section {section!r} must be a mapping, got {values!r}")
-        for name, value in values.items():
-            resolve_key(f"{section}.{name}")
-            _set(cfg, section, name, value)
-    return cfg
-
-
-def parse_override(text: str) -> tuple[str, Any]:
-    """'optim.lr=1e-4' -> ('optim.lr', 1e-4) (value parsed as YAML)."""
+def parse_override(text: str) -> tuple[str, str]:
+    """'optim.lr=1e-4' -> ('optim.lr', '1e-4'): the key and the raw value (OmegaConf parses it)."""
     if "=" not in text:
         raise ConfigError(f"override {text!r} is not key=value")
     key, _, raw = text.partition("=")
     key = key.strip()
     if not key:
         raise ConfigError(f"override {text!r} has no key")
+    return key, raw.strip()
+
+
+# ----- merging: OmegaConf structured configs do the typing ----------------------------------------------------------
+def _layer(data, origin: str):
+    """A YAML mapping / dotlist as an OmegaConf layer over TrainConfig: unknown keys are refused with a "did you
+    mean", and YAML 1.1 booleans given to string fields (`mixed_precision: no`) are read back as the words."""
+    from omegaconf import DictConfig, OmegaConf
+    if data is None:
+        return OmegaConf.create({})
+    if not isinstance(data, DictConfig):
+        raise ConfigError(f"{origin}: expected a mapping of sections ({', '.join(SECTIONS)}), got {data!r}")
+    hints = _field_types(TrainConfig)
+    for section in list(data.keys()):
+        if section not in SECTIONS:
+            raise _unknown(str(section))
+        values = data[section]
+        if values is None:
+            del data[section]
+            continue
+        if not isinstance(values, DictConfig):
+            raise ConfigError(f"{origin}: section {section!r} must be a mapping, got {values!r}")
+        types = _field_types(hints[section])
+        for name in list(values.keys()):
+            resolve_key(f"{section}.{name}")
+            if types[name] is str and isinstance(values[name], bool):
+                values[name] = "yes" if values[name] else "no"
+    return data
+
+
+def _merge(layers) -> TrainConfig:
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
-        value = raw
-    return key, value
+        merged = OmegaConf.merge(OmegaConf.structured(TrainConfig), *layers)
+        return OmegaConf.to_object(merged)
+    except OmegaConfBaseException as e:  # wrong type: OmegaConf names the key, we keep one line
+        key = getattr(e, "full_key", None) or "config"
+        msg = str(e).splitlines()[0]
+        raise ConfigError(f"{key}: {msg}") from None
 
 
 def find_config(name_or_path: str) -> Path:
@@ -437,20 +391,25 @@ def _resolve_relative(cfg: TrainConfig, base_dir: Path) -> None:
 
 
 def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = None) -> TrainConfig:
-    """Defaults <- YAML preset/file <- `key=value` overrides, then `validate`."""
-    cfg = TrainConfig()
+    """Defaults <- YAML preset/file <- `key=value` overrides (merged by OmegaConf over the dataclasses), then
+    `validate`."""
+    from omegaconf import OmegaConf
+    layers = []
     if path:
         file = find_config(path)
         try:
-            data = yaml.safe_load(file.read_text()) or {}
-        except yaml.YAMLError as e:
+            data = OmegaConf.load(file)
+        except Exception as e:
             raise ConfigError(f"{file}: not valid YAML: {e}") from None
-        apply_mapping(cfg, data, origin=str(file))
-        _resolve_relative(cfg, file.parent)
+        layers.append(_layer(data, str(file)))
+    dotlist = []
     for text in overrides or []:
         key, value = parse_override(text)
         section, name = resolve_key(key)
-        _set(cfg, section, name, value)
+        dotlist.append(f"{section}.{name}={value}")
+    if dotlist:
+        layers.append(_layer(OmegaConf.from_dotlist(dotlist), "overrides"))
+    cfg = _merge(layers)
     _resolve_relative(cfg, Path.cwd())
     validate(cfg)
     return cfg
@@ -462,6 +421,13 @@ def validate(cfg: TrainConfig, task: str = "pretrain") -> TrainConfig:
         if not cond:
             raise ConfigError(f"{key}: {msg}")
 
+    for section in SECTIONS:  # choices (the dataclass metadata) before the ranges
+        sec = getattr(cfg, section)
+        for f in dataclasses.fields(sec):
+            choices = f.metadata.get("choices")
+            if choices and getattr(sec, f.name) not in choices:
+                raise ConfigError(f"{section}.{f.name}: must be one of {', '.join(choices)}, "
+                                  f"got {getattr(sec, f.name)!r}")
     r, o, d, m = cfg.run, cfg.optim, cfg.data, cfg.model
     need(r.max_steps >= 1, "run.max_steps", f"must be >= 1, got {r.max_steps}")
     need(r.batch_size >= 1, "run.batch_size", f"must be >= 1, got {r.batch_size}")
@@ -473,7 +439,6 @@ def validate(cfg: TrainConfig, task: str = "pretrain") -> TrainConfig:
     need(r.eval_batch_size >= 1, "run.eval_batch_size", f"must be >= 1, got {r.eval_batch_size}")
     need(r.log_every >= 1, "run.log_every", f"must be >= 1, got {r.log_every}")
     need(r.threads >= 0, "run.threads", f"must be >= 0, got {r.threads}")
-    need(r.step_delay_s >= 0, "run.step_delay_s", f"must be >= 0, got {r.step_delay_s}")
     need(r.eval_elbo_samples >= 0, "run.eval_elbo_samples", f"must be >= 0, got {r.eval_elbo_samples}")
     need(r.eval_block_length >= 0, "run.eval_block_length", f"must be >= 0 (0 = auto), got {r.eval_block_length}")
     need(bool(r.output_dir), "run.output_dir", "must not be empty")
@@ -501,6 +466,7 @@ def validate(cfg: TrainConfig, task: str = "pretrain") -> TrainConfig:
                                         for b in dc.block_lengths),
          "diffusion.block_lengths", f"must be a list of positive integers, got {dc.block_lengths!r}")
     need(0.0 <= dc.block_fraction <= 1.0, "diffusion.block_fraction", f"must be in [0, 1], got {dc.block_fraction}")
+    need(dc.ar_weight >= 0, "diffusion.ar_weight", f"must be >= 0, got {dc.ar_weight}")
     if dc.attention != "full":
         need(m.attn_implementation != "flash_attention_2", "diffusion.attention",
              "block attention needs sdpa/eager attention (flash_attention_2 takes no custom mask)")

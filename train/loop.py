@@ -13,13 +13,12 @@ then, every N steps: metrics line, held-out eval, atomic checkpoint. At the end:
 from __future__ import annotations
 
 import gc
-import hashlib
 import json
 import logging
 import math
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
@@ -118,15 +117,10 @@ def _param_groups(module, weight_decay: float):
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def weights_fingerprint(module) -> str:
-    """sha256 over every parameter and buffer (name, dtype, bytes): equal on all ranks after a synced run."""
-    h = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
-        t = tensor.detach().cpu().contiguous()
-        h.update(name.encode())
-        h.update(str(t.dtype).encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
+def trainable_checksum(module) -> list[float]:
+    """float64 sums of every trainable tensor, in name order: what gradient synchronisation keeps equal across
+    ranks (compared once at the end of a multi-process run; one cheap reduction per tensor, no serialisation)."""
+    return [float(p.detach().double().sum()) for _, p in sorted(module.named_parameters()) if p.requires_grad]
 
 
 class MetricsLog:
@@ -191,10 +185,12 @@ def build_datasets(cfg: TrainConfig, task: str, tokenizer, progress: bool, max_l
 
 
 # ----- the loop -----------------------------------------------------------------------------------------------------------
-def train(cfg: TrainConfig, task: str = "pretrain") -> dict:
+def train(cfg: TrainConfig, task: str = "pretrain", callbacks: Sequence = ()) -> dict:
     """Run (or resume) one training run; returns the run summary (also written to OUTPUT_DIR/run_summary.json).
 
-    task: "pretrain" (packed blocks, every token maskable) or "sft" (prompt never noised).
+    task:      "pretrain" (packed blocks, every token maskable) or "sft" (prompt never noised).
+    callbacks: objects with an optional `on_step_end(step: int, record: dict)`, called after every optimizer step
+               (the transformers TrainerCallback idea: progress bars, early stopping, fault injection).
     Every knob is in `cfg` (see train/config.py); this function only orchestrates.
     """
     if task not in ("pretrain", "sft"):
@@ -232,7 +228,7 @@ def train(cfg: TrainConfig, task: str = "pretrain") -> dict:
     log.info("model %s: %s", model.name, trainable_summary(model))
     log.info("data: %s", json.dumps(data_info))
 
-    objective = Objective(model, cfg.diffusion.objective, cfg.diffusion.weighting, cfg.diffusion.eps)
+    objective = Objective(model, dc.objective, dc.weighting, dc.eps, dc.ar_weight)
     optimizer = torch.optim.AdamW(_param_groups(objective, cfg.optim.weight_decay), lr=cfg.optim.lr,
                                   betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.adam_eps)
     o = cfg.optim
@@ -362,8 +358,9 @@ def train(cfg: TrainConfig, task: str = "pretrain") -> dict:
             objective.train()
         if run.save_every and step % run.save_every == 0:
             checkpoint()
-        if run.step_delay_s:
-            time.sleep(run.step_delay_s)
+        for cb in callbacks:
+            if hasattr(cb, "on_step_end"):
+                cb.on_step_end(step, {"loss": step_loss, "masked_ce": step_ce, "tokens": tokens_seen})
 
     if bar is not None:
         bar.close()
@@ -377,7 +374,8 @@ def train(cfg: TrainConfig, task: str = "pretrain") -> dict:
     final_dir = out / "final"
     info = {"task": task, "steps": step, "tokens_seen": tokens_seen, "world_size": world,
             "objective": cfg.diffusion.objective, "attention": dc.attention, "block_lengths": list(dc.block_lengths),
-            "block_fraction": dc.block_fraction, "anneal_steps": cfg.diffusion.anneal_steps,
+            "block_fraction": dc.block_fraction, "clean_attention": dc.clean_attention, "ar_weight": dc.ar_weight,
+            "anneal_steps": cfg.diffusion.anneal_steps,
             "weighting": cfg.diffusion.weighting, "shift": cfg.model.shift, "lora": cfg.lora.enabled,
             "base": cfg.model.source if not cfg.model.init else "random init", "seq_len": seq_len,
             "data": [str(s) for s in cfg.data.sources]}
@@ -388,12 +386,12 @@ def train(cfg: TrainConfig, task: str = "pretrain") -> dict:
         export(unwrapped.model, final_dir, base_model=getattr(unwrapped.model, "source", cfg.model.source),
                training_info=info, state_dict=base_sd)
         log.info("exported %s", final_dir)
-    fingerprints = gather_object([weights_fingerprint(unwrapped)]) if not sharded else []
+    checksums = gather_object([trainable_checksum(unwrapped)]) if world > 1 and not sharded else []
     summary = {**info, "output_dir": str(out), "final_dir": str(final_dir) if run.export else None,
                "resumed_from": resumed_from,
                "tokens_per_s": timed_tokens / timed_seconds if timed_seconds > 0 else None,
                "timed_steps_tokens": timed_tokens, "timed_seconds": timed_seconds,
-               "fingerprints": fingerprints, "ranks_agree": len(set(fingerprints)) <= 1,
+               "rank_checksums": checksums, "ranks_agree": all(c == checksums[0] for c in checksums),
                "last_eval": last_eval, "data_info": data_info, "mixed_precision": accelerator.mixed_precision,
                "dtype": cfg.model.dtype, "device": str(accelerator.device)}
     if main:
@@ -409,12 +407,9 @@ def train(cfg: TrainConfig, task: str = "pretrain") -> dict:
         import torch.distributed as dist
         if dist.is_initialized():
             dist.destroy_process_group()
-    else:
-        from accelerate.state import AcceleratorState
-        AcceleratorState._reset_state(reset_partial_state=True)  # lets one process run train() again (tests, bench)
     torch.set_num_threads(threads_before)  # do not leak the run's setting into a caller's process
     if not summary["ranks_agree"]:
-        raise RuntimeError(f"ranks finished with different weights {fingerprints}: gradients were not synchronised "
+        raise RuntimeError("ranks finished with different weights: gradients were not synchronised "
                            "(a CPU launch needs Accelerator(cpu=True) and distributed_type MULTI_GPU)")
     return summary
 

@@ -22,6 +22,8 @@ from dlm import registry
 from dlm.fileio import atomic_directory, cache_dir
 from dlm.loading import load_tokenizer
 
+from .config import ConfigError
+
 log = logging.getLogger(__name__)
 
 
@@ -64,7 +66,6 @@ def train_bpe_tokenizer(vocab_size: int, data_cfg):
     clean = CLEANERS[data_cfg.clean]
     files = [f for f in expand_sources(list(data_cfg.sources)) if not f.startswith("hf:")]
     if not files:
-        from .config import ConfigError
         raise ConfigError("model.tokenizer: bpe:N learns from local data.sources files; none are given")
     texts = [clean(doc) for f in files for doc in _bpe_texts(f, data_cfg.text_field)]
     tok = Tokenizer(models.BPE())
@@ -102,7 +103,6 @@ def _init_tokenizer(spec: str, data_cfg):
         except ValueError:
             size = 0
         if size < 260:
-            from .config import ConfigError
             raise ConfigError(f"model.tokenizer: {spec!r}: write bpe:N with N >= 260 (256 bytes + specials)")
         return train_bpe_tokenizer(size, data_cfg)
     return load_tokenizer_cached(spec)
@@ -125,10 +125,8 @@ def materialize_random_model(model_cfg, directory: Path, seed: int, data_cfg=Non
     try:
         config = AutoConfig.for_model(model_type, **init)
     except Exception as e:
-        from .config import ConfigError
         raise ConfigError(f"model.init: transformers cannot build a {model_type!r} config from it: {e}") from None
     if config.vocab_size < len(tok):
-        from .config import ConfigError
         raise ConfigError(f"model.init: vocab_size {config.vocab_size} < tokenizer size {len(tok)}")
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)
@@ -157,6 +155,7 @@ def build_model(cfg, init_dir: Path) -> "dlm.DiffusionLM":
         model.base = fresh
         log.info("model.from_scratch: weights re-initialised (architecture of %s kept)", source)
     model.config.adapted = True
+    model.config.clean_attention = cfg.diffusion.clean_attention  # how block steps train (and decoders decode)
     if cfg.run.gradient_checkpointing:
         model.base.config.use_cache = False
         model.base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -179,10 +178,8 @@ def add_lora(model, lora_cfg) -> None:
             try:
                 path = registry.get(lora_cfg.init_from).local_path()
             except (FileNotFoundError, ValueError) as e:
-                from .config import ConfigError
                 raise ConfigError(f"lora.init_from: {e}") from None
         if not (path / "adapter_config.json").is_file():
-            from .config import ConfigError
             raise ConfigError(f"lora.init_from: {lora_cfg.init_from!r} is not a LoRA adapter directory "
                               "(no adapter_config.json)")
         model.base = PeftModel.from_pretrained(model.base, str(path), is_trainable=True)
@@ -200,7 +197,6 @@ def add_lora(model, lora_cfg) -> None:
     try:
         model.base = get_peft_model(model.base, config)
     except ValueError as e:
-        from .config import ConfigError
         raise ConfigError(f"lora.target_modules: {e}") from None
 
 
@@ -221,10 +217,11 @@ class Objective(nn.Module):
                `masked_ce` is then the same CE.
     """
 
-    def __init__(self, model, objective: str = "diffusion", weighting: str = "inverse_t", eps: float = 1e-3):
+    def __init__(self, model, objective: str = "diffusion", weighting: str = "inverse_t", eps: float = 1e-3,
+                 ar_weight: float = 0.0):
         super().__init__()
         self.model = model
-        self.objective, self.weighting, self.eps = objective, weighting, eps
+        self.objective, self.weighting, self.eps, self.ar_weight = objective, weighting, eps, ar_weight
 
     def forward(self, input_ids: torch.Tensor, maskable: Optional[torch.Tensor] = None,
                 attention_mask: Optional[torch.Tensor] = None, attention_mask_ratio: float = 1.0,
@@ -240,7 +237,7 @@ class Objective(nn.Module):
         if block_length is not None:
             out = self.model.block_diffusion_loss(input_ids, block_length, maskable=maskable,
                                                   attention_mask=attention_mask, weighting=self.weighting,
-                                                  eps=self.eps, generator=generator)
+                                                  eps=self.eps, generator=generator, ar_weight=self.ar_weight)
         else:
             out = self.model.diffusion_loss(input_ids, maskable=maskable, attention_mask=attention_mask,
                                             attention_mask_ratio=attention_mask_ratio, weighting=self.weighting,
