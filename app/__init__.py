@@ -1,1 +1,9 @@
-"""The Gradio playground: `ui` (layout + events), `render` (frames -> HTML / plotly), `backend` (owns models)."""
+"""The Gradio playground: `ui` assembles the tabs (`tabs/`, one file each) and the named API (`api`); `backend` is
+the only path to a model; `render` draws; `examples` holds the shipped few-shot prompts."""
+
+# What one request may cost, by default (app.py --max-prompt-tokens / --time-limit; ui.build(...) arguments). On a
+# CPU a forward over ~1k tokens takes well under a second for the 135M default, so 1024 prompt tokens keep a request
+# to seconds; the time limit catches everything else (long lengths x many steps). Here, not in app.backend, so the
+# launcher's --help does not import torch.
+MAX_PROMPT_TOKENS = 1024
+TIME_LIMIT_S = 120.0

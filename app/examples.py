@@ -6,7 +6,7 @@ Each file is a small header of `key: value` lines, a line `---`, then the prompt
     category: analogy              (free text)
     max_new_tokens: 8              (suggested length of the answer)
     steps: 8                       (suggested denoising steps; defaults to max_new_tokens)
-    expected: kitten               (optional: what a good model should produce)
+    expected: cat                  (optional: the right answer; the In-context scoreboard marks outputs)
     ---
     hot is to cold as up is to down
     ...
@@ -16,6 +16,7 @@ Plain text rather than JSON so the prompts (with their newlines) stay readable a
 from __future__ import annotations
 
 import importlib.resources
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,3 +72,18 @@ def load_examples(directory: Path | str = EXAMPLES_DIR) -> list[Example]:
     if not directory.is_dir():
         return []
     return [parse_example(p.read_text(encoding="utf-8"), p.stem) for p in sorted(directory.glob("*.txt"))]
+
+
+def answer_of(output: str) -> str:
+    """The answer part of a few-shot continuation: its first non-empty line (the model goes on with the next
+    example after it)."""
+    return next((line.strip() for line in output.splitlines() if line.strip()), "")
+
+
+def matches(expected: str, output: str) -> bool:
+    """The scoreboard's mark: the expected answer appears as a whole word (case-insensitive) in the first line of
+    the output. Lenient on purpose (a worked answer such as "6 * 3 = 18 pages" counts), and the same for every
+    model, so the accuracy of the DLM and the AR model are comparable."""
+    if not expected.strip():
+        return False
+    return re.search(rf"(?<!\w){re.escape(expected.strip())}(?!\w)", answer_of(output), re.IGNORECASE) is not None

@@ -14,6 +14,8 @@ import sys
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
 os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 
+from app import MAX_PROMPT_TOKENS, TIME_LIMIT_S  # noqa: E402  (light: no torch)
+
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="dlm-studio", description="dlm-studio: diffusion LM playground (Gradio)")
@@ -28,6 +30,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="auto", help="auto (GPU if present) / cpu / cuda / mps (default auto)")
     p.add_argument("--dtype", default="auto", help="auto / float32 / bfloat16 / float16 (default auto)")
     p.add_argument("--queue-size", type=int, default=16, help="max requests waiting in the queue (default 16)")
+    p.add_argument("--max-prompt-tokens", type=int, default=MAX_PROMPT_TOKENS,
+                   help=f"longest prompt (or infilling context) one request may have, in tokens (default "
+                        f"{MAX_PROMPT_TOKENS}; 0 = the model's context)")
+    p.add_argument("--time-limit", type=float, default=TIME_LIMIT_S,
+                   help=f"seconds of model work one request may take before it is stopped with a message (default "
+                        f"{TIME_LIMIT_S:g}; 0 = no limit)")
     p.add_argument("--share", action="store_true", help="also create a public gradio.live link")
     return p.parse_args(argv)
 
@@ -38,7 +46,8 @@ def main(argv=None) -> None:
 
     print(f"loading {args.model or 'the default model'} …", file=sys.stderr, flush=True)
     demo = ui.build(model=args.model, ar_model=args.ar_model, adapter=args.adapter, quantization=args.quantization,
-                    device=args.device, dtype=args.dtype, queue_size=args.queue_size)
+                    device=args.device, dtype=args.dtype, queue_size=args.queue_size,
+                    max_prompt_tokens=args.max_prompt_tokens or None, time_limit=args.time_limit or None)
     notice = demo.backend.notice()
     if notice:
         print(f"NOTE: {notice}", file=sys.stderr, flush=True)

@@ -1,4 +1,5 @@
-"""Frames -> HTML token views and plotly figures. Pure functions of plain data: no model, no Gradio.
+"""All the playground's drawing: frames -> HTML token views, token chips, Markdown stats, tables and plotly
+figures. Pure functions of plain data: no model, no Gradio.
 
 A `Trace` collects the `Frame`s of one run (as they stream in) together with the display string of every token id
 it has seen, so the whole run can be re-rendered at any step afterwards (the scrub slider) without the tokenizer.
@@ -35,6 +36,17 @@ TOKEN_CSS = """
 .tokview .ell { color: #9aa0aa; }
 .tokview .legend { font-family: system-ui, sans-serif; font-size: 12px; color: #555; margin-bottom: 6px; }
 .tokview .legend span { padding: 1px 6px; margin-right: 8px; border-radius: 4px; }
+.tokview .chip { cursor: pointer; border-radius: 4px; margin: 0 1px; background: #eef1f5; }
+.tokview .chip:hover { outline: 1px solid #8a8f99; }
+.tokview .chip.sel { background: #ffd36b; outline: 1px solid #c99a00; }
+"""
+
+# Token chips report clicks to the server (`trigger`), with the chip's offset and whether shift was held.
+CHIPS_JS = """
+element.addEventListener('click', function (e) {
+  const chip = e.target.closest('[data-k]');
+  if (chip) { trigger('click', {k: Number(chip.dataset.k), shift: e.shiftKey}); }
+});
 """
 
 
@@ -56,6 +68,8 @@ class Trace:
 
     mask_id:   the model's mask token id (drawn as a grey box).
     special:   token ids drawn as small labels (EOS, pad, chat markers) rather than text.
+    prompt_end: canvas positions before it are the prompt (grey); default each frame's `start`. An edit's frames
+               start at the first remasked position, and the generated tokens before it are drawn as fixed.
     frames:    every `Frame` received so far, in order.
     pieces:    token id -> display text, filled by `add` through the caller's `decode` function.
     reveal_step / reveal_conf: canvas position -> 1-based step at which it was revealed / its confidence.
@@ -63,6 +77,7 @@ class Trace:
 
     mask_id: int
     special: set[int] = field(default_factory=set)
+    prompt_end: Optional[int] = None
     frames: list[Frame] = field(default_factory=list)
     pieces: dict[int, str] = field(default_factory=dict)
     reveal_step: dict[int, int] = field(default_factory=dict)
@@ -102,7 +117,8 @@ class Trace:
                 f'<span style="background:{confidence_colour(0.95)}">new, high p</span>'
                 '<span class="old">earlier</span><span class="fx">fixed</span></div>'
             )
-        first = max(0, frame.start - PROMPT_TOKENS_SHOWN)
+        prompt_end = frame.start if self.prompt_end is None else self.prompt_end
+        first = max(0, prompt_end - PROMPT_TOKENS_SHOWN)
         if first > 0:
             out.append(f'<span class="ell">… ({first} prompt tokens) </span>')
         for pos in range(first, len(frame.tokens)):
@@ -112,7 +128,7 @@ class Trace:
                 continue
             text = self.pieces.get(tok, "?")
             text = f'<span class="sp">{html.escape(text)}</span>' if tok in self.special else _display(text)
-            if pos < frame.start:
+            if pos < prompt_end:
                 out.append(f'<span class="t p">{text}</span>')
                 continue
             rs = self.reveal_step.get(pos)
@@ -133,13 +149,26 @@ class Trace:
     def counter(self, k: Optional[int] = None, *, running: bool = False) -> str:
         """'step i / N' plus how many tokens this step revealed and how many are still masked."""
         if not self.frames:
-            return "step 0 / 0"
+            return "step 0 / 0" + (" · running…" if running else "")
         k = len(self.frames) - 1 if k is None else min(max(int(k), 0), len(self.frames) - 1)
         f = self.frames[k]
         masked = sum(1 for t in f.tokens[f.start:] if t == self.mask_id)
         state = " · running…" if running else ""
         return (f"**step {f.step} / {f.total_steps}** · revealed {len(f.revealed)} this step · "
                 f"{masked} still masked{state}")
+
+    def revealed(self) -> int:
+        """Tokens the run has decided so far."""
+        return len(self.reveal_step)
+
+    def race_counter(self, seconds: float, *, running: bool = False) -> str:
+        """A race side's clock: step, its own model time, tokens/s and network evaluations so far."""
+        if not self.frames:
+            return "step 0 / 0" + (" · running…" if running else "")
+        f = self.frames[-1]
+        rate = self.revealed() / seconds if seconds > 0 else 0.0
+        return (f"**step {f.step} / {f.total_steps}** · model time **{seconds:.2f} s** · {rate:.1f} tokens/s · "
+                f"{len(self.frames)} NFE" + (" · running…" if running else ""))
 
     # ---- plots (built once at the end of a run: sending a figure per step stalls the browser) ------------------
     def reveal_heatmap(self) -> go.Figure:
@@ -247,23 +276,106 @@ def compare_chart(sweep: list[dict], ar: Optional[dict]) -> go.Figure:
     fig = make_subplots(rows=1, cols=2,
                         subplot_titles=("model time (s)", "gen-PPL under the AR model (lower = better)"))
     if not sweep:
-        return _empty(fig, "tick 'sweep steps' and run to draw this chart")
+        return _empty(fig, "tick 'sweep steps' and race to draw this chart (it fills in as the sweep runs)")
     xs = [r["steps"] for r in sweep]
-    fig.add_trace(go.Scatter(x=xs, y=[r["seconds"] for r in sweep], mode="lines+markers", name="DLM",
-                             line=dict(color="#2b6cb0")), row=1, col=1)
-    fig.add_trace(go.Scatter(x=xs, y=[_finite(r.get("ppl")) for r in sweep], mode="lines+markers", name="DLM",
-                             line=dict(color="#2b6cb0"), showlegend=False), row=1, col=2)
+    ppl = [_finite(r.get("ppl")) for r in sweep]
+    fig.add_trace(go.Scatter(x=xs, y=[r["seconds"] for r in sweep], mode="lines+markers+text", name="DLM",
+                             text=[f"{r['steps']} steps, {r['seconds']:.2f} s" for r in sweep],
+                             textposition="top center", line=dict(color="#2b6cb0")), row=1, col=1)
+    fig.add_trace(go.Scatter(x=xs, y=ppl, mode="lines+markers+text", name="DLM", showlegend=False,
+                             text=[f"{r['steps']} steps, PPL {p:.0f}" if p is not None else f"{r['steps']} steps"
+                                   for r, p in zip(sweep, ppl)],
+                             textposition="top center", line=dict(color="#2b6cb0")), row=1, col=2)
     if ar:
-        for col, key in ((1, "seconds"), (2, "ppl")):
+        for col, key, unit in ((1, "seconds", " s"), (2, "ppl", "")):
             y = _finite(ar.get(key))
-            if y is not None:
-                fig.add_trace(go.Scatter(x=[min(xs), max(xs)], y=[y, y], mode="lines", name="AR",
+            if y is not None:  # the AR model as a reference line, labelled at its right end
+                fig.add_trace(go.Scatter(x=[min(xs), max(xs)], y=[y, y], mode="lines+text", name="AR",
+                                         text=["", f"AR {y:.2f}{unit}" if unit else f"AR {y:.0f}"],
+                                         textposition="bottom left",
                                          line=dict(color="#c05621", dash="dash"), showlegend=(col == 1)),
                               row=1, col=col)
-    fig.update_xaxes(title_text="denoising steps")
+    lo, hi = min(xs), max(xs)
+    pad = max((hi - lo) * 0.15, 0.5 * max(lo, 1))  # room for the labels of the first and last points
+    fig.update_xaxes(title_text="denoising steps", range=[lo - pad, hi + pad])
+    fig.update_traces(cliponaxis=False, selector=dict(type="scatter"))
     fig.update_layout(height=340, margin=dict(l=50, r=20, t=50, b=45), legend=dict(orientation="h", y=-0.3))
     return fig
 
 
 def _finite(x) -> Optional[float]:
     return float(x) if x is not None and math.isfinite(float(x)) else None
+
+
+# ------------------------------------------------------------------------------------------- stats and tables
+def run_stats(g, revealed: Optional[int] = None, first_frame: Optional[float] = None) -> str:
+    """The line under a finished run: evaluations, model time, speed (tokens decided per second of model time)."""
+    n = len(g.token_ids) if revealed is None else revealed
+    rate = n / g.seconds if g.seconds > 0 else 0.0
+    ttff = f" · first frame after {first_frame:.2f} s" if first_frame is not None else ""
+    return (f"**{g.nfe}** network evaluations · model time **{g.seconds:.2f} s** · **{rate:.1f}** tokens/s · "
+            f"{n} tokens{ttff}")
+
+
+def _num(x, fmt: str) -> str:
+    return format(x, fmt) if x is not None and math.isfinite(float(x)) else "n/a"
+
+
+def race_side_stats(run: dict) -> str:
+    """A race side's end-of-run line: model time, speed, evaluations, judge-PPL and distinct-2."""
+    return (f"model time **{run['seconds']:.2f} s** · **{_num(run['tokens_per_second'], '.1f')}** tokens/s · "
+            f"**{run['nfe']}** network evaluations · {run['tokens']} tokens · judge-PPL "
+            f"**{_num(run.get('gen_ppl'), '.1f')}** · distinct-2 **{_num(run.get('distinct_2'), '.2f')}**")
+
+
+def race_summary(summary: dict) -> str:
+    """Who finished first in model time, and at what quality."""
+    d, a = summary["dlm"], summary["ar"]
+    winner, loser = (d, a) if summary["winner"] == "dlm" else (a, d)
+    name = {"dlm": "The diffusion LM", "ar": "The AR model"}[summary["winner"]]
+    return (f"**{name} finished first** in model time: {winner['seconds']:.2f} s against {loser['seconds']:.2f} s. "
+            f"Quality — judge-PPL (perplexity under the AR model, lower = more fluent): DLM "
+            f"{_num(d.get('gen_ppl'), '.1f')} · AR {_num(a.get('gen_ppl'), '.1f')}; distinct-2 (share of unique "
+            f"token pairs, 1 = no repetition): DLM {_num(d.get('distinct_2'), '.2f')} · AR "
+            f"{_num(a.get('distinct_2'), '.2f')}.")
+
+
+SCOREBOARD_HEADERS = ["example", "expected", "DLM answer", "DLM", "AR answer", "AR"]
+
+
+def scoreboard_rows(rows: list[dict], total: int) -> list[list[str]]:
+    """The In-context scoreboard: one line per example run so far, then the accuracy of each model."""
+    def tick(ok: bool) -> str:
+        return "✓" if ok else "✗"
+    out = [[r["title"], r["expected"], r["dlm"], tick(r["dlm_ok"]), r["ar"], tick(r["ar_ok"])] for r in rows]
+    if rows:
+        def acc(key):
+            k = sum(1 for r in rows if r[key])
+            return f"{k}/{len(rows)} ({100 * k / len(rows):.0f}%)"
+        done = "" if len(rows) == total else f" (after {len(rows)} of {total})"
+        out.append([f"accuracy{done}", "", "", acc("dlm_ok"), "", acc("ar_ok")])
+    return out
+
+
+def chips_html(tokens: list[int], n_prompt: int, pieces: dict[int, str], special: set[int] = frozenset(),
+               selection: Optional[tuple[int, int]] = None) -> str:
+    """A finished canvas as clickable chips, one per generated token (`data-k` = its offset in the generated
+    region, `data-id` = the token id); the selected span [a, b] (inclusive) is highlighted. The prompt's tail is
+    shown grey and is not selectable."""
+    if not tokens:
+        return ('<div class="tokview"><span class="ell">(run a generation, then click tokens to select them)'
+                '</span></div>')
+    a, b = selection if selection is not None else (-1, -2)
+    out = ['<div class="tokview">']
+    first = max(0, n_prompt - PROMPT_TOKENS_SHOWN)
+    if first:
+        out.append(f'<span class="ell">… ({first} prompt tokens) </span>')
+    for pos in range(first, n_prompt):
+        out.append(f'<span class="t p">{_display(pieces.get(tokens[pos], "?"))}</span>')
+    for k, tok in enumerate(tokens[n_prompt:]):
+        text = pieces.get(tok, "?")
+        text = f'<span class="sp">{html.escape(text)}</span>' if tok in special else _display(text)
+        sel = " sel" if a <= k <= b else ""
+        out.append(f'<span class="t chip{sel}" data-k="{k}" data-id="{tok}" title="#{k}">{text}</span>')
+    out.append("</div>")
+    return "".join(out)

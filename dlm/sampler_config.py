@@ -61,8 +61,8 @@ class SamplerConfig:
                     model trained for it) that stops at EOS; "speculative" = block diffusion drafting a block in
                     parallel and verifying it with the model's own clean (AR) rows (exact speculative sampling).
     max_new_tokens: tokens to generate after a prompt (infilling templates fix their own lengths).
-    steps:          denoising steps (= forward evaluations) for all max_new_tokens; None = one token per step.
-                    More steps than tokens are capped at one token per step.
+    steps:          denoising steps (= forward evaluations) for all max_new_tokens, 1 .. the number of tokens;
+                    None = one token per step.
     block_length:   tokens per block: for "full", semi-autoregressive blocks decoded left to right (None = one
                     block over the whole region); for "blocks", the block size (required).
     remasking:      reveal rule (`dlm.reveal`): confidence / margin / entropy (most certain first) or random (the
@@ -83,9 +83,8 @@ class SamplerConfig:
                         label="Decoder", choices="decoders")
     max_new_tokens: int = knob(64, "tokens to generate after the prompt", label="Length (new tokens)", minimum=1,
                                maximum=None, step=1)
-    steps: Optional[int] = knob(None, "denoising steps for all new tokens (default: one token per step; more than "
-                                      "the tokens are capped)", label="Steps (0 = one per token)", minimum=1, step=1,
-                                off=0)
+    steps: Optional[int] = knob(None, "denoising steps for all new tokens, 1 .. the number of tokens (default: one "
+                                      "token per step)", label="Steps (1 … length)", minimum=1, step=1)
     block_length: Optional[int] = knob(None, "tokens per block (full: semi-autoregressive blocks, default one "
                                              "block; blocks: the block size)", label="Block length (0 = one block)",
                                        minimum=1, step=1, off=0)
@@ -180,8 +179,11 @@ class SamplerConfig:
 
     # ----- per-generation plan -----------------------------------------------------------------------------------
     def steps_for(self, n_tokens: int) -> int:
-        """Steps for a region of `n_tokens`: `steps` (default one per token), capped at `n_tokens`."""
-        return min(self.steps or n_tokens, n_tokens)
+        """Steps for a region of `n_tokens`: `steps` (default one per token); more than `n_tokens` is an error."""
+        if self.steps is not None and self.steps > n_tokens:
+            raise SamplerConfigError(f"steps: must be between 1 and the generation length {n_tokens}, "
+                                     f"got {self.steps}")
+        return self.steps or n_tokens
 
     @staticmethod
     def describe() -> list[dict]:
@@ -253,7 +255,8 @@ def _coerce(f, value: Any, *, ui: bool) -> Any:
     number = _number(name, value, integer=kind is int)
     lo, hi = meta.get("minimum"), meta.get("maximum")
     if name == "threshold" and not 0 < number <= 1:
-        raise SamplerConfigError(f"threshold: must be in (0, 1] (or None = off), got {value!r}")
+        off = f"{meta['off']:g}" if ui else "None"
+        raise SamplerConfigError(f"threshold: must be in (0, 1] (or {off} = off), got {value!r}")
     if name == "top_p" and not 0 < number <= 1:
         raise SamplerConfigError(f"top_p: must be in (0, 1], got {value!r}")
     if lo is not None and number < lo or hi is not None and number > hi:

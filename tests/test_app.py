@@ -1,6 +1,9 @@
-"""The playground's API endpoints, driven with gradio_client against a server started here (tiny random model)."""
+"""The playground's API endpoints, driven with gradio_client (and raw REST with httpx) against a server started here
+(tiny random model): results, bad input, limits, cancellation, concurrency."""
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import socket
 import threading
@@ -44,9 +47,15 @@ def client(server):
 
 
 # ---------------------------------------------------------------------------------------------- endpoints
-def test_api_lists_the_three_named_endpoints(client):
+def test_api_lists_the_named_endpoints(client):
     named = client.view_api(return_format="dict", print_info=False)["named_endpoints"]
-    assert {"/denoise", "/infill", "/compare"} <= set(named)
+    assert {"/denoise", "/infill", "/compare", "/race", "/redenoise"} <= set(named)
+    # every UI knob of SamplerConfig is a parameter (a new knob needs no app change); historical order first
+    from dlm import SamplerConfig
+    params = [p["parameter_name"] for p in named["/denoise"]["parameters"]]
+    assert params[:12] == ["prompt", "max_new_tokens", "steps", "block_length", "remasking", "temperature", "top_p",
+                           "top_k", "threshold", "seed", "chat", "frames"]
+    assert {d["name"] for d in SamplerConfig.describe() if d.get("ui", True)} <= set(params)
 
 
 def test_denoise_streams_frames_then_the_result(client):
@@ -104,13 +113,52 @@ def test_compare_reports_both_models_and_the_sweep(client):
         assert run["seconds"] > 0 and run["tokens_per_second"] > 0
     assert [r["steps"] for r in out["sweep"]] == [2, 4]
     assert [r["nfe"] for r in out["sweep"]] == [2, 4]
+    assert out["winner"] in ("dlm", "ar") and 0 < dlm["distinct_2"] <= 1
 
+
+def test_race_streams_both_sides_then_the_result(client):
+    job = client.submit("Once upon a time", 12, 12, sweep_steps="3", api_name="/race")
+    updates = list(job)
+    final = job.result()
+    running = [u for u in updates if not u["done"]]
+    assert any(u["dlm"].get("step", 0) < 12 for u in running if u["dlm"])  # intermediate DLM frames
+    assert any(u["ar"] for u in running) and all("seconds" in u["ar"] for u in running if u["ar"])
+    assert final["done"] and final["dlm"]["nfe"] == 12 and final["ar"]["tokens"] >= 1
+    assert [r["steps"] for r in final["sweep"]] == [3]
+
+
+def test_redenoise_changes_only_the_edited_span(client):
+    first = client.predict("Hello there", 10, 10, api_name="/denoise")
+    out = client.predict("Hello there", first["token_ids"], [[3, 6, 2]], api_name="/redenoise")
+    ids, new = first["token_ids"], out["token_ids"]
+    assert len(new) == 9 and new[:3] == ids[:3] and new[5:] == ids[6:]
+    assert out["nfe"] == 2 and len(out["spans"]) == 1
+
+
+def test_model_recommended_config_is_the_api_default(server, client, tiny_llama_dir, tmp_path):
+    """Knobs left out follow the loaded model's sampler_config.json (writing) and its infill config."""
+    import shutil
+    from dlm import SamplerConfig
+    from dlm.model import save_sampler_configs
+    demo, _ = server
+    d = tmp_path / "with-config"
+    shutil.copytree(tiny_llama_dir, d)
+    save_sampler_configs(d, SamplerConfig(max_new_tokens=12, steps=6), SamplerConfig(steps=2))
+    before = demo.backend.info.source
+    demo.backend.load(str(d), device="cpu", dtype="float32")
+    try:
+        out = client.predict("Hello", api_name="/denoise")
+        assert len(out["token_ids"]) == 12 and out["nfe"] == 6
+        assert client.predict(template="a [MASK:4] b", api_name="/infill")["nfe"] == 2
+        assert client.predict("Hello", 8, 8, api_name="/denoise")["nfe"] == 8  # given values win
+    finally:
+        demo.backend.load(before, device="cpu", dtype="float32")
 
 # ---------------------------------------------------------------------------------------------- bad input
 BAD = [
     ("/denoise", dict(prompt=""), "prompt is empty"),
     ("/denoise", dict(prompt="hi", max_new_tokens=8, steps=0), "steps"),
-    ("/denoise", dict(prompt="hi", max_new_tokens=8, steps=9), "steps must be between 1 and"),
+    ("/denoise", dict(prompt="hi", max_new_tokens=8, steps=9), "steps: must be between 1 and the generation length 8"),
     ("/denoise", dict(prompt="hi", max_new_tokens=600, steps=8), "context"),
     ("/denoise", dict(prompt="hi", max_new_tokens=8, steps=8, remasking="sideways"), "remasking"),
     ("/denoise", dict(prompt="hi", max_new_tokens=8, steps=8, top_p=0.0), "top_p"),
@@ -120,13 +168,41 @@ BAD = [
     ("/infill", dict(prefix="", suffix=""), "prefix"),
     ("/compare", dict(prompt="hi", max_new_tokens=4, steps=4, sweep_steps="2, x"), "not a positive whole number"),
     ("/compare", dict(prompt="hi", max_new_tokens=4, steps=4, sweep_steps="8"), "exceeds the length"),
+    # internal exception text must never reach users: every message names the field and what is allowed
+    ("/denoise", dict(prompt=123), "prompt: must be text, got 123"),
+    ("/denoise", dict(prompt="hi", seed=10**30), "seed: must be an integer between 0 and"),
+    ("/denoise", dict(prompt="hi", seed="abc"), "seed: must be an integer, got 'abc'"),
+    ("/denoise", dict(prompt="hi", temperature="abc"), "temperature: must be a number, got 'abc'"),
+    ("/denoise", dict(prompt="hi", steps="1e400"), "steps: must be a finite"),
+    ("/denoise", dict(prompt="hi", max_new_tokens="many"), "max_new_tokens: must be an integer"),
+    ("/denoise", dict(prompt="hi", threshold=2), r"threshold: must be in \(0, 1\] \(or 0 = off\)"),
+    ("/denoise", dict(prompt="hi", chat="maybe"), "chat: must be true or false"),
+    ("/denoise", dict(prompt="hi", decoder="sideways"), "decoder: must be one of"),
+    # /infill validates exactly like /denoise
+    ("/infill", dict(template="a [MASK]", steps=0), "steps: must be an integer >= 1"),
+    ("/infill", dict(template="a [MASK]", seed=1.5), "seed: must be a whole number"),
+    ("/infill", dict(prefix="a", length=2.5), "length: must be a whole number >= 1, got 2.5"),
+    ("/infill", dict(prefix="a", length="abc"), "length: must be a whole number >= 1, got 'abc'"),
+    ("/infill", dict(template="a [MASK]", threshold=2), r"\(or 0 = off\)"),
+    ("/infill", dict(template="a [MASK]", decoder="blocks", block_length=2), "decoder: infilling needs"),
+    ("/infill", dict(template=5), "template: must be text"),
+    ("/compare", dict(prompt="hi", max_new_tokens=4, steps=4, chat="no", seed="x"), "seed: must be an integer"),
+    ("/race", dict(prompt="", max_new_tokens=4), "prompt is empty"),
+    ("/race", dict(prompt="hi", max_new_tokens=4, sweep_steps="0"), "not a positive whole number"),
+    ("/redenoise", dict(prompt="hi", token_ids=[1, 2, 3], edits=[[2, 1]]), "edits: each edit needs 0 <= start"),
+    ("/redenoise", dict(prompt="hi", token_ids=[1, 2, 3], edits=[[1, 9]]), "outside the 3 generated tokens"),
+    ("/redenoise", dict(prompt="hi", token_ids="abc", edits=[[0, 1]]), "token_ids: give the generated token ids"),
+    ("/denoise", dict(prompt="x " * 10_000, max_new_tokens=8, steps=4),  # 20,000 characters: refused at once
+     r"over this server's limit of \d+ prompt tokens"),
 ]
 
 
-@pytest.mark.parametrize("endpoint,kwargs,message", BAD, ids=[f"{e}-{m[:20]}" for e, _, m in BAD])
+@pytest.mark.parametrize("endpoint,kwargs,message", BAD, ids=[f"{e}-{m[:24]}" for e, _, m in BAD])
 def test_bad_input_is_a_clear_error_and_the_server_keeps_serving(client, endpoint, kwargs, message):
+    t0 = time.monotonic()
     with pytest.raises(AppError, match=message):
         client.predict(api_name=endpoint, **kwargs)
+    assert time.monotonic() - t0 < 30  # refused up front (the 20,000-character prompt ran 195 s before the limit)
     ok = client.predict("Hello", 4, 4, api_name="/denoise")
     assert ok["done"] and len(ok["token_ids"]) == 4
 
@@ -134,7 +210,7 @@ def test_bad_input_is_a_clear_error_and_the_server_keeps_serving(client, endpoin
 def test_unknown_model_path_is_an_error_and_the_old_model_comes_back(server, client):
     demo, _ = server
     before = demo.backend.info.source
-    with pytest.raises(ValueError, match="unknown model"):
+    with pytest.raises((ValueError, KeyError), match="unknown model"):
         demo.backend.load("/no/such/model/dir")
     assert demo.backend.model is not None and demo.backend.info.source == before
     assert client.predict("Hello", 4, 4, api_name="/denoise")["done"]
@@ -179,6 +255,100 @@ def test_stop_ends_the_run_early_and_frees_the_model(server, client):
     assert client.predict("Hello", 4, 4, api_name="/denoise")["done"]
 
 
+@contextlib.contextmanager
+def slow_model(backend, seconds_per_layer: float):
+    """Make every transformer layer of the loaded model sleep: a request then runs long enough to be cancelled."""
+    import torch
+    layers = [m for lst in backend.model.base.modules() if isinstance(lst, torch.nn.ModuleList) for m in lst]
+    handles = [m.register_forward_pre_hook(lambda *a: time.sleep(seconds_per_layer)) for m in layers]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def wait_until_running(backend, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    while backend._active is None:
+        assert time.monotonic() < deadline, "the request never started"
+        time.sleep(0.01)
+
+
+@pytest.mark.parametrize("endpoint,kwargs", [
+    ("/infill", dict(template="Start [MASK:200] end.", steps=200)),
+    ("/compare", dict(prompt="Once upon a time", max_new_tokens=100, steps=100, sweep_steps="50, 100")),
+    ("/race", dict(prompt="Once upon a time", max_new_tokens=100, steps=100)),
+    ("/denoise", dict(prompt="Once upon a time", max_new_tokens=100, steps=100)),
+])
+def test_cancelling_a_request_frees_the_worker_quickly(server, endpoint, kwargs):
+    """job.cancel() (like the Stop button or a closed tab) stops the server's work: the next request starts at once
+    (before, a cancelled /infill or /compare kept the model busy for 38 s / 50 s)."""
+    demo, url = server
+    c = Client(url, verbose=False)
+    with slow_model(demo.backend, 0.05):  # ~0.1 s per forward: the request would run for 10-40 s
+        job = c.submit(api_name=endpoint, **kwargs)
+        wait_until_running(demo.backend)
+        time.sleep(0.3)
+        job.cancel()
+        t0 = time.monotonic()
+        out = Client(url, verbose=False).predict("Hello", 2, 2, api_name="/denoise")
+        assert out["done"] and time.monotonic() - t0 < 5, f"the next request waited {time.monotonic() - t0:.1f} s"
+
+
+def test_the_time_limit_ends_a_long_request_with_a_message(server, client):
+    demo, _ = server
+    demo.backend.time_limit = 1.0
+    try:
+        with slow_model(demo.backend, 0.05):
+            t0 = time.monotonic()
+            with pytest.raises(AppError, match=r"time limit: .*limit of 1 s per request \(app.py --time-limit\)"):
+                client.predict("Once upon a time", 64, 64, api_name="/denoise")
+            assert time.monotonic() - t0 < 10
+    finally:
+        demo.backend.time_limit = 120.0
+    assert client.predict("Hello", 4, 4, api_name="/denoise")["done"]
+
+
+def rest_call(url: str, endpoint: str, data) -> tuple[str, object]:
+    """A raw REST call (no gradio_client): POST the data (a list; a dict for the named v2 form), then read the event
+    stream to its end."""
+    import httpx
+    body = data if isinstance(data, dict) else {"data": data}
+    r = httpx.post(f"{url}gradio_api/call/{endpoint}", json=body, timeout=30)
+    r.raise_for_status()
+    event_id = r.json()["event_id"]
+    event, payload = None, None
+    with httpx.stream("GET", f"{url}gradio_api/call/{endpoint}/{event_id}", timeout=60) as s:
+        for line in s.iter_lines():
+            if line.startswith("event:"):
+                event = line.split(":", 1)[1].strip()
+            elif line.startswith("data:") and event in ("complete", "error"):
+                payload = json.loads(line.split(":", 1)[1].strip())
+                if event in ("complete", "error"):
+                    return event, payload
+    return event, payload
+
+
+def test_raw_rest_calls_need_only_the_prompt(server):
+    """docs/app.md: every argument but the prompt has a default, over raw REST too (not only gradio_client)."""
+    url = server[1]
+    event, data = rest_call(url, "denoise", ["Hello"])
+    assert event == "complete" and data[0]["done"] and len(data[0]["token_ids"]) == 64  # the model's default length
+    event, data = rest_call(url, "denoise", ["Hello", 6, 3])
+    assert event == "complete" and data[0]["nfe"] == 3 and len(data[0]["token_ids"]) == 6
+    event, data = rest_call(url, "infill", ["The cat [MASK:2] here."])
+    assert event == "complete" and data[0]["text"].startswith("The cat") and data[0]["nfe"] == 2
+    # a missing prompt or a bad value: the one-line message, not "didn't receive enough input values" + reprs
+    event, data = rest_call(url, "denoise", [])
+    assert event == "error" and "prompt is empty" in json.dumps(data) and "Wanted inputs" not in json.dumps(data)
+    event, data = rest_call(url, "denoise", ["hi", "many"])
+    assert event == "error" and "max_new_tokens: must be an integer, got 'many'" in json.dumps(data)
+    # Gradio's named form: any subset of the arguments by name
+    event, data = rest_call(url, "v2/denoise", {"prompt": "Hello", "max_new_tokens": 5, "steps": 5})
+    assert event == "complete" and data[0]["nfe"] == 5
+
+
 # ---------------------------------------------------------------------------------------------- the real default
 @pytest.mark.slow
 def test_default_model_serves_with_or_without_the_adapted_artifact():
@@ -199,8 +369,13 @@ def test_default_model_serves_with_or_without_the_adapted_artifact():
             assert info.source == FALLBACK_DLM
             assert "not diffusion-adapted yet: output is noise-like" in info.notice
         client = Client(start(demo), verbose=False)
-        out = client.predict("The capital of France is", 16, 16, api_name="/denoise")
+        # the paper's sampler, pinned (the model's recommended config may be the blocks decoder, which stops at EOS)
+        out = client.predict("The capital of France is", 16, 16, block_length=0, threshold=0, decoder="full",
+                             api_name="/denoise")
         assert out["done"] and out["nfe"] == 16 and len(out["token_ids"]) == 16
+        # and the model's recommended config (what every tab starts from)
+        out = client.predict("The capital of France is", 16, api_name="/denoise")
+        assert out["done"] and 1 <= len(out["token_ids"]) <= 16 and 1 <= out["nfe"] <= 16
         cmp = client.predict("The capital of France is", max_new_tokens=8, steps=8, api_name="/compare")
         assert cmp["ar"]["tokens"] >= 1 and cmp["ar"]["gen_ppl"] is not None
         # the real AR model (the base, run causally) continues this prompt fluently: far below random-level PPL

@@ -1,15 +1,20 @@
-"""The playground's parts without a server: rendering, throttled streaming, default-model fallback, examples."""
+"""The playground's parts without a server: rendering, validation, runs (throttling, cancellation, limits),
+default-model fallback, examples, launcher flags."""
 from __future__ import annotations
 
 import os
+import threading
 import time
 
 import pytest
 
 from app import backend as backend_mod
 from app import render
-from app.backend import Backend, Sampler, parse_int_list, with_span_length
-from app.examples import load_examples, parse_example
+from app.backend import (Backend, cap_steps, check_fields, parse_int_list, sampler_config, ui_edit, ui_value,
+                         with_span_length)
+from app.examples import answer_of, load_examples, matches, parse_example
+from dlm import SamplerConfig, SamplerConfigError
+from dlm.quality import distinct_n
 from dlm.types import Frame, Generation
 
 M = 99  # mask id of the synthetic frames
@@ -84,13 +89,72 @@ def test_compare_chart_draws_dlm_points_and_ar_lines():
 
 
 # ---------------------------------------------------------------------------------------------- backend helpers
-def test_sampler_from_ui_coerces_and_rejects():
-    s = Sampler.from_ui(16.0, 8.0, 0, "margin", 0.5, 0.9, 0.0, 0.0, -1)
+def test_sampler_config_coerces_ui_values_and_rejects():
+    s = sampler_config(dict(max_new_tokens=16.0, steps=8.0, block_length=0, remasking="margin", temperature=0.5,
+                            top_p=0.9, top_k=0.0, threshold=0.0, seed=-1), SamplerConfig())
     assert (s.max_new_tokens, s.steps, s.top_k) == (16, 8, 0)
-    kw = s.kwargs()
-    assert kw["block_length"] is None and kw["threshold"] is None and kw["seed"] is None
-    with pytest.raises(ValueError, match="steps must be a whole number"):
-        Sampler.from_ui(16, 2.5, 0, "confidence", 0, 1, 0, 0, 0)
+    assert s.block_length is None and s.threshold is None and s.seed is None  # the UI's off values
+    with pytest.raises(ValueError, match="steps: must be a whole number"):
+        sampler_config(dict(max_new_tokens=16, steps=2.5), SamplerConfig())
+
+
+def test_sampler_config_starts_from_the_models_config_and_names_every_field():
+    base = SamplerConfig(decoder="blocks", block_length=4, threshold=0.9, max_new_tokens=32)
+    cfg = sampler_config({"temperature": "0.7", "seed": None, "steps": ""}, base)  # None / "" keep base's
+    assert (cfg.decoder, cfg.block_length, cfg.threshold, cfg.temperature) == ("blocks", 4, 0.9, 0.7)
+    bad = [({"seed": "abc"}, "seed: must be an integer, got 'abc'"),
+           ({"seed": 10**30}, "seed: must be an integer between 0 and"),
+           ({"steps": float("nan")}, "steps: must be a finite"),
+           ({"temperature": "abc"}, "temperature: must be a number, got 'abc'"),
+           ({"threshold": 2}, r"threshold: must be in \(0, 1\] \(or 0 = off\)"),  # the UI's off, not "None"
+           ({"steps": 0}, "steps: must be an integer >= 1"),                  # a count: no "0 = off"
+           ({"steps": 33}, "steps: must be between 1 and the generation length 32"),
+           ({"remasking": "sideways"}, "remasking: must be one of"),
+           ({"sideways": 1}, "unknown sampler setting 'sideways'")]
+    for values, message in bad:
+        with pytest.raises(SamplerConfigError, match=message):
+            sampler_config(values, base)
+    # infilling: the template fixes the length, steps >= 1 (above the masked tokens they are capped)
+    assert sampler_config({"steps": 500}, SamplerConfig(), infill=True).steps == 500
+    assert cap_steps(SamplerConfig(steps=500), 14).steps == 14
+    with pytest.raises(SamplerConfigError, match="steps: must be an integer >= 1"):
+        sampler_config({"steps": 0}, SamplerConfig(), infill=True)
+
+
+def test_widgets_show_none_as_the_off_value_and_steps_as_the_length():
+    cfg = SamplerConfig(max_new_tokens=24)
+    assert [ui_value(cfg, n) for n in ("threshold", "seed", "block_length", "steps")] == [0.0, -1, 0, 24]
+    assert ui_value(cfg.replace(steps=6), "steps") == 6
+    # and back: the widget values give the same config (steps = the length: one token per step, as None)
+    back = sampler_config({n: ui_value(cfg, n) for n in ("threshold", "seed", "block_length", "steps")}, cfg)
+    assert back.replace(steps=None) == cfg and back.steps_for(24) == cfg.steps_for(24)
+
+
+def test_check_fields_coerces_by_kind_with_messages_naming_the_field():
+    out = check_fields(prompt=None, chat="no", frames=1, length="6", pins="0: Paris; 5:France", sweep_steps="2 4")
+    assert out == dict(prompt="", chat=False, frames=True, length=6, pins={0: " Paris", 5: "France"},
+                       sweep_steps=[2, 4])
+    bad = [(dict(prompt=123), "prompt: must be text, got 123"),
+           (dict(chat="maybe"), "chat: must be true or false"),
+           (dict(length=2.5), "length: must be a whole number >= 1, got 2.5"),
+           (dict(length="abc"), "length: must be a whole number >= 1, got 'abc'"),
+           (dict(length=float("nan")), "length: must be a whole number"),
+           (dict(pins="Paris"), "pins: write position: word pairs"),
+           (dict(pins="-1: x"), "pins position: must be a whole number >= 0"),
+           (dict(edits=[[3, 2]]), "edits: each edit needs 0 <= start < end"),
+           (dict(token_ids=[1, "x"]), "token_ids: must be a whole number")]
+    for values, message in bad:
+        with pytest.raises(ValueError, match=message):
+            check_fields(**values)
+    assert ui_edit(2, 4, 0) == (2, 5, None) and ui_edit("1", 1.0, 3) == (1, 2, 3)
+    with pytest.raises(ValueError, match="'to' must be >= 'from'"):
+        ui_edit(4, 2, 0)
+
+
+def test_distinct_2_is_the_one_definition_of_dlm_quality():
+    import math
+    assert distinct_n("a b c d") == 1.0 and distinct_n("a a a a") == pytest.approx(1 / 3)
+    assert math.isnan(distinct_n("single"))
 
 
 def test_parse_int_list_and_span_rewrite():
@@ -103,66 +167,112 @@ def test_parse_int_list_and_span_rewrite():
 
 
 def _fake_stream(n: int, delay: float):
-    def make():
+    def job():
         for i in range(n):
             time.sleep(delay)
-            yield Frame(step=i + 1, total_steps=n, tokens=[0], revealed=[0], confidence=[1.0])
-        yield Generation(text="done", token_ids=[0])
-    return make
+            yield "dlm", Frame(step=i + 1, total_steps=n, tokens=[0], revealed=[0], confidence=[1.0])
+        yield "dlm", Generation(text="done", token_ids=[0])
+    return job
 
 
 def test_throttle_delivers_every_frame_in_few_batches():
     b = Backend(min_frame_interval=0.2)
-    batches = list(b._throttled(_fake_stream(200, 0.001), "s"))
-    steps = [f.step for batch in batches for f in batch.frames]
+    batches = list(b.start(_fake_stream(200, 0.001), "s").batches())
+    steps = [f.step for batch in batches for f in batch.frames()]
     assert steps == list(range(1, 201))  # nothing lost, in order
     assert len(batches) <= 4  # ~0.2-0.4 s of frames at one batch per 0.2 s
-    assert len(batches[0].frames) == 1  # the first frame goes out alone, at once
-    assert batches[-1].result is not None and batches[-1].result.text == "done"
+    assert len(batches[0].frames()) == 1  # the first frame goes out alone, at once
+    assert batches[-1].result() is not None and batches[-1].result().text == "done"
 
 
 def test_slow_streams_get_one_batch_per_frame():
     b = Backend(min_frame_interval=0.01)
-    batches = list(b._throttled(_fake_stream(5, 0.05), "s"))
-    assert [len(x.frames) for x in batches[:5]] == [1, 1, 1, 1, 1]
+    batches = list(b.start(_fake_stream(5, 0.05), "s").batches())
+    assert [len(x.frames()) for x in batches[:5]] == [1, 1, 1, 1, 1]
 
 
 def test_stop_and_closing_the_consumer_stop_the_worker():
     b = Backend(min_frame_interval=0.0)
     produced = []
 
-    def make():
+    def job():
         for i in range(1000):
             time.sleep(0.005)
             produced.append(i)
-            yield Frame(step=i + 1, total_steps=1000, tokens=[0], revealed=[0], confidence=[1.0])
+            yield "dlm", Frame(step=i + 1, total_steps=1000, tokens=[0], revealed=[0], confidence=[1.0])
 
-    it = b._throttled(make, "sess")
+    it = b.start(job, "sess").batches()
     next(it)
     assert b.stop("sess") and not b.stop("other")
     rest = list(it)
     assert rest and rest[-1].cancelled
     assert len(produced) < 1000
-    # closing the generator (what Gradio does on cancel) also stops the worker and releases the lock
-    it = b._throttled(make, "sess2")
+    # closing the generator (a consumer that goes away) also stops the worker and releases the lock
+    it = b.start(job, "sess2").batches()
     next(it)
     it.close()
     assert b.lock.acquire(timeout=5)
     b.lock.release()
 
 
+def test_cancelling_an_async_consumer_cancels_the_run():
+    """What Gradio does on Stop / a cancelled client job / a closed tab: cancel the handler's task."""
+    import asyncio
+    b = Backend(min_frame_interval=0.0)
+    started = threading.Event()
+
+    def job():
+        started.set()
+        for i in range(100000):
+            time.sleep(0.005)
+            yield "dlm", Frame(step=i + 1, total_steps=100000, tokens=[0], revealed=[0], confidence=[1.0])
+
+    async def consume(run):
+        async for _ in run.abatches():
+            pass
+
+    async def main():
+        run = b.start(job, "a")
+        task = asyncio.ensure_future(consume(run))
+        await asyncio.sleep(0.2)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        return run
+
+    run = asyncio.run(main())
+    assert started.is_set() and run.cancel_event.is_set()
+    run.thread.join(timeout=5)
+    assert not run.thread.is_alive()
+
+
 def test_worker_errors_reach_the_consumer():
-    def make():
+    def job():
         raise ValueError("steps must be between 1 and 8")
         yield  # pragma: no cover
 
     with pytest.raises(ValueError, match="steps must be"):
-        list(Backend()._throttled(make, None))
+        list(Backend().start(job, None).batches())
+
+
+def test_the_time_limit_stops_a_run_with_a_message_naming_it():
+    def job():
+        for i in range(1000):
+            time.sleep(0.01)
+            yield "dlm", Frame(step=i + 1, total_steps=1000, tokens=[0], revealed=[0], confidence=[1.0])
+
+    b = Backend(time_limit=0.2)
+    t0 = time.monotonic()
+    with pytest.raises(ValueError, match=r"time limit: .*limit of 0.2 s per request \(app.py --time-limit\)"):
+        list(b.start(job, None).batches())
+    assert time.monotonic() - t0 < 5
 
 
 def test_describe_error_gives_one_line_messages():
     assert backend_mod.describe_error(ValueError("bad steps")) == "bad steps"
     assert "Out of memory" in backend_mod.describe_error(RuntimeError("CUDA out of memory. Tried to allocate"))
+    # internal errors: the type and "server log", never Python's own text
+    message = backend_mod.describe_error(AttributeError("'int' object has no attribute 'strip'"))
+    assert "strip" not in message and "internal error (AttributeError)" in message
 
 
 # ---------------------------------------------------------------------------------------------- default model
@@ -216,6 +326,13 @@ def test_shipped_examples_parse_and_cover_the_issue_categories():
         assert e.prompt.strip() and 1 <= e.steps <= e.max_new_tokens <= 256
 
 
+def test_the_scoreboard_mark_reads_the_first_line_as_the_answer():
+    assert answer_of("\n cat\nhot is to cold") == "cat"
+    assert matches("cat", " Cat.\nmore") and not matches("cat", " category\ncat")
+    assert matches("18", " She reads 6 * 3 = 18 pages.\n") and not matches("18", " 180 pages")
+    assert not matches("", "anything")
+
+
 def test_example_parse_errors_name_the_file():
     with pytest.raises(ValueError, match="'x'.*---"):
         parse_example("title: t\nno separator", "x")
@@ -234,6 +351,9 @@ def test_launcher_defaults_bind_localhost_and_disable_analytics(monkeypatch):
     args = mod.parse_args([])
     assert (args.host, args.port, args.model, args.quantization, args.share) == ("127.0.0.1", 7860, None, "none",
                                                                               False)
+    assert (args.max_prompt_tokens, args.time_limit) == (1024, 120.0)  # the limits per request
+    args = mod.parse_args(["--max-prompt-tokens", "64", "--time-limit", "5"])
+    assert (args.max_prompt_tokens, args.time_limit) == (64, 5.0)
     assert os.environ["GRADIO_ANALYTICS_ENABLED"] == "False" and os.environ["HF_HUB_DISABLE_TELEMETRY"] == "1"
     with pytest.raises(SystemExit):
         mod.parse_args(["--quantization", "3bit"])
@@ -257,12 +377,143 @@ def test_infill_sweep_sets_every_span_to_n_and_keeps_the_text(tiny_llama_dir):
     b = Backend()
     b.load(str(tiny_llama_dir), device="cpu", dtype="float32")
     template = "Alice went to the [MASK:4] and bought [MASK] apples."
-    rows = b.infill_sweep(template, "", "", [1, 3], Sampler(steps=64), use_template=True)
+    cfg = b.sampler(dict(steps=64), task="infill")
+    rows = b.infill_sweep(cfg, [1, 3], template=template).wait().items("sweep")
     assert [r["n"] for r in rows] == [1, 3]
     for r in rows:
         assert len(r["spans"]) == 2 and r["nfe"] == 2 * r["n"]  # steps capped at the masked tokens
         assert r["text"] == f"Alice went to the {r['spans'][0]} and bought {r['spans'][1]} apples."
         assert "".join(t for t, _ in r["segments"]) == r["text"]
         assert [t for t, gen in r["segments"] if gen] == r["spans"]
-    rows = b.infill_sweep("", "The sky is", ".", [2], Sampler(steps=64), use_template=False)
+    rows = b.infill_sweep(cfg, [2], prefix="The sky is", suffix=".").wait().items("sweep")
     assert rows[0]["text"].startswith("The sky is") and rows[0]["text"].endswith(".") and rows[0]["nfe"] == 2
+
+
+# ---------------------------------------------------------------------------------------------- limits, hooks
+@pytest.fixture(scope="module")
+def loaded(tiny_llama_dir):
+    b = Backend(max_prompt_tokens=64)
+    b.load(str(tiny_llama_dir), device="cpu", dtype="float32")
+    return b
+
+
+def test_a_prompt_over_the_token_limit_is_refused_before_any_model_work(loaded):
+    long = "word " * 200
+    for call in (lambda: loaded.generate(long, loaded.sampler(dict(max_new_tokens=8, steps=4))),
+                 lambda: loaded.infill(loaded.sampler(task="infill"), template=long + "[MASK]"),
+                 lambda: loaded.infill(loaded.sampler(task="infill"), prefix=long, suffix="", length=2),
+                 lambda: loaded.race(long, loaded.sampler(dict(max_new_tokens=4)))):
+        with pytest.raises(ValueError, match=r"tokens is over this server's limit of 64 prompt tokens per request "
+                                             r"\(app.py --max-prompt-tokens\)"):
+            call()
+    with pytest.raises(ValueError, match="far over this server's limit"):
+        loaded.generate("x" * 100_000, loaded.sampler(dict(max_new_tokens=8)))
+    # huge spans are refused before a canvas is allocated
+    with pytest.raises(ValueError, match="beyond the model's context"):
+        loaded.infill(loaded.sampler(task="infill"), template="a [MASK:100000000]")
+    with pytest.raises(ValueError, match="length: 100000000 is beyond the model's context"):
+        loaded.infill(loaded.sampler(task="infill"), prefix="a", length=10**8)
+
+
+def test_stop_ends_even_one_long_forward_within_a_layer(loaded):
+    """The layer hooks check the cancel event: a slow forward (here: every layer sleeps) stops after one layer."""
+    import torch
+    layers = [m for lst in loaded.model.base.modules() if isinstance(lst, torch.nn.ModuleList) for m in lst]
+    handles = [m.register_forward_pre_hook(lambda *a: time.sleep(0.5)) for m in layers]
+    try:
+        run = loaded.generate("Hello", loaded.sampler(dict(max_new_tokens=8, steps=8)), session="slow")
+        time.sleep(0.3)  # inside the first forward of 8 x len(layers) x 0.5 s
+        t0 = time.monotonic()
+        assert loaded.stop("slow")
+        batches = list(run.batches())
+        assert time.monotonic() - t0 < 1.5
+        assert batches[-1].cancelled and not any(b.frames() for b in batches)
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def test_time_to_first_frame_is_measured(loaded):
+    s = loaded.time_to_first_frame("Hello", max_new_tokens=16, steps=16)
+    assert 0 < s < 30
+    run = loaded.generate("Hello", loaded.sampler(dict(max_new_tokens=4, steps=4)))
+    run.wait()
+    assert 0 < run.first_event_seconds < 30
+
+
+def test_redenoise_keeps_every_unedited_token(loaded):
+    g = loaded.generate("Hello there", loaded.sampler(dict(max_new_tokens=10, steps=10))).wait().result()
+    ids = loaded.prompt_ids("Hello there")
+    run = loaded.redenoise(ids + g.token_ids, len(ids), [(2, 5, 2)], loaded.sampler(task="infill"))
+    new = run.wait().result().token_ids
+    assert new[:len(ids) + 2] == ids + g.token_ids[:2] and new[len(ids) + 4:] == g.token_ids[5:]
+    assert len(new) == len(ids) + 9
+    with pytest.raises(ValueError, match="edits: span 8..12 is outside the 10 generated tokens"):
+        loaded.redenoise(ids + g.token_ids, len(ids), [(8, 12, None)], loaded.sampler(task="infill"))
+
+
+def test_the_race_takes_turns_by_model_time_and_reports_quality(loaded):
+    batch = loaded.race("Once upon a time", loaded.sampler(dict(max_new_tokens=6, steps=6)),
+                        sweep_steps="2, 3").wait()
+    lanes = [lane for lane, _ in batch.events if lane in ("dlm", "ar")]
+    assert lanes[:2] == ["dlm", "ar"] or lanes[:2] == ["ar", "dlm"]  # both start: turns, not one after the other
+    assert len(batch.frames("dlm")) == 6 and 1 <= len(batch.frames("ar")) <= 6
+    summary = batch.result("summary")
+    assert summary["winner"] in ("dlm", "ar")
+    for side in ("dlm", "ar"):
+        assert summary[side]["seconds"] > 0 and summary[side]["gen_ppl"] > 0 and 0 < summary[side]["distinct_2"] <= 1
+    assert [r["steps"] for r in batch.items("sweep")] == [2, 3]
+    with pytest.raises(ValueError, match="sweep steps: 1 is fewer than the 2 blocks"):
+        loaded.race("Hi", loaded.sampler(dict(max_new_tokens=8, block_length=4)), sweep_steps="1")
+
+
+def test_model_tab_status_says_the_limits_and_modes(loaded):
+    md = loaded.status_markdown()
+    assert "64 prompt tokens" in md and "120 s" in md
+    assert "Denoise, In-context and AR vs DLM use the writing config" in md and "**full** attention" in md
+
+
+def test_scoreboard_marks_every_example_with_an_answer(loaded):
+    examples = [e for e in load_examples() if e.name in ("plural", "sentiment")]
+    rows = loaded.scoreboard(examples).wait().items("row")
+    assert [r["name"] for r in rows] == ["plural", "sentiment"]
+    assert all(isinstance(r["dlm_ok"], bool) and isinstance(r["ar_ok"], bool) for r in rows)
+    table = render.scoreboard_rows(rows, 2)
+    assert table[-1][0] == "accuracy" and table[-1][3].endswith("%)")
+
+
+# ---------------------------------------------------------------------------------------------- widgets
+def test_sampler_widgets_are_built_from_describe(tiny_llama_dir):
+    """Every UI field of SamplerConfig.describe() becomes a widget (so a new knob needs no app change), starting
+    from the model's config; range checks are left to sampler_config (its messages name the field)."""
+    import gradio as gr
+    from app.tabs.common import KnobSlider, SamplerControls
+    cfg = SamplerConfig(decoder="full", max_new_tokens=24, threshold=0.9)
+    with gr.Blocks():
+        c = SamplerControls("t", cfg)
+    names = [d["name"] for d in SamplerConfig.describe() if d.get("ui", True)]
+    assert c.names == names and len(c.components) == len(names)
+    assert c.by_name["threshold"].value == 0.9 and c.by_name["steps"].value == 24 and c.by_name["seed"].value == -1
+    assert c.by_name["decoder"].choices and c.by_name["max_new_tokens"].elem_id == "t-max_new_tokens"
+    assert isinstance(c.by_name["temperature"], KnobSlider)
+    assert c.by_name["temperature"].preprocess(7.5) == 7.5  # no Gradio range error: sampler_config says it
+    assert c.by_name["temperature"].get_block_name() == "slider"
+    updates = c.updates(cfg.replace(threshold=None, max_new_tokens=8))
+    assert updates[c.names.index("threshold")]["value"] == 0.0 and "Starts from" in updates[-1]
+
+
+def test_a_single_frame_run_keeps_the_scrub_slider_valid():
+    """A one-step run (steps = 1, a single [MASK], Stop in the first step) must not send minimum == maximum."""
+    import gradio as gr
+    from app.tabs.common import StreamView
+    with gr.Blocks():
+        view = StreamView("t", plots=False, export=False)
+    for frames in ([], _frames()[:1]):
+        t = _trace(frames) if frames else render.Trace(mask_id=M)
+        g = Generation(text="x", token_ids=[1], nfe=1, seconds=0.1)
+
+        class R:
+            first_event_seconds = 0.01
+        scrub = view._final(t, g if frames else None, R, None, None, 0)[2]
+        assert scrub["visible"] is False and scrub["minimum"] < scrub["maximum"]
+        gr.Slider(scrub["minimum"], scrub["maximum"], value=scrub["value"])  # accepted by Gradio

@@ -401,9 +401,11 @@ def test_batch_and_ar_bad_input(model):
         model.ar_generate(PROMPT, max_new_tokens=600)
 
 
-def test_steps_beyond_the_length_are_capped_at_one_token_per_step(model):
-    g = model.generate(PROMPT, max_new_tokens=8, steps=50, frames=True)
-    assert g.nfe == 8 and all(len(f.revealed) == 1 for f in g.frames)
+def test_steps_beyond_the_length_are_an_error_naming_the_length(model):
+    with pytest.raises(ValueError, match="steps: must be between 1 and the generation length 8, got 50"):
+        model.generate(PROMPT, max_new_tokens=8, steps=50)
+    with pytest.raises(ValueError, match="steps: must be between 1 and the generation length 3"):
+        model.fill("a [MASK:3] b", steps=4)
 
 
 def test_frames_are_recorded_only_on_request(model):

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from train.config import ConfigError, load_config
-from train.loop import anneal_ratio, lr_factor, train
+from train.loop import anneal_ratio, make_scheduler, train
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -52,11 +52,20 @@ def test_anneal_ratio_follows_the_schedule():
 
 
 def test_lr_warmup_then_cosine():
-    f = [lr_factor(s, warmup_steps=4, max_steps=14, min_lr_ratio=0.1) for s in range(15)]
-    assert f[:4] == [0.25, 0.5, 0.75, 1.0]
-    assert f[4] == pytest.approx(1.0) and f[9] == pytest.approx(0.55) and f[14] == pytest.approx(0.1)
+    def factors(schedule="cosine", steps=15):
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        sched = make_scheduler(opt, warmup_steps=4, max_steps=14, schedule=schedule, min_lr_ratio=0.1)
+        out = []
+        for _ in range(steps):
+            out.append(sched.get_last_lr()[0])
+            opt.step()
+            sched.step()
+        return out
+    f = factors()
+    assert f[:5] == pytest.approx([0.0, 0.25, 0.5, 0.75, 1.0])     # transformers' linear warmup
+    assert f[9] == pytest.approx(0.55) and f[14] == pytest.approx(0.1)
     assert all(a >= b for a, b in zip(f[4:], f[5:]))
-    assert lr_factor(50, 4, 14, schedule="constant") == 1.0
+    assert factors("constant")[4:] == pytest.approx([1.0] * 11)
 
 
 # ----- learning and export ------------------------------------------------------------------------------------------------
@@ -238,6 +247,15 @@ def test_lora_trains_the_mask_row_and_exports_an_adapter_dlm_load_accepts(tmp_pa
     assert (asset / "adapter_model.safetensors").is_file()          # ... and the shipped one stays intact
     with pytest.raises(ValueError, match="not a LoRA export"):
         ship(out / "init-model", tmp_path / "assets" / "nope")
+    # the recommended decoding ships with it and becomes the loaded model's default (and survives a re-ship)
+    ship(final, asset, dtype="float32", generate={"decoder": "blocks", "block_length": "4", "threshold": "0.9"},
+         infill={"steps": "8"})
+    ship(final, asset, dtype="float32")
+    loaded = dlm.load(asset, device="cpu", dtype="float32")
+    assert (loaded.sampler_config.decoder, loaded.sampler_config.block_length) == ("blocks", 4)
+    assert loaded.sampler_config.threshold == 0.9 and loaded.infill_config.steps == 8
+    with pytest.raises(ValueError, match="block_length: the blocks decoder needs a block size"):
+        ship(final, asset, generate={"decoder": "blocks"})
 
     # a LoRA run resumes exactly too: drop the tail of this run and resume it from its step-3 checkpoint
     import shutil

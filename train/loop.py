@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
+from accelerate.tracking import GeneralTracker
 
 from .checkpoint import (clean_stale_temp, list_checkpoints, load_checkpoint, resolve_candidates,
                          save_checkpoint)
@@ -44,17 +45,13 @@ def anneal_ratio(step: int, anneal_steps: int) -> float:
     return min(1.0, max(0, step) / anneal_steps)
 
 
-def lr_factor(step: int, warmup_steps: int, max_steps: int, schedule: str = "cosine",
-              min_lr_ratio: float = 0.1) -> float:
-    """Multiplier of the base LR for optimizer step `step` (0-based): linear warmup over `warmup_steps`
-    ((step + 1) / warmup), then cosine from 1 to `min_lr_ratio` at `max_steps` (or constant 1)."""
-    if warmup_steps > 0 and step < warmup_steps:
-        return (step + 1) / warmup_steps
+def make_scheduler(optimizer, warmup_steps: int, max_steps: int, schedule: str = "cosine", min_lr_ratio: float = 0.1):
+    """transformers' schedules: linear warmup over `warmup_steps`, then cosine from the base LR down to
+    `min_lr_ratio` x it at `max_steps` (`get_cosine_with_min_lr_schedule_with_warmup`), or constant."""
+    from transformers import get_constant_schedule_with_warmup, get_cosine_with_min_lr_schedule_with_warmup
     if schedule == "constant":
-        return 1.0
-    span = max(1, max_steps - warmup_steps)
-    progress = min(1.0, (step - warmup_steps) / span)
-    return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+        return get_constant_schedule_with_warmup(optimizer, warmup_steps)
+    return get_cosine_with_min_lr_schedule_with_warmup(optimizer, warmup_steps, max_steps, min_lr_rate=min_lr_ratio)
 
 
 def step_mode(step: int, seed: int, attention: str, block_lengths, block_fraction: float) -> Optional[int]:
@@ -87,16 +84,19 @@ def resolve_mixed_precision(value: str) -> str:
     return "bf16" if cpu_has_native_bf16() else "no"
 
 
-def make_accelerator(cfg: TrainConfig):
+def make_accelerator(cfg: TrainConfig, trackers: Sequence = ()):
     from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
     # cpu=True is what makes a multi-process CPU launch use gloo and synchronise gradients; without it two CPU
     # processes silently train two independent models (measured with accelerate 1.15).
     cpu = not torch.cuda.is_available()
     mixed = resolve_mixed_precision(cfg.run.mixed_precision)
     if cpu and mixed == "fp16":
         raise ConfigError("run.mixed_precision: fp16 needs a GPU; use bf16 on CPU")
+    out = str(Path(cfg.run.output_dir).expanduser())
     return Accelerator(cpu=cpu, mixed_precision=mixed, gradient_accumulation_steps=cfg.run.grad_accum,
-                       step_scheduler_with_optimizer=False)
+                       step_scheduler_with_optimizer=False, log_with=list(trackers) or None,
+                       project_config=ProjectConfiguration(project_dir=out, logging_dir=out))
 
 
 def _is_sharded(accelerator) -> bool:
@@ -123,37 +123,43 @@ def trainable_checksum(module) -> list[float]:
     return [float(p.detach().double().sum()) for _, p in sorted(module.named_parameters()) if p.requires_grad]
 
 
-class MetricsLog:
-    """Append-only JSONL (+ TensorBoard when installed). On resume, lines past the resumed step are dropped (they
-    came from steps that are about to be recomputed)."""
+class JSONLTracker(GeneralTracker):
+    """An accelerate tracker (the `GeneralTracker` interface) that appends one JSON line per `log` call to
+    `OUTPUT_DIR/metrics.jsonl`: the run's curve, readable without TensorBoard. `truncate(step)` drops lines past a
+    resumed step (they came from steps that are about to be recomputed)."""
 
-    def __init__(self, path: Path, resume_step: Optional[int], tensorboard: bool):
+    name, requires_logging_directory, main_process_only = "jsonl", False, True
+
+    def __init__(self, path: Path):
+        super().__init__(_blank=True)
         self.path = path
-        if resume_step is not None and path.is_file():
-            kept = [line for line in path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-            path.write_text("".join(line + "\n" for line in kept))
-        elif resume_step is None and path.is_file():
-            path.unlink()
-        self.tb = None
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-                self.tb = SummaryWriter(str(path.parent / "tensorboard"))
-            except Exception:  # tensorboard not installed: JSONL only
-                self.tb = None
 
-    def write(self, record: dict) -> None:
+    @property
+    def tracker(self):
+        return self.path
+
+    def start(self):
+        pass
+
+    def store_init_configuration(self, values: dict):
+        pass
+
+    def log(self, values: dict, step: Optional[int] = None, **kwargs):
         with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        if self.tb is not None:
-            for k, v in record.items():
-                if k != "step" and isinstance(v, (int, float)):
-                    self.tb.add_scalar(k, v, record["step"])
+            f.write(json.dumps({"step": step, **values}) + "\n")
 
-    def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
+    def finish(self):
+        pass
+
+    def truncate(self, resume_step: Optional[int]) -> None:
+        if not self.path.is_file():
+            return
+        if resume_step is None:
+            self.path.unlink()
+            return
+        kept = [line for line in self.path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+        self.path.write_text("".join(line + "\n" for line in kept))
 
 
 def _to_device(batch: dict, device) -> dict:
@@ -206,8 +212,10 @@ def train(cfg: TrainConfig, task: str = "pretrain", callbacks: Sequence = ()) ->
     if run.threads:
         torch.set_num_threads(run.threads)
 
-    from accelerate.utils import gather_object, set_seed
-    accelerator = make_accelerator(cfg)
+    from accelerate.utils import gather_object, is_tensorboard_available, set_seed
+    jsonl = JSONLTracker(out / "metrics.jsonl")
+    trackers = [jsonl] + (["tensorboard"] if run.tensorboard and is_tensorboard_available() else [])
+    accelerator = make_accelerator(cfg, trackers)
     main = accelerator.is_main_process
     if not main:
         log.setLevel(logging.WARNING)
@@ -232,8 +240,7 @@ def train(cfg: TrainConfig, task: str = "pretrain", callbacks: Sequence = ()) ->
     optimizer = torch.optim.AdamW(_param_groups(objective, cfg.optim.weight_decay), lr=cfg.optim.lr,
                                   betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.adam_eps)
     o = cfg.optim
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, o.warmup_steps, run.max_steps, o.schedule, o.min_lr_ratio))
+    scheduler = make_scheduler(optimizer, o.warmup_steps, run.max_steps, o.schedule, o.min_lr_ratio)
     ds = getattr(accelerator.state, "deepspeed_plugin", None)
     if ds is not None:  # no dataloader is prepared, so tell DeepSpeed the micro-batch and clipping ourselves
         ds.deepspeed_config["train_micro_batch_size_per_gpu"] = run.batch_size
@@ -269,7 +276,9 @@ def train(cfg: TrainConfig, task: str = "pretrain", callbacks: Sequence = ()) ->
 
     seq_len = data_info["seq_len"]
     tokens_per_step = run.batch_size * seq_len * gas * world
-    metrics = MetricsLog(out / "metrics.jsonl", step if resumed_from else None, run.tensorboard) if main else None
+    if main:
+        jsonl.truncate(step if resumed_from else None)
+    accelerator.init_trackers("train")
     eval_block_length = run.eval_block_length or (None if dc.attention == "full" else int(dc.block_lengths[0]))
     can_eval = eval_data is not None and run.eval_batches > 0 and not sharded
     if eval_data is not None and sharded:
@@ -285,7 +294,7 @@ def train(cfg: TrainConfig, task: str = "pretrain", callbacks: Sequence = ()) ->
                                   elbo_samples=run.eval_elbo_samples,
                                   block_length=eval_block_length)
             unwrapped.train()
-            metrics.write({"step": step, "tokens": tokens_seen, **result})
+            accelerator.log({"tokens": tokens_seen, **result}, step=step)
             log.info("eval @ step %d: %s", step, ", ".join(f"{k[5:]}={v:.4g}" for k, v in result.items()
                                                            if isinstance(v, float)))
         accelerator.wait_for_everyone()
@@ -346,11 +355,11 @@ def train(cfg: TrainConfig, task: str = "pretrain", callbacks: Sequence = ()) ->
                                       reduction="mean") / window_n
             if main:
                 gn = float(grad_norm) if grad_norm is not None else None
-                metrics.write({"step": step, "tokens": tokens_seen, "loss": float(mean[0]),
+                accelerator.log({"tokens": tokens_seen, "loss": float(mean[0]),
                                "masked_ce": float(mean[1]), "lr": scheduler.get_last_lr()[0], "grad_norm": gn,
                                "anneal_ratio": ratio, "block_length": block_length, "tokens_per_s": tok_s,
                                "epoch": sampler.epoch,
-                               "time": time.time()})
+                               "time": time.time()}, step=step)
             window_loss = window_ce = 0.0
             window_n = 0
         if run.eval_every and step % run.eval_every == 0 and step < run.max_steps:
@@ -396,7 +405,6 @@ def train(cfg: TrainConfig, task: str = "pretrain", callbacks: Sequence = ()) ->
                "dtype": cfg.model.dtype, "device": str(accelerator.device)}
     if main:
         (out / "run_summary.json").write_text(json.dumps(summary, indent=1))
-        metrics.close()
 
     # ----- teardown: a barrier and dropping the model before end_training avoids DDP/gloo exit hangs ---------------
     accelerator.wait_for_everyone()
@@ -414,4 +422,4 @@ def train(cfg: TrainConfig, task: str = "pretrain", callbacks: Sequence = ()) ->
     return summary
 
 
-__all__ = ["train", "anneal_ratio", "lr_factor", "DataError"]
+__all__ = ["train", "anneal_ratio", "make_scheduler", "DataError"]

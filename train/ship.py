@@ -1,6 +1,7 @@
-"""Package a LoRA training export as a small offline asset (what `assets/smollm2-135m-dlm` is made with).
+"""Package a LoRA training export as a small offline asset (what `dlm/assets/smollm2-135m-dlm` is made with).
 
-    python -m train.ship runs/smollm2-135m-dlm/final assets/smollm2-135m-dlm [--dtype bfloat16] [--max-mb 40]
+    python -m train.ship runs/diffusmol-v2/final dlm/assets/smollm2-135m-dlm [--dtype bfloat16] [--max-mb 40] \
+        [--generate decoder=speculative --generate block_length=4 ...] [--infill FIELD=VALUE ...]
 
 Keeps only what differs from the base model: the peft adapter (LoRA matrices + the trained [MASK] row), cast to
 `--dtype` (bf16 halves the size; `dlm.load` casts it back to the base dtype when it merges), the tokenizer (it
@@ -23,12 +24,24 @@ from dlm.fileio import atomic_directory
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 FROZEN_COPY = ".token_adapter.base_layer.weight"
 COPIED = ("adapter_config.json", "dlm_config.json", "tokenizer.json", "tokenizer_config.json",
-          "special_tokens_map.json", "chat_template.jinja")
+          "special_tokens_map.json", "chat_template.jinja", "sampler_config.json")
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
-def ship(export_dir: Path, dest: Path, dtype: str = "bfloat16", max_mb: float = 40.0) -> int:
-    """Write the asset; returns its size in bytes. Raises ValueError for a non-adapter export or an oversize one."""
+def ship(export_dir: Path, dest: Path, dtype: str = "bfloat16", max_mb: float = 40.0,
+         generate: Optional[dict] = None, infill: Optional[dict] = None) -> int:
+    """Write the asset; returns its size in bytes. Raises ValueError for a non-adapter export or an oversize one.
+
+    generate / infill: the model's recommended SamplerConfig fields for writing / for infilling, written as its
+    `sampler_config.json` (validated first). Without them the asset keeps the recommendation it already ships,
+    else the export's."""
+    from dlm import SamplerConfig
+    from dlm.model import load_sampler_configs, save_sampler_configs
+    old_generate, old_infill = load_sampler_configs(export_dir)
+    recommended = None
+    if generate is not None or infill is not None:
+        recommended = (SamplerConfig.from_dict(generate) if generate is not None else old_generate or SamplerConfig(),
+                       SamplerConfig.from_dict(infill) if infill is not None else old_infill or SamplerConfig())
     from safetensors.torch import load_file, save_file
     export_dir, dest = Path(export_dir), Path(dest)
     if not (export_dir / ADAPTER_WEIGHTS).is_file() or not (export_dir / "dlm_config.json").is_file():
@@ -47,6 +60,10 @@ def ship(export_dir: Path, dest: Path, dtype: str = "bfloat16", max_mb: float = 
             src = export_dir / name
             if src.is_file():
                 shutil.copy2(src, tmp / name)
+        if recommended is not None:
+            save_sampler_configs(tmp, *recommended)
+        elif (dest / "sampler_config.json").is_file():  # a reviewed recommendation beats the export's default
+            shutil.copy2(dest / "sampler_config.json", tmp / "sampler_config.json")
         if (dest / "README.md").is_file():  # keep the hand-written model card (not peft's generated one)
             shutil.copy2(dest / "README.md", tmp / "README.md")
         base = json.loads((export_dir / "dlm_config.json").read_text()).get("base_model")
@@ -63,13 +80,20 @@ def ship(export_dir: Path, dest: Path, dtype: str = "bfloat16", max_mb: float = 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m train.ship", description=__doc__.split("\n\n")[0])
     p.add_argument("export_dir", type=Path, help="OUTPUT_DIR/final of a LoRA run")
-    p.add_argument("dest", type=Path, help="asset directory, e.g. assets/smollm2-135m-dlm")
+    p.add_argument("dest", type=Path, help="asset directory, e.g. dlm/assets/smollm2-135m-dlm")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
     p.add_argument("--max-mb", type=float, default=40.0)
+    p.add_argument("--generate", action="append", default=[], metavar="FIELD=VALUE",
+                   help="recommended SamplerConfig for writing (repeatable), e.g. --generate decoder=speculative")
+    p.add_argument("--infill", action="append", default=[], metavar="FIELD=VALUE",
+                   help="recommended SamplerConfig for infilling (repeatable)")
     a = p.parse_args(argv)
     try:
-        size = ship(a.export_dir, a.dest, a.dtype, a.max_mb)
-    except (ValueError, OSError) as e:
+        pairs = lambda items: dict(i.split("=", 1) for i in items) if items else None
+        if any("=" not in i for i in a.generate + a.infill):
+            raise ValueError("--generate / --infill take FIELD=VALUE")
+        size = ship(a.export_dir, a.dest, a.dtype, a.max_mb, pairs(a.generate), pairs(a.infill))
+    except (ValueError, OSError) as e:  # SamplerConfigError is a ValueError: it names the field
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"{a.dest}: {size / 2**20:.1f} MB")

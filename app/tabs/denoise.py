@@ -1,0 +1,156 @@
+"""Denoise: a prompt continued by iterative unmasking, animated live; words pinned at positions before generating;
+and what only a DLM can do afterwards: select tokens of the finished canvas, remask them (optionally with another
+count) and denoise just those positions with everything else fixed, with undo / redo through the edit history."""
+from __future__ import annotations
+
+import gradio as gr
+
+from app import render
+from app.backend import Backend, ui_edit
+from app.tabs.common import LIGHT, MODEL, SamplerControls, StreamView, fail, session
+
+PROMPT = "The capital of France is"
+
+
+def _entry(history):
+    return history["entries"][history["index"]] if history else None
+
+
+def _push(history, tokens: list[int], n_prompt: int, pieces: dict) -> dict:
+    """A new canvas version after the current one (a new run or an edit drops the versions that were undone)."""
+    entries = (history["entries"][: history["index"] + 1] if history else []) + \
+        [dict(tokens=list(tokens), n_prompt=int(n_prompt))]
+    return dict(entries=entries, index=len(entries) - 1, pieces={**(history or {}).get("pieces", {}), **pieces})
+
+
+def _status(history) -> str:
+    if not history:
+        return ""
+    e = _entry(history)
+    return (f"Canvas version {history['index'] + 1} of {len(history['entries'])} · "
+            f"{len(e['tokens']) - e['n_prompt']} generated tokens")
+
+
+class DenoiseTab:
+    def __init__(self, backend: Backend):
+        self.backend = backend
+        with gr.Tab("Denoise", id="denoise"):
+            with gr.Row():
+                self.prompt = gr.Textbox(PROMPT, label="Prompt", lines=3, scale=4, elem_id="denoise-prompt")
+                with gr.Column(scale=1, min_width=160):
+                    self.chat = gr.Checkbox(False, label="Chat template (instruct models)", elem_id="denoise-chat")
+                    self.go = gr.Button("Generate", variant="primary", elem_id="denoise-generate")
+                    self.stop = gr.Button("Stop", variant="stop", elem_id="denoise-stop")
+            self.pins = gr.Textbox("", elem_id="denoise-pins",
+                                   label="Pinned words (full decoder only): position: word; … — e.g. `0: Paris` "
+                                         "holds ' Paris' as the first generated token(s)")
+            self.controls = SamplerControls("denoise", backend.base_config("write"), open_=True)
+            self.history = gr.State(None)
+            self.chips = gr.HTML(render.chips_html([], 0, {}), css_template=render.TOKEN_CSS,
+                                 js_on_load=render.CHIPS_JS, elem_id="edit-chips", render=False)
+            self.edit_status = gr.Markdown(elem_id="edit-status", render=False)
+            self.out = StreamView("denoise", extra=[self.history, self.chips, self.edit_status])
+            with gr.Accordion("Edit and re-denoise (what an AR model cannot do)", open=True):
+                gr.Markdown("Click a token to select it, shift-click another to select the span in between (or type "
+                            "the positions), then remask it — with the same or another number of tokens — and the "
+                            "model denoises only those positions; every other token stays exactly as it is. Edits "
+                            "use the model's infilling config (full attention).")
+                self.chips.render()
+                with gr.Row():
+                    self.start = gr.Number(0, label="From token #", elem_id="edit-start")
+                    self.end = gr.Number(0, label="To token # (inclusive)", elem_id="edit-end")
+                    self.new_length = gr.Number(0, label="New length (0 = the same count)", elem_id="edit-length")
+                with gr.Row():
+                    self.remask = gr.Button("Remask and re-denoise", variant="primary", elem_id="edit-run")
+                    self.undo = gr.Button("Undo", elem_id="edit-undo")
+                    self.redo = gr.Button("Redo", elem_id="edit-redo")
+                self.edit_status.render()
+        self.events = self._wire()
+
+    def _wire(self) -> list:
+        backend, out, controls = self.backend, self.out, self.controls
+
+        def after_run(g, trace, history, n_prompt):
+            """A finished run (a new text: a new history) or edit (the next version): push the canvas."""
+            canvas = trace.frames[-1].tokens if trace.frames else []
+            history = _push(history, canvas, n_prompt, trace.pieces)
+            return history, render.chips_html(canvas, n_prompt, history["pieces"], trace.special), _status(history)
+
+        async def run_denoise(request: gr.Request, prompt, chat, pins, *knobs):
+            try:
+                cfg = backend.sampler(controls.values(knobs))
+                run = backend.generate(prompt, cfg, chat=chat, pins=pins, session=session(request))
+                n_prompt = run.prompt_tokens
+                async for outputs in out.animate(backend, run, prompt_end=n_prompt,
+                                                 extra_fn=lambda g, t: after_run(g, t, None, n_prompt)):
+                    yield outputs
+            except Exception as e:
+                fail(e)
+
+        inputs = [self.prompt, self.chat, self.pins, *controls.components]
+        go = self.go.click(run_denoise, inputs, out.outputs, **MODEL)
+        submit = self.prompt.submit(run_denoise, inputs, out.outputs, **MODEL)
+        out.wire(backend)
+
+        async def run_edit(request: gr.Request, history, start, end, new_length):
+            try:
+                entry = _entry(history)
+                if entry is None:
+                    raise ValueError("edit: generate a text first, then select tokens of it to remask")
+                edit = ui_edit(start, end, new_length)
+                run = backend.redenoise(entry["tokens"], entry["n_prompt"], [edit], backend.sampler(task="infill"),
+                                        session=session(request))
+                n_prompt = entry["n_prompt"]
+                async for outputs in out.animate(
+                        backend, run, prompt_end=n_prompt,
+                        text_fn=lambda g: backend.text_of(g.token_ids[n_prompt:]),
+                        extra_fn=lambda g, t: after_run(g, t, history, n_prompt)):
+                    yield outputs
+            except Exception as e:
+                fail(e)
+
+        edit = self.remask.click(run_edit, [self.history, self.start, self.end, self.new_length], out.outputs,
+                                 **MODEL)
+
+        def select(evt: gr.EventData, history, start):
+            entry = _entry(history)
+            if entry is None:
+                return gr.skip(), gr.skip(), gr.skip()
+            k = int(evt._data.get("k", 0))
+            a, b = k, k
+            if evt._data.get("shift") and isinstance(start, (int, float)):
+                a, b = min(int(start), k), max(int(start), k)
+            return a, b, render.chips_html(entry["tokens"], entry["n_prompt"], history["pieces"],
+                                           self.backend.special_ids(), (a, b))
+
+        self.chips.click(select, [self.history, self.start], [self.start, self.end, self.chips], **LIGHT)
+
+        def show_selection(history, start, end):
+            entry = _entry(history)
+            if entry is None:
+                return gr.skip()
+            try:
+                a, b, _ = ui_edit(start, end, None)
+                sel = (a, b - 1)
+            except ValueError:
+                sel = None
+            return render.chips_html(entry["tokens"], entry["n_prompt"], history["pieces"],
+                                     self.backend.special_ids(), sel)
+
+        for box in (self.start, self.end):
+            box.input(show_selection, [self.history, self.start, self.end], self.chips, **LIGHT)
+
+        def move(history, delta):
+            if not history:
+                return gr.skip(), gr.skip(), gr.skip(), gr.skip()
+            index = min(max(history["index"] + delta, 0), len(history["entries"]) - 1)
+            history = {**history, "index": index}
+            e = _entry(history)
+            return (history, render.chips_html(e["tokens"], e["n_prompt"], history["pieces"],
+                                               self.backend.special_ids()),
+                    self.backend.text_of(e["tokens"][e["n_prompt"]:]), _status(history))
+
+        history_outputs = [self.history, self.chips, out.text, self.edit_status]
+        self.undo.click(lambda h: move(h, -1), self.history, history_outputs, **LIGHT)
+        self.redo.click(lambda h: move(h, +1), self.history, history_outputs, **LIGHT)
+        return [go, submit, edit]

@@ -1,0 +1,82 @@
+"""Model: pick a registry model or a local path / hub id, an optional LoRA adapter, the AR counterpart, the mask
+token id, quantization, device and dtype. Shows what is loaded, its memory, the limits per request and which
+decoding mode each tab uses; loading another model resets every tab's sampler widgets to its recommended configs."""
+from __future__ import annotations
+
+import gradio as gr
+
+from app.backend import DEVICES, DTYPES, QUANTIZATIONS, Backend, describe_error
+from app.tabs.common import LIGHT, MODEL, SamplerControls, banner
+from dlm import registry
+
+
+class ModelTab:
+    def __init__(self, backend: Backend, controls: list[SamplerControls], banner_html: gr.HTML):
+        self.backend, self.controls, self.banner = backend, controls, banner_html
+        specs = registry.list_models()
+        source = backend.info.source
+        with gr.Tab("Model", id="model"):
+            self.status = gr.Markdown(backend.status_markdown(), elem_id="model-status")
+            with gr.Row():
+                self.name = gr.Dropdown([(f"{s.name} ({s.kind}, {s.params})", s.name) for s in specs],
+                                        value=source if registry.is_registered(source) else None,
+                                        label="Registry model", scale=2, elem_id="model-name")
+                self.path = gr.Textbox("" if registry.is_registered(source) else source, scale=3,
+                                       label="…or a local path / hub id (overrides the registry choice)",
+                                       elem_id="model-path")
+            self.notes = gr.Markdown()
+            with gr.Row():
+                self.adapter = gr.Textbox("", label="LoRA adapter directory (optional)")
+                self.ar = gr.Textbox("", label="AR counterpart (empty = the registered one)")
+                self.mask = gr.Number(-1, label="Mask token id (-1 = automatic)")
+            with gr.Row():
+                self.quant = gr.Radio(QUANTIZATIONS, value=backend.info.quantization or "none",
+                                      label="Quantization (bitsandbytes; on CPU it saves memory but is slower)")
+                self.device = gr.Dropdown(DEVICES, value="auto", label="Device")
+                self.dtype = gr.Dropdown(DTYPES, value="auto", label="Dtype")
+            self.go = gr.Button("Load (frees the current model)", variant="primary", elem_id="model-load")
+            gr.Markdown("The loaded model is shared by everyone using this server; loading waits for running "
+                        "generations to finish.")
+        self._wire()
+
+    def _wire(self) -> None:
+        backend = self.backend
+
+        def show_notes(name):
+            if not name or not registry.is_registered(name):
+                return ""
+            s = registry.get(name)
+            where = "available offline" if registry.is_available(name) else \
+                "not available offline (needs the network once, or its files)"
+            return f"*{s.notes}* — {where}."
+
+        self.name.change(show_notes, self.name, self.notes, **LIGHT)
+
+        def widget_updates() -> list:
+            out = []
+            for c in self.controls:
+                out += c.updates(backend.base_config(c.task)) if backend.model is not None else \
+                    [gr.skip()] * len(c.outputs)
+            return out
+
+        def load_model(name, path, adapter, ar, mask, quant, device, dtype):
+            source = (path or "").strip() or name
+            try:
+                backend.load(source, adapter=adapter, quantization=quant, device=device, dtype=dtype,
+                             mask_token_id=mask, ar_source=ar)
+            except Exception as e:
+                gr.Warning(f"Could not load {source!r}: {describe_error(e)}".replace("<", "&lt;"))
+            return (backend.status_markdown(), banner(backend.notice()), *widget_updates())
+
+        outputs = [self.status, self.banner] + [o for c in self.controls for o in c.outputs]
+        self.go.click(load_model, [self.name, self.path, self.adapter, self.ar, self.mask, self.quant, self.device,
+                                   self.dtype], outputs, **MODEL)
+        self.load_outputs = outputs
+        built_with = backend.loads
+
+        def page_load():
+            """A fresh page shows what is loaded now; its widgets follow a model loaded after the app was built."""
+            ups = widget_updates() if backend.loads != built_with else [gr.skip()] * (len(outputs) - 2)
+            return (backend.status_markdown(), banner(backend.notice()), *ups)
+
+        self.page_load = page_load
