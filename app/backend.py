@@ -1009,10 +1009,14 @@ def config_summary(cfg: SamplerConfig) -> str:
     elif cfg.decoder == "full":
         mode = "**full** attention (the paper's sampler" + (
             f", semi-autoregressive blocks of {cfg.block_length})" if cfg.block_length else ")")
+    elif cfg.decoder == "speculative":
+        mode = (f"**speculative** block decoder (drafts {cfg.block_length} tokens per forward, verified by the "
+                "model's own AR rows, stops at EOS)")
     else:
         mode = f"**{cfg.decoder}** decoder"
-    extra = [f"{cfg.max_new_tokens} tokens", f"{cfg.steps} steps" if cfg.steps else "one token per step",
-             cfg.remasking]
+    extra = [f"{cfg.max_new_tokens} tokens"]
+    if cfg.decoder != "speculative":  # steps and the reveal order do not apply to speculative decoding
+        extra += [f"{cfg.steps} steps" if cfg.steps else "one token per step", cfg.remasking]
     if cfg.threshold:
         extra.append(f"threshold {cfg.threshold:g}")
     extra.append("greedy" if cfg.temperature == 0 else f"temperature {cfg.temperature:g}")

@@ -1,6 +1,6 @@
 """`python -m bench`: one entry point for every benchmark; each prints its own table, then one summary table.
 
-    python -m bench                      # all: decode, sampler overhead, training throughput
+    python -m bench                      # all: decode, continuation, first frame, sampler overhead, training throughput
     python -m bench --quick              # all, small settings (decode --quick; the others' defaults are small)
     python -m bench decode --lengths 64  # one benchmark; the remaining arguments go to it
     make bench ARGS="decode --quick"
@@ -18,6 +18,8 @@ from typing import Optional, Sequence
 # name -> (module, arguments added for --quick)
 BENCHMARKS = {
     "decode": ("bench.decode", ["--quick"]),
+    "continuation": ("bench.continuation", ["--n", "4", "--new-tokens", "16"]),
+    "first-frame": ("bench.first_frame", ["--repeats", "2"]),
     "overhead": ("bench.sampler_overhead", []),
     "throughput": ("bench.train_throughput", []),
 }

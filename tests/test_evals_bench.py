@@ -10,14 +10,16 @@ def test_decode_quick_rows_and_chart(tmp_path, tiny_llama_dir, capsys):
     from bench import decode
     out = tmp_path / "decode.html"
     rows = decode.main(["--quick", "--model", str(tiny_llama_dir), "--device", "cpu", "--dtype", "float32",
-                        "--variants", "T=L/2,T=L/4,thr0.9", "--out", str(out)])
+                        "--variants", "T=L/2,T=L/4,thr0.9,blocks4+thr0.9", "--out", str(out)])
     assert [(r.method, r.length) for r in rows] == [(m, L) for L in (16, 32) for m in ("AR", "T=L/2", "T=L/4",
-                                                                                       "thr0.9")]
+                                                                                       "thr0.9", "blocks4+thr0.9")]
     for r in rows:
         assert r.seconds > 0 and r.tokens_per_s > 0
         assert math.isnan(r.gen_ppl) or r.gen_ppl > 1.0
+        assert r.tokens == r.length  # every row writes exactly L tokens (EOS suppressed), so speeds compare
+        assert r.vs_ar > 0 and (r.method != "AR" or r.vs_ar == 1.0)
         if r.method == "AR":
-            assert r.nfe == r.tokens <= r.length  # one forward per new token; may stop at EOS
+            assert r.nfe == r.tokens
         elif r.method.startswith("T="):
             assert r.nfe == r.steps == {"T=L/2": r.length // 2, "T=L/4": r.length // 4}[r.method]
         else:
@@ -42,3 +44,19 @@ def test_bench_entry_point_skips_missing_and_reports_failures(monkeypatch, capsy
     out = capsys.readouterr().out
     assert "ghost       skipped" in out and "bench/no_such_benchmark.py is not present" in out
     assert "bad         failed" in out and code == 1
+
+
+def test_continuation_table_compares_the_dlm_with_its_ar_twin(tiny_llama_dir):
+    import dlm
+    from bench import continuation
+    model = dlm.load(tiny_llama_dir, device="cpu", dtype="float32")
+    prompts = ["Once upon a time", "The old fisherman walked down to the"]
+    result = continuation.run(model, model, model, prompts, new_tokens=6, log=lambda line: None)
+    for side in ("dlm", "ar"):
+        r = result[side]
+        assert r["tokens"] >= 2 and r["seconds"] > 0 and 0 <= r["loops"] <= 1
+        assert math.isnan(r["judge_ppl"]) or r["judge_ppl"] > 1.0
+    assert result["speed"] > 0 and result["n"] == 2 and len(result["samples"]) == 2
+    table = continuation.format_table(result)
+    assert "judge-PPL" in table and "speed" in table and "goals" in table
+    assert continuation.useful_tokens([5, 6, 2, 7], [2]) == 3 and continuation.useful_tokens([5, 6], [2]) == 2
