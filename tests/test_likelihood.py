@@ -115,19 +115,19 @@ def test_context_is_never_masked_and_each_sample_masks_some_continuation(model, 
 
 
 def test_elbo_single_token_is_the_exact_masked_log_probability(model):
-    ctx, cont = lk.encode_pair(model, CONTEXT, " mat")
+    ctx, cont = lk.encode_pair(model, CONTEXT, " and")
     assert len(cont) == 1
     x = torch.tensor([ctx + [model.mask_token_id]])
     with torch.no_grad():
         logp = torch.log_softmax(model.denoise_logits(x)[0, -1].float(), -1)[cont[0]]
-    s = lk.score(model, CONTEXT, " mat", n_samples=4, seed=0)
+    s = lk.score(model, CONTEXT, " and", n_samples=4, seed=0)
     assert s.logprob == pytest.approx(float(logp), abs=1e-4)
     assert s.stderr == pytest.approx(0.0, abs=1e-6)  # m = l = 1: every sample is the same
 
 
 def test_elbo_matches_exact_enumeration_for_two_tokens(model):
     """m = 2: ELBO = 1/2 * [2 * mean_i log p(x_i | x_i masked)] + 1/2 * [log p(x_1, x_2 | both masked)]."""
-    continuation = " mat today"
+    continuation = " the sea"
     ctx, cont = lk.encode_pair(model, CONTEXT, continuation)
     assert len(cont) == 2
     P, M = len(ctx), model.mask_token_id

@@ -150,8 +150,8 @@ def test_reveal_random_probability_is_one_over_steps_left():
 
 # -------------------------------------------------------------------------------- core loop (FakeDLM)
 
-def test_steps_and_schedule_are_respected(smol_tokenizer):
-    m = fake(smol_tokenizer)
+def test_steps_and_schedule_are_respected(tiny_tokenizer):
+    m = fake(tiny_tokenizer)
     prompt = [5, 6, 7]
     g = sampling.generate(m, prompt, frames=True, max_new_tokens=10, steps=4)
     assert g.nfe == m.calls == 4 and len(g.frames) == 4
@@ -162,8 +162,8 @@ def test_steps_and_schedule_are_respected(smol_tokenizer):
 
 @pytest.mark.parametrize("rule,temperature", [("confidence", 0.0), ("confidence", 3.0), ("margin", 3.0),
                                               ("entropy", 3.0)])
-def test_certainty_rules_reveal_most_certain_first_from_untempered_probs(smol_tokenizer, rule, temperature):
-    m = fake(smol_tokenizer, seed=1)
+def test_certainty_rules_reveal_most_certain_first_from_untempered_probs(tiny_tokenizer, rule, temperature):
+    m = fake(tiny_tokenizer, seed=1)
     prompt = [5, 6]
     g = sampling.generate(m, prompt, frames=True, max_new_tokens=12, steps=6, remasking=rule, temperature=temperature, seed=0)
     probs = m.table.clone()
@@ -183,8 +183,8 @@ def test_certainty_rules_reveal_most_certain_first_from_untempered_probs(smol_to
             assert all(score(p) <= worst_revealed + 1e-6 for p in remaining)
 
 
-def test_mask_and_pad_are_never_predicted(smol_tokenizer):
-    m = fake(smol_tokenizer)
+def test_mask_and_pad_are_never_predicted(tiny_tokenizer):
+    m = fake(tiny_tokenizer)
     m.table[:, m.MASK] = 100.0  # the model "wants" the mask token everywhere
     g = sampling.generate(m, [5], frames=True, max_new_tokens=8, steps=8)
     assert m.MASK not in g.token_ids
@@ -192,20 +192,20 @@ def test_mask_and_pad_are_never_predicted(smol_tokenizer):
     assert m.MASK not in g.token_ids
 
 
-def test_text_is_cut_at_first_eos_and_eos_can_be_suppressed(smol_tokenizer):
-    m = fake(smol_tokenizer)
+def test_text_is_cut_at_first_eos_and_eos_can_be_suppressed(tiny_tokenizer):
+    m = fake(tiny_tokenizer)
     m.table[4, FakeDLM.EOS] = 100.0  # EOS at the 3rd generated position (prompt = 2 tokens)
     g = sampling.generate(m, [5, 6], frames=True, max_new_tokens=6, steps=6)
     assert g.token_ids[2] == FakeDLM.EOS and len(g.token_ids) == 6
-    assert g.text == smol_tokenizer.decode(g.token_ids[:2], skip_special_tokens=True)
+    assert g.text == tiny_tokenizer.decode(g.token_ids[:2], skip_special_tokens=True)
     g = sampling.generate(m, [5, 6], frames=True, max_new_tokens=6, steps=6, suppress_eos=True)
     assert FakeDLM.EOS not in g.token_ids
 
 
-def test_random_sampler_reveal_counts_match_algorithm_2_in_expectation(smol_tokenizer):
+def test_random_sampler_reveal_counts_match_algorithm_2_in_expectation(tiny_tokenizer):
     """Algorithm 2: with s steps left each masked position is revealed w.p. 1/s, so E[revealed at step j] =
     n/T for the linear schedule, and revealed/remaining averages 1/s at every step."""
-    m = fake(smol_tokenizer)
+    m = fake(tiny_tokenizer)
     n, T, runs = 12, 4, 200
     counts = torch.zeros(runs, T)  # a step never run (everything already revealed) reveals 0
     ratios: list[list[float]] = [[] for _ in range(T)]  # revealed / still masked, when something was masked
@@ -226,8 +226,8 @@ def test_random_sampler_reveal_counts_match_algorithm_2_in_expectation(smol_toke
     assert counts.std(0)[0] > 0  # really random, not a fixed schedule
 
 
-def test_threshold_reveals_confident_positions_in_parallel(smol_tokenizer):
-    m = fake(smol_tokenizer)
+def test_threshold_reveals_confident_positions_in_parallel(tiny_tokenizer):
+    m = fake(tiny_tokenizer)
     m.table[3:7] = -10.0
     m.table[3:7, 10] = 10.0  # positions 3..6 are near-certain, the rest are not
     g = sampling.generate(m, [5, 6, 7], frames=True, max_new_tokens=10, steps=10, threshold=0.9)
