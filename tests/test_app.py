@@ -2,7 +2,6 @@
 (tiny random model): results, bad input, limits, cancellation, concurrency."""
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import socket
@@ -10,6 +9,7 @@ import threading
 import time
 
 import pytest
+from helpers import slow_model
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # gradio_client and the hub client must not call outside hosts
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
@@ -253,19 +253,6 @@ def test_stop_ends_the_run_early_and_frees_the_model(server, client):
     assert last["done"] is False and last.get("stopped") is True and last["step"] < 256
     # the lock was released: the next request runs
     assert client.predict("Hello", 4, 4, api_name="/denoise")["done"]
-
-
-@contextlib.contextmanager
-def slow_model(backend, seconds_per_layer: float):
-    """Make every transformer layer of the loaded model sleep: a request then runs long enough to be cancelled."""
-    import torch
-    layers = [m for lst in backend.model.base.modules() if isinstance(lst, torch.nn.ModuleList) for m in lst]
-    handles = [m.register_forward_pre_hook(lambda *a: time.sleep(seconds_per_layer)) for m in layers]
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
 
 
 def wait_until_running(backend, timeout=30.0):

@@ -6,7 +6,6 @@ Screenshots go to test-artifacts/ (gitignored). Skipped when Chromium or Playwri
 """
 from __future__ import annotations
 
-import contextlib
 import io
 import os
 import socket
@@ -14,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import slow_model
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
@@ -117,19 +117,6 @@ def wait_stats(page, prefix: str) -> None:
 def no_slider_error(page) -> None:
     toasts = page.evaluate(TOASTS)
     assert not any("Slider" in t or "minimum" in t for t in toasts), toasts
-
-
-@contextlib.contextmanager
-def slow_model(demo, seconds_per_layer: float):
-    import torch
-    base = demo.backend.model.base
-    layers = [m for lst in base.modules() if isinstance(lst, torch.nn.ModuleList) for m in lst]
-    handles = [m.register_forward_pre_hook(lambda *a: time.sleep(seconds_per_layer)) for m in layers]
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
 
 
 def test_denoise_animates_live_then_shows_the_final_text(page, app_url):
@@ -371,7 +358,7 @@ def test_single_step_runs_show_their_result(page, app_url, app):
     set_number(page, "denoise-max_new_tokens", 8)
     set_number(page, "denoise-steps", 8)
     demo = app[0]
-    with slow_model(demo, 1.0):  # the first forward takes seconds: Stop lands inside it
+    with slow_model(demo.backend, 1.0):  # the first forward takes seconds: Stop lands inside it
         page.click("#denoise-generate")
         deadline = time.monotonic() + 30
         while demo.backend._active is None and time.monotonic() < deadline:
