@@ -420,6 +420,9 @@ def _speculative_rows(run: DecodeRun) -> Iterator[Step]:
             conf[b, pad:] = step.confidence[0]
             canvas[b, pad:] = sub.canvas[0]
             yield Step(step.index, step.total, reveal, conf, canvas.shape[1])
-        canvas[b, pad:] = sub.canvas[0]
+        filler = int((run.model.eos_token_ids or [run.model.mask_token_id])[0])
+        row = sub.canvas[0].clone()
+        row[sub.end:] = filler  # a row that stopped at EOS: its unused tail holds EOS, never a mask id
+        canvas[b, pad:] = row
         run.nfe += sub.nfe
         run.seconds += sub.seconds

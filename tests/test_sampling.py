@@ -567,6 +567,8 @@ def test_speculative_batch_equals_single_and_needs_causal_clean_attention(model)
     cfg = dlm.SamplerConfig(decoder="speculative", block_length=3, max_new_tokens=6, suppress_eos=True)
     for p, g in zip(prompts, model.generate_batch(prompts, cfg)):
         assert g.token_ids == model.generate(p, cfg).token_ids
+    for g in model.generate_batch(prompts, cfg.replace(suppress_eos=False, temperature=1.0, seed=0)):
+        assert model.mask_token_id not in g.token_ids          # a row that stopped early is padded with EOS
     model.config.clean_attention = "block"
     try:
         with pytest.raises(ValueError, match="token-causal clean attention"):
