@@ -352,8 +352,9 @@ def decode_speculative(run: DecodeRun) -> Iterator[Step]:
         conf = torch.zeros(canvas.shape, dtype=torch.float32, device=device)
         # verify the drafts with the AR rows before them: draft i sits at clean row (len(commit) + i)
         n_commit, accepted, replacement = commit.shape[1], 0, None
+        verify = probs_of(clean_logits[0, n_commit - 1: n_commit - 1 + len(drafts)]) if drafts else None
         for i, (token, q) in enumerate(drafts):
-            p = probs_of(clean_logits[0, n_commit - 1 + i][None])[0]
+            p = verify[i]
             if cfg.temperature == 0:
                 ok = token == int(p.argmax())
             else:
@@ -375,7 +376,7 @@ def decode_speculative(run: DecodeRun) -> Iterator[Step]:
             if not done and pos < L:
                 canvas[0, pos] = replacement
                 reveal[0, pos] = True
-                conf[0, pos] = float(probs_of(clean_logits[0, n_commit - 1 + accepted][None])[0, replacement])
+                conf[0, pos] = float(verify[accepted][replacement])
                 pos += 1
                 done = stop and replacement in eos
             commit, drafts = canvas[:, pos - 1: pos], []
