@@ -92,7 +92,7 @@ def markdown(rows: dict) -> str:
         return "(no finished variant)"
     ref = next(iter(rows.values()))["last"]
     columns = eval_columns([r["last"] for r in rows.values()])
-    names = [c[5:] if c.startswith("eval/acc") else "ELBO PPL" for c in columns]
+    names = [c[5:] if "acc@" in c else "ELBO PPL" for c in columns]
     lines = ["| variant | steps | tokens | " + " | ".join(names) + " | tok/s |", "|---|" + "---:|" * (len(columns) + 3)]
     for v, r in rows.items():
         cells = []
@@ -101,7 +101,7 @@ def markdown(rows: dict) -> str:
             if val is None:
                 cells.append("-")
                 continue
-            fmt = "{:.3f}" if m.startswith("eval/acc") else "{:.1f}"
+            fmt = "{:.3f}" if "acc@" in m else "{:.1f}"
             delta = "" if v == next(iter(rows)) or m not in ref else \
                 f" ({'+' if val >= ref[m] else '-'}{fmt.format(abs(val - ref[m]))})"
             cells.append(fmt.format(val) + delta)

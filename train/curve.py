@@ -26,8 +26,12 @@ def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
 
 
 def eval_columns(evals: list[dict]) -> list[str]:
-    cols = sorted({k for r in evals for k in r if k.startswith("eval/acc@")}, key=lambda k: float(k.split("@")[1]))
-    return cols + [k for k in ("eval/elbo_ppl",) if any(k in r for r in evals)]
+    """The metric columns the eval records hold: full-attention accuracy by mask ratio, then block-diffusion
+    accuracy (runs with run.eval_block_length), then the ELBO perplexity bound."""
+    def by_ratio(prefix: str) -> list[str]:
+        return sorted({k for r in evals for k in r if k.startswith(prefix)}, key=lambda k: float(k.split("@")[1]))
+    return by_ratio("eval/acc@") + by_ratio("eval/block_acc@") + \
+        [k for k in ("eval/elbo_ppl",) if any(k in r for r in evals)]
 
 
 def markdown(evals: list[dict]) -> str:
@@ -35,7 +39,7 @@ def markdown(evals: list[dict]) -> str:
     head = "| step | tokens | " + " | ".join(c[5:] for c in cols) + " |"
     rows = [head, "|" + "---|" * (len(cols) + 2)]
     for r in evals:
-        cells = [f"{r[c]:.4f}" if c.startswith("eval/acc") else f"{r[c]:.1f}" for c in cols if c in r]
+        cells = [f"{r[c]:.4f}" if "acc@" in c else f"{r[c]:.1f}" for c in cols if c in r]
         rows.append(f"| {r['step']} | {r['tokens']:,} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
