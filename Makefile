@@ -17,7 +17,7 @@ PYTEST_ARGS ?=
 
 $(STAMP): pyproject.toml requirements.txt Makefile
 	test -x $(PY) || $(PY_SYS) -m venv $(VENV)
-	$(PIP) install --upgrade pip
+	$(PIP) install --upgrade pip "setuptools>=68"   # setuptools: the wheel test builds without isolation
 	$(PIP) install "$(TORCH_SPEC)"
 	# the project itself, editable, with the app / eval / test extras (the one dependency list: pyproject.toml)
 	$(PIP) install "$(TORCH_SPEC)" -r requirements.txt
