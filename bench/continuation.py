@@ -56,9 +56,10 @@ class Side:
                 "tokens_per_s": self.tokens / self.seconds if self.seconds else float("nan")}
 
 
-def load_prompts(data_dir: Path, n: int, words: int = 32) -> list[str]:
+def load_prompts(data_dir: Path, n: int, words: int = 32, dev: bool = False) -> list[str]:
     """n prompts: half the first `words` words of held-out Gutenberg paragraphs, half ROCStories openings (the
-    first two sentences), picked evenly through each source so the set is fixed for a given n."""
+    first two sentences), picked evenly through each source so the set is fixed for a given n. `dev` picks the
+    items halfway between those (a disjoint set for choosing decoder settings, so the reported run stays unseen)."""
     from evals import data as D
     paras: list[str] = []
     for book in HELDOUT_BOOKS:
@@ -68,7 +69,8 @@ def load_prompts(data_dir: Path, n: int, words: int = 32) -> list[str]:
             continue
     stories = [f"{s.prefix}".strip() for s in D.load_rocstories(data_dir)]
     half = n // 2
-    pick = lambda items, k: [items[int(i * len(items) / k)] for i in range(k)] if k and items else []
+    shift = 0.5 if dev else 0.0
+    pick = lambda items, k: [items[int((i + shift) * len(items) / k)] for i in range(k)] if k and items else []
     gutenberg = [" ".join(p.split()[:words]) for p in pick(paras, n - half)]
     return gutenberg + pick(stories, half)
 
@@ -122,7 +124,7 @@ def heldout_accuracy(model, ar_model, data_dir: Path, n_blocks: int = 16, block:
     rows = torch.tensor([ids[i * stride: i * stride + block] for i in range(n_blocks)])
     out = {"blocks": n_blocks, "block_tokens": block,
            "dlm_masked_acc": masked_token_accuracy(model, rows, mask_ratio, seed=seed)}
-    if model.sampler_config.decoder == "blocks":
+    if model.sampler_config.decoder in ("blocks", "speculative"):
         out["dlm_block_acc"] = masked_token_accuracy(model, rows, mask_ratio, seed=seed,
                                                      block_length=model.sampler_config.block_length)
     ar_logits = ar_model.ar_logits(rows.to(ar_model.device))
@@ -172,6 +174,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     p.add_argument("--set", dest="settings", action="append", default=[], metavar="FIELD=VALUE",
                    help="override a field of the DLM's recommended SamplerConfig (repeatable), e.g. "
                         "--set decoder=blocks --set block_length=4 --set threshold=0.9")
+    p.add_argument("--dev", action="store_true", help="the dev prompts (disjoint from the reported set): for "
+                   "choosing settings")
     p.add_argument("--accuracy", action="store_true", help="also held-out masked vs next-token accuracy")
     p.add_argument("--data-dir", type=Path, default=None, help="default ../shared/data")
     p.add_argument("--device", default="cpu")
@@ -195,7 +199,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         p.error("the model names no AR counterpart: pass --ar-model")
     ar_model = dlm.load(ar_name, device=args.device, dtype=args.dtype)
     judge = ar_model if args.judge in (None, ar_name) else dlm.load(args.judge, device=args.device, dtype=args.dtype)
-    prompts = load_prompts(data_dir, args.n)
+    prompts = load_prompts(data_dir, args.n, dev=args.dev)
     print(f"# {args.model} ({model.sampler_config.decoder} decoder) vs {ar_name}: {len(prompts)} prompts x "
           f"{args.new_tokens} tokens, T={args.temperature}, top-p={args.top_p}, threads {torch.get_num_threads()}",
           flush=True)

@@ -55,3 +55,17 @@ def test_adapted_default_infills_without_touching_the_context(adapted):
     out = adapted.infill(prefix, suffix, length=6, seed=0)
     assert out.text.startswith(prefix) and out.text.endswith(suffix)
     assert adapted.tokenizer.mask_token not in out.text and out.nfe == 6
+
+
+def test_adapted_default_writes_with_its_recommended_fast_decoder(adapted, smollm2):
+    """v2 recommends the self-speculative block decoder; at temperature 0 its output is the greedy left-to-right
+    continuation of the adapter's own clean (causal) path, in fewer forwards than tokens."""
+    cfg = adapted.sampler_config
+    assert cfg.decoder == "speculative" and cfg.block_length >= 2
+    greedy = cfg.replace(temperature=0.0, max_new_tokens=24, suppress_eos=True)
+    out = adapted.generate("Once upon a time, in a small village by the sea,", greedy)
+    assert adapted.tokenizer.mask_token not in out.text
+    assert len(out.token_ids) == 24 and out.nfe < 24, out.nfe         # drafts were accepted: parallel tokens
+    # the same tokens one at a time from the clean path (blocks of 1 token, no drafts)
+    one = adapted.generate("Once upon a time, in a small village by the sea,", greedy.replace(block_length=1))
+    assert one.token_ids == out.token_ids

@@ -60,3 +60,12 @@ def test_continuation_table_compares_the_dlm_with_its_ar_twin(tiny_llama_dir):
     table = continuation.format_table(result)
     assert "judge-PPL" in table and "speed" in table and "goals" in table
     assert continuation.useful_tokens([5, 6, 2, 7], [2]) == 3 and continuation.useful_tokens([5, 6], [2]) == 2
+
+
+def test_continuation_dev_prompts_are_disjoint_from_the_reported_ones(shared_data):
+    """Settings are chosen on --dev prompts; the reported run must not have seen them."""
+    from bench import continuation
+    test = continuation.load_prompts(shared_data, 24)
+    dev = continuation.load_prompts(shared_data, 8, dev=True)
+    assert len(test) == 24 and len(dev) == 8
+    assert not set(test) & set(dev)
