@@ -124,7 +124,8 @@ def heldout_accuracy(model, ar_model, data_dir: Path, n_blocks: int = 16, block:
     rows = torch.tensor([ids[i * stride: i * stride + block] for i in range(n_blocks)])
     out = {"blocks": n_blocks, "block_tokens": block,
            "dlm_masked_acc": masked_token_accuracy(model, rows, mask_ratio, seed=seed)}
-    if model.sampler_config.decoder in ("blocks", "speculative"):
+    from dlm.decoders import DECODERS
+    if getattr(DECODERS[model.sampler_config.decoder], "needs_block_length", False):  # a block-mode decoder
         out["dlm_block_acc"] = masked_token_accuracy(model, rows, mask_ratio, seed=seed,
                                                      block_length=model.sampler_config.block_length)
     ar_logits = ar_model.ar_logits(rows.to(ar_model.device))

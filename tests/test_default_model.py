@@ -57,7 +57,7 @@ def test_adapted_default_infills_without_touching_the_context(adapted):
     assert adapted.tokenizer.mask_token not in out.text and out.nfe == 6
 
 
-def test_adapted_default_writes_with_its_recommended_fast_decoder(adapted, smollm2):
+def test_adapted_default_writes_with_its_recommended_fast_decoder(adapted):
     """v2 recommends the self-speculative block decoder; at temperature 0 its output is the greedy left-to-right
     continuation of the adapter's own clean (causal) path, in fewer forwards than tokens."""
     cfg = adapted.sampler_config
