@@ -1010,8 +1010,8 @@ def config_summary(cfg: SamplerConfig) -> str:
         mode = "**full** attention (the paper's sampler" + (
             f", semi-autoregressive blocks of {cfg.block_length})" if cfg.block_length else ")")
     elif cfg.decoder == "speculative":
-        mode = (f"**speculative** block decoder (drafts {cfg.block_length} tokens per forward, verified by the "
-                "model's own AR rows, stops at EOS)")
+        mode = (f"**speculative** block decoder (up to {cfg.block_length} tokens per forward: drafts verified by "
+                "the model's own AR rows, stops at EOS)")
     else:
         mode = f"**{cfg.decoder}** decoder"
     extra = [f"{cfg.max_new_tokens} tokens"]

@@ -12,10 +12,10 @@ display records: the caller turns steps into `Frame`s only when it streams or as
                  blocks and bidirectional inside one; finished blocks live in an exact KV cache (their keys/values
                  never depend on later tokens), each step recomputes only the current block, and generation stops
                  after the first block that holds an EOS. Needs a model trained with block attention.
-    speculative  block diffusion drafting for itself: each forward verifies the previous block's drafts with the
-                 clean (AR) rows of the same weights and drafts the next block in parallel; exact speculative
-                 sampling, so the output is the clean path's own left-to-right distribution, at 1..block_length
-                 tokens per forward. Needs token-causal clean attention.
+    speculative  block diffusion drafting for itself: each forward verifies the pending drafts with the clean
+                 (AR) rows of the same weights and drafts the next block in parallel; exact speculative sampling,
+                 so the output is the clean path's own left-to-right distribution, at 1..block_length tokens per
+                 forward. Needs token-causal clean attention.
 
 A new decoder is one function here, registered with `@decoder("name")`; `SamplerConfig.decoder` then accepts it.
 """
@@ -289,20 +289,27 @@ def decode_blocks(run: DecodeRun) -> Iterator[Step]:
 @decoder("speculative", needs_block_length=True)
 def decode_speculative(run: DecodeRun) -> Iterator[Step]:
     """Block diffusion as its own drafter and verifier (needs token-causal clean attention, `clean_attention`
-    "causal" in the model's dlm_config.json): every forward commits the pending tokens as clean tokens and
-    denoises one noisy block after them, in one call over the exact cache.
+    "causal" in the model's dlm_config.json): every forward commits the newest final token and the pending drafts
+    as clean tokens and denoises one noisy block after them, in one call over the exact cache.
 
-    - The clean rows are next-token (AR) predictions of the same weights, so the pending drafts are verified
-      left to right by speculative sampling: a draft x is kept with probability min(1, p(x) / q(x)) (p the AR
-      distribution, q the distribution it was drafted from; at temperature 0: kept iff it is the argmax), and the
-      first rejected one is replaced by a draw from the residual max(0, p - q). The output is distributed exactly
-      as left-to-right sampling with the clean path (greedy: identical to greedy AR decoding).
-    - If every draft was kept, the noisy block of the same forward (computed with all of them in context) gives
-      the next drafts: its first position is read from the last clean row (an exact AR draw), the others from the
-      noisy rows, all in parallel. Each forward therefore yields between 1 and `block_length` final tokens.
-    - `threshold` (optional) stops a draft at its first proposal whose drafted probability is below it (fewer
-      wasted verifications); `steps` and `remasking` do not apply. Stops at EOS or after max_new_tokens.
-    One sequence at a time (a batch has ragged acceptance): generate_batch with this decoder runs one row at a time.
+    - The clean rows are next-token (AR) predictions of the same weights, so the drafts are verified left to right
+      by speculative sampling: a draft x is kept with probability min(1, p(x) / q(x)) (p the AR distribution, q
+      the distribution it was drafted from; at temperature 0: kept iff it is the argmax), and the first rejected
+      one is replaced by a draw from the residual max(0, p - q). The output is distributed exactly as
+      left-to-right sampling with the clean path (greedy: identical to greedy AR decoding).
+    - If every draft was kept, the last clean row gives the next token (an exact AR draw) and the noisy block of
+      the same forward (which saw all the drafts) drafts the `block_length - 1` after it, all in parallel. The
+      noisy block is `block_length - 1` masks starting at the next token's position: with the shift, mask row j
+      predicts the token j + 1 places on, so the window's last token needs no mask of its own (a row fewer per
+      forward than the trained block of `block_length` masks; measured on DiffuSmol v2: the same acceptance).
+    - If a draft was rejected, the drafts after it stay pending for the next forward: they were drawn in parallel
+      from one noisy block, so none of them depends on the rejected token, and each is still a sample of its own
+      q, which is all speculative sampling asks of a proposal (only the acceptance rate depends on how good it
+      is). The noisy block of that forward saw the rejected token and is dropped.
+    Each forward therefore yields between 1 and `block_length` final tokens and never wastes its verification
+    rows on a single token. `threshold` (optional) cuts a fresh draft at its first proposal whose drafted
+    probability is below it (fewer wasted rows); `steps` and `remasking` do not apply. Stops at EOS or after
+    max_new_tokens. One sequence at a time (a batch has ragged acceptance): a batch runs one row at a time.
     """
     model, cfg, canvas = run.model, run.config, run.canvas
     if not getattr(model, "clean_causal", False):
@@ -322,7 +329,7 @@ def decode_speculative(run: DecodeRun) -> Iterator[Step]:
     stop = cfg.stop_at_eos and bool(eos)
     device = canvas.device
 
-    def probs_of(logits: torch.Tensor) -> torch.Tensor:   # [N, V] -> the distribution drawn from
+    def probs_of(logits: torch.Tensor) -> torch.Tensor:   # [N, V] -> the distributions drawn from
         logits = logits.float().clone()
         logits[:, run.banned] = float("-inf")
         return sampling_probs(logits, cfg.temperature, cfg.top_k, cfg.top_p)
@@ -335,76 +342,63 @@ def decode_speculative(run: DecodeRun) -> Iterator[Step]:
     def uniform() -> float:
         return float(torch.rand((), generator=run.generator, device=run.generator.device))
 
+    def kept(token: int, p: torch.Tensor, q: torch.Tensor) -> bool:
+        if cfg.temperature == 0:
+            return token == int(p.argmax())
+        return uniform() < min(1.0, float(p[token]) / max(float(q[token]), 1e-30))
+
     cache = model.new_block_cache()
     pos = P                      # canvas[:, :pos] is final
-    commit = canvas[:, :P]       # clean tokens to add to the cache this forward (the first one onward are known)
-    drafts: list[tuple[int, torch.Tensor]] = []   # (token, its draft distribution q) waiting for verification
-    step, done = 0, False
-    total = L - P
+    commit = canvas[:, :P]       # final tokens not in the cache yet (the prompt, then the newest final token)
+    drafts: list[tuple[int, torch.Tensor]] = []   # (token, q) for positions pos, pos + 1, ...: not verified yet
+    step, done, total = 0, False, L - P
     while not done:
-        n_noisy = min(width, L - pos - len(drafts))
+        # the next token goes right after the drafts; masks there and after it draft the ones that follow
+        n_noisy = min(width - 1, L - pos - len(drafts) - 1)
         noisy = torch.full((1, n_noisy), mask_id, device=device) if n_noisy > 0 else None
         draft_ids = torch.tensor([[t for t, _ in drafts]], device=device, dtype=torch.long)
         clean = torch.cat([commit, draft_ids], dim=1) if drafts else commit
-        past = cache.length
-        aligned, clean_logits = run.call(model.block_step, cache, noisy, clean_ids=clean, return_clean=True)
+        past, n_commit = cache.length, commit.shape[1]
+        aligned, clean_logits = run.call(model.block_step, cache, noisy, clean_ids=clean, return_clean=True,
+                                         clean_from=n_commit - 1, predict_after=True)
+        verify = probs_of(clean_logits[0])   # AR distributions for positions pos .. pos + len(drafts)
         reveal = torch.zeros(canvas.shape, dtype=torch.bool, device=device)
         conf = torch.zeros(canvas.shape, dtype=torch.float32, device=device)
-        # verify the drafts with the AR rows before them: draft i sits at clean row (len(commit) + i)
-        n_commit, accepted, replacement = commit.shape[1], 0, None
-        verify = probs_of(clean_logits[0, n_commit - 1: n_commit - 1 + len(drafts)]) if drafts else None
-        for i, (token, q) in enumerate(drafts):
-            p = verify[i]
-            if cfg.temperature == 0:
-                ok = token == int(p.argmax())
-            else:
-                ok = uniform() < min(1.0, float(p[token]) / max(float(q[token]), 1e-30))
-            if not ok:
-                residual = (p - q).clamp(min=0) if cfg.temperature > 0 else p
-                replacement = draw(residual / residual.sum() if float(residual.sum()) > 0 else p)
-                break
+
+        def write(token: int, confidence: float) -> bool:   # make canvas[pos] final; True = generation is over
+            nonlocal pos
+            canvas[0, pos] = token
+            reveal[0, pos], conf[0, pos] = True, confidence
+            pos += 1
+            return (stop and token in eos) or pos >= L
+
+        accepted = 0
+        while accepted < len(drafts) and not done and kept(drafts[accepted][0], verify[accepted], drafts[accepted][1]):
+            token, q = drafts[accepted]
+            done = write(token, float(q[token]))
             accepted += 1
-        for i in range(accepted):
-            canvas[0, pos] = drafts[i][0]
-            reveal[0, pos], conf[0, pos] = True, float(drafts[i][1][drafts[i][0]])
-            pos += 1
-            if stop and drafts[i][0] in eos:
-                done = True
-                break
-        if replacement is not None:  # drop the rejected drafts from the cache; the new token is final
-            model.crop_block_cache(cache, past + n_commit + accepted)
-            if not done and pos < L:
-                canvas[0, pos] = replacement
-                reveal[0, pos] = True
-                conf[0, pos] = float(verify[accepted][replacement])
-                pos += 1
-                done = stop and replacement in eos
-            commit, drafts = canvas[:, pos - 1: pos], []
-            if not done and pos < L:   # the replacement still has to enter the cache: next forward commits it
-                step += 1
-                run.end = pos
-                yield Step(step, total, reveal, conf, pos)
-                continue
-        elif not done and pos < L and aligned is not None:
-            # every draft kept: the noisy block drafts what follows; its first row is the exact AR next token
-            rows = probs_of(aligned[0])
-            first = draw(rows[0])
-            canvas[0, pos] = first
-            reveal[0, pos], conf[0, pos] = True, float(rows[0, first])
-            pos += 1
-            done = stop and first in eos
-            commit = canvas[:, pos - 1: pos]
+        if not done and accepted < len(drafts):   # rejected: a draw from the residual; later drafts stay pending
+            p, q = verify[accepted], drafts[accepted][1]
+            residual = (p - q).clamp(min=0) if cfg.temperature > 0 else p
+            token = draw(residual / residual.sum() if float(residual.sum()) > 0 else p)
+            model.crop_block_cache(cache, past + n_commit + accepted)   # the rejected drafts leave the cache
+            done = write(token, float(p[token]))
+            drafts = drafts[accepted + 1:]
+        elif not done:                            # all kept: the last clean row is the exact next distribution
+            p = verify[len(drafts)]
+            token = draw(p)
+            done = write(token, float(p[token]))
             drafts = []
-            for k in range(1, rows.shape[0]):
-                if pos + len(drafts) >= L:
-                    break
+            rows = probs_of(aligned[0]) if (aligned is not None and not done) else None
+            for k in range(1, rows.shape[0] if rows is not None else 0):   # row 0 is the position just written
                 token = draw(rows[k])
                 if cfg.threshold is not None and float(rows[k, token]) < cfg.threshold:
                     break
                 drafts.append((token, rows[k]))
+        drafts = drafts[:max(0, L - pos)]
+        commit = canvas[:, pos - 1: pos]
         step += 1
         run.end = pos
-        done = done or pos >= L
         yield Step(step, total, reveal, conf, pos)
 
 

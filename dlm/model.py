@@ -123,6 +123,15 @@ def _truncate_cache(cache, length: int) -> None:
         cache.crop(-extra)  # negative = number of tokens to drop (transformers >= 4.4x and 5.x)
 
 
+def _kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
+    """Mean KL(teacher || student) over rows of [N, V] logits (0 for no rows); -inf teacher logits (a banned id)
+    carry no mass."""
+    if teacher_logits.shape[0] == 0:
+        return student_logits.sum() * 0.0
+    teacher = teacher_logits.float().log_softmax(-1).clamp(min=-1e4)   # exp(-1e4) = 0: no mass, no nan
+    return F.kl_div(student_logits.float().log_softmax(-1), teacher, log_target=True, reduction="batchmean")
+
+
 def padding_position_ids(attention_mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     """Left padding must not shift positions: position = number of real tokens before it."""
     if attention_mask is None or bool(attention_mask.bool().all()):
@@ -311,7 +320,7 @@ class DiffusionLM(nn.Module):
 
     def block_step(self, cache: BlockCache, noisy_ids: Optional[torch.Tensor], clean_ids: Optional[torch.Tensor] = None,
                    clean_blocks: Optional[torch.Tensor] = None, clean_padding: Optional[torch.Tensor] = None,
-                   return_clean: bool = False):
+                   return_clean: bool = False, clean_from: int = 0, predict_after: bool = False):
         """One block-diffusion forward over the exact cache: commit `clean_ids` (finished tokens) to the cache and
         denoise the noisy block `noisy_ids` that follows them, in one call.
 
@@ -323,8 +332,12 @@ class DiffusionLM(nn.Module):
         Attention is the block rule of `dlm.attention`: clean tokens see the cache and the clean tokens of their own
         and earlier blocks; the noisy block sees the cache, every clean token and itself (bidirectional).
         Returns position-aligned logits [B, n, V] for the noisy block (row i predicts noisy token i), or None;
-        with `return_clean`, (that, clean_logits [B, c, V]) where clean row i predicts the token after clean token i
-        (an AR next-token prediction when clean attention is causal: the speculative decoder verifies with it).
+        with `return_clean`, (that, clean_logits [B, c - clean_from, V]) where clean row i predicts the token after
+        clean token clean_from + i (an AR next-token prediction when clean attention is causal: the speculative
+        decoder verifies with it; rows before `clean_from` are not computed, e.g. a prompt's).
+        predict_after: also return the prediction for the position right after the noisy block (the shift puts it
+        on the last noisy row), so the aligned logits have n + 1 rows: a drafter then needs no mask at the last
+        position it drafts, one row fewer per forward.
         """
         B = (noisy_ids if noisy_ids is not None else clean_ids).shape[0]
         device = self.device
@@ -357,8 +370,12 @@ class DiffusionLM(nn.Module):
                      torch.arange(past + c + n, device=device)[None].expand(B, -1))[:, past:]
         mask = prepared_mask(self.base.config, pattern, B, self.dtype, padding if has_pad else None)
         keep = None
-        if return_clean:  # every row: the clean ones verify drafts
-            keep = torch.arange(0, c + n, device=device)
+        if predict_after and not self.shift:
+            raise ValueError("predict_after needs the shift (without it no row predicts past the block)")
+        if not 0 <= clean_from <= max(c - 1, 0):
+            raise ValueError(f"clean_from must be in 0..{max(c - 1, 0)}, got {clean_from}")
+        if return_clean:  # the clean rows from clean_from on verify drafts
+            keep = torch.arange(clean_from, c + n, device=device)
         elif n:  # logits only where they are read: the last clean row (shift) and the noisy rows
             first = c - 1 if (self.shift and c) else c
             keep = torch.arange(max(first, 0), c + n, device=device)
@@ -374,7 +391,7 @@ class DiffusionLM(nn.Module):
         logits = out.logits
         clean_logits = None
         if return_clean:
-            clean_logits, logits = logits[:, :c], logits[:, c:]
+            clean_logits, logits = logits[:, :c - clean_from], logits[:, c - clean_from:]
             if self.shift and c:
                 cache.next_logits = clean_logits[:, -1]
         elif self.shift and c:
@@ -387,7 +404,7 @@ class DiffusionLM(nn.Module):
         elif cache.next_logits is None:
             raise ValueError("the first block needs clean tokens before it (a prompt or a start token)")
         else:
-            aligned = torch.cat([cache.next_logits[:, None], logits[:, :-1]], dim=1)
+            aligned = torch.cat([cache.next_logits[:, None], logits if predict_after else logits[:, :-1]], dim=1)
         return (aligned, clean_logits) if return_clean else aligned
 
     def crop_block_cache(self, cache: BlockCache, length: int) -> None:
@@ -484,7 +501,8 @@ class DiffusionLM(nn.Module):
                              t: Optional[torch.Tensor] = None, maskable: Optional[torch.Tensor] = None,
                              attention_mask: Optional[torch.Tensor] = None, weighting: str = "inverse_t",
                              eps: float = 1e-3, generator: Optional[torch.Generator] = None,
-                             ar_weight: float = 0.0) -> DiffusionLossOutput:
+                             ar_weight: float = 0.0, teacher_logits: Optional[torch.Tensor] = None,
+                             distill_weight: float = 0.0) -> DiffusionLossOutput:
         """Block-diffusion training (BD3-LM / Fast-dLLM v2) on a batch of clean sequences, every block in one pass.
 
         The forward runs over [x_t; x_0] (2L tokens) with the staircase pattern (`dlm.attention.staircase`): noisy
@@ -500,6 +518,10 @@ class DiffusionLM(nn.Module):
         ar_weight:    > 0 adds ar_weight x the next-token CE of the clean rows (clean attention "causal": the clean
                       path stays a good AR model, the speculative decoder's verifier). 0 (default): only masked
                       tokens of x_t carry loss, as in BD3-LM.
+        teacher_logits: [B, L, V] an AR teacher's next-token logits on the clean sequence (row i predicts token
+                      i + 1; e.g. the frozen base: the LoRA adapter disabled) and `distill_weight` > 0: adds
+                      distill_weight x KL(teacher || student), the mean over masked tokens of x_t (the drafts) plus
+                      the mean over the clean rows (the verifier): a whole distribution per token instead of one id.
         """
         if weighting not in ("inverse_t", "none"):
             raise ValueError(f"weighting must be 'inverse_t' or 'none', got {weighting!r}")
@@ -516,8 +538,9 @@ class DiffusionLM(nn.Module):
             t = sample_t(B * n_blocks, eps, generator=generator, device=device).view(B, n_blocks)
         t_tok = torch.as_tensor(t, dtype=torch.float32, device=device)[:, blk]                # [B, L]
         x_t, masked = q_sample(input_ids, t_tok, self.mask_token_id, maskable, generator=generator)
+        distill = distill_weight > 0 and teacher_logits is not None
         logits = self.block_denoise_logits(x_t, input_ids, block_length, offset, attention_mask,
-                                           with_clean=ar_weight > 0)                         # [B, L(+L), V]
+                                           with_clean=ar_weight > 0 or distill)             # [B, L(+L), V]
         if not bool(masked.any()):
             zero = logits.sum() * 0.0
             return DiffusionLossOutput(zero, zero.detach())
@@ -529,6 +552,13 @@ class DiffusionLM(nn.Module):
             target = self.default_maskable(input_ids, attention_mask)[:, 1:]
             ar = F.cross_entropy(logits[:, L:-1][target].float(), input_ids[:, 1:][target])
             loss = loss + ar_weight * ar
+        if distill:  # the teacher's row i-1 is its distribution for token i (the shift), like the student's
+            teacher = self._align(teacher_logits.detach()) if self.shift else teacher_logits.detach()[:, :-1]
+            student = logits[:, :L] if self.shift else logits[:, 1:L]
+            drafts = masked if self.shift else masked[:, 1:]
+            target = self.default_maskable(input_ids, attention_mask)[:, 1:]
+            loss = loss + distill_weight * (_kl(teacher[drafts], student[drafts]) +
+                                            _kl(teacher_logits.detach()[:, :-1][target], logits[:, L:-1][target]))
         return DiffusionLossOutput(loss, ce.detach().sum() / n)
 
     # ----- persistence -------------------------------------------------------------------------------------------

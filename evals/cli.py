@@ -29,6 +29,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _nonnegative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m evals", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -42,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task-file", action="append", default=[], type=Path, metavar="PATH",
                    help='extra multiple-choice JSONL task ({"context", "choices", "gold"} per line); repeatable')
     p.add_argument("--limit", type=_positive_int, default=None, help="first N examples of each task (default all)")
+    p.add_argument("--skip", type=_nonnegative_int, default=0, metavar="N",
+                   help="leave out the first N examples (a dev slice disjoint from a reported --limit run, for "
+                        "choosing settings)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, required=True, help="output directory (resumable)")
     p.add_argument("--data-dir", type=Path, default=None,
@@ -80,8 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def load_task_data(names: list[str], task_files: list[Path], data_dir: Path, settings: EvalSettings,
-                   limit: Optional[int]) -> tuple[list, list[str]]:
-    """Resolve task names and read their examples -> ([(spec, examples)], [messages about missing data])."""
+                   limit: Optional[int], skip: int = 0) -> tuple[list, list[str]]:
+    """Resolve task names and read their examples -> ([(spec, examples)], [messages about missing data]);
+    examples skip .. skip + limit of each task."""
     specs = [get_task(n, settings.gen_length) for n in names] + [mc_file_spec(f) for f in task_files]
     loaded, missing = [], []
     for spec in specs:
@@ -90,8 +101,9 @@ def load_task_data(names: list[str], task_files: list[Path], data_dir: Path, set
         except MissingDataError as e:
             missing.append(str(e))
             continue
+        examples = examples[skip:]
         if not examples:
-            missing.append(f"task {spec.name!r}: no examples found")
+            missing.append(f"task {spec.name!r}: no examples found" + (f" after the first {skip}" if skip else ""))
             continue
         loaded.append((spec, examples[:limit] if limit else examples))
     return loaded, missing
@@ -111,7 +123,7 @@ def run(args: argparse.Namespace) -> int:
                   gen_prompt_words=args.gen_prompt_words, judge=args.judge, ppl_max_tokens=args.ppl_max_tokens,
                   heldout_book=args.heldout_book, chat=args.chat, exec_timeout=args.exec_timeout)
     provisional = EvalSettings(kind=args.kind or "ar", **common)
-    tasks, missing = load_task_data(names, args.task_file, data_dir, provisional, args.limit)
+    tasks, missing = load_task_data(names, args.task_file, data_dir, provisional, args.limit, args.skip)
     for msg in missing:
         eprint(f"skipping: {msg}")
     if not tasks:
@@ -127,7 +139,7 @@ def run(args: argparse.Namespace) -> int:
     if book:  # the checkpoint says which book its training held out: evaluate perplexity / prompts on that one
         common["heldout_book"] = book
         uses_book = [spec.name for spec, _ in tasks if spec.name == "elbo_ppl" or GENPPL.match(spec.name)]
-        reloaded, _ = load_task_data(uses_book, [], data_dir, EvalSettings(**common), args.limit)
+        reloaded, _ = load_task_data(uses_book, [], data_dir, EvalSettings(**common), args.limit, args.skip)
         by_name = {spec.name: (spec, ex) for spec, ex in reloaded}
         tasks = [by_name.get(spec.name, (spec, ex)) for spec, ex in tasks]
     settings = EvalSettings(kind=kind, **common)

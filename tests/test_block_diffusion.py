@@ -81,6 +81,61 @@ def test_ar_weight_adds_the_clean_rows_next_token_loss(tiny_dlm):
     torch.testing.assert_close(both.loss.detach() - base.loss.detach(), 0.5 * want, atol=1e-4, rtol=1e-4)
 
 
+def test_distillation_adds_the_teachers_kl_at_masked_tokens_and_clean_rows(tiny_dlm):
+    """distill_weight x [KL(teacher || student) at the masked token + mean KL over the clean rows], the teacher's
+    row i-1 being its distribution for token i (the shift), as for the student."""
+    x = _ids(n=16, batch=2)
+    one = torch.zeros_like(x, dtype=torch.bool)
+    one[:, 6] = True                                 # t = 1: position 6 is masked for sure, nothing else is
+    teacher = torch.randn(2, 16, tiny_dlm.vocab_size, generator=torch.Generator().manual_seed(1))
+    teacher[..., tiny_dlm.mask_token_id] = float("-inf")   # as the frozen base's ar_logits: no mass, no nan
+    kw = dict(offset=0, maskable=one, t=torch.ones(2, 4), weighting="none")
+    plain = tiny_dlm.block_diffusion_loss(x, 4, **kw)
+    off = tiny_dlm.block_diffusion_loss(x, 4, **kw, teacher_logits=teacher, distill_weight=0.0)
+    both = tiny_dlm.block_diffusion_loss(x, 4, **kw, teacher_logits=teacher, distill_weight=0.5)
+    x_t = x.clone()
+    x_t[:, 6] = tiny_dlm.mask_token_id
+    with torch.no_grad():
+        student = tiny_dlm.block_denoise_logits(x_t, x, 4)[:, 6]   # position-aligned: the masked token's row
+        clean = tiny_dlm.base(x).logits[:, :-1]                    # token-causal clean rows = the causal LM
+
+    def kl(p_logits, q_logits):
+        p = p_logits.softmax(-1)
+        terms = torch.where(p > 0, p * (p_logits.log_softmax(-1) - q_logits.log_softmax(-1)), torch.zeros_like(p))
+        return terms.sum(-1).mean()
+    want = kl(teacher[:, 5], student) + kl(teacher[:, :-1].reshape(-1, teacher.shape[-1]),
+                                           clean.reshape(-1, clean.shape[-1]))
+    assert float(off.loss.detach()) == float(plain.loss.detach())
+    assert torch.isfinite(both.loss) and float(want) > 0
+    torch.testing.assert_close(both.loss.detach() - plain.loss.detach(), 0.5 * want, atol=1e-4, rtol=1e-4)
+    both.loss.backward()                            # the KL trains the student
+    assert any(p.grad is not None and float(p.grad.abs().sum()) > 0 for p in tiny_dlm.base.parameters())
+
+
+def test_the_distillation_teacher_is_the_frozen_base(tiny_dlm):
+    """With LoRA, the teacher is the base with the adapter disabled: the base's own causal logits, whatever the
+    adapter has learned; the student (adapter on) differs."""
+    from train.config import LoraConfigSection
+    from train.modeling import Objective, add_lora
+    x = _ids(n=12, batch=2)
+    with torch.no_grad():
+        before = tiny_dlm.ar_logits(x)
+    add_lora(tiny_dlm, LoraConfigSection(enabled=True, r=4, alpha=8))
+    with torch.no_grad():
+        for name, p in tiny_dlm.base.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)                    # an adapter that changes the model
+        adapted = tiny_dlm.ar_logits(x)
+    teacher = Objective(tiny_dlm, distill_weight=1.0).teacher_logits(x, None)
+    torch.testing.assert_close(teacher, before, atol=1e-5, rtol=1e-5)
+    real = torch.isfinite(before)                    # the added mask id is -inf in both
+    assert (adapted - before)[real].abs().amax() > 1e-2 and not teacher.requires_grad
+    loss, _ = Objective(tiny_dlm, distill_weight=1.0)(x, block_length=4, generator=torch.Generator().manual_seed(0))
+    loss.backward()
+    assert any(p.grad is not None and float(p.grad.abs().sum()) > 0
+               for n, p in tiny_dlm.base.named_parameters() if "lora" in n)
+
+
 def test_clean_positions_carry_no_loss(tiny_dlm):
     x = _ids(n=16, batch=2)
     none = torch.zeros_like(x, dtype=torch.bool)
@@ -142,7 +197,16 @@ def test_cached_block_step_equals_one_uncached_forward(family_dlm, impl, clean_a
         from dlm.attention import prepared_mask
         mask = prepared_mask(m.base.config, block_pattern(noisy_flag, blocks, noisy_flag, blocks), 1, m.dtype)
         raw = m.base(input_ids=ids, attention_mask=mask, position_ids=torch.arange(17)[None]).logits
+        # what the speculative decoder asks for: clean rows from the 3rd on, and the row past the noisy block
+        cache = m.new_block_cache()
+        m.block_step(cache, None, clean_ids=prompt)
+        m.block_step(cache, None, clean_ids=b1)
+        after, clean = m.block_step(cache, noisy, clean_ids=b2, return_clean=True, clean_from=2, predict_after=True)
+        with pytest.raises(ValueError, match="clean_from must be in 0..3"):
+            m.block_step(m.new_block_cache(), noisy, clean_ids=b2, return_clean=True, clean_from=4)
     want = raw[:, 12:16]                              # shift: noisy token i is read from row 12 + i
     torch.testing.assert_close(cached, want, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(again, want, atol=1e-4, rtol=1e-4)
     assert torch.equal(cached.argmax(-1), want.argmax(-1))
+    torch.testing.assert_close(after, raw[:, 12:17], atol=1e-4, rtol=1e-4)   # + the last noisy row's prediction
+    torch.testing.assert_close(clean, raw[:, 11:13], atol=1e-4, rtol=1e-4)   # b2's clean rows 2 and 3

@@ -359,6 +359,19 @@ def test_cli_missing_data_and_bad_settings(tmp_path, tiny_llama_dir, data_dir, c
     assert "n_samples: 2 -> 3" in capsys.readouterr().err
 
 
+def test_skip_gives_a_dev_slice_disjoint_from_the_reported_examples(data_dir):
+    from evals.cli import load_task_data
+    settings = EvalSettings(kind="ar")
+    (spec, first), = load_task_data(["piqa"], [], data_dir, settings, limit=1)[0]
+    (_, later), = load_task_data(["piqa"], [], data_dir, settings, limit=1, skip=1)[0]
+    (_, both), = load_task_data(["piqa"], [], data_dir, settings, limit=2)[0]
+    assert [e.id for e in both] == [first[0].id, later[0].id] and first[0].id != later[0].id
+    loaded, missing = load_task_data(["piqa"], [], data_dir, settings, limit=None, skip=10_000)
+    assert loaded == [] and "no examples found after the first 10000" in missing[0]
+    with pytest.raises(SystemExit):
+        evals_main(["--model", "x", "--tasks", "piqa", "--skip", "-1", "--out", "o"])
+
+
 def test_heldout_book_comes_from_the_checkpoint_training_record():
     from evals.cli import heldout_book_of
     model = SimpleNamespace(config=SimpleNamespace(training={"heldout_books": ["../shared/data/gutenberg/46-0.txt.gz"]}))

@@ -86,6 +86,11 @@ def test_invalid_combinations():
         load_config("tiny-cpu", ["model.attn_implementation=flash_attention_2", "diffusion.anneal_steps=10"])
     with pytest.raises(ConfigError, match="lora.enabled"):
         load_config("tiny-cpu", ["lora.enabled=true", "model.from_scratch=true"])
+    with pytest.raises(ConfigError, match="diffusion.distill_weight: needs lora.enabled"):
+        load_config("tiny-cpu", ["diffusion.attention=blocks", "diffusion.distill_weight=1"])
+    with pytest.raises(ConfigError, match="diffusion.distill_weight: applies to block steps"):
+        load_config("tiny-cpu", ["lora.enabled=true", "diffusion.attention=full", "diffusion.distill_weight=1"])
+    assert load_config("diffusmol-v2", ["diffusion.distill_weight=1"]).diffusion.distill_weight == 1.0
 
 
 def test_resolve_key():

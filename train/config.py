@@ -164,6 +164,9 @@ class DiffusionConfig:
                   Recorded in the exported dlm_config.json; the decoders follow it.
     ar_weight:    block steps: weight of a next-token CE on the clean rows (keeps the clean path a good AR model;
                   0 = only the masked tokens of x_t carry loss, as in BD3-LM).
+    distill_weight: block steps: weight of KL(base || student) at the masked tokens and the clean rows, the base's
+                  next-token distributions from the frozen base (the LoRA adapter disabled, one extra forward
+                  without gradients): a whole distribution per token instead of one id (needs lora.enabled).
     anneal_steps: attention-mask annealing length: ratio = min(1, step / anneal_steps); 0 = no annealing
                   (bidirectional from the first step: the "annealing off" ablation). Full-attention steps only.
     weighting:    inverse_t (Eq. 7's 1/t) or none (the "no 1/t weighting" ablation).
@@ -176,6 +179,7 @@ class DiffusionConfig:
     block_fraction: float = 0.5
     clean_attention: str = field(default="causal", metadata=_choices("causal", "block"))
     ar_weight: float = 0.0
+    distill_weight: float = 0.0
     anneal_steps: int = 0
     weighting: str = field(default="inverse_t", metadata=_choices("inverse_t", "none"))
     eps: float = 1e-3
@@ -467,6 +471,11 @@ def validate(cfg: TrainConfig, task: str = "pretrain") -> TrainConfig:
          "diffusion.block_lengths", f"must be a list of positive integers, got {dc.block_lengths!r}")
     need(0.0 <= dc.block_fraction <= 1.0, "diffusion.block_fraction", f"must be in [0, 1], got {dc.block_fraction}")
     need(dc.ar_weight >= 0, "diffusion.ar_weight", f"must be >= 0, got {dc.ar_weight}")
+    need(dc.distill_weight >= 0, "diffusion.distill_weight", f"must be >= 0, got {dc.distill_weight}")
+    need(dc.distill_weight == 0 or cfg.lora.enabled, "diffusion.distill_weight",
+         "needs lora.enabled: the frozen base (the adapter disabled) is the teacher")
+    need(dc.distill_weight == 0 or dc.attention != "full", "diffusion.distill_weight",
+         "applies to block steps: needs diffusion.attention blocks or mixture")
     if dc.attention != "full":
         need(m.attn_implementation != "flash_attention_2", "diffusion.attention",
              "block attention needs sdpa/eager attention (flash_attention_2 takes no custom mask)")

@@ -236,7 +236,7 @@ def train(cfg: TrainConfig, task: str = "pretrain", callbacks: Sequence = ()) ->
     log.info("model %s: %s", model.name, trainable_summary(model))
     log.info("data: %s", json.dumps(data_info))
 
-    objective = Objective(model, dc.objective, dc.weighting, dc.eps, dc.ar_weight)
+    objective = Objective(model, dc.objective, dc.weighting, dc.eps, dc.ar_weight, dc.distill_weight)
     optimizer = torch.optim.AdamW(_param_groups(objective, cfg.optim.weight_decay), lr=cfg.optim.lr,
                                   betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.adam_eps)
     o = cfg.optim
@@ -384,6 +384,7 @@ def train(cfg: TrainConfig, task: str = "pretrain", callbacks: Sequence = ()) ->
     info = {"task": task, "steps": step, "tokens_seen": tokens_seen, "world_size": world,
             "objective": cfg.diffusion.objective, "attention": dc.attention, "block_lengths": list(dc.block_lengths),
             "block_fraction": dc.block_fraction, "clean_attention": dc.clean_attention, "ar_weight": dc.ar_weight,
+            "distill_weight": dc.distill_weight,
             "anneal_steps": cfg.diffusion.anneal_steps,
             "weighting": cfg.diffusion.weighting, "shift": cfg.model.shift, "lora": cfg.lora.enabled,
             "base": cfg.model.source if not cfg.model.init else "random init", "seq_len": seq_len,

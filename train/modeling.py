@@ -215,13 +215,24 @@ class Objective(nn.Module):
                                    block length; the loop picks the mode per step for a "mixture".
     ar:        plain next-token cross-entropy with the base model's causal attention (baseline / benchmark);
                `masked_ce` is then the same CE.
+    distill_weight > 0 (block steps, LoRA): the frozen base is the teacher: one forward without gradients with
+    the adapter disabled gives its next-token logits, which the block loss distils (`block_diffusion_loss`).
     """
 
     def __init__(self, model, objective: str = "diffusion", weighting: str = "inverse_t", eps: float = 1e-3,
-                 ar_weight: float = 0.0):
+                 ar_weight: float = 0.0, distill_weight: float = 0.0):
         super().__init__()
         self.model = model
         self.objective, self.weighting, self.eps, self.ar_weight = objective, weighting, eps, ar_weight
+        self.distill_weight = distill_weight
+
+    def teacher_logits(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor]) -> torch.Tensor:
+        """The frozen base's next-token logits (the adapter disabled; the mask id gets no mass)."""
+        base = self.model.base
+        if not hasattr(base, "disable_adapter"):
+            raise ValueError("diffusion.distill_weight: the teacher is the frozen base, which needs a LoRA model")
+        with torch.no_grad(), base.disable_adapter():
+            return self.model.ar_logits(input_ids, attention_mask)
 
     def forward(self, input_ids: torch.Tensor, maskable: Optional[torch.Tensor] = None,
                 attention_mask: Optional[torch.Tensor] = None, attention_mask_ratio: float = 1.0,
@@ -235,9 +246,11 @@ class Objective(nn.Module):
             ce = F.cross_entropy(logits[:, :-1][keep].float(), targets[keep])
             return ce, ce.detach()
         if block_length is not None:
+            teacher = self.teacher_logits(input_ids, attention_mask) if self.distill_weight > 0 else None
             out = self.model.block_diffusion_loss(input_ids, block_length, maskable=maskable,
                                                   attention_mask=attention_mask, weighting=self.weighting,
-                                                  eps=self.eps, generator=generator, ar_weight=self.ar_weight)
+                                                  eps=self.eps, generator=generator, ar_weight=self.ar_weight,
+                                                  teacher_logits=teacher, distill_weight=self.distill_weight)
         else:
             out = self.model.diffusion_loss(input_ids, maskable=maskable, attention_mask=attention_mask,
                                             attention_mask_ratio=attention_mask_ratio, weighting=self.weighting,
