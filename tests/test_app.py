@@ -122,7 +122,9 @@ def test_race_streams_both_sides_then_the_result(client):
     final = job.result()
     running = [u for u in updates if not u["done"]]
     assert any(u["dlm"].get("step", 0) < 12 for u in running if u["dlm"])  # intermediate DLM frames
-    assert any(u["ar"] for u in running) and all("seconds" in u["ar"] for u in running if u["ar"])
+    # the tiny AR model may finish inside one throttle window, so its frames can arrive with the result; turn-taking
+    # itself is tested unthrottled in test_app_units (test_the_race_takes_turns_by_model_time_and_reports_quality)
+    assert all("seconds" in u["ar"] and u["ar"].get("step", 0) <= 12 for u in running if u["ar"])
     assert final["done"] and final["dlm"]["nfe"] == 12 and final["ar"]["tokens"] >= 1
     assert [r["steps"] for r in final["sweep"]] == [3]
 
