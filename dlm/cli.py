@@ -36,7 +36,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 # ----- argument types ----------------------------------------------------------------------------------------------
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
@@ -46,7 +46,7 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _non_negative_int(text: str) -> int:
+def non_negative_int(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
@@ -84,7 +84,7 @@ def _model_flags() -> argparse.ArgumentParser:
     g = p.add_argument_group("model (dlm.load)")
     g.add_argument("--model", required=True, metavar="NAME_OR_PATH",
                    help="registry name (see `python -m dlm models`), local directory, .gguf file or hub id")
-    g.add_argument("--mask-token-id", type=_non_negative_int, default=None, help="override the [MASK] token id")
+    g.add_argument("--mask-token-id", type=non_negative_int, default=None, help="override the [MASK] token id")
     g.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:1, ...")
     g.add_argument("--dtype", default="auto", help="auto (default: bf16 on GPU, fp32 on CPU), bf16, fp16, fp32")
     g.add_argument("--quantization", choices=("none", "8bit", "4bit"), default="none",
@@ -142,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("infill", parents=[common, model, sampler], help="generate tokens between prefix and suffix")
     p.add_argument("--prefix", type=_text, default="", help="text before the gap (may be empty)")
     p.add_argument("--suffix", type=_text, default="", help="text after the gap (may be empty)")
-    p.add_argument("--length", type=_positive_int, required=True, help="tokens to generate in the gap")
+    p.add_argument("--length", type=positive_int, required=True, help="tokens to generate in the gap")
 
     p = sub.add_parser("fill", parents=[common, model, sampler], help="fill the [MASK] / [MASK:n] spans of a template")
     p.add_argument("--template", type=_text, required=True, help="text with [MASK] (1 token) / [MASK:n] spans")
@@ -152,9 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--continuation", type=_text, required=True, help="the text scored (usually starts with a space)")
     p.add_argument("--method", choices=SCORE_METHODS, default="elbo",
                    help="elbo (Monte-Carlo ELBO, default), paper (DiffuLLaMA's grid), ar (exact causal score)")
-    p.add_argument("--n-samples", type=_positive_int, default=32,
+    p.add_argument("--n-samples", type=positive_int, default=32,
                    help="Monte-Carlo samples (elbo) or noise levels T (paper); default 32")
-    p.add_argument("--batch-size", type=_positive_int, default=16, help="masked copies per forward (default 16)")
+    p.add_argument("--batch-size", type=positive_int, default=16, help="masked copies per forward (default 16)")
     p.add_argument("--seed", type=_flag_type({"name": "seed", "type": int}), default=None,
                    help="seed for reproducible masks (an integer in 0..2**63-1)")
 

@@ -395,7 +395,6 @@ def decode_speculative(run: DecodeRun) -> Iterator[Step]:
                 if cfg.threshold is not None and float(rows[k, token]) < cfg.threshold:
                     break
                 drafts.append((token, rows[k]))
-        drafts = drafts[:max(0, L - pos)]
         commit = canvas[:, pos - 1: pos]
         step += 1
         run.end = pos

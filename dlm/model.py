@@ -548,17 +548,18 @@ class DiffusionLM(nn.Module):
         n = masked.sum()
         weight = (1.0 / t_tok)[masked] if weighting == "inverse_t" else torch.ones_like(ce)
         loss = (ce * weight).sum() / n
-        if ar_weight > 0:  # the clean path as an AR model: next-token CE on every clean row (the verifier)
+        if ar_weight > 0 or distill:  # clean rows with a next token to predict (the verifier's rows)
             target = self.default_maskable(input_ids, attention_mask)[:, 1:]
+        if ar_weight > 0:  # the clean path as an AR model: next-token CE on every clean row (the verifier)
             ar = F.cross_entropy(logits[:, L:-1][target].float(), input_ids[:, 1:][target])
             loss = loss + ar_weight * ar
         if distill:  # the teacher's row i-1 is its distribution for token i (the shift), like the student's
-            teacher = self._align(teacher_logits.detach()) if self.shift else teacher_logits.detach()[:, :-1]
+            teacher_logits = teacher_logits.detach()
+            teacher = self._align(teacher_logits) if self.shift else teacher_logits[:, :-1]
             student = logits[:, :L] if self.shift else logits[:, 1:L]
             drafts = masked if self.shift else masked[:, 1:]
-            target = self.default_maskable(input_ids, attention_mask)[:, 1:]
             loss = loss + distill_weight * (_kl(teacher[drafts], student[drafts]) +
-                                            _kl(teacher_logits.detach()[:, :-1][target], logits[:, L:-1][target]))
+                                            _kl(teacher_logits[:, :-1][target], logits[:, L:-1][target]))
         return DiffusionLossOutput(loss, ce.detach().sum() / n)
 
     # ----- persistence -------------------------------------------------------------------------------------------

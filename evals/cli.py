@@ -13,6 +13,8 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+from dlm.cli import non_negative_int, positive_int
+
 from .backends import KINDS, SCORE_METHODS, EvalSettings, default_kind
 from .data import MissingDataError, default_data_dir
 from .report import table_from_dirs
@@ -20,20 +22,6 @@ from .runner import eprint, evaluate
 from .tasks import GENPPL, TASKS, get_task, mc_file_spec
 
 DEFAULT_TASKS = "piqa,siqa,winogrande,lambada"
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
-def _nonnegative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,8 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "'' with --task-file runs only the file")
     p.add_argument("--task-file", action="append", default=[], type=Path, metavar="PATH",
                    help='extra multiple-choice JSONL task ({"context", "choices", "gold"} per line); repeatable')
-    p.add_argument("--limit", type=_positive_int, default=None, help="first N examples of each task (default all)")
-    p.add_argument("--skip", type=_nonnegative_int, default=0, metavar="N",
+    p.add_argument("--limit", type=positive_int, default=None, help="first N examples of each task (default all)")
+    p.add_argument("--skip", type=non_negative_int, default=0, metavar="N",
                    help="leave out the first N examples (a dev slice disjoint from a reported --limit run, for "
                         "choosing settings)")
     p.add_argument("--seed", type=int, default=0)
@@ -61,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto", help="auto (fp32 on CPU, bf16 on GPU), bf16, fp16, fp32")
     g = p.add_argument_group("likelihood (DLM)")
-    g.add_argument("--n-samples", type=_positive_int, default=32, help="ELBO samples / paper noise levels")
+    g.add_argument("--n-samples", type=positive_int, default=32, help="ELBO samples / paper noise levels")
     g.add_argument("--score-method", choices=SCORE_METHODS, default="elbo")
     g = p.add_argument_group("generation")
     g.add_argument("--sampler", action="append", default=[], metavar="FIELD=VALUE",
@@ -71,17 +59,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the same for infilling tasks (over the model's full-attention infilling config)")
     g.add_argument("--oracle-length", action=argparse.BooleanOptionalAction, default=True,
                    help="generate exactly the reference answer's number of tokens (the paper's setting; default)")
-    g.add_argument("--max-new-tokens", type=_positive_int, default=None,
+    g.add_argument("--max-new-tokens", type=positive_int, default=None,
                    help="answer budget with --no-oracle-length (default per task)")
     g.add_argument("--chat", action="store_true", help="GSM8K: use the tokenizer's chat template")
     g.add_argument("--exec-timeout", type=float, default=10.0, help="seconds per HumanEval program")
     g = p.add_argument_group("generation quality / perplexity")
     g.add_argument("--judge", default="smollm2-135m", help="AR judge for gen-PPL (paper: gpt2-large)")
-    g.add_argument("--gen-length", type=_positive_int, default=64, help="tokens per sample for 'genppl'")
+    g.add_argument("--gen-length", type=positive_int, default=64, help="tokens per sample for 'genppl'")
     g.add_argument("--gen-temperature", type=float, default=1.0)
     g.add_argument("--gen-top-p", type=float, default=1.0)
     g.add_argument("--gen-prompt-words", type=int, default=0, help="0 = unconditional samples")
-    g.add_argument("--ppl-max-tokens", type=_positive_int, default=128)
+    g.add_argument("--ppl-max-tokens", type=positive_int, default=128)
     g.add_argument("--heldout-book", default=None, help="Gutenberg file under gutenberg/ (default: the book the checkpoint's training held out, "
                         "from dlm_config training.heldout_books, else pg1661.txt.gz)")
     p.add_argument("--no-progress", action="store_true")
