@@ -58,6 +58,7 @@ def test_overrides_dotted_and_short_and_yaml_values():
     ("optim.lr=-1", "optim.lr"),                    # out of range
     ("data.block_size=2", "data.block_size"),
     ("data.eval_fraction=1.5", "data.eval_fraction"),
+    ("data.skip_blocks=-1", "data.skip_blocks"),
     ("run.eval_mask_ratios=[0.5, 2]", "run.eval_mask_ratios"),
     ("seed=3", "seed"),                             # ambiguous short key (run.seed / data.seed)
     ("nonsense", "key=value"),

@@ -178,6 +178,8 @@ def test_block_sampler_resumes_exactly_and_shards_ranks():
     resumed = D.BlockSampler(13, seed=7)
     resumed.load_state_dict(D.BlockSampler(13, seed=7).state_dict() | {"position": 4 * 6})
     assert [resumed.next_indices(4) for _ in range(4)] == stream[6:]
+    skipped = D.BlockSampler(13, seed=7, start=4 * 6)      # data.skip_blocks: a continuation sees the order's rest
+    assert [skipped.next_indices(4) for _ in range(4)] == stream[6:]
     epoch0 = sorted(sum(stream, [])[:13])
     assert epoch0 == list(range(13))                        # every block once per epoch
     r0, r1 = D.BlockSampler(13, 7, world_size=2, rank=0), D.BlockSampler(13, 7, world_size=2, rank=1)

@@ -106,6 +106,9 @@ class DataConfig:
     max_tokens:     stop tokenizing after this many tokens (0 = all; required for streamed HF datasets).
     shuffle_documents: shuffle the file order (seeded by `seed`) before splitting; False keeps sorted order.
     seed:           data-order seed (document shuffle and block order).
+    skip_blocks:    start this many blocks into the seeded block order. A warm-started continuation sets it to
+                    what its warm start consumed (steps x batch), so it trains on text the adapter has not seen;
+                    the held-out split does not move (it depends on `seed` only).
     cache_dir:      where token files live (default: $DLM_CACHE_DIR or ~/.cache/dlm-studio, then /tokens).
     """
 
@@ -120,6 +123,7 @@ class DataConfig:
     max_tokens: int = 0
     shuffle_documents: bool = True
     seed: int = 1234
+    skip_blocks: int = 0
     cache_dir: str = ""
 
 
@@ -461,6 +465,7 @@ def validate(cfg: TrainConfig, task: str = "pretrain") -> TrainConfig:
     need(0 <= d.eval_fraction < 1, "data.eval_fraction", f"must be in [0, 1), got {d.eval_fraction}")
     need(d.max_documents >= 0, "data.max_documents", f"must be >= 0, got {d.max_documents}")
     need(d.max_tokens >= 0, "data.max_tokens", f"must be >= 0, got {d.max_tokens}")
+    need(d.skip_blocks >= 0, "data.skip_blocks", f"must be >= 0, got {d.skip_blocks}")
     need(0 < cfg.diffusion.eps < 1, "diffusion.eps", f"must be in (0, 1), got {cfg.diffusion.eps}")
     need(cfg.diffusion.anneal_steps >= 0, "diffusion.anneal_steps",
          f"must be >= 0 (0 = no annealing), got {cfg.diffusion.anneal_steps}")

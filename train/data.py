@@ -376,12 +376,13 @@ class BlockSampler:
 
     `position` counts items consumed by all ranks together. A micro-batch of `batch_size` for rank r takes global
     items [position + r * B, position + (r + 1) * B); epoch e uses permutation rng(seed, e). Restoring `position`
-    (in the checkpoint) reproduces the exact same future batches.
+    (in the checkpoint) reproduces the exact same future batches. `start`: the first position (`data.skip_blocks`:
+    a continuation run skips the part of the order its warm start already trained on).
     """
 
-    def __init__(self, n: int, seed: int, world_size: int = 1, rank: int = 0, shuffle: bool = True):
+    def __init__(self, n: int, seed: int, world_size: int = 1, rank: int = 0, shuffle: bool = True, start: int = 0):
         self.n, self.seed, self.world_size, self.rank, self.shuffle = n, seed, world_size, rank, shuffle
-        self.position = 0
+        self.position = start
         self._epoch, self._perm = -1, None
 
     def _order(self, epoch: int) -> np.ndarray:

@@ -250,7 +250,7 @@ def train(cfg: TrainConfig, task: str = "pretrain", callbacks: Sequence = ()) ->
     sharded = _is_sharded(accelerator)
 
     world, rank = accelerator.num_processes, accelerator.process_index
-    sampler = BlockSampler(len(train_data), cfg.data.seed, world, rank)
+    sampler = BlockSampler(len(train_data), cfg.data.seed, world, rank, start=cfg.data.skip_blocks)
     noise = torch.Generator(device="cpu").manual_seed(run.seed * 1_000_003 + 7919 * rank + 1)
     step, tokens_seen = 0, 0
     window = [0.0, 0.0, 0.0]  # loss / masked CE sums and step count since the last metrics line
@@ -388,7 +388,8 @@ def train(cfg: TrainConfig, task: str = "pretrain", callbacks: Sequence = ()) ->
             "anneal_steps": cfg.diffusion.anneal_steps,
             "weighting": cfg.diffusion.weighting, "shift": cfg.model.shift, "lora": cfg.lora.enabled,
             "base": cfg.model.source if not cfg.model.init else "random init", "seq_len": seq_len,
-            "data": [str(s) for s in cfg.data.sources]}
+            "data": [str(s) for s in cfg.data.sources], "skip_blocks": cfg.data.skip_blocks,
+            "init_from": cfg.lora.init_from if cfg.lora.enabled else ""}
     if main and run.export:
         base_sd = None
         if full_state is not None:
