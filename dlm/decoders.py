@@ -286,29 +286,40 @@ def decode_blocks(run: DecodeRun) -> Iterator[Step]:
 
 
 # ----- self-speculative block decoding ------------------------------------------------------------------------------------
+# Below this running draft acceptance the speculative decoder's noisy block is a sibling of the pending drafts (the
+# break-even for block_length 2, see decode_speculative); 0 = always after them, 1 = always beside them.
+SIBLING_BELOW = 0.5
+
+
 @decoder("speculative", needs_block_length=True)
 def decode_speculative(run: DecodeRun) -> Iterator[Step]:
     """Block diffusion as its own drafter and verifier (needs token-causal clean attention, `clean_attention`
     "causal" in the model's dlm_config.json): every forward commits the newest final token and the pending drafts
-    as clean tokens and denoises one noisy block after them, in one call over the exact cache.
+    as clean tokens and denoises one noisy block after (or beside) them, in one call over the exact cache.
 
     - The clean rows are next-token (AR) predictions of the same weights, so the drafts are verified left to right
       by speculative sampling: a draft x is kept with probability min(1, p(x) / q(x)) (p the AR distribution, q
       the distribution it was drafted from; at temperature 0: kept iff it is the argmax), and the first rejected
       one is replaced by a draw from the residual max(0, p - q). The output is distributed exactly as
       left-to-right sampling with the clean path (greedy: identical to greedy AR decoding).
-    - If every draft was kept, the last clean row gives the next token (an exact AR draw) and the noisy block of
-      the same forward (which saw all the drafts) drafts the `block_length - 1` after it, all in parallel. The
+    - If every draft was kept, the last clean row gives the next token (an exact AR draw) and a noisy block after
+      the drafts (which saw them all) drafts the `block_length - 1` after it, all in parallel. The
       noisy block is `block_length - 1` masks starting at the next token's position: with the shift, mask row j
       predicts the token j + 1 places on, so the window's last token needs no mask of its own (a row fewer per
       forward than the trained block of `block_length` masks; measured on DiffuSmol v2: the same acceptance).
     - If a draft was rejected, the drafts after it stay pending for the next forward: they were drawn in parallel
       from one noisy block, so none of them depends on the rejected token, and each is still a sample of its own
       q, which is all speculative sampling asks of a proposal (only the acceptance rate depends on how good it
-      is). The noisy block of that forward saw the rejected token and is dropped.
-    Each forward therefore yields between 1 and `block_length` final tokens and never wastes its verification
-    rows on a single token. `threshold` (optional) cuts a fresh draft at its first proposal whose drafted
-    probability is below it (fewer wasted rows); `steps` and `remasking` do not apply. Stops at EOS or after
+      is). A noisy block after the drafts saw the rejected one, so its drafts would be poor ones; they are dropped.
+    - While most drafts are rejected (running acceptance below 1/2), the noisy block sits beside the pending
+      drafts instead (a sibling of the first: it sees the final tokens only, `block_step(noisy_from=)`), so its
+      drafts stay usable whatever is rejected and the forward after a rejection still has a draft to verify (after a
+      full accept it has none left for block_length 2). Per position the newest draft is used. Any draft is a valid
+      proposal as long as it is drawn from the q it is tested with and whether it is used never depends on its
+      value (only the acceptance rate depends on what q saw).
+    Each forward therefore yields between 1 and `block_length` final tokens. `threshold` (optional) ends a fresh
+    draft at the first row whose top probability is below it (fewer wasted rows; a cut on the row, not on the
+    drawn token, so exactness holds); `steps` and `remasking` do not apply. Stops at EOS or after
     max_new_tokens. One sequence at a time (a batch has ragged acceptance): a batch runs one row at a time.
     """
     model, cfg, canvas = run.model, run.config, run.canvas
@@ -351,16 +362,23 @@ def decode_speculative(run: DecodeRun) -> Iterator[Step]:
     pos = P                      # canvas[:, :pos] is final
     commit = canvas[:, :P]       # final tokens not in the cache yet (the prompt, then the newest final token)
     drafts: list[tuple[int, torch.Tensor]] = []   # (token, q) for positions pos, pos + 1, ...: not verified yet
+    kept_n, tried_n = 1, 3       # drafts kept / verified so far (prior 1/3): where the next noisy block goes
     step, done, total = 0, False, L - P
     while not done:
-        # the next token goes right after the drafts; masks there and after it draft the ones that follow
-        n_noisy = min(width - 1, L - pos - len(drafts) - 1)
+        # The noisy block goes after the pending drafts (its drafts then count only if all of those are kept) or,
+        # while drafts are mostly rejected, beside them: a sibling of the first one, seeing only the final tokens,
+        # so its drafts survive any rejection. With one draft pending (block_length 2) and acceptance a the
+        # sibling gives (1 + 2a) / (1 + a) tokens per forward against 2 / (2 - a), more for every a < 1/2.
+        sibling = bool(drafts) and kept_n < SIBLING_BELOW * tried_n
+        start = pos if sibling else pos + len(drafts)          # position of the first mask
+        n_noisy = min(width - 1, L - start - 1)
         noisy = torch.full((1, n_noisy), mask_id, device=device) if n_noisy > 0 else None
         draft_ids = torch.tensor([[t for t, _ in drafts]], device=device, dtype=torch.long)
         clean = torch.cat([commit, draft_ids], dim=1) if drafts else commit
         past, n_commit = cache.length, commit.shape[1]
         aligned, clean_logits = run.call(model.block_step, cache, noisy, clean_ids=clean, return_clean=True,
-                                         clean_from=n_commit - 1, predict_after=True)
+                                         clean_from=n_commit - 1, predict_after=True,
+                                         noisy_from=n_commit if (sibling and noisy is not None) else None)
         verify = probs_of(clean_logits[0])   # AR distributions for positions pos .. pos + len(drafts)
         reveal = torch.zeros(canvas.shape, dtype=torch.bool, device=device)
         conf = torch.zeros(canvas.shape, dtype=torch.float32, device=device)
@@ -377,24 +395,29 @@ def decode_speculative(run: DecodeRun) -> Iterator[Step]:
             token, q = drafts[accepted]
             done = write(token, float(q[token]))
             accepted += 1
-        if not done and accepted < len(drafts):   # rejected: a draw from the residual; later drafts stay pending
+        rejected = not done and accepted < len(drafts)
+        tried_n, kept_n = tried_n + accepted + int(rejected), kept_n + accepted
+        pending = []
+        if rejected:   # a draw from the residual; the drafts after it stay pending (none of them depends on it)
             p, q = verify[accepted], drafts[accepted][1]
             residual = (p - q).clamp(min=0) if cfg.temperature > 0 else p
             token = draw(residual / residual.sum() if float(residual.sum()) > 0 else p)
             model.crop_block_cache(cache, past + n_commit + accepted)   # the rejected drafts leave the cache
             done = write(token, float(p[token]))
-            drafts = drafts[accepted + 1:]
-        elif not done:                            # all kept: the last clean row is the exact next distribution
+            pending = drafts[accepted + 1:]
+        elif not done:  # all kept: the last clean row is the exact next distribution
             p = verify[len(drafts)]
             token = draw(p)
             done = write(token, float(p[token]))
-            drafts = []
-            rows = probs_of(aligned[0]) if (aligned is not None and not done) else None
-            for k in range(1, rows.shape[0] if rows is not None else 0):   # row 0 is the position just written
-                token = draw(rows[k])
-                if cfg.threshold is not None and float(rows[k, token]) < cfg.threshold:
+        fresh = []
+        if aligned is not None and not done and (sibling or not rejected):   # else poor drafts (saw a rejected one)
+            rows = probs_of(aligned[0])   # row k predicts position start + k
+            for k in range(pos - start, rows.shape[0]):   # from the first position not final yet
+                # a cut on the row, never on the drawn token: which drafts exist must not depend on their values
+                if cfg.threshold is not None and float(rows[k].max()) < cfg.threshold:
                     break
-                drafts.append((token, rows[k]))
+                fresh.append((draw(rows[k]), rows[k]))
+        drafts = fresh + pending[len(fresh):]   # per position the newest draft (both are valid proposals)
         commit = canvas[:, pos - 1: pos]
         step += 1
         run.end = pos

@@ -320,7 +320,8 @@ class DiffusionLM(nn.Module):
 
     def block_step(self, cache: BlockCache, noisy_ids: Optional[torch.Tensor], clean_ids: Optional[torch.Tensor] = None,
                    clean_blocks: Optional[torch.Tensor] = None, clean_padding: Optional[torch.Tensor] = None,
-                   return_clean: bool = False, clean_from: int = 0, predict_after: bool = False):
+                   return_clean: bool = False, clean_from: int = 0, predict_after: bool = False,
+                   noisy_from: Optional[int] = None):
         """One block-diffusion forward over the exact cache: commit `clean_ids` (finished tokens) to the cache and
         denoise the noisy block `noisy_ids` that follows them, in one call.
 
@@ -330,7 +331,8 @@ class DiffusionLM(nn.Module):
         clean_blocks: [c] block index of each clean token, relative (default: one block); ordered, >= 0.
         clean_padding:[B, c] 1 = token, 0 = left padding (prompts of a batch), default all tokens.
         Attention is the block rule of `dlm.attention`: clean tokens see the cache and the clean tokens of their own
-        and earlier blocks; the noisy block sees the cache, every clean token and itself (bidirectional).
+        and earlier blocks; the noisy block sees the cache, every clean token (or the first `noisy_from`) and itself
+        (bidirectional).
         Returns position-aligned logits [B, n, V] for the noisy block (row i predicts noisy token i), or None;
         with `return_clean`, (that, clean_logits [B, c - clean_from, V]) where clean row i predicts the token after
         clean token clean_from + i (an AR next-token prediction when clean attention is causal: the speculative
@@ -338,6 +340,10 @@ class DiffusionLM(nn.Module):
         predict_after: also return the prediction for the position right after the noisy block (the shift puts it
         on the last noisy row), so the aligned logits have n + 1 rows: a drafter then needs no mask at the last
         position it drafts, one row fewer per forward.
+        noisy_from:   token-causal clean attention only: the noisy block sees just the first `noisy_from` clean tokens
+        of this call (1..c; default c, all of them) and sits at the position of clean token `noisy_from`, beside the
+        clean tokens after it rather than after them (a sibling: the speculative decoder's drafts that must not
+        depend on drafts still unverified). Row 0 of the aligned logits is then clean token `noisy_from - 1`'s row.
         """
         B = (noisy_ids if noisy_ids is not None else clean_ids).shape[0]
         device = self.device
@@ -349,9 +355,13 @@ class DiffusionLM(nn.Module):
         # per-token (noisy?, block) for the cached keys (clean, earlier blocks) and the new tokens
         cb = torch.zeros(c, dtype=torch.long, device=device) if clean_blocks is None else clean_blocks.to(device)
         first_new_block = cache.n_blocks
-        if self.clean_causal:  # token-causal clean tokens: each its own id; the noisy block after all of them
-            new_blocks = torch.arange(past, past + c + 1, device=device)
-            new_blocks = torch.cat([new_blocks[:c], new_blocks[c:].expand(n)])
+        anchor = c if noisy_from is None else int(noisy_from)   # the noisy block sees clean tokens [0, anchor)
+        if anchor != c and not (self.clean_causal and self.shift and 1 <= anchor <= c and n):
+            raise ValueError(f"noisy_from must be in 1..{c} and needs a noisy block, the shift and token-causal "
+                             f"clean attention, got {noisy_from}")
+        if self.clean_causal:  # token-causal clean tokens: each its own id; the noisy block after the first `anchor`
+            new_blocks = torch.cat([torch.arange(past, past + c, device=device),
+                                    torch.full((n,), past + anchor, dtype=torch.long, device=device)])
         else:
             new_blocks = torch.cat([cb + first_new_block,
                                     torch.full((n,), int(cb.max()) + first_new_block + 1 if c else first_new_block,
@@ -368,16 +378,22 @@ class DiffusionLM(nn.Module):
         has_pad = not bool(padding.bool().all())
         positions = ((padding.long().cumsum(-1) - 1).clamp(min=0) if has_pad else
                      torch.arange(past + c + n, device=device)[None].expand(B, -1))[:, past:]
+        if anchor != c:  # the noisy block starts where clean token `anchor` is
+            positions = torch.cat([positions[:, :c], positions[:, anchor:anchor + 1] + torch.arange(n, device=device)],
+                                  dim=1)
         mask = prepared_mask(self.base.config, pattern, B, self.dtype, padding if has_pad else None)
         keep = None
         if predict_after and not self.shift:
             raise ValueError("predict_after needs the shift (without it no row predicts past the block)")
         if not 0 <= clean_from <= max(c - 1, 0):
             raise ValueError(f"clean_from must be in 0..{max(c - 1, 0)}, got {clean_from}")
+        if return_clean and anchor != c and clean_from > anchor - 1:
+            raise ValueError(f"clean_from must be <= noisy_from - 1 = {anchor - 1} (that row predicts the noisy "
+                             f"block's first token), got {clean_from}")
         if return_clean:  # the clean rows from clean_from on verify drafts
             keep = torch.arange(clean_from, c + n, device=device)
-        elif n:  # logits only where they are read: the last clean row (shift) and the noisy rows
-            first = c - 1 if (self.shift and c) else c
+        elif n:  # logits only where they are read: the clean row before the noisy block (shift), the last clean
+            first = min(c - 1, anchor - 1) if (self.shift and c) else c   # row (next call's) and the noisy rows
             keep = torch.arange(max(first, 0), c + n, device=device)
         elif self.shift and c:
             keep = torch.tensor([c - 1], device=device)
@@ -389,22 +405,25 @@ class DiffusionLM(nn.Module):
         if c:
             cache.n_blocks = first_new_block + int(cb.max()) + 1
         logits = out.logits
-        clean_logits = None
-        if return_clean:
+        clean_logits, lead = None, None
+        if self.shift and c and keep is not None:   # the kept clean rows are clean tokens k0 .. c - 1
+            k0 = int(keep[0])
+            clean_rows, logits = logits[:, :c - k0], logits[:, c - k0:]
+            cache.next_logits = clean_rows[:, -1]
+            lead = clean_rows[:, anchor - 1 - k0] if anchor != c else None
+            if return_clean:
+                clean_logits = clean_rows
+        elif return_clean:
             clean_logits, logits = logits[:, :c - clean_from], logits[:, c - clean_from:]
-            if self.shift and c:
-                cache.next_logits = clean_logits[:, -1]
-        elif self.shift and c:
-            cache.next_logits = logits[:, 0]
-            logits = logits[:, 1:]
         if not n:
             aligned = None
         elif not self.shift:
             aligned = logits
-        elif cache.next_logits is None:
+        elif lead is None and cache.next_logits is None:
             raise ValueError("the first block needs clean tokens before it (a prompt or a start token)")
         else:
-            aligned = torch.cat([cache.next_logits[:, None], logits if predict_after else logits[:, :-1]], dim=1)
+            lead = cache.next_logits if lead is None else lead
+            aligned = torch.cat([lead[:, None], logits if predict_after else logits[:, :-1]], dim=1)
         return (aligned, clean_logits) if return_clean else aligned
 
     def crop_block_cache(self, cache: BlockCache, length: int) -> None:

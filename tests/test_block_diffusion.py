@@ -210,3 +210,52 @@ def test_cached_block_step_equals_one_uncached_forward(family_dlm, impl, clean_a
     assert torch.equal(cached.argmax(-1), want.argmax(-1))
     torch.testing.assert_close(after, raw[:, 12:17], atol=1e-4, rtol=1e-4)   # + the last noisy row's prediction
     torch.testing.assert_close(clean, raw[:, 11:13], atol=1e-4, rtol=1e-4)   # b2's clean rows 2 and 3
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+def test_sibling_noisy_block_equals_its_uncached_definition(family_dlm, impl):
+    """`noisy_from=k`: the noisy block sees the cache and only the first k clean tokens of the call, and sits at clean
+    token k's position (beside the clean tokens after it). Written out by hand: clean tokens token-causal, the noisy
+    tokens one block that sees clean positions < 5 + k and itself, at positions 5 + k ...; the cached call must give
+    that forward's rows (row 0 of the aligned logits = clean token k - 1's row), and the clean tokens after k must
+    not change what the noisy block predicts."""
+    m = family_dlm
+    m.base.set_attn_implementation(impl)
+    m.config.clean_attention = "causal"
+    prompt, clean, k = _ids(5, 1, 1), _ids(4, 1, 2), 2
+    noisy = torch.full((1, 3), m.mask_token_id)
+    with torch.no_grad():
+        cache = m.new_block_cache()
+        m.block_step(cache, None, clean_ids=prompt)
+        aligned, rows = m.block_step(cache, noisy, clean_ids=clean, return_clean=True, clean_from=1,
+                                     predict_after=True, noisy_from=k)
+        assert cache.length == 9                      # the clean tokens are cached, the noisy block is not
+        next_row = cache.next_logits.clone()          # still the last clean token's row (the next call reads it)
+        cache3 = m.new_block_cache()
+        m.block_step(cache3, None, clean_ids=prompt)
+        plain = m.block_step(cache3, noisy, clean_ids=clean, predict_after=True, noisy_from=k)   # no clean rows asked
+        ids = torch.cat([prompt, clean, noisy], 1)
+        q_noisy = torch.tensor([False] * 9 + [True] * 3)
+        blocks = torch.tensor(list(range(9)) + [5 + k] * 3)
+        from dlm.attention import prepared_mask
+        mask = prepared_mask(m.base.config, block_pattern(q_noisy, blocks, q_noisy, blocks), 1, m.dtype)
+        positions = torch.tensor([list(range(9)) + [5 + k, 6 + k, 7 + k]])
+        raw = m.base(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+        # other clean tokens after position k: the noisy block's rows do not move
+        other = clean.clone()
+        other[0, k:] = torch.tensor([11, 12])
+        cache2 = m.new_block_cache()
+        m.block_step(cache2, None, clean_ids=prompt)
+        aligned2, _ = m.block_step(cache2, noisy, clean_ids=other, return_clean=True, clean_from=1,
+                                   predict_after=True, noisy_from=k)
+        for bad in (0, 5):
+            with pytest.raises(ValueError, match="noisy_from must be in 1..4"):
+                m.block_step(m.new_block_cache(), noisy, clean_ids=clean, noisy_from=bad)
+        with pytest.raises(ValueError, match="clean_from must be <= noisy_from - 1"):
+            m.block_step(cache2, noisy, clean_ids=clean, return_clean=True, clean_from=2, noisy_from=1)
+    want = torch.cat([raw[:, 5 + k - 1: 5 + k], raw[:, 9:12]], 1)
+    torch.testing.assert_close(aligned, want, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(rows, raw[:, 6:9], atol=1e-4, rtol=1e-4)   # clean rows from clean_from = 1 on
+    torch.testing.assert_close(aligned2, aligned, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(plain, want, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(next_row, raw[:, 8], atol=1e-4, rtol=1e-4)

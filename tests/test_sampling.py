@@ -577,9 +577,36 @@ def test_speculative_batch_equals_single_and_needs_causal_clean_attention(model)
         model.config.clean_attention = "causal"
 
 
-def test_speculative_sampling_is_distributed_as_left_to_right_sampling(model, monkeypatch):
+@pytest.mark.parametrize("below", [0.0, 1.0])
+def test_speculative_noisy_block_goes_beside_pending_drafts_below_the_acceptance_cut(model, monkeypatch, below):
+    """Where the noisy block goes is a real choice: with SIBLING_BELOW = 1 every forward with pending drafts asks
+    block_step for a sibling of the first one (`noisy_from` = the committed tokens), with 0 never; and greedy output
+    is the same left-to-right decoding either way."""
+    from dlm import decoders
+    monkeypatch.setattr(decoders, "SIBLING_BELOW", below)
+    calls, real = [], model.block_step
+
+    def spy(cache, noisy, clean_ids=None, **kw):
+        calls.append((clean_ids.shape[1], kw.get("noisy_from"), noisy is not None))
+        return real(cache, noisy, clean_ids=clean_ids, **kw)
+
+    monkeypatch.setattr(model, "block_step", spy)
+    g = model.generate(PROMPT, max_new_tokens=12, decoder="speculative", block_length=3, suppress_eos=True)
+    monkeypatch.undo()
+    want = model.generate(PROMPT, max_new_tokens=12, decoder="speculative", block_length=1, suppress_eos=True)
+    assert g.token_ids == want.token_ids
+    with_drafts = [(w, nf) for w, nf, has_noisy in calls[1:] if w > 1 and has_noisy]
+    assert with_drafts, calls                                   # some forward verified drafts
+    assert all(nf == (1 if below else None) for _, nf in with_drafts), calls
+
+
+@pytest.mark.parametrize("layout,threshold", [("adaptive", None), ("after", None), ("sibling", None),
+                                              ("sibling", 0.6)])
+def test_speculative_sampling_is_distributed_as_left_to_right_sampling(model, monkeypatch, layout, threshold):
     """Exactness of the speculative decoder under sampling, leftover drafts included (block_length 3: two drafts per
-    noisy block, so a rejected first draft leaves the second one pending for the next forward). Every token id but
+    noisy block, so a rejected first draft leaves the second one pending for the next forward), for each place of
+    the noisy block (after the pending drafts, beside them, or chosen by the running acceptance) and with a draft
+    cut by `threshold` (which drafts exist must not depend on their values). Every token id but
     two is banned, so 3-token continuations have 8 possible values, drafts and verifier share a support but not
     their probabilities, and the exact probabilities under left-to-right sampling from the clean (causal) path are
     computed here; the decoder's empirical distribution must match them."""
@@ -589,8 +616,9 @@ def test_speculative_sampling_is_distributed_as_left_to_right_sampling(model, mo
     allowed = [90, 1001]
     banned = [i for i in range(model.vocab_size) if i not in allowed]
     monkeypatch.setattr(decoders, "banned_token_ids", lambda m, suppress_eos=False: banned)
+    monkeypatch.setattr(decoders, "SIBLING_BELOW", {"adaptive": 0.5, "after": 0.0, "sibling": 1.0}[layout])
     cfg = dlm.SamplerConfig(decoder="speculative", block_length=3, max_new_tokens=3, suppress_eos=True,
-                            temperature=1.0)
+                            temperature=1.0, threshold=threshold)
     prompt = model.tokenizer(PROMPT, return_tensors="pt").input_ids[0].tolist()
 
     def next_probs(ids: list[int]) -> torch.Tensor:
