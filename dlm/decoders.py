@@ -411,12 +411,13 @@ def decode_speculative(run: DecodeRun) -> Iterator[Step]:
             done = write(token, float(p[token]))
         fresh = []
         if aligned is not None and not done and (sibling or not rejected):   # else poor drafts (saw a rejected one)
-            rows = probs_of(aligned[0])   # row k predicts position start + k
-            for k in range(pos - start, rows.shape[0]):   # from the first position not final yet
+            # aligned row k predicts position start + k: only the rows from the first position not final yet
+            # (the ones before it are final, e.g. row 0 is the verify row just drawn from)
+            for q in probs_of(aligned[0, pos - start:]):
                 # a cut on the row, never on the drawn token: which drafts exist must not depend on their values
-                if cfg.threshold is not None and float(rows[k].max()) < cfg.threshold:
+                if cfg.threshold is not None and float(q.max()) < cfg.threshold:
                     break
-                fresh.append((draw(rows[k]), rows[k]))
+                fresh.append((draw(q), q))
         drafts = fresh + pending[len(fresh):]   # per position the newest draft (both are valid proposals)
         commit = canvas[:, pos - 1: pos]
         step += 1
