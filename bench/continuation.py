@@ -181,6 +181,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     p.add_argument("--data-dir", type=Path, default=None, help="default ../shared/data")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="auto")
+    p.add_argument("--ar-linear", choices=("same", "torch"), default="same",
+                   help="the AR twin's linear layers: 'same' as the DLM (DLM_CPU_KERNEL applies to both) or 'torch' "
+                        "(stock: the strictest comparison where the DLM runs the small-row kernel)")
     p.add_argument("--out", type=Path, default=None, help="write the result (with every sample) as JSON")
     args = p.parse_args(argv)
 
@@ -199,11 +202,17 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     if not ar_name:
         p.error("the model names no AR counterpart: pass --ar-model")
     ar_model = dlm.load(ar_name, device=args.device, dtype=args.dtype)
+    if args.ar_linear == "torch":
+        from dlm.cpu_kernel import uninstall
+        uninstall(ar_model.base)
     judge = ar_model if args.judge in (None, ar_name) else dlm.load(args.judge, device=args.device, dtype=args.dtype)
     prompts = load_prompts(data_dir, args.n, dev=args.dev)
     print(f"# {args.model} ({model.sampler_config.decoder} decoder) vs {ar_name}: {len(prompts)} prompts x "
           f"{args.new_tokens} tokens, T={args.temperature}, top-p={args.top_p}, threads {torch.get_num_threads()}",
           flush=True)
+    if model.device.type == "cpu":
+        from dlm.cpu_kernel import describe
+        print(f"# linear layers: DLM {describe(model.base)}, AR {describe(ar_model.base)}", flush=True)
     t0 = time.perf_counter()
     result = run(model, ar_model, judge, prompts, args.new_tokens, args.temperature, args.top_p, args.seed,
                  log=lambda line: print(line, flush=True))

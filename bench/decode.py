@@ -228,6 +228,9 @@ def main(argv: Optional[Sequence[str]] = None) -> list[Row]:
         "  [note: not diffusion-adapted: DLM rows are the un-adapted baseline; expect poor quality]"
     print(f"# DLM {model_name} vs AR {ar_name}; judge {args.judge or ar_name}; device {model.device}, "
           f"dtype {str(model.dtype).split('.')[-1]}, threads {torch.get_num_threads()}{note}", flush=True)
+    if model.device.type == "cpu":
+        from dlm.cpu_kernel import describe
+        print(f"# linear layers: DLM {describe(model.base)}, AR {describe(ar_model.base)}", flush=True)
     print(HEADER, flush=True)
     t0 = time.perf_counter()
     rows = run(model, ar_model, judge, lengths, [known[w] for w in wanted], args.prompt, args.repeats, args.seed,

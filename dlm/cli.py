@@ -160,6 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("info", parents=[common, model], help="registry entry and parameters of a model")
     sub.add_parser("models", parents=[common], help="list the registered models")
+    sub.add_parser("kernel", parents=[common], help="build the small-row CPU kernel and show whether it is used "
+                   "(DLM_CPU_KERNEL=auto/on/off)")
     return parser
 
 
@@ -301,8 +303,13 @@ def cmd_models(args, show_progress: bool) -> dict:
     return {"command": "models", "models": rows}
 
 
+def cmd_kernel(args, show_progress: bool) -> dict:
+    from . import cpu_kernel
+    return {"command": "kernel", **cpu_kernel.status()}
+
+
 COMMANDS = {"generate": cmd_generate, "infill": cmd_infill, "fill": cmd_fill, "score": cmd_score,
-            "info": cmd_info, "models": cmd_models}
+            "info": cmd_info, "models": cmd_models, "kernel": cmd_kernel}
 
 
 # ----- output ------------------------------------------------------------------------------------------------------
@@ -324,7 +331,7 @@ def _print_human(out: dict) -> None:
         se = out["stderr"]
         se_text = "n/a" if se is None else f"{se:.4f}"
         print(f"logprob={out['logprob']:.4f} stderr={se_text} n_tokens={out['n_tokens']} method={out['method']}")
-    elif cmd == "info":
+    elif cmd in ("info", "kernel"):
         for key, value in out.items():
             if key == "registry" and isinstance(value, dict):
                 for k, v in value.items():

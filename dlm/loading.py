@@ -24,7 +24,7 @@ from typing import Optional, Union
 
 import torch
 
-from . import registry
+from . import cpu_kernel, registry
 from .fileio import atomic_directory, cache_dir
 from .model import DLM_CONFIG_NAME, DiffusionLM, DLMConfig, load_sampler_configs
 
@@ -436,6 +436,8 @@ def load(source: Union[str, os.PathLike], *, mask_token_id: Optional[int] = None
     if quantization in (None, "none", ""):
         base = base.to(dev)
     base.eval()
+    if dev.type == "cpu" and quantization in (None, "none", ""):
+        cpu_kernel.install(base)   # small-row linears on CPUs without AVX-512 (DLM_CPU_KERNEL; no-op elsewhere)
 
     family = getattr(base.config, "model_type", "")
     if saved is not None:

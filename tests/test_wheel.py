@@ -28,7 +28,8 @@ def test_wheel_holds_the_package_data(wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
     for needed in ("dlm/assets/smollm2-135m-dlm/adapter_model.safetensors",
                    "dlm/assets/smollm2-135m-dlm/dlm_config.json", "app/examples/analogies.txt",
-                   "train/configs/tiny-cpu.yaml", "train/accelerate/cpu-2proc.yaml", "train/data/tiny_corpus.txt"):
+                   "train/configs/tiny-cpu.yaml", "train/accelerate/cpu-2proc.yaml", "train/data/tiny_corpus.txt",
+                   "dlm/csrc/small_rows.cpp"):
         assert needed in names, needed
     entry = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
     scripts = zipfile.ZipFile(wheel).read(entry).decode()
@@ -50,8 +51,11 @@ def test_installed_wheel_loads_the_default_model_from_anywhere(wheel, tmp_path):
     work.mkdir()
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH",)}
     env["HF_HUB_OFFLINE"] = "1"
+    env["DLM_CPU_KERNEL"] = "on"   # the small-row kernel builds from the installed source where it applies
     code = ("import dlm, pathlib; assert 'site-packages' in dlm.__file__, dlm.__file__; "
+            "from dlm import cpu_kernel; "
             "m = dlm.load('smollm2-135m-dlm', device='cpu'); "
+            "assert cpu_kernel.installed(m.base) > 0 or not cpu_kernel.cpu_supports(), cpu_kernel.status(); "
             "g = m.generate('Once upon a time', max_new_tokens=4, steps=2); "
             "assert len(g.token_ids) >= 1 and g.nfe >= 1; print('OK', repr(g.text))")
     done = subprocess.run([str(py), "-c", code], cwd=work, env=env, capture_output=True, text=True, timeout=600)
