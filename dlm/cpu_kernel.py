@@ -11,7 +11,8 @@ under AVX2 kernels (ms for 30 layers, 1/2/3/4 rows): MKL 20.4 / 40.2 / 41.4 / 42
 Policy: the environment variable DLM_CPU_KERNEL = "auto" (default: on where torch's CPU capability is AVX2) /
 "on" (any x86 CPU with AVX2 + FMA) / "off". `dlm.load` calls `install(model)` for fp32 CPU models, the AR twin
 included, so both sides of a speed comparison run the same linear. The kernel is compiled once on first use with
-torch.utils.cpp_extension (a C++ compiler and ninja; ~15 s, cached under TORCH_EXTENSIONS_DIR); without them, or
+torch.utils.cpp_extension (a C++ compiler and ninja; ~15 s, cached in dlm's cache folder, $DLM_CACHE_DIR or
+~/.cache/dlm-studio, under kernels/); without them, or
 on other CPUs, everything stays on torch's own linear and nothing else changes.
 
     dlm kernel          # build it now and print which path this machine takes
@@ -22,6 +23,7 @@ import functools
 import os
 import platform
 import shutil
+import time
 import types
 import warnings
 from pathlib import Path
@@ -67,6 +69,16 @@ def wanted() -> bool:
     return p == "on" or torch.backends.cpu.get_cpu_capability() == "AVX2"
 
 
+STALE_LOCK_S = 600                # a build lock older than this was left by a killed build (one takes ~15 s)
+
+
+def build_directory() -> Path:
+    """Where the compiled kernel lives: dlm's cache folder, one subfolder per torch / Python version."""
+    from .fileio import cache_dir
+    tag = f"torch{torch.__version__.split('+')[0]}-py{platform.python_version_tuple()[0]}{platform.python_version_tuple()[1]}"
+    return cache_dir() / "kernels" / f"small_rows-{tag}"
+
+
 @functools.lru_cache(maxsize=1)
 def _build() -> Optional[str]:
     """Compile and load the op once per process; returns None on success, else why it is unavailable."""
@@ -75,7 +87,13 @@ def _build() -> Optional[str]:
         if shutil.which("ninja") is None:   # the `ninja` wheel's binary, when the venv's bin/ is not on PATH
             import ninja
             os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+        directory = build_directory()
+        directory.mkdir(parents=True, exist_ok=True)
+        lock = directory / "lock"            # torch waits on this file forever if a build was killed (kill -9)
+        if lock.exists() and time.time() - lock.stat().st_mtime > STALE_LOCK_S:
+            lock.unlink(missing_ok=True)
         load(name="dlm_small_rows", sources=[str(SOURCE)], is_python_module=False, verbose=False,
+             build_directory=str(directory),
              extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"], extra_ldflags=["-fopenmp"])
         torch.ops.dlm_cpu.small_rows_linear   # noqa: B018  (raises if the library did not register)
         return None
@@ -154,7 +172,9 @@ def installed(model: nn.Module) -> int:
 def describe(model: nn.Module) -> str:
     """Which linear a model's small-row calls run on, for benchmark headers: the kernel or torch's (MKL ...)."""
     n = installed(model)
-    return f"dlm small-row kernel ({n} layers)" if n else f"torch ({torch.backends.cpu.get_cpu_capability()})"
+    cap = torch.backends.cpu.get_cpu_capability()
+    return f"dlm small-row kernel for {MIN_ROWS}-{MAX_ROWS} rows ({n} layers), else torch ({cap})" if n else \
+        f"torch ({cap})"
 
 
 def status() -> dict:

@@ -152,3 +152,25 @@ def test_policy_from_the_environment(kernel, tiny_llama_dir, monkeypatch):
     assert cpu_kernel.wanted() == (torch.backends.cpu.get_cpu_capability() == "AVX2")
     status = cpu_kernel.status()
     assert status["built"] and status["routes_small_rows"] == cpu_kernel.wanted()
+
+
+def test_a_killed_build_does_not_hang_the_next_one(kernel, tmp_path):
+    """torch's extension builder waits forever on a lock file a killed build left behind; an old one is cleared
+    (a fresh process with an empty cache folder: the build runs from scratch)."""
+    import os
+    import subprocess
+    import sys
+    import time
+    env = {**os.environ, "DLM_CACHE_DIR": str(tmp_path)}
+    code = "from dlm import cpu_kernel; print(cpu_kernel.build_directory())"
+    directory = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                               check=True).stdout.strip()
+    os.makedirs(directory)
+    lock = os.path.join(directory, "lock")
+    open(lock, "w").close()
+    old = time.time() - cpu_kernel.STALE_LOCK_S - 60
+    os.utime(lock, (old, old))
+    code = "from dlm import cpu_kernel; r = cpu_kernel._build(); print('BUILT' if r is None else r)"
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0 and "BUILT" in done.stdout, (done.stdout + done.stderr)[-2000:]
+    assert os.path.exists(os.path.join(directory, "dlm_small_rows.so"))
