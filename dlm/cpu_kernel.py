@@ -127,7 +127,7 @@ def small_rows_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
 def _forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     # the kernel has no backward: training (grad on) and anything but a few fp32 CPU rows keep torch's linear
     rows = x.numel() // max(1, x.shape[-1])
-    if (MIN_ROWS <= rows <= MAX_ROWS and x.dtype == torch.float32 and x.device.type == "cpu"
+    if (MIN_ROWS <= rows <= MAX_ROWS and x.dtype == self.weight.dtype == torch.float32 and x.device.type == "cpu"
             and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))):
         return small_rows_linear(x, self.weight, self.bias)
     return F.linear(x, self.weight, self.bias)
