@@ -16,7 +16,7 @@ from typing import Callable, Iterator, Optional, Sequence, Union
 
 import torch
 
-from .decoders import DECODERS, DecodeRun, Step, sample_tokens
+from .decoders import DECODERS, DecodeRun, Step, sample_tokens, sampling_warpers
 from .noise import seeded_generator
 from .sampler_config import SamplerConfig
 from .types import Frame, Generation
@@ -259,8 +259,9 @@ def ar_generate(model, prompt: Optional[Prompt] = None, config: Optional[Sampler
     kwargs = dict(max_new_tokens=cfg.max_new_tokens, min_new_tokens=cfg.max_new_tokens if cfg.suppress_eos else 0,
                   attention_mask=torch.ones_like(input_ids), suppress_tokens=suppress, eos_token_id=eos or None,
                   pad_token_id=int(pad if pad is not None else (eos[0] if eos else 0)))
-    if cfg.temperature > 0:
-        kwargs.update(do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k or None)
+    if cfg.temperature > 0:   # the decoders' own warpers, in transformers' order (generate's own ones: off)
+        kwargs.update(do_sample=True, temperature=1.0, top_p=1.0, top_k=0,
+                      logits_processor=sampling_warpers(cfg.temperature, cfg.top_k, cfg.top_p))
     else:
         kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
     cuda_devices = [device.index or 0] if device.type == "cuda" else []

@@ -129,6 +129,72 @@ def test_sample_tokens_greedy_seeded_and_filtered():
     assert torch.equal(top1, logits.argmax(-1))
 
 
+@pytest.mark.parametrize("top_p", [0.3, 0.9, 0.95, 0.999])
+@pytest.mark.parametrize("min_keep", [1, 3])
+def test_nucleus_warper_keeps_exactly_what_transformers_top_p_keeps(top_p, min_keep):
+    """The top-k shortcut decides the same kept set as the full sort: peaked rows (decided from the candidates),
+    flat rows (the nucleus reaches past them: the full sort), banned (-inf) tokens, a vocabulary smaller than the
+    candidates."""
+    from transformers import TopPLogitsWarper
+    from dlm.decoders import nucleus_warper
+    g = torch.Generator().manual_seed(int(top_p * 1000) + min_keep)
+    peaked = torch.randn(48, 5000, generator=g) * torch.linspace(0.5, 8.0, 48)[:, None]
+    flat = torch.randn(4, 5000, generator=g) * 0.01
+    banned = torch.randn(4, 5000, generator=g) * 4
+    banned[:, ::3] = float("-inf")
+    small = torch.randn(6, 100, generator=g) * 3
+    full_sorts = []
+    parent = TopPLogitsWarper.__call__
+    ours = nucleus_warper(top_p)
+    ours.min_tokens_to_keep = min_keep
+    type(ours).__bases__[0].__call__ = lambda self, i, sc: full_sorts.append(1) or parent(self, i, sc)
+    try:
+        batches = [*peaked.split(1), peaked, flat, banned, small]   # one row per call, then whole batches
+        for scores in batches:
+            ref = parent(TopPLogitsWarper(top_p, min_tokens_to_keep=min_keep), None, scores.clone())
+            got = ours(None, scores.clone())
+            assert torch.equal(got[~torch.isinf(got)], scores[~torch.isinf(got)])   # kept scores untouched
+            differ = torch.isinf(got) != torch.isinf(ref)
+            if differ.any():   # only where float32 rounding of the parent's cumulative sum decides: the token's
+                p = scores.double().softmax(-1)                  # mass-from-here is within 1e-4 of 1 - top_p
+                rows, cols = differ.nonzero(as_tuple=True)
+                for r, c in zip(rows.tolist(), cols.tolist()):
+                    mass = float(p[r][p[r] <= p[r, c]].sum())
+                    assert abs(mass - (1 - top_p)) < 1e-4, (r, c, mass)
+                assert differ.sum() <= differ.shape[0]
+    finally:
+        TopPLogitsWarper.__call__ = parent
+    assert len(full_sorts) >= 2 and len(batches) - len(full_sorts) >= 8   # flat / small rows sorted, peaked not
+
+
+def test_ar_generate_samples_from_the_nucleus_of_the_tempered_distribution(model):
+    """top-p comes after the temperature in `ar_generate` (as in transformers): at T = 0.4 the tempered nucleus is
+    smaller than the untempered one, and every draw lies in it."""
+    from dlm.decoders import sampling_probs
+    ids = model.tokenizer(PROMPT, add_special_tokens=False)["input_ids"]
+    logits = model.ar_logits(torch.tensor([ids]))[0, -1:].float()
+    logits[:, [model.mask_token_id, *model.eos_token_ids]] = float("-inf")     # what generate suppresses
+    allowed = sampling_probs(logits, 0.4, 0, 0.5)[0] > 0
+    untempered = sampling_probs(logits, 1.0, 0, 0.5)[0] > 0
+    assert allowed.sum() < untempered.sum()
+    drawn = {model.ar_generate(PROMPT, max_new_tokens=1, temperature=0.4, top_p=0.5, seed=s,
+                               suppress_eos=True).token_ids[0] for s in range(120)}
+    assert len(drawn) > 1 and all(bool(allowed[t]) for t in drawn)
+
+
+def test_draw_tokens_follows_the_distribution_and_never_draws_a_zero():
+    from dlm.decoders import draw_tokens
+    probs = torch.tensor([[0.5, 0.0, 0.3, 0.2, 0.0], [0.0, 0.0, 0.0, 2.0, 2.0]])   # rows need not sum to 1
+    g = torch.Generator().manual_seed(0)
+    draws = torch.stack([draw_tokens(probs, g) for _ in range(4000)])            # [4000, 2]
+    for row, target in ((0, probs[0]), (1, probs[1] / probs[1].sum())):
+        freq = torch.bincount(draws[:, row], minlength=5).float() / len(draws)
+        assert float((freq - target).abs().sum()) / 2 < 0.03                     # TV; n=4000: sd ~0.008
+        assert (freq[target == 0] == 0).all()
+    again = torch.stack([draw_tokens(probs, torch.Generator().manual_seed(0)) for _ in range(3)])
+    assert torch.equal(again[0], again[1])
+
+
 def test_reveal_top_k_per_row_within_eligible():
     score = torch.tensor([[0.9, 0.1, 0.8, 0.7, 0.95], [0.2, 0.3, 0.1, 0.6, 0.5]])
     eligible = torch.tensor([[False, True, True, True, True], [True, True, True, True, False]])
