@@ -25,6 +25,7 @@ from typing import Optional, Union
 import torch
 
 from . import cpu_kernel, registry
+from .attention import enable_packed_gqa
 from .fileio import atomic_directory, cache_dir
 from .model import DLM_CONFIG_NAME, DiffusionLM, DLMConfig, load_sampler_configs
 
@@ -438,6 +439,8 @@ def load(source: Union[str, os.PathLike], *, mask_token_id: Optional[int] = None
     base.eval()
     if dev.type == "cpu" and quantization in (None, "none", ""):
         cpu_kernel.install(base)   # small-row linears on CPUs without AVX-512 (DLM_CPU_KERNEL; no-op elsewhere)
+    if dev.type == "cpu":
+        enable_packed_gqa(base)    # few-row masked attention without repeating the cache (dlm.attention)
 
     family = getattr(base.config, "model_type", "")
     if saved is not None:

@@ -259,3 +259,60 @@ def test_sibling_noisy_block_equals_its_uncached_definition(family_dlm, impl):
     torch.testing.assert_close(aligned2, aligned, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(plain, want, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(next_row, raw[:, 8], atol=1e-4, rtol=1e-4)
+
+
+def test_packed_gqa_attention_equals_transformers_sdpa(tiny_llama_dir, monkeypatch):
+    """A few masked query rows of a grouped-query model (the tiny LLaMA: 4 heads, 2 kv heads) attend through the
+    packed path (heads of a group folded into rows, no repeated cache) with the same result as transformers'
+    repeat_kv path; unmarked models and training keep transformers' function."""
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from dlm import attention
+    m = dlm.load(tiny_llama_dir, device="cpu", dtype="float32")
+    marked = [x for x in m.base.modules() if getattr(x, attention.PACK_ATTR, False)]
+    assert len(marked) == m.base.config.num_hidden_layers
+    shapes = []
+    real = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda q, *a, **k: shapes.append(tuple(q.shape)) or real(q, *a, **k))
+    prompt = torch.tensor([m.tokenizer("Once upon a time there", add_special_tokens=False)["input_ids"]])
+
+    def step(rows: int):
+        cache = m.new_block_cache()
+        with torch.no_grad():
+            m.block_step(cache, None, clean_ids=prompt)
+            return m.block_step(cache, torch.full((1, rows), m.mask_token_id),
+                                clean_ids=torch.tensor([[5, 6]]), return_clean=True)
+
+    for rows in (1, 3):
+        shapes.clear()
+        packed = step(rows)
+        assert (1, 2, 2 * (rows + 2), 16) in shapes                   # [B, kv heads, groups x rows, head dim]
+        for x in marked:
+            setattr(x, attention.PACK_ATTR, False)
+        shapes.clear()
+        plain = step(rows)
+        assert (1, 4, rows + 2, 16) in shapes and not any(s[1] == 2 for s in shapes)
+        for x in marked:
+            setattr(x, attention.PACK_ATTR, True)
+        for a, b in zip(packed, plain):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        # unmarked, our registered function is transformers' own, to the bit
+        monkeypatch.setitem(AttentionInterface._global_mapping, "sdpa", sdpa_attention_forward)
+        for x in marked:
+            setattr(x, attention.PACK_ATTR, False)
+        stock = step(rows)
+        monkeypatch.undo()
+        monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                            lambda q, *a, **k: shapes.append(tuple(q.shape)) or real(q, *a, **k))
+        for x in marked:
+            setattr(x, attention.PACK_ATTR, True)
+        assert all(torch.equal(a, b) for a, b in zip(plain, stock))
+    # training (grad on) keeps transformers' path
+    shapes.clear()
+    ids = torch.cat([prompt, torch.full((1, 3), m.mask_token_id)], 1)
+    m.base(ids, attention_mask=torch.ones_like(ids)).logits.sum().backward()
+    assert shapes and not any(s[1] == 2 for s in shapes)
+    g = m.generate("Once upon a time", max_new_tokens=8, decoder="speculative", block_length=3, suppress_eos=True)
+    ar = m.ar_generate("Once upon a time", max_new_tokens=8, suppress_eos=True)
+    assert g.token_ids == ar.token_ids
