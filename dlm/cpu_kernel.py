@@ -181,10 +181,12 @@ def status() -> dict:
     """What this machine does (builds the kernel if it applies): for `dlm kernel` and the benchmarks' headers."""
     out = {"cpu_capability": torch.backends.cpu.get_cpu_capability(), "policy": policy(),
            "cpu_supports": cpu_supports(), "built": False, "reason": None}
-    if out["cpu_supports"]:
+    if not out["cpu_supports"]:
+        out["reason"] = "not an x86-64 CPU with AVX2 + FMA"
+    elif out["policy"] == "off":
+        out["reason"] = f"{ENV}=off"
+    else:
         out["reason"] = _build()
         out["built"] = out["reason"] is None
-    else:
-        out["reason"] = "not an x86-64 CPU with AVX2 + FMA"
     out["routes_small_rows"] = bool(out["built"] and wanted())
     return out

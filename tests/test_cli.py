@@ -140,3 +140,14 @@ def test_animation_is_written_as_gif_and_html(tiny_llama_dir, tmp_path):
         assert out["animation"] == str(path) and path.stat().st_size > 0 and "frames" not in out
     from PIL import Image
     assert Image.open(tmp_path / "run.gif").n_frames >= 3
+
+
+def test_kernel_reports_the_path_this_machine_takes(capsys, monkeypatch):
+    import json
+    monkeypatch.setenv("DLM_CPU_KERNEL", "off")
+    assert cli.main(["kernel", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["command"] == "kernel" and out["policy"] == "off" and out["routes_small_rows"] is False
+    monkeypatch.setenv("DLM_CPU_KERNEL", "never")
+    assert cli.main(["kernel"]) == 1
+    assert "DLM_CPU_KERNEL='never': allowed are auto, on, off" in capsys.readouterr().err

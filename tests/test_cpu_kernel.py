@@ -141,6 +141,7 @@ def test_policy_from_the_environment(kernel, tiny_llama_dir, monkeypatch):
         cpu_kernel.policy()
     monkeypatch.setenv(cpu_kernel.ENV, "off")
     assert not cpu_kernel.wanted()
+    assert cpu_kernel.status()["reason"] == "DLM_CPU_KERNEL=off" and not cpu_kernel.status()["routes_small_rows"]
     assert cpu_kernel.installed(dlm.load(tiny_llama_dir, device="cpu", dtype="float32").base) == 0
     monkeypatch.setenv(cpu_kernel.ENV, "on")
     assert cpu_kernel.wanted()
