@@ -181,9 +181,6 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     p.add_argument("--data-dir", type=Path, default=None, help="default ../shared/data")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="auto")
-    p.add_argument("--ar-linear", choices=("same", "torch"), default="same",
-                   help="the AR twin's linear layers: 'same' as the DLM (DLM_CPU_KERNEL applies to both) or 'torch' "
-                        "(stock: the strictest comparison where the DLM runs the small-row kernel)")
     p.add_argument("--out", type=Path, default=None, help="write the result (with every sample) as JSON")
     args = p.parse_args(argv)
 
@@ -202,9 +199,6 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     if not ar_name:
         p.error("the model names no AR counterpart: pass --ar-model")
     ar_model = dlm.load(ar_name, device=args.device, dtype=args.dtype)
-    if args.ar_linear == "torch":
-        from dlm.cpu_kernel import uninstall
-        uninstall(ar_model.base)
     judge = ar_model if args.judge in (None, ar_name) else dlm.load(args.judge, device=args.device, dtype=args.dtype)
     prompts = load_prompts(data_dir, args.n, dev=args.dev)
     print(f"# {args.model} ({model.sampler_config.decoder} decoder) vs {ar_name}: {len(prompts)} prompts x "

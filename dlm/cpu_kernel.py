@@ -9,8 +9,8 @@ under AVX2 kernels (ms for 30 layers, 1/2/3/4 rows): MKL 20.4 / 40.2 / 41.4 / 42
 23.2 / 24.4. On AVX-512 CPUs MKL's own small-row path is as fast, so "auto" leaves them alone.
 
 Policy: the environment variable DLM_CPU_KERNEL = "auto" (default: on where torch's CPU capability is AVX2) /
-"on" (any x86 CPU with AVX2 + FMA) / "off". `dlm.load` calls `install(model)` for fp32 CPU models, the AR twin
-included, so both sides of a speed comparison run the same linear. The kernel is compiled once on first use with
+"on" (any x86 CPU with AVX2 + FMA) / "off". `dlm.load` calls `install(model)` for fp32 CPU models; only 2-8 row
+calls are routed, so an AR step (one row) runs torch's linear either way. The kernel is compiled once on first use with
 torch.utils.cpp_extension (a C++ compiler and ninja; ~15 s, cached in dlm's cache folder, $DLM_CACHE_DIR or
 ~/.cache/dlm-studio, under kernels/); without them, or
 on other CPUs, everything stays on torch's own linear and nothing else changes.
@@ -178,7 +178,7 @@ def describe(model: nn.Module) -> str:
 
 
 def status() -> dict:
-    """What this machine does (builds the kernel if it applies): for `dlm kernel` and the benchmarks' headers."""
+    """What this machine does (builds the kernel if it applies and the policy is not off): for `dlm kernel`."""
     out = {"cpu_capability": torch.backends.cpu.get_cpu_capability(), "policy": policy(),
            "cpu_supports": cpu_supports(), "built": False, "reason": None}
     if not out["cpu_supports"]:

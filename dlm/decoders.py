@@ -147,7 +147,8 @@ def _nucleus_class():
             probs = scores.softmax(-1)
             top, idx = probs.topk(k, dim=-1)                                 # descending
             top = top.double()                                               # (no cancellation in the difference)
-            from_here = probs.double().sum(-1, keepdim=True) - (top.cumsum(-1) - top)   # this token and all below
+            total = probs.sum(-1, keepdim=True, dtype=torch.float64)
+            from_here = total - (top.cumsum(-1) - top)                       # this token and all less probable
             kept = from_here > (1 - self.top_p)                              # the parent's rule
             kept[..., : self.min_tokens_to_keep] = True
             if kept[..., -1].any():                                    # the nucleus may go past the candidates

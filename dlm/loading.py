@@ -409,7 +409,8 @@ def load(source: Union[str, os.PathLike], *, mask_token_id: Optional[int] = None
         if (Path(adapter) / DLM_CONFIG_NAME).is_file() and saved is None:
             saved = DLMConfig.load(adapter)
 
-    if weights_src.gguf_file and quantization in (None, "none", ""):
+    unquantized = quantization in (None, "none", "")
+    if weights_src.gguf_file and unquantized:
         converted = _gguf_conversion(weights_src)
         if converted is not None:
             weights_src = _Source(converted, None, weights_src.spec, weights_src.label)
@@ -433,14 +434,14 @@ def load(source: Union[str, os.PathLike], *, mask_token_id: Optional[int] = None
         tokenizer.mask_token = tokenizer.convert_ids_to_tokens(mask_id)
 
     for a in adapter_dirs:
-        base = _apply_adapter(base, a, merge=merge_adapter and quantization in (None, "none", ""))
-    if quantization in (None, "none", ""):
+        base = _apply_adapter(base, a, merge=merge_adapter and unquantized)
+    if unquantized:
         base = base.to(dev)
     base.eval()
-    if dev.type == "cpu" and quantization in (None, "none", ""):
-        cpu_kernel.install(base)   # small-row linears on CPUs without AVX-512 (DLM_CPU_KERNEL; no-op elsewhere)
     if dev.type == "cpu":
         enable_packed_gqa(base)    # few-row masked attention without repeating the cache (dlm.attention)
+        if unquantized:
+            cpu_kernel.install(base)   # small-row linears on CPUs without AVX-512 (DLM_CPU_KERNEL; no-op elsewhere)
 
     family = getattr(base.config, "model_type", "")
     if saved is not None:
