@@ -8,12 +8,13 @@ per step rather than a ratio to aim at.
 
     python bench/sampler_overhead.py                         # tiny random LLaMA (SmolLM2 tokenizer)
     python bench/sampler_overhead.py --model smollm2-135m    # the embedded SmolLM2-135M
+    python bench/sampler_overhead.py --model smollm2-135m --quick --dtype bf16   # a few minutes on a CPU
     python -m bench sampler_overhead ...                     # through the bench aggregator (main(argv))
 
 `outside` (generate wall time / the time its own model calls took) measures the same thing inside one call and is
 the steadier number on a shared CPU, where the forward time itself drifts by 2x between calls. Cost: 7 rows x
 (1 + repeats) x (generate + its forwards); SmolLM2-135M took 37 min with --repeats 2 on the project's 2 busy CPU
-cores (~1.5-2.5 s per fp32 forward); `--length 16 --repeats 1 --dtype bf16` is a quick look.
+cores (~1.5-2.5 s per fp32 forward); `--quick` (= `--length 16 --repeats 1`) with `--dtype bf16` is a quick look.
 
 Rows with --use-cache are marked: their forwards are shorter than the full canvas, so the ratio is relative to a
 full-canvas forward (it can drop below 1 - that is the cache's saving, not negative overhead).
@@ -121,8 +122,9 @@ def measure(model, cfg: Config, length: int, repeats: int = 3, prompt: str = PRO
     Pairing each generate with its own forward block keeps both under the same load on a shared machine; the row
     reports the median of the per-repeat ratios and the fastest call (after one warm-up call of each).
     """
-    kwargs = dict(max_new_tokens=length, steps=cfg.steps, block_length=cfg.block_length, remasking=cfg.remasking,
-                  threshold=cfg.threshold, use_cache=cfg.use_cache, seed=seed)
+    # the rows are the full decoder's knobs, whatever decoder the model recommends (e.g. speculative for the DLM)
+    kwargs = dict(decoder="full", max_new_tokens=length, steps=cfg.steps, block_length=cfg.block_length,
+                  remasking=cfg.remasking, threshold=cfg.threshold, use_cache=cfg.use_cache, seed=seed)
     ids = model.tokenizer(prompt)["input_ids"]
     canvas = torch.full((1, len(ids) + length), model.mask_token_id, dtype=torch.long, device=model.device)
     canvas[0, :len(ids)] = torch.tensor(ids, device=model.device)
@@ -165,14 +167,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="sampler_overhead", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="tiny", help="'tiny' (default: random 2-layer LLaMA) or anything dlm.load "
                                                    "accepts, e.g. smollm2-135m")
-    p.add_argument("--length", type=int, default=32, help="tokens generated per call (default 32)")
-    p.add_argument("--repeats", type=int, default=3, help="timed generate calls per row (median; default 3)")
+    p.add_argument("--length", type=int, default=None, help="tokens generated per call (default 32)")
+    p.add_argument("--repeats", type=int, default=None, help="timed generate calls per row (median; default 3)")
+    p.add_argument("--quick", action="store_true", help="a quick look: --length 16 --repeats 1 unless given")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, auto")
     p.add_argument("--dtype", default="float32", help="float32 (default), bf16, fp16, auto")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--use-cache", action="store_true", help="add prefix-cache rows (see the module docstring)")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the rows as JSON to PATH")
     args = p.parse_args(argv)
+    quick = args.quick
+    args.length = args.length if args.length is not None else (16 if quick else 32)
+    args.repeats = args.repeats if args.repeats is not None else (1 if quick else 3)
     if args.length < 1 or args.repeats < 1:
         p.error("--length and --repeats must be >= 1")
     if args.threads:

@@ -1,22 +1,60 @@
-"""dlm: turn Hugging Face causal LMs into diffusion language models (An et al. 2024, DiffuGPT / DiffuLLaMA).
+"""dlm: turn Hugging Face causal LMs into diffusion language models (Gong et al. 2024, DiffuGPT / DiffuLLaMA).
 
     import dlm
     model = dlm.load("smollm2-135m-dlm")            # or a local dir, a .gguf, a hub id
     out = model.generate("The capital of France is", max_new_tokens=32)   # the model's recommended SamplerConfig
     print(out.text, out.nfe, out.seconds)
     model.generate("...", dlm.SamplerConfig(decoder="full", steps=16, remasking="margin"))
-"""
-from .loading import LoadError, load, load_tokenizer
-from .model import BlockCache, DiffusionLM, DiffusionLossOutput, DLMConfig, PrefixCache
-from .noise import q_sample, sample_t
-from .attention import anneal_attention_mask
-from .sampler_config import SamplerConfig, SamplerConfigError
-from .decoders import DECODERS, decoder
-from .reveal import REVEAL_RULES, reveal_rule
-from .types import Frame, Generation, Score
-from . import registry
 
-__all__ = ["load", "load_tokenizer", "LoadError", "DiffusionLM", "DLMConfig", "DiffusionLossOutput", "PrefixCache",
-           "BlockCache", "SamplerConfig", "SamplerConfigError", "DECODERS", "decoder", "REVEAL_RULES", "reveal_rule",
-           "q_sample", "sample_t", "anneal_attention_mask", "Frame", "Generation", "Score", "registry"]
+The names below are imported on first use, so `import dlm` (and `dlm.SamplerConfig`, the decoder registry, the
+CLI's flags) does not import torch or transformers until a model is needed.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from typing import TYPE_CHECKING
+
 __version__ = "0.1.0"
+
+# public name -> the submodule that defines it
+_EXPORTS = {
+    "load": "loading", "load_tokenizer": "loading", "LoadError": "loading",
+    "BlockCache": "model", "DiffusionLM": "model", "DiffusionLossOutput": "model", "DLMConfig": "model",
+    "PrefixCache": "model",
+    "q_sample": "noise", "sample_t": "noise",
+    "anneal_attention_mask": "attention",
+    "SamplerConfig": "sampler_config", "SamplerConfigError": "sampler_config",
+    "IgnoredSettingWarning": "sampler_config",
+    "DECODERS": "decoders.registry", "decoder": "decoders.registry",
+    "REVEAL_RULES": "decoders.registry", "reveal_rule": "decoders.registry",
+    "Frame": "types", "Generation": "types", "Score": "types",
+}
+__all__ = [*_EXPORTS, "registry"]
+
+
+def __getattr__(name: str):
+    """Import a public name (or a submodule, e.g. `dlm.sampling`) the first time it is used."""
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    elif not name.startswith("__") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
+        value = importlib.import_module(f".{name}", __name__)
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
+if TYPE_CHECKING:  # what the names are, for type checkers and editors
+    from . import registry
+    from .attention import anneal_attention_mask
+    from .decoders.registry import DECODERS, REVEAL_RULES, decoder, reveal_rule
+    from .loading import LoadError, load, load_tokenizer
+    from .model import BlockCache, DiffusionLM, DiffusionLossOutput, DLMConfig, PrefixCache
+    from .noise import q_sample, sample_t
+    from .sampler_config import IgnoredSettingWarning, SamplerConfig, SamplerConfigError
+    from .types import Frame, Generation, Score

@@ -218,6 +218,13 @@ def _wants_frames(args) -> bool:
     return bool(args.frames or args.animation)
 
 
+def _show_notes(cfg) -> None:
+    """One line on stderr per setting the chosen decoder ignores (`SamplerConfig.ignored_settings`; the library's
+    own warnings are silenced unless --debug)."""
+    for note in cfg.ignored_settings():
+        print(f"{PROG}: note: {note}", file=sys.stderr)
+
+
 def cmd_generate(args, show_progress: bool) -> dict:
     model = _load(args)
     prompt, messages = args.prompt, None
@@ -234,22 +241,29 @@ def cmd_generate(args, show_progress: bool) -> dict:
         else:
             gen = model.ar_generate(prompt, messages=messages, **overrides)
     else:
-        gen = _run_stream(model.stream(prompt, messages=messages, **overrides), show_progress,
-                          keep=_wants_frames(args))
+        from .sampling import resolve_config
+        cfg = resolve_config(model, None, **overrides)
+        _show_notes(cfg)
+        gen = _run_stream(model.stream(prompt, cfg, messages=messages), show_progress, keep=_wants_frames(args))
     return _generation_payload(args, model, gen)
 
 
 def cmd_infill(args, show_progress: bool) -> dict:
+    from .infill import infill_config
     model = _load(args)
-    gen = _run_stream(model.stream_infill(args.prefix, args.suffix, args.length, **_sampler_overrides(args)),
-                      show_progress, keep=_wants_frames(args))
+    cfg = infill_config(model, None, **_sampler_overrides(args))
+    _show_notes(cfg)
+    gen = _run_stream(model.stream_infill(args.prefix, args.suffix, args.length, cfg), show_progress,
+                      keep=_wants_frames(args))
     return _generation_payload(args, model, gen)
 
 
 def cmd_fill(args, show_progress: bool) -> dict:
+    from .infill import infill_config
     model = _load(args)
-    gen = _run_stream(model.stream_fill(args.template, **_sampler_overrides(args)), show_progress,
-                      keep=_wants_frames(args))
+    cfg = infill_config(model, None, **_sampler_overrides(args))
+    _show_notes(cfg)
+    gen = _run_stream(model.stream_fill(args.template, cfg), show_progress, keep=_wants_frames(args))
     return _generation_payload(args, model, gen)
 
 

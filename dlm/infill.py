@@ -17,9 +17,10 @@ from typing import Iterator, Optional, Union
 
 import torch
 
-from .decoders import DecodeRun
+from .decoders.registry import DECODERS
+from .decoders.run import DecodeRun
 from .sampler_config import SamplerConfig
-from .sampling import resolve_config, run_decoder
+from .sampling import fixed_position_decoders, resolve_config, run_decoder
 from .tokens import leading_special_ids, start_token_id
 from .types import Frame, Generation
 
@@ -141,12 +142,13 @@ def parse_template(template: str, tokenizer, max_length: Optional[int] = None, s
 
 def infill_config(model, config: Optional[SamplerConfig] = None, **overrides) -> SamplerConfig:
     """The config an infilling call runs with: `config`, else the model's recommended infilling config (full
-    attention), then the overrides. Infilling needs the full-attention decoder (fixed text after the gap)."""
+    attention), then the overrides. Infilling needs a decoder that keeps fixed positions (text after the gap),
+    such as the full-attention decoder."""
     base = config if config is not None else getattr(model, "infill_config", None)
     cfg = resolve_config(model, base if base is not None else SamplerConfig(), **overrides)
-    if cfg.decoder != "full":
-        raise ValueError(f"decoder: infilling needs the full-attention decoder 'full' (text after the gap must be "
-                         f"seen), got {cfg.decoder!r}")
+    if not DECODERS[cfg.decoder].fixed_positions:
+        raise ValueError(f"decoder: infilling needs the full-attention decoder or another that keeps fixed positions "
+                         f"({fixed_position_decoders()}; text after the gap must be seen), got {cfg.decoder!r}")
     return cfg
 
 

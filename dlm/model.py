@@ -1,6 +1,6 @@
 """DiffusionLM: a Hugging Face causal LM used as a time-embedding-free masked diffusion denoiser.
 
-The paper's recipe (An et al. 2024, §3):
+The paper's recipe (Gong et al. 2024, §3):
 - attention: causal -> bidirectional, optionally annealed (`dlm.attention`);
 - shift: the AR model's hidden state i predicts token i+1; the DLM keeps that, so the prediction for a masked
   token at position i is read from row i-1. This class is the only place that knows about it: `denoise_logits`
@@ -25,7 +25,8 @@ from . import likelihood, sampling
 from .attention import anneal_attention_mask, bidirectional, block_ids, block_pattern, prepared_mask, staircase
 from .fileio import atomic_directory
 from .noise import q_sample, sample_t
-from .sampler_config import SAMPLER_CONFIG_NAME, SamplerConfig
+from .sampler_config import SamplerConfig, save_sampler_configs
+from .sampler_config import load_sampler_configs  # noqa: F401  (dlm.loading imports it from here)
 from .tokens import start_token_id
 from .types import Generation, Score
 
@@ -100,7 +101,7 @@ class PrefixCache:
 
 @dataclass
 class BlockCache:
-    """Exact KV cache of the clean tokens for block-diffusion decoding (`DiffusionLM.block_step`).
+    """Exact KV cache of the clean tokens for block-diffusion decoding (`DiffusionLM.block_denoise`).
 
     kv:          the transformers cache of every clean token so far (prompt + finished blocks).
     length:      number of clean tokens in it (including left padding, which is never attended to).
@@ -115,6 +116,90 @@ class BlockCache:
     n_blocks: int = 0
     padding: Optional[torch.Tensor] = None
     next_logits: Optional[torch.Tensor] = None
+
+
+class BlockLogits(NamedTuple):
+    """What `DiffusionLM.block_verify` returns."""
+    noisy: Optional[torch.Tensor]   # [B, n(+1), V] position-aligned logits of the noisy block, or None without one
+    clean: torch.Tensor             # [B, c - clean_from, V] the clean rows (next-token predictions) from clean_from
+
+
+@dataclass(frozen=True)
+class BlockLayout:
+    """Where the tokens of one block forward sit and which rows it reads (see `block_layout`).
+
+    q_noisy / q_block: [c + n] per new token (c clean, then n noisy): noisy?, and its id for `block_pattern`.
+    k_noisy / k_block: [past + c + n] the same per key: the cached tokens (clean, id -1), then the new ones.
+    noisy_at:     the noisy block takes the position of new clean token `noisy_at` (c: right after all of them).
+    keep:         rows of the new tokens whose logits are computed (the base model's `logits_to_keep`).
+    n_clean_rows: how many of the kept rows are clean rows (they come first; the noisy rows follow).
+    lead:         with the shift, the kept clean row that predicts the noisy block's first token; None = the
+                  cache's `next_logits` (the last clean token's row, of this call or an earlier one).
+    n_blocks:     the cache's clean block count after the call.
+    """
+
+    q_noisy: torch.Tensor
+    q_block: torch.Tensor
+    k_noisy: torch.Tensor
+    k_block: torch.Tensor
+    noisy_at: int
+    keep: torch.Tensor
+    n_clean_rows: int
+    lead: Optional[int]
+    n_blocks: int
+
+
+def block_layout(past: int, n_blocks: int, n_clean: int, n_noisy: int, *, shift: bool, clean_causal: bool,
+                 clean_blocks: Optional[torch.Tensor] = None, noisy_from: Optional[int] = None,
+                 clean_from: Optional[int] = None, predict_after: bool = False, device=None) -> BlockLayout:
+    """The index arithmetic of one block forward (`DiffusionLM.block_denoise` / `block_verify`), without a model.
+
+    past / n_blocks: the cache's length and clean block count before the call.
+    n_clean (c) / n_noisy (n): the new clean tokens, and the noisy block after them (0 = commit only).
+    shift / clean_causal: the model's (`DiffusionLM.shift`, `DiffusionLM.clean_causal`). Token-causal clean tokens
+                  are each their own block (id = position) and the noisy block's id is the position it starts at.
+    clean_blocks: [c] relative block of each clean token (default one block), for block-wise clean attention.
+    noisy_from:   the noisy block sees only the first `noisy_from` new clean tokens and sits at that token's
+                  position (a sibling; needs the shift, token-causal clean attention and a noisy block); None = c.
+    clean_from:   verify: the clean rows wanted, from this new clean token on; None = none (denoise / commit).
+    predict_after: the row after the noisy block is wanted (needs the shift).
+    Rows computed: the wanted clean rows, else only those read: with the shift the clean row before the noisy block
+    (its first token's prediction) and the last clean row (the next call's), then the noisy rows. An impossible
+    request raises ValueError naming the argument.
+    """
+    c, n = n_clean, n_noisy
+    anchor = c if noisy_from is None else int(noisy_from)   # the noisy block sees new clean tokens [0, anchor)
+    if anchor != c and not (clean_causal and shift and 1 <= anchor <= c and n):
+        raise ValueError(f"noisy_from must be in 1..{c} and needs a noisy block, the shift and token-causal "
+                         f"clean attention, got {noisy_from}")
+    if predict_after and not shift:
+        raise ValueError("predict_after needs the shift (without it no row predicts past the block)")
+    if clean_from is not None and not 0 <= clean_from <= max(c - 1, 0):
+        raise ValueError(f"clean_from must be in 0..{max(c - 1, 0)}, got {clean_from}")
+    if clean_from is not None and anchor != c and clean_from > anchor - 1:
+        raise ValueError(f"clean_from must be <= noisy_from - 1 = {anchor - 1} (that row predicts the noisy "
+                         f"block's first token), got {clean_from}")
+    cb = torch.zeros(c, dtype=torch.long, device=device) if clean_blocks is None else clean_blocks.to(device)
+    if clean_causal:
+        q_block = torch.cat([torch.arange(past, past + c, device=device),
+                             torch.full((n,), past + anchor, dtype=torch.long, device=device)])
+    else:
+        noisy_block = int(cb.max()) + n_blocks + 1 if c else n_blocks
+        q_block = torch.cat([cb + n_blocks, torch.full((n,), noisy_block, dtype=torch.long, device=device)])
+    q_noisy = torch.cat([torch.zeros(c, dtype=torch.bool, device=device),
+                         torch.ones(n, dtype=torch.bool, device=device)])
+    k_noisy = torch.cat([torch.zeros(past, dtype=torch.bool, device=device), q_noisy])
+    k_block = torch.cat([torch.full((past,), -1, dtype=torch.long, device=device), q_block])
+    if clean_from is not None:
+        first = clean_from
+    elif shift and c:   # the clean row before the noisy block (or the sibling's), at least the last clean row
+        first = max(min(c - 1, anchor - 1), 0) if n else c - 1
+    else:               # the noisy rows (commit only without the shift: no row is read, the last is computed)
+        first = c if n else c - 1
+    return BlockLayout(q_noisy=q_noisy, q_block=q_block, k_noisy=k_noisy, k_block=k_block, noisy_at=anchor,
+                       keep=torch.arange(first, c + n, device=device), n_clean_rows=max(c - first, 0),
+                       lead=anchor - 1 - first if (shift and c and anchor != c) else None,
+                       n_blocks=n_blocks + int(cb.max()) + 1 if c else n_blocks)
 
 
 def _truncate_cache(cache, length: int) -> None:
@@ -318,59 +403,64 @@ class DiffusionLM(nn.Module):
         from transformers import DynamicCache
         return BlockCache(kv=DynamicCache(config=self.base.config))
 
-    def block_step(self, cache: BlockCache, noisy_ids: Optional[torch.Tensor], clean_ids: Optional[torch.Tensor] = None,
-                   clean_blocks: Optional[torch.Tensor] = None, clean_padding: Optional[torch.Tensor] = None,
-                   return_clean: bool = False, clean_from: int = 0, predict_after: bool = False,
-                   noisy_from: Optional[int] = None):
+    def block_commit(self, cache: BlockCache, clean_ids: torch.Tensor, clean_blocks: Optional[torch.Tensor] = None,
+                     clean_padding: Optional[torch.Tensor] = None) -> None:
+        """Append finished tokens to the exact block cache in one forward, denoising nothing (e.g. the prompt).
+        clean_ids [B, c]; clean_blocks / clean_padding as for `block_denoise`. With the shift the last clean row
+        becomes `cache.next_logits` (the prediction for the next block's first token)."""
+        self._block_forward(cache, None, clean_ids, clean_blocks, clean_padding)
+
+    def block_denoise(self, cache: BlockCache, noisy_ids: torch.Tensor, clean_ids: Optional[torch.Tensor] = None,
+                      clean_blocks: Optional[torch.Tensor] = None, clean_padding: Optional[torch.Tensor] = None, *,
+                      predict_after: bool = False, noisy_from: Optional[int] = None) -> torch.Tensor:
         """One block-diffusion forward over the exact cache: commit `clean_ids` (finished tokens) to the cache and
         denoise the noisy block `noisy_ids` that follows them, in one call.
 
-        cache:        a `BlockCache` (from `new_block_cache`), updated in place with the clean tokens only.
-        noisy_ids:    [B, n] the block being denoised (mask ids where unknown), or None to only commit.
-        clean_ids:    [B, c] tokens to append to the cache first (the prompt, or the block just finished).
-        clean_blocks: [c] block index of each clean token, relative (default: one block); ordered, >= 0.
-        clean_padding:[B, c] 1 = token, 0 = left padding (prompts of a batch), default all tokens.
-        Attention is the block rule of `dlm.attention`: clean tokens see the cache and the clean tokens of their own
-        and earlier blocks; the noisy block sees the cache, every clean token (or the first `noisy_from`) and itself
-        (bidirectional).
-        Returns position-aligned logits [B, n, V] for the noisy block (row i predicts noisy token i), or None;
-        with `return_clean`, (that, clean_logits [B, c - clean_from, V]) where clean row i predicts the token after
-        clean token clean_from + i (an AR next-token prediction when clean attention is causal: the speculative
-        decoder verifies with it; rows before `clean_from` are not computed, e.g. a prompt's).
+        cache:         a `BlockCache` (from `new_block_cache`), updated in place with the clean tokens only.
+        noisy_ids:     [B, n] the block being denoised (mask ids where unknown).
+        clean_ids:     [B, c] tokens to append to the cache first (the prompt, or the block just finished).
+        clean_blocks:  [c] block index of each clean token, relative (default: one block); ordered, >= 0.
+        clean_padding: [B, c] 1 = token, 0 = left padding (prompts of a batch), default all tokens.
         predict_after: also return the prediction for the position right after the noisy block (the shift puts it
-        on the last noisy row), so the aligned logits have n + 1 rows: a drafter then needs no mask at the last
-        position it drafts, one row fewer per forward.
-        noisy_from:   token-causal clean attention only: the noisy block sees just the first `noisy_from` clean tokens
-        of this call (1..c; default c, all of them) and sits at the position of clean token `noisy_from`, beside the
-        clean tokens after it rather than after them (a sibling: the speculative decoder's drafts that must not
-        depend on drafts still unverified). Row 0 of the aligned logits is then clean token `noisy_from - 1`'s row.
+                       on the last noisy row): n + 1 rows, so a drafter needs no mask at the last position it drafts.
+        noisy_from:    token-causal clean attention only: the noisy block sees just the first `noisy_from` clean
+                       tokens of this call (1..c; default c, all of them) and sits at the position of clean token
+                       `noisy_from`, beside the clean tokens after it rather than after them (a sibling: drafts that
+                       must not depend on drafts still unverified). Row 0 is then clean token `noisy_from - 1`'s row.
+        Attention is the block rule of `dlm.attention`: clean tokens see the cache and the clean tokens of their own
+        and earlier blocks; the noisy block sees the cache, the clean tokens before it and itself (bidirectional).
+        Returns position-aligned logits [B, n, V] (row i predicts noisy token i; n + 1 rows with predict_after).
         """
+        return self._block_forward(cache, noisy_ids, clean_ids, clean_blocks, clean_padding,
+                                   predict_after=predict_after, noisy_from=noisy_from)[0]
+
+    def block_verify(self, cache: BlockCache, noisy_ids: Optional[torch.Tensor], clean_ids: torch.Tensor, *,
+                     clean_from: int = 0, predict_after: bool = False, noisy_from: Optional[int] = None
+                     ) -> BlockLogits:
+        """`block_denoise` that also returns the clean rows from `clean_from` on: clean row i predicts the token
+        after clean token clean_from + i, an AR next-token prediction when clean attention is causal, with which the
+        speculative decoder verifies its drafts (rows before `clean_from`, e.g. a prompt's, are not computed).
+        noisy_ids may be None (nothing left to draft). Returns `BlockLogits(noisy=[B, n(+1), V] or None,
+        clean=[B, c - clean_from, V])`; clean_from must be <= noisy_from - 1 with a sibling block."""
+        return BlockLogits(*self._block_forward(cache, noisy_ids, clean_ids, clean_from=clean_from,
+                                                predict_after=predict_after, noisy_from=noisy_from))
+
+    def _block_forward(self, cache: BlockCache, noisy_ids: Optional[torch.Tensor], clean_ids: Optional[torch.Tensor],
+                       clean_blocks: Optional[torch.Tensor] = None, clean_padding: Optional[torch.Tensor] = None, *,
+                       clean_from: Optional[int] = None, predict_after: bool = False, noisy_from: Optional[int] = None
+                       ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """The one forward behind `block_commit` / `block_denoise` / `block_verify` (arguments as there; the index
+        arithmetic is `block_layout`): (aligned noisy logits or None, clean rows from clean_from on or None)."""
         B = (noisy_ids if noisy_ids is not None else clean_ids).shape[0]
         device = self.device
         c = clean_ids.shape[1] if clean_ids is not None else 0
         n = noisy_ids.shape[1] if noisy_ids is not None else 0
-        parts = [x for x in (clean_ids, noisy_ids) if x is not None]
-        ids = torch.cat(parts, dim=1).to(device)
         past = cache.length
-        # per-token (noisy?, block) for the cached keys (clean, earlier blocks) and the new tokens
-        cb = torch.zeros(c, dtype=torch.long, device=device) if clean_blocks is None else clean_blocks.to(device)
-        first_new_block = cache.n_blocks
-        anchor = c if noisy_from is None else int(noisy_from)   # the noisy block sees clean tokens [0, anchor)
-        if anchor != c and not (self.clean_causal and self.shift and 1 <= anchor <= c and n):
-            raise ValueError(f"noisy_from must be in 1..{c} and needs a noisy block, the shift and token-causal "
-                             f"clean attention, got {noisy_from}")
-        if self.clean_causal:  # token-causal clean tokens: each its own id; the noisy block after the first `anchor`
-            new_blocks = torch.cat([torch.arange(past, past + c, device=device),
-                                    torch.full((n,), past + anchor, dtype=torch.long, device=device)])
-        else:
-            new_blocks = torch.cat([cb + first_new_block,
-                                    torch.full((n,), int(cb.max()) + first_new_block + 1 if c else first_new_block,
-                                               dtype=torch.long, device=device)])
-        new_noisy = torch.cat([torch.zeros(c, dtype=torch.bool, device=device),
-                               torch.ones(n, dtype=torch.bool, device=device)])
-        k_noisy = torch.cat([torch.zeros(past, dtype=torch.bool, device=device), new_noisy])
-        k_block = torch.cat([torch.full((past,), -1, dtype=torch.long, device=device), new_blocks])
-        pattern = block_pattern(new_noisy, new_blocks, k_noisy, k_block)            # [c + n, past + c + n]
+        lay = block_layout(past, cache.n_blocks, c, n, shift=self.shift, clean_causal=self.clean_causal,
+                           clean_blocks=clean_blocks, noisy_from=noisy_from, clean_from=clean_from,
+                           predict_after=predict_after, device=device)
+        ids = torch.cat([x for x in (clean_ids, noisy_ids) if x is not None], dim=1).to(device)
+        pattern = block_pattern(lay.q_noisy, lay.q_block, lay.k_noisy, lay.k_block)      # [c + n, past + c + n]
         pad_new = torch.ones(B, c + n, dtype=torch.long, device=device)
         if clean_padding is not None:
             pad_new[:, :c] = clean_padding.to(device)
@@ -378,53 +468,26 @@ class DiffusionLM(nn.Module):
         has_pad = not bool(padding.bool().all())
         positions = ((padding.long().cumsum(-1) - 1).clamp(min=0) if has_pad else
                      torch.arange(past + c + n, device=device)[None].expand(B, -1))[:, past:]
-        if anchor != c:  # the noisy block starts where clean token `anchor` is
-            positions = torch.cat([positions[:, :c], positions[:, anchor:anchor + 1] + torch.arange(n, device=device)],
-                                  dim=1)
+        if lay.noisy_at != c:  # a sibling block starts where clean token `noisy_at` is
+            positions = torch.cat([positions[:, :c], positions[:, lay.noisy_at:lay.noisy_at + 1] +
+                                   torch.arange(n, device=device)], dim=1)
         mask = prepared_mask(self.base.config, pattern, B, self.dtype, padding if has_pad else None)
-        keep = None
-        if predict_after and not self.shift:
-            raise ValueError("predict_after needs the shift (without it no row predicts past the block)")
-        if not 0 <= clean_from <= max(c - 1, 0):
-            raise ValueError(f"clean_from must be in 0..{max(c - 1, 0)}, got {clean_from}")
-        if return_clean and anchor != c and clean_from > anchor - 1:
-            raise ValueError(f"clean_from must be <= noisy_from - 1 = {anchor - 1} (that row predicts the noisy "
-                             f"block's first token), got {clean_from}")
-        if return_clean:  # the clean rows from clean_from on verify drafts
-            keep = torch.arange(clean_from, c + n, device=device)
-        elif n:  # logits only where they are read: the clean row before the noisy block (shift), the last clean
-            first = min(c - 1, anchor - 1) if (self.shift and c) else c   # row (next call's) and the noisy rows
-            keep = torch.arange(max(first, 0), c + n, device=device)
-        elif self.shift and c:
-            keep = torch.tensor([c - 1], device=device)
         out = self.base(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache.kv, use_cache=True,
-                        logits_to_keep=keep if keep is not None else 1)
+                        logits_to_keep=lay.keep)
         _truncate_cache(cache.kv, past + c)  # keep the clean tokens only: the noisy block is not final
-        cache.length = past + c
-        cache.padding = padding[:, :past + c]
-        if c:
-            cache.n_blocks = first_new_block + int(cb.max()) + 1
-        logits = out.logits
-        clean_logits, lead = None, None
-        if self.shift and c and keep is not None:   # the kept clean rows are clean tokens k0 .. c - 1
-            k0 = int(keep[0])
-            clean_rows, logits = logits[:, :c - k0], logits[:, c - k0:]
+        cache.length, cache.padding, cache.n_blocks = past + c, padding[:, :past + c], lay.n_blocks
+        clean_rows, rows = out.logits[:, :lay.n_clean_rows], out.logits[:, lay.n_clean_rows:]
+        if self.shift and c:
             cache.next_logits = clean_rows[:, -1]
-            lead = clean_rows[:, anchor - 1 - k0] if anchor != c else None
-            if return_clean:
-                clean_logits = clean_rows
-        elif return_clean:
-            clean_logits, logits = logits[:, :c - clean_from], logits[:, c - clean_from:]
-        if not n:
-            aligned = None
-        elif not self.shift:
-            aligned = logits
-        elif lead is None and cache.next_logits is None:
-            raise ValueError("the first block needs clean tokens before it (a prompt or a start token)")
-        else:
-            lead = cache.next_logits if lead is None else lead
-            aligned = torch.cat([lead[:, None], logits if predict_after else logits[:, :-1]], dim=1)
-        return (aligned, clean_logits) if return_clean else aligned
+        aligned = None
+        if n and not self.shift:
+            aligned = rows
+        elif n:  # the shift: the noisy block's first token is predicted by the clean row before it
+            lead = clean_rows[:, lay.lead] if lay.lead is not None else cache.next_logits
+            if lead is None:
+                raise ValueError("the first block needs clean tokens before it (a prompt or a start token)")
+            aligned = torch.cat([lead[:, None], rows if predict_after else rows[:, :-1]], dim=1)
+        return aligned, (clean_rows if clean_from is not None else None)
 
     def crop_block_cache(self, cache: BlockCache, length: int) -> None:
         """Drop clean tokens from the end of the cache, keeping the first `length` (rejected drafts)."""
@@ -642,29 +705,3 @@ class DiffusionLM(nn.Module):
 
     def ar_score(self, context: str, continuation: str, **kwargs) -> Score:
         return likelihood.ar_score(self, context, continuation, **kwargs)
-
-
-def save_sampler_configs(directory, generate_cfg: SamplerConfig, infill_cfg: SamplerConfig) -> None:
-    """`sampler_config.json`: the recommended config for writing ("generate") and for infilling ("infill")."""
-    Path(directory, SAMPLER_CONFIG_NAME).write_text(json.dumps(
-        {"generate": generate_cfg.to_dict(), "infill": infill_cfg.to_dict()}, indent=2) + "\n")
-
-
-def load_sampler_configs(directory) -> tuple[Optional[SamplerConfig], Optional[SamplerConfig]]:
-    """The (generate, infill) configs of a model directory's `sampler_config.json`; (None, None) without one.
-    A flat file is the generate config (transformers' generation_config.json style)."""
-    path = Path(directory, SAMPLER_CONFIG_NAME)
-    if not path.is_file():
-        return None, None
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from None
-    try:
-        if isinstance(data, dict) and set(data) <= {"generate", "infill"}:
-            g, i = data.get("generate"), data.get("infill")
-            return (SamplerConfig.from_dict(g) if g is not None else None,
-                    SamplerConfig.from_dict(i) if i is not None else None)
-        return SamplerConfig.from_dict(data), None
-    except ValueError as e:
-        raise ValueError(f"{path}: {e}") from None

@@ -15,18 +15,21 @@ per row when `steps_left == 1` (so a block always finishes in its planned steps)
 Any certainty rule + `threshold` (Fast-dLLM parallel decoding) also reveals every eligible proposal whose
 confidence >= threshold, so a block may finish early.
 
-A new rule is one function here:
+A new rule is one function here (its declaration is read without importing this module, so the decorator takes
+literal arguments; `dlm.decoders.registry`):
 
-    @reveal_rule("my-rule")
+    @reveal_rule("my-rule", description="what it keeps, in one line")
     def my_rule(p: Proposal) -> torch.Tensor:
         return scheduled(p, score=...)          # or any [B, n] bool mask inside p.eligible
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
+
+from .decoders.registry import reveal_rule
 
 
 @dataclass
@@ -55,20 +58,6 @@ class Proposal:
         out = torch.full(self.eligible.shape, fill, dtype=values.dtype, device=values.device)
         out[self.eligible] = values
         return out
-
-
-RevealRule = Callable[[Proposal], torch.Tensor]
-REVEAL_RULES: dict[str, RevealRule] = {}
-
-
-def reveal_rule(name: str, *, uses_threshold: bool = True) -> Callable[[RevealRule], RevealRule]:
-    """Register a reveal rule under `name` (a value of `SamplerConfig.remasking`). `uses_threshold=False` for a
-    rule that ignores `threshold` (the config then refuses one, instead of silently not using it)."""
-    def register(fn: RevealRule) -> RevealRule:
-        fn.uses_threshold = uses_threshold
-        REVEAL_RULES[name] = fn
-        return fn
-    return register
 
 
 # ----- schedule --------------------------------------------------------------------------------------------------
@@ -156,29 +145,30 @@ def scheduled(p: Proposal, score: torch.Tensor) -> torch.Tensor:
 
 
 # ----- the rules -----------------------------------------------------------------------------------------------------
-@reveal_rule("confidence")
+@reveal_rule("confidence", description="the most probable proposals first")
 def reveal_confidence(p: Proposal) -> torch.Tensor:
     return scheduled(p, p.confidence.masked_fill(~p.eligible, float("-inf")))
 
 
-@reveal_rule("margin")
+@reveal_rule("margin", description="the largest top-1 minus top-2 probability first")
 def reveal_margin(p: Proposal) -> torch.Tensor:
     return scheduled(p, p.scatter(margin_certainty(p.probs, p.tokens[p.eligible])))
 
 
-@reveal_rule("entropy")
+@reveal_rule("entropy", description="the lowest predictive entropy first")
 def reveal_entropy(p: Proposal) -> torch.Tensor:
     return scheduled(p, p.scatter(entropy_certainty(p.probs, p.tokens[p.eligible])))
 
 
-@reveal_rule("random", uses_threshold=False)
+@reveal_rule("random", description="the paper's Algorithm 2: each masked position with probability "
+                       "1 / steps left", uses_threshold=False)
 def reveal_random_rule(p: Proposal) -> torch.Tensor:
     return reveal_random(p.eligible, p.steps_left, p.generator)
 
 
 def reveal_random(eligible: torch.Tensor, steps_left: int, generator: Optional[torch.Generator] = None
                   ) -> torch.Tensor:
-    """Algorithm 2 (An et al. 2024): going from t = s/T to (s-1)/T, each masked position is unmasked with
+    """Algorithm 2 (Gong et al. 2024): going from t = s/T to (s-1)/T, each masked position is unmasked with
     probability (t - s')/t = 1/s, where s = `steps_left`; at the last step (s = 1) everything left is revealed.
     eligible [B, n] bool -> reveal [B, n] bool."""
     draw = torch.rand(eligible.shape, generator=generator,

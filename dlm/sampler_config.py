@@ -2,10 +2,13 @@
 
 It is passed whole through the library (`model.generate(prompt, config, **overrides)`), the CLI (its flags are
 generated from the fields), the app (its widgets are built from the fields), evals and bench. A model directory may
-carry its recommended one as `sampler_config.json`; `dlm.load` then makes it the model's default everywhere.
+carry its recommended ones as `sampler_config.json` (`save_sampler_configs` / `load_sampler_configs`, this module
+owns the file); `dlm.load` then makes them the model's defaults everywhere.
 
-A new knob is one field here: its metadata says what it means (help), what the UI shows (label, range) and which
-value a UI control uses for "off" (`off`: e.g. threshold 0 = None), so the CLI, the widgets and the API stay in step.
+A new knob is one field here: its metadata says what it means (help), what the UI shows (label, range), which
+value a UI control uses for "off" (`off`: e.g. threshold 0 = None) and whether only some decoders read it
+(`per_decoder`: each decoder declares which it uses, `dlm.decoders.registry`), so the CLI, the widgets, the API
+and the notes about ignored settings stay in step. This module does not import torch.
 
     cfg = SamplerConfig(max_new_tokens=48, decoder="blocks", block_length=4, threshold=0.9)
     cfg = cfg.replace(temperature=0.7)                      # validated copy
@@ -18,12 +21,12 @@ import difflib
 import json
 import math
 import os
+import warnings
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Optional, Union
 
-from .decoders import DECODERS
-from .reveal import REVEAL_RULES
+from .decoders.registry import DECODERS, REVEAL_RULES
 
 SAMPLER_CONFIG_NAME = "sampler_config.json"
 MAX_SEED = 2**63 - 1
@@ -33,66 +36,74 @@ class SamplerConfigError(ValueError):
     """A bad sampler setting; the message names the field and what is allowed."""
 
 
+class IgnoredSettingWarning(UserWarning):
+    """A setting changed from its default that the chosen decoder does not read (`SamplerConfig.ignored_settings`)."""
+
+
 def knob(default, help: str, *, label: str = "", minimum=None, maximum=None, step=None, off=None,
-         choices: Optional[str] = None, ui: bool = True):
+         choices: Optional[str] = None, per_decoder: bool = False, ui: bool = True):
     """A SamplerConfig field with what the CLI and the UI need to present it.
 
     minimum / maximum: the allowed range (maximum None = unbounded; the UI picks a slider range itself).
-    off:      the value a UI control sends for None ("off"), e.g. 0 for the threshold slider, -1 for the seed.
-    choices:  the name of the registry whose keys are the allowed values ("decoders", "reveal_rules").
-    ui:       False for knobs the playground does not show.
+    off:         the value a UI control sends for None ("off"), e.g. 0 for the threshold slider, -1 for the seed.
+    choices:     the name of the registry whose keys are the allowed values ("decoders", "reveal_rules").
+    per_decoder: only the decoders that declare it in their `uses` read it; the others ignore it (and a config
+                 that changes it for one of them gets a note). False = every decoder reads it.
+    ui:          False for knobs the playground does not show.
     """
     return field(default=default, metadata=dict(help=help, label=label, minimum=minimum, maximum=maximum, step=step,
-                                                off=off, choices=choices, ui=ui))
+                                                off=off, choices=choices, per_decoder=per_decoder, ui=ui))
+
+
+REGISTRIES = {"decoders": DECODERS, "reveal_rules": REVEAL_RULES}
 
 
 def registry_choices(name: str) -> list[str]:
     """The allowed values of a field whose metadata names a registry."""
-    return list({"decoders": DECODERS, "reveal_rules": REVEAL_RULES}[name])
+    return list(REGISTRIES[name])
 
 
 @dataclass
 class SamplerConfig:
     """How a diffusion LM decodes. Defaults are the paper's full-attention sampler, one token per step, greedy.
 
-    decoder:        "full" = the paper's full attention over the whole canvas (any order, infilling, LLaDA-style
-                    semi-autoregressive blocks, approximate prefix cache); "blocks" = block diffusion with an
-                    exact KV cache of finished blocks (causal across blocks, bidirectional inside one; needs a
-                    model trained for it) that stops at EOS; "speculative" = block diffusion drafting a block in
-                    parallel and verifying it with the model's own clean (AR) rows (exact speculative sampling).
+    decoder:        the decoding algorithm, a name in `dlm.decoders.DECODERS` ("full": the paper's sampler, any
+                    order, infilling; "blocks": block diffusion with an exact KV cache; "speculative": block drafts
+                    verified by the model's own AR rows; or one you register). Each decoder declares which of the
+                    per-decoder settings below it reads (`ignored_settings` lists the changed ones it does not).
     max_new_tokens: tokens to generate after a prompt (infilling templates fix their own lengths).
     steps:          denoising steps (= forward evaluations) for all max_new_tokens, 1 .. the number of tokens;
                     None = one token per step.
     block_length:   tokens per block: for "full", semi-autoregressive blocks decoded left to right (None = one
                     block over the whole region); for "blocks", the block size (required).
-    remasking:      reveal rule (`dlm.reveal`): confidence / margin / entropy (most certain first) or random (the
-                    paper's Algorithm 2).
+    remasking:      reveal rule, a name in `dlm.decoders.REVEAL_RULES` (`dlm.reveal`): confidence / margin /
+                    entropy (most certain first) or random (the paper's Algorithm 2).
     threshold:      Fast-dLLM parallel decoding: also reveal every masked position of the current block whose
                     confidence >= threshold, so blocks may finish in fewer steps. None = off.
     temperature:    0 = greedy; > 0 samples from softmax(logits / temperature) (certainty stays untempered).
     top_p / top_k:  nucleus / top-k filtering of the sampling distribution (1.0 / 0 = off).
     suppress_eos:   never write an end-of-sequence token.
-    stop_at_eos:    "blocks": stop after the first block that holds an EOS (no fixed length).
+    stop_at_eos:    block-wise decoders: stop after the first block that holds an EOS (no fixed length).
     use_cache:      "full": Fast-dLLM's approximate prefix cache at block starts ("blocks" always caches exactly).
+    Per-decoder settings (`per_decoder` in their metadata): steps, block_length, remasking, threshold,
+    stop_at_eos, use_cache; the others apply to every decoder.
     seed:           seeds every random draw (None = fresh randomness).
     """
 
-    decoder: str = knob("full", "decoding algorithm: full (the paper's full attention: any order, infilling), "
-                                "blocks (block diffusion, exact KV cache, stops at EOS) or speculative (block "
-                                "drafts verified by the model's own AR rows)",
-                        label="Decoder", choices="decoders")
+    decoder: str = knob("full", "decoding algorithm", label="Decoder", choices="decoders")
     max_new_tokens: int = knob(64, "tokens to generate after the prompt", label="Length (new tokens)", minimum=1,
                                maximum=None, step=1)
     steps: Optional[int] = knob(None, "denoising steps for all new tokens, 1 .. the number of tokens (default: one "
-                                      "token per step)", label="Steps (1 … length)", minimum=1, step=1)
+                                      "token per step)", label="Steps (1 … length)", minimum=1, step=1,
+                                per_decoder=True)
     block_length: Optional[int] = knob(None, "tokens per block (full: semi-autoregressive blocks, default one "
                                              "block; blocks: the block size)", label="Block length (0 = one block)",
-                                       minimum=1, step=1, off=0)
-    remasking: str = knob("confidence", "reveal rule: confidence, margin, entropy (most certain first) or random "
-                                        "(the paper's Algorithm 2)", label="Remasking order", choices="reveal_rules")
+                                       minimum=1, step=1, off=0, per_decoder=True)
+    remasking: str = knob("confidence", "reveal rule: which proposals a step keeps", label="Remasking order",
+                          choices="reveal_rules", per_decoder=True)
     threshold: Optional[float] = knob(None, "parallel decoding: also reveal every position whose confidence >= "
                                             "threshold (in (0, 1])", label="Parallel-decoding threshold (0 = off)",
-                                      minimum=0.0, maximum=1.0, step=0.05, off=0.0)
+                                      minimum=0.0, maximum=1.0, step=0.05, off=0.0, per_decoder=True)
     temperature: float = knob(0.0, "0 = greedy; > 0 samples", label="Temperature (0 = greedy)", minimum=0.0,
                               maximum=None, step=0.05)
     top_p: float = knob(1.0, "nucleus sampling mass in (0, 1] (1 = off)", label="Top-p", minimum=0.0, maximum=1.0,
@@ -100,9 +111,9 @@ class SamplerConfig:
     top_k: int = knob(0, "top-k sampling (0 = off)", label="Top-k (0 = off)", minimum=0, step=1)
     suppress_eos: bool = knob(False, "never generate an end-of-sequence token", label="Suppress EOS")
     stop_at_eos: bool = knob(True, "blocks decoder: stop after the first block holding an EOS",
-                             label="Stop at EOS (blocks)")
+                             label="Stop at EOS (blocks)", per_decoder=True)
     use_cache: bool = knob(False, "full decoder: approximate prefix KV cache at block starts (Fast-dLLM)",
-                           label="Prefix cache (full)")
+                           label="Prefix cache (full)", per_decoder=True)
     seed: Optional[int] = knob(None, "seed for reproducible sampling (an integer in 0..2**63-1)",
                                label="Seed (-1 = random)", minimum=0, maximum=MAX_SEED, step=1, off=-1)
 
@@ -111,17 +122,32 @@ class SamplerConfig:
 
     # ----- validation --------------------------------------------------------------------------------------------
     def validate(self) -> "SamplerConfig":
-        """Check every field's type and range, and the combinations; raise SamplerConfigError naming the field."""
+        """Check every field's type and range, and the combinations; raise SamplerConfigError naming the field.
+        A changed setting the decoder does not read is not an error: it is reported as an `IgnoredSettingWarning`
+        (one per `ignored_settings` line), as transformers' `GenerationConfig.validate` does."""
         for f in fields(self):
             setattr(self, f.name, _coerce(f, getattr(self, f.name), ui=False))
-        if getattr(DECODERS[self.decoder], "needs_block_length", False) and self.block_length is None:
+        if DECODERS[self.decoder].block_mode and self.block_length is None:
             raise SamplerConfigError(f"block_length: the {self.decoder} decoder needs a block size (an integer >= 1), "
                                      "e.g. the one the model was trained with (see its sampler_config.json)")
-        if self.threshold is not None and not getattr(REVEAL_RULES[self.remasking], "uses_threshold", True):
-            raise SamplerConfigError(f"threshold: needs a certainty-based remasking ("
-                                     f"{', '.join(r for r, f in REVEAL_RULES.items() if getattr(f, 'uses_threshold', True))}"
-                                     f"), not {self.remasking}")
+        if self.threshold is not None and not REVEAL_RULES[self.remasking].uses_threshold:
+            with_threshold = ", ".join(name for name, rule in REVEAL_RULES.items() if rule.uses_threshold)
+            raise SamplerConfigError(f"threshold: needs a certainty-based remasking ({with_threshold}), "
+                                     f"not {self.remasking}")
+        for note in self.ignored_settings():
+            warnings.warn(note, IgnoredSettingWarning, stacklevel=2)
         return self
+
+    def ignored_settings(self) -> list[str]:
+        """One line per per-decoder setting that was changed from its default but that the chosen decoder does not
+        read (by its declaration, `dlm.decoders.registry`), naming the field and the decoder. Settings left at
+        their defaults are never reported. The CLI prints these; the app shows them with the config."""
+        spec = DECODERS[self.decoder]
+        uses = ", ".join(spec.uses) or "none"
+        return [f"{f.name}={getattr(self, f.name)!r} is ignored: the {self.decoder} decoder does not use it "
+                f"(its settings: {uses})"
+                for f in fields(self) if f.metadata.get("per_decoder") and f.name not in spec.uses
+                and getattr(self, f.name) != f.default]
 
     def replace(self, **changes) -> "SamplerConfig":
         """A validated copy with some fields changed (values are coerced as in `from_dict`)."""
@@ -153,30 +179,6 @@ class SamplerConfig:
             kwargs[name] = _coerce(by_name[name], value, ui=ui)
         return cls(**kwargs)
 
-    def to_json_string(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n"
-
-    def save_pretrained(self, directory: Union[str, os.PathLike]) -> Path:
-        """Write `sampler_config.json` into a model directory (the model's recommended decoding)."""
-        path = Path(directory) / SAMPLER_CONFIG_NAME
-        path.write_text(self.to_json_string())
-        return path
-
-    @classmethod
-    def from_pretrained(cls, directory: Union[str, os.PathLike]) -> Optional["SamplerConfig"]:
-        """The `sampler_config.json` of a model directory, or None when it has none."""
-        path = Path(directory) / SAMPLER_CONFIG_NAME
-        if not path.is_file():
-            return None
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise SamplerConfigError(f"{path} is not valid JSON: {e}") from None
-        try:
-            return cls.from_dict(data)
-        except SamplerConfigError as e:
-            raise SamplerConfigError(f"{path}: {e}") from None
-
     # ----- per-generation plan -----------------------------------------------------------------------------------
     def steps_for(self, n_tokens: int) -> int:
         """Steps for a region of `n_tokens`: `steps` (default one per token); more than `n_tokens` is an error."""
@@ -187,14 +189,50 @@ class SamplerConfig:
 
     @staticmethod
     def describe() -> list[dict]:
-        """Every field with its metadata (name, type, default, help, label, range, off, choices) for UIs."""
+        """Every field with its metadata (name, type, default, help, label, range, off, choices, per_decoder) for
+        UIs. A field with choices lists the registered names, and its help ends with each one's description."""
         out = []
         for f in fields(SamplerConfig):
             meta = dict(f.metadata)
             if meta.get("choices"):
-                meta["choices"] = registry_choices(meta["choices"])
+                registry = REGISTRIES[meta["choices"]]
+                meta["choices"] = list(registry)
+                meta["help"] += ": " + "; ".join(f"{name} = {spec.description}" if spec.description else name
+                                                for name, spec in registry.items())
             out.append(dict(name=f.name, type=_base_type(f), optional=_optional(f), default=f.default, **meta))
         return out
+
+
+# ----- sampler_config.json: the one reader and writer ---------------------------------------------------------------
+def save_sampler_configs(directory: Union[str, os.PathLike], generate: SamplerConfig, infill: SamplerConfig) -> Path:
+    """Write a model directory's `sampler_config.json`: {"generate": the recommended config for writing
+    (`model.sampler_config`), "infill": the one for infilling (`model.infill_config`)}. Returns its path. (Not atomic
+    by itself: `DiffusionLM.save_pretrained` and the exporters write it inside a temporary directory.)"""
+    path = Path(directory, SAMPLER_CONFIG_NAME)
+    path.write_text(json.dumps({"generate": generate.to_dict(), "infill": infill.to_dict()}, indent=2) + "\n")
+    return path
+
+
+def load_sampler_configs(directory: Union[str, os.PathLike]
+                         ) -> tuple[Optional[SamplerConfig], Optional[SamplerConfig]]:
+    """The (generate, infill) configs of a model directory's `sampler_config.json`; (None, None) without one, None
+    for a missing entry. A flat file (one config's fields, transformers' generation_config.json style) is the
+    generate config. A bad file raises SamplerConfigError naming it."""
+    path = Path(directory, SAMPLER_CONFIG_NAME)
+    if not path.is_file():
+        return None, None
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise SamplerConfigError(f"{path} is not valid JSON: {e}") from None
+    try:
+        if isinstance(data, dict) and set(data) <= {"generate", "infill"}:
+            g, i = data.get("generate"), data.get("infill")
+            return (SamplerConfig.from_dict(g) if g is not None else None,
+                    SamplerConfig.from_dict(i) if i is not None else None)
+        return SamplerConfig.from_dict(data), None
+    except SamplerConfigError as e:
+        raise SamplerConfigError(f"{path}: {e}") from None
 
 
 # ----- coercion ----------------------------------------------------------------------------------------------------------

@@ -16,9 +16,11 @@ from typing import Callable, Iterator, Optional, Sequence, Union
 
 import torch
 
-from .decoders import DECODERS, DecodeRun, Step, sample_tokens, sampling_warpers
+from .decoders.registry import DECODERS
+from .decoders.run import DecodeRun, Step
 from .noise import seeded_generator
 from .sampler_config import SamplerConfig
+from .token_sampling import sample_tokens, sampling_warpers
 from .types import Frame, Generation
 
 Prompt = Union[str, Sequence[int]]
@@ -32,6 +34,11 @@ def resolve_config(model, config: Optional[SamplerConfig] = None, **overrides) -
     if not isinstance(base, SamplerConfig):
         raise ValueError(f"config must be a SamplerConfig, got {type(base).__name__}")
     return base.replace(**overrides)
+
+
+def fixed_position_decoders() -> str:
+    """The registered decoders that keep any positions fixed (infilling, pins, edits), for messages."""
+    return ", ".join(name for name, spec in DECODERS.items() if spec.fixed_positions)
 
 
 def make_generator(model, seed: Optional[int]) -> torch.Generator:
@@ -101,7 +108,7 @@ def run_decoder(model, canvas: torch.Tensor, fixed: torch.Tensor, config: Sample
     B = canvas.shape[0]
     pad_left = ((attention_mask.cumsum(-1) == 0).sum(-1).tolist() if attention_mask is not None else [0] * B)
     starts = [int(r.nonzero()[0]) if bool(r.any()) else canvas.shape[1] for r in ~fixed]
-    for step in DECODERS[config.decoder](run):
+    for step in DECODERS[config.decoder].load()(run):
         if frames:
             yield frames_of(step, canvas, starts, pad_left)
     yield run
@@ -121,13 +128,14 @@ def prompt_canvas(model, ids: list[int], cfg: SamplerConfig, pins=None) -> tuple
 
     pins: LLaDA-style word constraints, {offset in the generated region: token id or text}; a text is tokenized
     without special tokens and fills consecutive positions. Pinned positions are fixed: the decoder writes around
-    them (the full-attention decoder only)."""
+    them (decoders that keep fixed positions only, such as "full")."""
     check_length(model, len(ids), cfg.max_new_tokens)
     new = [int(model.mask_token_id)] * cfg.max_new_tokens
     fixed_new = [False] * cfg.max_new_tokens
     for offset, value in sorted((pins or {}).items()):
-        if cfg.decoder != "full":
-            raise ValueError(f"pins: pinned words need the full-attention decoder 'full', not {cfg.decoder!r}")
+        if not DECODERS[cfg.decoder].fixed_positions:
+            raise ValueError(f"pins: pinned words need the full-attention decoder or another that keeps fixed "
+                             f"positions ({fixed_position_decoders()}), not {cfg.decoder!r}")
         if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
             raise ValueError(f"pins: positions must be integers >= 0 (offsets into the new tokens), got {offset!r}")
         piece = [int(value)] if isinstance(value, int) and not isinstance(value, bool) else \

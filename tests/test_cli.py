@@ -151,3 +151,12 @@ def test_kernel_reports_the_path_this_machine_takes(capsys, monkeypatch):
     monkeypatch.setenv("DLM_CPU_KERNEL", "never")
     assert cli.main(["kernel"]) == 1
     assert "DLM_CPU_KERNEL='never': allowed are auto, on, off" in capsys.readouterr().err
+
+
+def test_settings_the_decoder_ignores_are_one_note_each_on_stderr(tiny_llama_dir):
+    proc = run_cli("generate", "--model", str(tiny_llama_dir), "--prompt", "Once upon a time", "--max-new-tokens",
+                   "4", "--no-stop-at-eos", "--device", "cpu", "--json")
+    out = one_json_object(proc)                                   # stdout keeps exactly one JSON object
+    notes = [line for line in proc.stderr.splitlines() if line.startswith("dlm: note: ")]
+    assert len(notes) == 1 and "stop_at_eos=False" in notes[0] and "full decoder" in notes[0], proc.stderr
+    assert out["nfe"] == 4

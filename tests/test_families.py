@@ -70,8 +70,8 @@ def test_block_cache_equals_one_uncached_forward(model):
     noisy = torch.full((1, 4), model.mask_token_id)
     with torch.no_grad():
         cache = model.new_block_cache()
-        model.block_step(cache, None, clean_ids=prompt)
-        cached = model.block_step(cache, noisy, clean_ids=done)
+        model.block_commit(cache, prompt)
+        cached = model.block_denoise(cache, noisy, clean_ids=done)
         ids = torch.cat([prompt, done, noisy], 1)
         flag = torch.tensor([False] * 9 + [True] * 4)
         blocks = torch.tensor(list(range(9)) + [9] * 4)     # token-causal clean tokens (the default layout)

@@ -12,7 +12,7 @@ import torch
 
 import dlm
 from dlm import REVEAL_RULES, sampling
-from dlm.decoders import sample_tokens
+from dlm.token_sampling import sample_tokens
 from dlm.reveal import (block_sizes, confidence_certainty, entropy_certainty, margin_certainty, reveal_random,
                         reveal_schedule, reveal_top_k, split_steps)
 
@@ -136,7 +136,7 @@ def test_nucleus_warper_keeps_exactly_what_transformers_top_p_keeps(top_p, min_k
     flat rows (the nucleus reaches past them: the full sort), banned (-inf) tokens, a vocabulary smaller than the
     candidates."""
     from transformers import TopPLogitsWarper
-    from dlm.decoders import nucleus_warper
+    from dlm.token_sampling import nucleus_warper
     g = torch.Generator().manual_seed(int(top_p * 1000) + min_keep)
     peaked = torch.randn(48, 5000, generator=g) * torch.linspace(0.5, 8.0, 48)[:, None]
     flat = torch.randn(4, 5000, generator=g) * 0.01
@@ -170,7 +170,7 @@ def test_nucleus_warper_keeps_exactly_what_transformers_top_p_keeps(top_p, min_k
 def test_ar_generate_samples_from_the_nucleus_of_the_tempered_distribution(model):
     """top-p comes after the temperature in `ar_generate` (as in transformers): at T = 0.4 the tempered nucleus is
     smaller than the untempered one, and every draw lies in it."""
-    from dlm.decoders import sampling_probs
+    from dlm.token_sampling import sampling_probs
     ids = model.tokenizer(PROMPT, add_special_tokens=False)["input_ids"]
     logits = model.ar_logits(torch.tensor([ids]))[0, -1:].float()
     logits[:, [model.mask_token_id, *model.eos_token_ids]] = float("-inf")     # what generate suppresses
@@ -183,7 +183,7 @@ def test_ar_generate_samples_from_the_nucleus_of_the_tempered_distribution(model
 
 
 def test_draw_tokens_follows_the_distribution_and_never_draws_a_zero():
-    from dlm.decoders import draw_tokens
+    from dlm.token_sampling import draw_tokens
     probs = torch.tensor([[0.5, 0.0, 0.3, 0.2, 0.0], [0.0, 0.0, 0.0, 2.0, 2.0]])   # rows need not sum to 1
     g = torch.Generator().manual_seed(0)
     draws = torch.stack([draw_tokens(probs, g) for _ in range(4000)])            # [4000, 2]
@@ -646,17 +646,17 @@ def test_speculative_batch_equals_single_and_needs_causal_clean_attention(model)
 @pytest.mark.parametrize("below", [0.0, 1.0])
 def test_speculative_noisy_block_goes_beside_pending_drafts_below_the_acceptance_cut(model, monkeypatch, below):
     """Where the noisy block goes is a real choice: with SIBLING_BELOW = 1 every forward with pending drafts asks
-    block_step for a sibling of the first one (`noisy_from` = the committed tokens), with 0 never; and greedy output
-    is the same left-to-right decoding either way."""
-    from dlm import decoders
-    monkeypatch.setattr(decoders, "SIBLING_BELOW", below)
-    calls, real = [], model.block_step
+    block_verify for a sibling of the first one (`noisy_from` = the committed tokens), with 0 never; and greedy
+    output is the same left-to-right decoding either way."""
+    from dlm.decoders import speculative
+    monkeypatch.setattr(speculative, "SIBLING_BELOW", below)
+    calls, real = [], model.block_verify
 
-    def spy(cache, noisy, clean_ids=None, **kw):
+    def spy(cache, noisy, clean_ids, **kw):
         calls.append((clean_ids.shape[1], kw.get("noisy_from"), noisy is not None))
-        return real(cache, noisy, clean_ids=clean_ids, **kw)
+        return real(cache, noisy, clean_ids, **kw)
 
-    monkeypatch.setattr(model, "block_step", spy)
+    monkeypatch.setattr(model, "block_verify", spy)
     g = model.generate(PROMPT, max_new_tokens=12, decoder="speculative", block_length=3, suppress_eos=True)
     monkeypatch.undo()
     want = model.generate(PROMPT, max_new_tokens=12, decoder="speculative", block_length=1, suppress_eos=True)
@@ -678,11 +678,11 @@ def test_speculative_sampling_is_distributed_as_left_to_right_sampling(model, mo
     computed here; the decoder's empirical distribution must match them."""
     from itertools import product
 
-    from dlm import decoders
+    from dlm.decoders import run, speculative
     allowed = [90, 1001]
     banned = [i for i in range(model.vocab_size) if i not in allowed]
-    monkeypatch.setattr(decoders, "banned_token_ids", lambda m, suppress_eos=False: banned)
-    monkeypatch.setattr(decoders, "SIBLING_BELOW", {"adaptive": 0.5, "after": 0.0, "sibling": 1.0}[layout])
+    monkeypatch.setattr(run, "banned_token_ids", lambda m, suppress_eos=False: banned)   # what DecodeRun bans
+    monkeypatch.setattr(speculative, "SIBLING_BELOW", {"adaptive": 0.5, "after": 0.0, "sibling": 1.0}[layout])
     cfg = dlm.SamplerConfig(decoder="speculative", block_length=3, max_new_tokens=3, suppress_eos=True,
                             temperature=1.0, threshold=threshold)
     prompt = model.tokenizer(PROMPT, return_tensors="pt").input_ids[0].tolist()

@@ -1,6 +1,6 @@
-"""Package a LoRA training export as a small offline asset (what `dlm/assets/smollm2-135m-dlm` is made with).
+"""Package a LoRA training export as a small offline asset (what `assets/smollm2-135m-dlm` is made with).
 
-    python -m train.ship runs/diffusmol-v2/final dlm/assets/smollm2-135m-dlm [--dtype bfloat16] [--max-mb 40] \
+    python -m train.ship runs/diffusmol-v2/final assets/smollm2-135m-dlm [--dtype bfloat16] [--max-mb 40] \
         [--generate decoder=speculative --generate block_length=4 ...] [--infill FIELD=VALUE ...]
 
 Keeps only what differs from the base model: the peft adapter (LoRA matrices + the trained [MASK] row), cast to
@@ -36,7 +36,7 @@ def ship(export_dir: Path, dest: Path, dtype: str = "bfloat16", max_mb: float = 
     `sampler_config.json` (validated first). Without them the asset keeps the recommendation it already ships,
     else the export's."""
     from dlm import SamplerConfig
-    from dlm.model import load_sampler_configs, save_sampler_configs
+    from dlm.sampler_config import load_sampler_configs, save_sampler_configs
     old_generate, old_infill = load_sampler_configs(export_dir)
     recommended = None
     if generate is not None or infill is not None:
@@ -80,7 +80,7 @@ def ship(export_dir: Path, dest: Path, dtype: str = "bfloat16", max_mb: float = 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m train.ship", description=__doc__.split("\n\n")[0])
     p.add_argument("export_dir", type=Path, help="OUTPUT_DIR/final of a LoRA run")
-    p.add_argument("dest", type=Path, help="asset directory, e.g. dlm/assets/smollm2-135m-dlm")
+    p.add_argument("dest", type=Path, help="asset directory, e.g. assets/smollm2-135m-dlm")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
     p.add_argument("--max-mb", type=float, default=40.0)
     p.add_argument("--generate", action="append", default=[], metavar="FIELD=VALUE",
