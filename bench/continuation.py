@@ -29,6 +29,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from bench.load_args import add_load_args, load_kwargs
 from dlm.quality import corpus_ppl, distinct_n, has_loop, judge_nll
 from dlm.sampling import cut_at_eos
 
@@ -125,7 +126,7 @@ def heldout_accuracy(model, ar_model, data_dir: Path, n_blocks: int = 16, block:
     out = {"blocks": n_blocks, "block_tokens": block,
            "dlm_masked_acc": masked_token_accuracy(model, rows, mask_ratio, seed=seed)}
     from dlm.decoders import DECODERS
-    if getattr(DECODERS[model.sampler_config.decoder], "needs_block_length", False):  # a block-mode decoder
+    if DECODERS[model.sampler_config.decoder].block_mode:  # a block-mode decoder
         out["dlm_block_acc"] = masked_token_accuracy(model, rows, mask_ratio, seed=seed,
                                                      block_length=model.sampler_config.block_length)
     ar_logits = ar_model.ar_logits(rows.to(ar_model.device))
@@ -179,8 +180,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                    "choosing settings")
     p.add_argument("--accuracy", action="store_true", help="also held-out masked vs next-token accuracy")
     p.add_argument("--data-dir", type=Path, default=None, help="default ../shared/data")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="auto")
+    add_load_args(p, device="cpu")
     p.add_argument("--out", type=Path, default=None, help="write the result (with every sample) as JSON")
     args = p.parse_args(argv)
 
@@ -189,7 +189,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     from transformers.utils import logging as hf_logging
     hf_logging.set_verbosity_error()
     data_dir = args.data_dir or default_data_dir()
-    model = dlm.load(args.model, device=args.device, dtype=args.dtype)
+    model = dlm.load(args.model, **load_kwargs(args))
     if args.settings:
         pairs = dict(item.split("=", 1) for item in args.settings if "=" in item)
         if len(pairs) != len(args.settings):
@@ -198,8 +198,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     ar_name = args.ar_model or model.ar_counterpart
     if not ar_name:
         p.error("the model names no AR counterpart: pass --ar-model")
-    ar_model = dlm.load(ar_name, device=args.device, dtype=args.dtype)
-    judge = ar_model if args.judge in (None, ar_name) else dlm.load(args.judge, device=args.device, dtype=args.dtype)
+    ar_model = dlm.load(ar_name, **load_kwargs(args))
+    judge = ar_model if args.judge in (None, ar_name) and args.quantization == "none" else \
+        dlm.load(args.judge or ar_name, **load_kwargs(args, judge=True))
     prompts = load_prompts(data_dir, args.n, dev=args.dev)
     print(f"# {args.model} ({model.sampler_config.decoder} decoder) vs {ar_name}: {len(prompts)} prompts x "
           f"{args.new_tokens} tokens, T={args.temperature}, top-p={args.top_p}, threads {torch.get_num_threads()}",

@@ -29,6 +29,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from bench.load_args import add_load_args, load_kwargs
 from dlm.quality import distinct_n, judge_ppl
 
 DEFAULT_PROMPT = "Once upon a time, in a small village by the sea, there lived"
@@ -192,8 +193,7 @@ def main(argv: Optional[Sequence[str]] = None) -> list[Row]:
     p.add_argument("--prompt", default=DEFAULT_PROMPT)
     p.add_argument("--repeats", type=int, default=1, help="timed calls per row; the fastest counts")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default="auto")
+    add_load_args(p, device="auto")
     p.add_argument("--out", type=Path, default=Path("runs/bench/decode.html"), help="plotly chart (HTML)")
     p.add_argument("--quick", action="store_true", help="lengths 16,32, methods T=L/2 and thr0.9 only")
     args = p.parse_args(argv)
@@ -202,7 +202,7 @@ def main(argv: Optional[Sequence[str]] = None) -> list[Row]:
     from transformers.utils import logging as hf_logging
     hf_logging.set_verbosity_error()
     model_name = args.model or _default_model()
-    model = dlm.load(model_name, device=args.device, dtype=args.dtype)
+    model = dlm.load(model_name, **load_kwargs(args))
     cuda = model.device.type == "cuda"
     if args.lengths:
         lengths = [int(x) for x in args.lengths.split(",") if x.strip()]
@@ -219,11 +219,11 @@ def main(argv: Optional[Sequence[str]] = None) -> list[Row]:
         p.error(f"lengths {too_long} do not fit the model's context of {model.max_length} tokens with the prompt")
     ar_name = args.ar_model or (model.ar_counterpart if getattr(model.config, "adapted", False) else None)
     if ar_name and ar_name not in (model_name, getattr(model, "source", None)):
-        ar_model = dlm.load(ar_name, device=args.device, dtype=args.dtype)
+        ar_model, ar_source = dlm.load(ar_name, **load_kwargs(args)), ar_name
     else:
-        ar_model, ar_name = model, f"{model_name} (same weights, causal)"
-    judge = ar_model if args.judge in (None, ar_name) else dlm.load(args.judge, device=args.device,
-                                                                     dtype=args.dtype)
+        ar_model, ar_source, ar_name = model, model_name, f"{model_name} (same weights, causal)"
+    judge = ar_model if args.judge in (None, ar_name) and args.quantization == "none" else \
+        dlm.load(args.judge or ar_source, **load_kwargs(args, judge=True))
     note = "" if getattr(model.config, "adapted", False) else \
         "  [note: not diffusion-adapted: DLM rows are the un-adapted baseline; expect poor quality]"
     print(f"# DLM {model_name} vs AR {ar_name}; judge {args.judge or ar_name}; device {model.device}, "

@@ -143,8 +143,8 @@ def bidirectional(config) -> Iterator[None]:
 
 
 # ----- grouped-query attention for a few masked query rows, without copying the cache -------------------------------
-PACK_ATTR = "_dlm_pack_gqa"   # set on the attention modules of a model by `enable_packed_gqa`
-PACK_MAX_ROWS = 32            # decoding steps only (a block, its drafts): training and prefill keep transformers' path
+PACKED_SDPA = "dlm_packed_sdpa"   # the attention implementation name a model selects (transformers' registry)
+PACK_MAX_ROWS = 32                # decoding steps only (a block, its drafts): training and prefill keep sdpa's path
 
 
 def packed_gqa_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, is_causal=None,
@@ -159,9 +159,8 @@ def packed_gqa_sdpa(module, query, key, value, attention_mask, dropout: float = 
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
     groups = getattr(module, "num_key_value_groups", 1)
     B, H, q, D = query.shape
-    if not (getattr(module, PACK_ATTR, False) and groups > 1 and 1 < q <= PACK_MAX_ROWS
-            and not torch.is_grad_enabled() and attention_mask is not None and attention_mask.dim() == 4
-            and attention_mask.shape[1] == 1 and kwargs.get("position_bias") is None
+    if not (groups > 1 and 1 < q <= PACK_MAX_ROWS and not torch.is_grad_enabled() and attention_mask is not None
+            and attention_mask.dim() == 4 and attention_mask.shape[1] == 1 and kwargs.get("position_bias") is None
             and kwargs.get("softcap") is None and not kwargs.get("output_attentions", False)):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
@@ -174,15 +173,17 @@ def packed_gqa_sdpa(module, query, key, value, attention_mask, dropout: float = 
 
 
 def enable_packed_gqa(model: torch.nn.Module) -> int:
-    """Route a model's few-row masked sdpa calls to `packed_gqa_sdpa` (registered once as transformers' "sdpa";
-    models without the mark are served by transformers' own function unchanged). Returns the modules marked."""
-    from transformers import AttentionInterface
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-    if ALL_ATTENTION_FUNCTIONS["sdpa"] is not packed_gqa_sdpa:
-        AttentionInterface.register("sdpa", packed_gqa_sdpa)
-    n = 0
-    for module in model.modules():
-        if getattr(module, "num_key_value_groups", 1) > 1:
-            setattr(module, PACK_ATTR, True)
-            n += 1
-    return n
+    """Select `packed_gqa_sdpa` for `model` when it runs sdpa with grouped-query heads: it is registered under its
+    own name (with sdpa's mask builder) and chosen per model with `set_attn_implementation`, as transformers
+    documents for custom attention; transformers' own "sdpa" and every other model are untouched. Returns the
+    attention modules that now take the packed path (0: nothing changed)."""
+    if getattr(model.config, "_attn_implementation", None) != "sdpa":
+        return 0
+    grouped = sum(getattr(m, "num_key_value_groups", 1) > 1 for m in model.modules())
+    if grouped:
+        from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+        AttentionInterface.register(PACKED_SDPA, packed_gqa_sdpa)
+        AttentionMaskInterface.register(PACKED_SDPA, sdpa_mask)
+        model.set_attn_implementation(PACKED_SDPA)
+    return grouped

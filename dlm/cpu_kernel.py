@@ -9,7 +9,8 @@ under AVX2 kernels (ms for 30 layers, 1/2/3/4 rows): MKL 20.4 / 40.2 / 41.4 / 42
 23.2 / 24.4. On AVX-512 CPUs MKL's own small-row path is as fast, so "auto" leaves them alone.
 
 Policy: the environment variable DLM_CPU_KERNEL = "auto" (default: on where torch's CPU capability is AVX2) /
-"on" (any x86 CPU with AVX2 + FMA) / "off". `dlm.load` calls `install(model)` for fp32 CPU models; only 2-8 row
+"on" (any x86 CPU with AVX2 + FMA) / "off", or `dlm.load(cpu_kernel=...)` per model. `dlm.load` calls `install`,
+which swaps `SmallRowLinear` in for the plain fp32 CPU nn.Linear layers; only 2-8 row
 calls are routed, so an AR step (one row) runs torch's linear either way. The kernel is compiled once on first use with
 torch.utils.cpp_extension (a C++ compiler and ninja; ~15 s, cached in dlm's cache folder, $DLM_CACHE_DIR or
 ~/.cache/dlm-studio, under kernels/); without them, or
@@ -24,7 +25,6 @@ import os
 import platform
 import shutil
 import time
-import types
 import warnings
 from pathlib import Path
 from typing import Optional
@@ -38,7 +38,6 @@ MIN_ROWS, MAX_ROWS = 2, 8        # 1 row stays on MKL's gemv (already at memory 
 ENV = "DLM_CPU_KERNEL"
 POLICIES = ("auto", "on", "off")
 SOURCE = Path(__file__).with_name("csrc") / "small_rows.cpp"
-_INSTALLED = "_dlm_small_rows"   # attribute marking a routed nn.Linear
 
 
 def policy() -> str:
@@ -61,9 +60,12 @@ def cpu_supports() -> bool:
     return {"avx2", "fma"} <= set(flags.split())
 
 
-def wanted() -> bool:
-    """Whether this process should route small-row linears to the kernel (policy and CPU, not yet built)."""
-    p = policy()
+def wanted(policy_value: Optional[str] = None) -> bool:
+    """Whether small-row linears should go to the kernel under `policy_value` (default: $DLM_CPU_KERNEL) on this CPU
+    (not yet built)."""
+    p = policy() if policy_value is None else policy_value
+    if p not in POLICIES:
+        raise ValueError(f"cpu_kernel={p!r}: allowed are {', '.join(POLICIES)}")
     if p == "off" or not cpu_supports():
         return False
     return p == "on" or torch.backends.cpu.get_cpu_capability() == "AVX2"
@@ -124,13 +126,17 @@ def small_rows_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
     return y.view(*x.shape[:-1], weight.shape[0])
 
 
-def _forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    # the kernel has no backward: training (grad on) and anything but a few fp32 CPU rows keep torch's linear
-    rows = x.numel() // max(1, x.shape[-1])
-    if (MIN_ROWS <= rows <= MAX_ROWS and x.dtype == self.weight.dtype == torch.float32 and x.device.type == "cpu"
-            and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))):
-        return small_rows_linear(x, self.weight, self.bias)
-    return F.linear(x, self.weight, self.bias)
+class SmallRowLinear(nn.Linear):
+    """An nn.Linear whose 2-8 row fp32 CPU inference calls run on the kernel; everything else (one row, many rows,
+    training: the kernel has no backward) on torch's linear. `install` swaps it in for plain nn.Linear modules,
+    sharing their parameters, so weights, state dicts and tied parameters are untouched."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // max(1, x.shape[-1])
+        if (MIN_ROWS <= rows <= MAX_ROWS and x.dtype == self.weight.dtype == torch.float32 and x.device.type == "cpu"
+                and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))):
+            return small_rows_linear(x, self.weight, self.bias)
+        return F.linear(x, self.weight, self.bias)
 
 
 def _routable(module: nn.Module) -> bool:
@@ -138,35 +144,34 @@ def _routable(module: nn.Module) -> bool:
     return type(module) is nn.Linear and module.weight.dtype == torch.float32 and module.weight.device.type == "cpu"
 
 
-def install(model: nn.Module, force: Optional[bool] = None) -> int:
-    """Route the small-row calls (MIN_ROWS..MAX_ROWS rows) of every plain fp32 CPU nn.Linear in `model` to the kernel.
-
-    force: None follows the policy (`wanted()`); True / False overrides it. Returns how many layers were routed
-    (0 when the kernel is not wanted or cannot be built here)."""
-    if not (wanted() if force is None else force) or not available():
-        return 0
+def _swap(model: nn.Module, select, cls: type) -> int:
+    """Give every module `select` accepts the class `cls` (nn.Linear <-> SmallRowLinear: same fields, so the
+    parameters, buffers, hooks and ties stay exactly as they are); returns how many were swapped."""
     n = 0
     for module in model.modules():
-        if _routable(module) and not getattr(module, _INSTALLED, False):
-            module.forward = types.MethodType(_forward, module)
-            setattr(module, _INSTALLED, True)
+        if select(module):
+            module.__class__ = cls
             n += 1
     return n
+
+
+def install(model: nn.Module, policy_value: Optional[str] = None, force: Optional[bool] = None) -> int:
+    """Swap `SmallRowLinear` in for every plain fp32 CPU nn.Linear of `model` when the kernel is wanted.
+
+    policy_value: auto / on / off (default $DLM_CPU_KERNEL, see `wanted`); force: True / False overrides it.
+    Returns how many layers were swapped (0 when the kernel is not wanted or cannot be built here)."""
+    if not (wanted(policy_value) if force is None else force) or not available():
+        return 0
+    return _swap(model, _routable, SmallRowLinear)
 
 
 def uninstall(model: nn.Module) -> int:
-    """Undo `install` (back to nn.Linear.forward); returns how many layers were restored."""
-    n = 0
-    for module in model.modules():
-        if getattr(module, _INSTALLED, False):
-            del module.forward
-            delattr(module, _INSTALLED)
-            n += 1
-    return n
+    """Undo `install` (plain nn.Linear again); returns how many layers were restored."""
+    return _swap(model, lambda m: type(m) is SmallRowLinear, nn.Linear)
 
 
 def installed(model: nn.Module) -> int:
-    return sum(bool(getattr(m, _INSTALLED, False)) for m in model.modules())
+    return sum(type(m) is SmallRowLinear for m in model.modules())
 
 
 def describe(model: nn.Module) -> str:

@@ -24,10 +24,12 @@ from typing import Optional, Union
 
 import torch
 
-from . import cpu_kernel, registry
+from . import registry
+from .cpu_kernel import POLICIES as KERNEL_POLICIES, install as install_small_rows
 from .attention import enable_packed_gqa
 from .fileio import atomic_directory, cache_dir
-from .model import DLM_CONFIG_NAME, DiffusionLM, DLMConfig, load_sampler_configs
+from .model import DLM_CONFIG_NAME, DiffusionLM, DLMConfig
+from .sampler_config import load_sampler_configs
 
 log = logging.getLogger(__name__)
 
@@ -65,20 +67,66 @@ def resolve_dtype(dtype: Union[str, torch.dtype, None], device: torch.device) ->
         raise LoadError(f"unknown dtype {dtype!r}; use one of auto, {', '.join(_DTYPES)}") from None
 
 
-def _quantization_config(quantization: Optional[str]):
+QUANTIZATIONS = ("none", "8bit", "4bit")
+
+
+def quantization_config(quantization: Optional[str], dtype: torch.dtype, device: torch.device):
+    """bitsandbytes settings for `quantization` (None / "none" / "8bit" / "4bit"), or None for full precision.
+
+    8bit is LLM.int8 (int8 weights, outlier columns kept in 16 bit); 4bit is NF4 with double quantization, computing
+    in `dtype` (fp32 on a CPU, bf16 on a GPU: the activations stay at the model's precision, only the weights
+    shrink). Both run on CUDA and, through bitsandbytes' CPU backend, on a CPU. The embeddings and the output head
+    stay unquantized (transformers' rule), so the added [MASK] row and a LoRA adapter's token rows still fit.
+    """
     if quantization in (None, "none", ""):
         return None
-    if quantization not in ("8bit", "4bit"):
-        raise LoadError(f"quantization must be none, 8bit or 4bit, got {quantization!r}")
+    if quantization not in QUANTIZATIONS:
+        raise LoadError(f"quantization must be one of {', '.join(QUANTIZATIONS)}, got {quantization!r}")
+    if device.type not in ("cpu", "cuda"):
+        raise LoadError(f"quantization {quantization} runs on cpu or cuda, not on device {device.type!r}")
     try:
         import bitsandbytes  # noqa: F401
     except ImportError:
-        raise LoadError(f"{quantization} quantization needs bitsandbytes: pip install bitsandbytes "
-                        "(on CPU it runs, slower than bf16)") from None
+        raise LoadError(f"quantization {quantization} needs bitsandbytes: pip install bitsandbytes "
+                        "(it runs on a CPU too)") from None
     from transformers import BitsAndBytesConfig
     if quantization == "8bit":
         return BitsAndBytesConfig(load_in_8bit=True)
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=dtype)
+
+
+def quantized_modules(model) -> dict[str, int]:
+    """How many layers of each bitsandbytes type `model` holds ({} when it is not quantized). peft's LoRA wrappers
+    of such layers share their class names, so the test is on bitsandbytes' own classes."""
+    import sys
+    bnb = sys.modules.get("bitsandbytes")
+    if bnb is None:   # never imported: nothing can be quantized
+        return {}
+    counts: dict[str, int] = {}
+    for module in model.modules():
+        if isinstance(module, (bnb.nn.Linear8bitLt, bnb.nn.Linear4bit)):
+            name = type(module).__name__
+            counts[name] = counts.get(name, 0) + 1
+    return counts
+
+
+def resolve_attn_implementation(name: Optional[str], device: torch.device) -> str:
+    """"auto" keeps transformers' default (sdpa). flash_attention_2 needs CUDA and the flash-attn package; where
+    either is missing it degrades to sdpa with a warning rather than failing (flash-attn is an optional extra)."""
+    name = (name or "auto").strip()
+    allowed = ("auto", "sdpa", "eager", "flash_attention_2")
+    if name not in allowed:
+        raise LoadError(f"attn_implementation must be one of {', '.join(allowed)}, got {name!r}")
+    if name == "flash_attention_2":
+        import importlib.util
+        why = ("it needs a CUDA device" if device.type != "cuda" else
+               "the flash-attn package is not installed (pip install flash-attn --no-build-isolation)"
+               if importlib.util.find_spec("flash_attn") is None else "")
+        if why:
+            log.warning("attn_implementation flash_attention_2 unavailable (%s); using sdpa", why)
+            return "sdpa"
+    return name
 
 
 def _hub_download(repo_id: str, revision: Optional[str] = None) -> Path:
@@ -146,7 +194,7 @@ def _locate(source: Union[str, os.PathLike], revision: Optional[str] = None) -> 
             return _Source(path.parent, path.name, spec, text)
         if not (path / DLM_CONFIG_NAME).is_file():
             raise LoadError(f"{text!r}: its files are missing from {path} (the adapted model has not been "
-                            "produced or shipped yet; see train/ and dlm/assets/)")
+                            "produced or shipped yet; see train/ and assets/)")
         return _Source(path, None, spec, text)
     path = Path(text).expanduser()
     if path.is_file():
@@ -168,21 +216,88 @@ def _locate(source: Union[str, os.PathLike], revision: Optional[str] = None) -> 
                     "not a hub id (owner/name)")
 
 
-# ----- building the base model --------------------------------------------------------------------------------------
+# ----- normalising the source: every base becomes a Hugging Face directory --------------------------------------
+# A GGUF file and the DiffuGPT wrapper layout are converted once into a plain HF directory in the cache, so that one
+# `from_pretrained` call (with its dtype, device map, attention and bitsandbytes quantization) builds every base.
 def _is_wrapper_layout(directory: Path) -> bool:
     files = _weight_files(directory)
     return any(k.startswith(_WRAPPER_PREFIX) for f in files for k in _safetensors_keys(f))
 
 
-def _load_wrapper(directory: Path, dtype: torch.dtype, attn_implementation: str):
-    """The released DiffuGPT layout: `embed_tokens.weight`, `denoise_model.{h.*, wpe.weight, ln_f.*}`, tied head."""
-    from safetensors.torch import load_file
-    from transformers import AutoConfig, GPT2LMHeadModel
+def _conversion_target(kind: str, stem: str, files: list[Path]) -> Path:
+    """cache/<kind>/<stem>-<fingerprint of the files' sizes and mtimes>: a changed source gets a new folder."""
+    import hashlib
+    stamp = "|".join(f"{f.resolve()}:{f.stat().st_size}:{int(f.stat().st_mtime)}" for f in files)
+    return cache_dir() / kind / f"{stem}-{hashlib.sha1(stamp.encode()).hexdigest()[:12]}"
+
+
+def _converted(target: Path) -> bool:
+    return (target / "config.json").is_file() and bool(_weight_files(target))
+
+
+def _write_conversion(target: Path, write) -> Path:
+    """Run `write(folder)` into a fresh folder that atomically becomes `target`, and drop older conversions of the
+    same source (one per source, not one per change of it). When the cache cannot be written (a read-only home, a
+    full disk) the conversion goes to a temporary folder that lives as long as this process."""
+    try:
+        with atomic_directory(target, keep_existing=True) as tmp:   # two processes may convert at once
+            write(tmp)
+    except OSError as e:
+        import atexit
+        fallback = Path(tempfile.mkdtemp(prefix="dlm-convert-")) / target.name
+        log.warning("cannot write the conversion cache %s (%s); using %s for this process", target.parent, e,
+                    fallback.parent)
+        atexit.register(shutil.rmtree, fallback.parent, True)
+        fallback.mkdir()
+        write(fallback)
+        return fallback
+    import re
+    stem = re.escape(target.name.rsplit("-", 1)[0])
+    earlier = re.compile(rf"{stem}-([0-9a-f]{{12}}|\d+-\d+)")   # this scheme's fingerprints, and the size-mtime one
+    for old in target.parent.iterdir():
+        if old != target and old.is_dir() and earlier.fullmatch(old.name):
+            shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+def _convert_gguf(src: _Source) -> Path:
+    """Dequantize a GGUF (~30 s on a small CPU) into float32 safetensors + its tokenizer; cached once."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    gguf = src.directory / src.gguf_file
+    target = _conversion_target("gguf", gguf.stem, [gguf])
+    if _converted(target) and (target / "tokenizer_config.json").is_file():
+        return target
+    try:
+        model = AutoModelForCausalLM.from_pretrained(src.directory, gguf_file=src.gguf_file, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(src.directory, gguf_file=src.gguf_file)
+    except Exception as e:
+        raise LoadError(f"could not read GGUF {gguf}: {type(e).__name__}: {_first_line(e)}") from None
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)   # the GGUF's own quantization: the weights are plain floats now
+
+    def write(out: Path) -> None:
+        # transformers refuses save_pretrained on a GGUF-loaded model; the dequantized weights are plain tensors
+        from safetensors.torch import save_model
+        save_model(model, str(out / "model.safetensors"), metadata={"format": "pt"})
+        (out / "config.json").write_text(json.dumps(config, indent=2))
+        tokenizer.save_pretrained(str(out))
+    return _write_conversion(target, write)
+
+
+def _convert_wrapper(directory: Path) -> Path:
+    """The released DiffuGPT layout (`embed_tokens.weight`, `denoise_model.{h.*, wpe.weight, ln_f.*}`, tied head)
+    rewritten as a plain GPT-2 checkpoint; cached once."""
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoConfig
     config = AutoConfig.from_pretrained(directory)
     if config.model_type != "gpt2":
         raise LoadError(f"{directory}: the DiffuGPT wrapper layout is GPT-2 only, config says {config.model_type!r}")
+    files = _weight_files(directory)
+    target = _conversion_target("diffugpt", directory.resolve().name, files)
+    if _converted(target):
+        return target
     state = {}
-    for f in _weight_files(directory):
+    for f in files:
         for key, value in load_file(str(f)).items():
             if key == "embed_tokens.weight":
                 state["transformer.wte.weight"] = value
@@ -190,90 +305,68 @@ def _load_wrapper(directory: Path, dtype: torch.dtype, attn_implementation: str)
                 state["transformer." + key[len(_WRAPPER_PREFIX):]] = value
             elif key.startswith("lm_head."):
                 state[key] = value
-    vocab = state.get("transformer.wte.weight")
-    if vocab is None:
+    if "transformer.wte.weight" not in state:
         raise LoadError(f"{directory}: wrapper checkpoint has no embed_tokens.weight")
-    config.vocab_size = vocab.shape[0]
-    kwargs = {} if attn_implementation == "auto" else {"attn_implementation": attn_implementation}
-    model = GPT2LMHeadModel(config, **kwargs) if kwargs else GPT2LMHeadModel(config)
-    state.setdefault("lm_head.weight", state["transformer.wte.weight"])
-    try:
-        missing, unexpected = model.load_state_dict(state, strict=False)
-    except RuntimeError as e:
-        raise LoadError(f"{directory}: weights do not match the GPT-2 config (shape mismatch): "
-                        f"{str(e).splitlines()[-1].strip()}") from None
-    missing = [k for k in missing if not k.endswith((".attn.bias", ".attn.masked_bias"))]
-    if missing or unexpected:
-        raise LoadError(f"{directory}: wrapper checkpoint does not fit GPT-2: missing {missing[:5]}, "
-                        f"unexpected {unexpected[:5]}")
-    model.tie_weights()
-    return model.to(dtype)
+    config.vocab_size = state["transformer.wte.weight"].shape[0]
+    if state.get("lm_head.weight") is not None and state["lm_head.weight"].data_ptr() != \
+            state["transformer.wte.weight"].data_ptr():
+        config.tie_word_embeddings = bool(torch.equal(state["lm_head.weight"], state["transformer.wte.weight"]))
+    if config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+
+    def write(out: Path) -> None:
+        save_file({k: v.contiguous() for k, v in state.items()}, str(out / "model.safetensors"),
+                  metadata={"format": "pt"})
+        config.save_pretrained(str(out))
+    return _write_conversion(target, write)
 
 
-def _gguf_conversion(src: _Source) -> Optional[Path]:
-    """Dequantizing a GGUF takes ~30 s on a small CPU; do it once and keep float32 safetensors in the cache.
-
-    Keyed by file name, size and mtime, written atomically; returns None (load the GGUF directly) if the cache
-    cannot be written.
-    """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    gguf = src.directory / src.gguf_file
-    stat = gguf.stat()
-    target = cache_dir() / "gguf" / f"{gguf.stem}-{stat.st_size}-{int(stat.st_mtime)}"
-    if (target / "config.json").is_file() and _weight_files(target) and (target / "tokenizer_config.json").is_file():
-        return target
-    try:
-        model = AutoModelForCausalLM.from_pretrained(src.directory, gguf_file=src.gguf_file, dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(src.directory, gguf_file=src.gguf_file)
-    except Exception as e:
-        raise LoadError(f"could not read GGUF {gguf}: {e}") from None
-    try:
-        with atomic_directory(target, keep_existing=True) as tmp:  # two processes may convert at once
-            # transformers refuses save_pretrained on a GGUF-loaded model; the dequantized weights are plain tensors
-            from safetensors.torch import save_model
-            save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-            cfg = model.config.to_dict()
-            cfg.pop("quantization_config", None)
-            (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
-            tokenizer.save_pretrained(str(tmp))
-    except OSError:  # a read-only or full cache: load the GGUF directly instead
-        return None
-    return target
-
-
-def _load_base(src: _Source, dtype: torch.dtype, device: torch.device, quantization: Optional[str],
-               attn_implementation: str, trust_remote_code: bool, allow_pickle: bool):
-    from transformers import AutoConfig, AutoModelForCausalLM
-    kwargs = dict(dtype=dtype, trust_remote_code=trust_remote_code)
-    if attn_implementation != "auto":
-        kwargs["attn_implementation"] = attn_implementation
-    qconfig = _quantization_config(quantization)
-    if qconfig is not None:
-        kwargs["quantization_config"] = qconfig
-        kwargs["device_map"] = {"": device.index if device.type == "cuda" else "cpu"}
+def _normalize(src: _Source, allow_pickle: bool, trust_remote_code: bool) -> _Source:
+    """`src` as a plain Hugging Face model directory (converting a GGUF or the DiffuGPT wrapper layout)."""
     if src.gguf_file:
-        try:
-            return AutoModelForCausalLM.from_pretrained(src.directory, gguf_file=src.gguf_file, **kwargs)
-        except Exception as e:
-            raise LoadError(f"could not read GGUF {src.directory / src.gguf_file}: {e}") from None
+        return _Source(_convert_gguf(src), None, src.spec, src.label)
     if not (src.directory / "config.json").is_file():
         raise LoadError(f"{src.directory} has no config.json (not a Hugging Face model directory)")
+    from transformers import AutoConfig
     try:
         config = AutoConfig.from_pretrained(src.directory, trust_remote_code=trust_remote_code)
     except Exception as e:
-        raise LoadError(f"{src.directory}/config.json could not be read: {e}") from None
+        raise LoadError(f"{src.directory}/config.json could not be read: {_first_line(e)}") from None
     if config.model_type not in SUPPORTED_FAMILIES and not trust_remote_code:
         raise LoadError(f"unsupported architecture {config.model_type!r}; supported: {', '.join(SUPPORTED_FAMILIES)}")
     _check_weights_present(src.directory, allow_pickle)
     if _is_wrapper_layout(src.directory):
-        return _load_wrapper(src.directory, dtype, attn_implementation)
+        return _Source(_convert_wrapper(src.directory), None, src.spec, src.label)
+    return src
+
+
+def _load_base(directory: Path, dtype: torch.dtype, device: torch.device, qconfig, attn_implementation: str,
+               trust_remote_code: bool, allow_pickle: bool):
+    """One `from_pretrained` for every base: weights in `dtype`, quantized by `qconfig` straight onto `device`."""
+    from transformers import AutoModelForCausalLM
+    kwargs = dict(dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=not allow_pickle or None)
+    if attn_implementation != "auto":
+        kwargs["attn_implementation"] = attn_implementation
+    if qconfig is not None:   # bitsandbytes quantizes while loading, on the device it will run on
+        kwargs["quantization_config"] = qconfig
+    if qconfig is not None or _saved_quantized(directory):   # (a saved quantized model loads quantized as saved)
+        kwargs["device_map"] = {"": device.index or 0} if device.type == "cuda" else {"": "cpu"}
     try:
-        return AutoModelForCausalLM.from_pretrained(src.directory, use_safetensors=not allow_pickle or None,
-                                                    **kwargs)
+        return AutoModelForCausalLM.from_pretrained(directory, **kwargs)
     except Exception as e:
-        first = str(e).strip().splitlines()
-        raise LoadError(f"could not load weights from {src.directory}: {type(e).__name__}: "
-                        f"{first[-1] if first else ''}") from None
+        raise LoadError(f"could not load weights from {directory}: {type(e).__name__}: {_first_line(e)}") from None
+
+
+def _saved_quantized(directory: Path) -> bool:
+    try:
+        return "quantization_config" in json.loads((directory / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [line for line in str(e).strip().splitlines() if line.strip()]
+    return lines[-1].strip() if lines else ""
 
 
 def load_tokenizer(src_or_path, gguf_file: Optional[str] = None, fallback: Optional[str] = None):
@@ -282,9 +375,7 @@ def load_tokenizer(src_or_path, gguf_file: Optional[str] = None, fallback: Optio
     if isinstance(src_or_path, str) and registry.is_registered(src_or_path):
         src_or_path = _locate(src_or_path)
     if isinstance(src_or_path, _Source) and src_or_path.gguf_file:
-        converted = _gguf_conversion(src_or_path)  # the GGUF tokenizer takes ~10 s to build; cached once
-        if converted is not None:
-            src_or_path = _Source(converted)
+        src_or_path = _Source(_convert_gguf(src_or_path))  # the GGUF tokenizer takes ~10 s to build; cached once
     directory = src_or_path.directory if isinstance(src_or_path, _Source) else Path(src_or_path)
     gguf_file = src_or_path.gguf_file if isinstance(src_or_path, _Source) else gguf_file
     try:
@@ -372,55 +463,37 @@ def _apply_adapter(base, adapter: Union[str, os.PathLike], merge: bool):
 
 
 # ----- public API ----------------------------------------------------------------------------------------------------
-def load(source: Union[str, os.PathLike], *, mask_token_id: Optional[int] = None, device="auto", dtype="auto",
-         quantization: Optional[str] = None, adapter: Union[str, os.PathLike, None] = None,
-         attn_implementation: str = "auto", shift: Optional[bool] = None, merge_adapter: bool = True,
-         trust_remote_code: bool = False, allow_pickle: bool = False, revision: Optional[str] = None) -> DiffusionLM:
-    """Load a diffusion LM (or an AR model to use as one).
+class _Plan:
+    """What a `load` call resolved to: where the model's own files are (`src`: its tokenizer, dlm / sampler config),
+    where the base weights are (`weights`), the saved DLM config and the adapters to apply, in order."""
 
-    source:              registry name, local directory / .gguf file, or hub id (see the module docstring).
-    mask_token_id:       overrides everything; else saved dlm config > tokenizer mask token > registry > a new
-                         `<|mask|>` token added to the vocabulary.
-    device:              "auto" (cuda if available) / "cpu" / "cuda[:i]".
-    dtype:               "auto" (bf16 on GPU, fp32 on CPU) / "bf16" / "fp16" / "fp32" / a torch dtype.
-    quantization:        None / "8bit" / "4bit" (bitsandbytes; runs on CPU too, slower than bf16).
-    adapter:             a peft LoRA adapter directory to apply on top (also accepts `denoise_model.` prefixes).
-    attn_implementation: "auto" (transformers' default, sdpa) / "sdpa" / "eager" / "flash_attention_2".
-    shift:               override the shift flag (default: saved config, else True as in the paper).
-    merge_adapter:       merge LoRA weights for inference speed (kept separate when quantized).
-    trust_remote_code / allow_pickle: off by default; loading never runs remote code or unpickles otherwise.
-    """
-    dev = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, dev)
+    def __init__(self, src: _Source, weights: _Source, saved: Optional[DLMConfig], adapters: list[Path]):
+        self.src, self.weights, self.saved, self.adapters = src, weights, saved, adapters
+
+
+def _plan(source, adapter, revision) -> _Plan:
     src = _locate(source, revision)
-    saved: Optional[DLMConfig] = None
-    if (src.directory / DLM_CONFIG_NAME).is_file() and not src.gguf_file:
-        saved = DLMConfig.load(src.directory)
-    adapter_dirs: list[Path] = []
-    weights_src = src
+    saved = DLMConfig.load(src.directory) if (src.directory / DLM_CONFIG_NAME).is_file() and not src.gguf_file \
+        else None
+    adapters: list[Path] = []
+    weights = src
     if saved is not None and (src.directory / "adapter_config.json").is_file() \
-            and not (src.directory / "config.json").is_file():
+            and not (src.directory / "config.json").is_file():   # an adapter-only DLM over `base_model`
         if not saved.base_model:
             raise LoadError(f"{src.directory} holds only an adapter and its dlm_config.json names no base_model")
-        weights_src = _locate(saved.base_model, revision)
-        adapter_dirs.append(src.directory)
+        weights = _locate(saved.base_model, revision)
+        adapters.append(src.directory)
     if adapter is not None:
-        adapter_dirs.append(Path(adapter))
+        adapters.append(Path(adapter))
         if (Path(adapter) / DLM_CONFIG_NAME).is_file() and saved is None:
             saved = DLMConfig.load(adapter)
+    return _Plan(src, weights, saved, adapters)
 
-    unquantized = quantization in (None, "none", "")
-    if weights_src.gguf_file and unquantized:
-        converted = _gguf_conversion(weights_src)
-        if converted is not None:
-            weights_src = _Source(converted, None, weights_src.spec, weights_src.label)
-            src = weights_src if src.gguf_file else src
-    base = _load_base(weights_src, torch_dtype, dev, quantization, attn_implementation, trust_remote_code,
-                      allow_pickle)
-    fallback = src.spec.ar_counterpart if src.spec is not None else None
-    tokenizer = load_tokenizer(src if not adapter_dirs or (src.directory / "tokenizer_config.json").is_file()
-                               else weights_src, fallback=fallback)
-    spec = src.spec or weights_src.spec
+
+def _mask_token(plan: _Plan, base, tokenizer, mask_token_id: Optional[int]) -> tuple[int, bool]:
+    """Explicit id > saved DLM config > registry > the tokenizer's / a new `<|mask|>` token."""
+    spec = plan.src.spec or plan.weights.spec
+    saved = plan.saved
     wanted = mask_token_id
     if wanted is None and saved is not None and not saved.added_mask_token:
         wanted = saved.mask_token_id
@@ -432,36 +505,92 @@ def load(source: Union[str, os.PathLike], *, mask_token_id: Optional[int] = None
                         "got with this tokenizer (tokenizer mismatch)")
     if tokenizer.mask_token_id != mask_id and mask_id < len(tokenizer):
         tokenizer.mask_token = tokenizer.convert_ids_to_tokens(mask_id)
+    return mask_id, added
 
-    for a in adapter_dirs:
-        base = _apply_adapter(base, a, merge=merge_adapter and unquantized)
-    if unquantized:
-        base = base.to(dev)
+
+def _place(base, device: torch.device, quantized: bool, cpu_kernel: Optional[str]):
+    """Move to `device` (a quantized model is already there), eval mode, and the CPU decoding paths: packed GQA
+    attention for few-row masked queries, and the small-row kernel for fp32 linears on CPUs without AVX-512."""
+    if not quantized:
+        base = base.to(device)
     base.eval()
-    if dev.type == "cpu":
-        enable_packed_gqa(base)    # few-row masked attention without repeating the cache (dlm.attention)
-        if unquantized:
-            cpu_kernel.install(base)   # small-row linears on CPUs without AVX-512 (DLM_CPU_KERNEL; no-op elsewhere)
+    if device.type == "cpu":
+        enable_packed_gqa(base)
+        if not quantized:
+            install_small_rows(base, cpu_kernel)   # a no-op where torch's linear is as fast (auto)
+    return base
 
+
+def _dlm_config(plan: _Plan, base, mask_id: int, added: bool, source, shift: Optional[bool]) -> DLMConfig:
     family = getattr(base.config, "model_type", "")
-    if saved is not None:
-        cfg = DLMConfig(**{**saved.__dict__, "mask_token_id": mask_id})
+    spec = plan.src.spec or plan.weights.spec
+    if plan.saved is not None:
+        cfg = DLMConfig(**{**plan.saved.__dict__, "mask_token_id": mask_id})
     else:
-        is_dlm = spec is not None and spec.kind == "dlm"
         ar_name = spec.ar_counterpart if spec is not None and spec.ar_counterpart else (
             spec.name if spec is not None else str(source))
         cfg = DLMConfig(mask_token_id=mask_id, shift=True, base_family=family, ar_counterpart=ar_name,
-                        adapted=is_dlm, added_mask_token=added)
+                        adapted=spec is not None and spec.kind == "dlm", added_mask_token=added)
     cfg.added_mask_token = cfg.added_mask_token or added
     cfg.base_family = cfg.base_family or family
     if shift is not None:
         cfg.shift = bool(shift)
-    name = src.label if src.spec is not None else Path(str(source)).name or str(source)
+    return cfg
+
+
+def load(source: Union[str, os.PathLike], *, mask_token_id: Optional[int] = None, device="auto", dtype="auto",
+         quantization: Optional[str] = None, adapter: Union[str, os.PathLike, None] = None,
+         attn_implementation: str = "auto", shift: Optional[bool] = None, merge_adapter: bool = True,
+         trust_remote_code: bool = False, allow_pickle: bool = False, revision: Optional[str] = None,
+         cpu_kernel: Optional[str] = None) -> DiffusionLM:
+    """Load a diffusion LM (or an AR model to use as one).
+
+    source:              registry name, local directory / .gguf file, or hub id (see the module docstring).
+    mask_token_id:       overrides everything; else saved dlm config > tokenizer mask token > registry > a new
+                         `<|mask|>` token added to the vocabulary.
+    device:              "auto" (cuda if available) / "cpu" / "cuda[:i]".
+    dtype:               "auto" (bf16 on GPU, fp32 on CPU) / "bf16" / "fp16" / "fp32" / a torch dtype.
+    quantization:        None / "8bit" (LLM.int8) / "4bit" (NF4) through bitsandbytes, on CUDA or a CPU, for every
+                         source: HF directories, the DiffuGPT wrapper layout, GGUF bases (dequantized once into the
+                         cache, then quantized), adapter models (the LoRA stays unmerged in full precision on top).
+    adapter:             a peft LoRA adapter directory to apply on top (also accepts `denoise_model.` prefixes).
+    attn_implementation: "auto" (transformers' default, sdpa) / "sdpa" / "eager" / "flash_attention_2" (falls back
+                         to sdpa with a warning without CUDA or the flash-attn package).
+    shift:               override the shift flag (default: saved config, else True as in the paper).
+    merge_adapter:       merge LoRA weights for inference speed (kept separate when quantized).
+    trust_remote_code / allow_pickle: off by default; loading never runs remote code or unpickles otherwise.
+    cpu_kernel:          the small-row CPU kernel for 2-8 row fp32 linears (dlm.cpu_kernel): "auto" (where torch's
+                         CPU path is AVX2), "on", "off"; default None = $DLM_CPU_KERNEL, else auto.
+    """
+    if cpu_kernel is not None and cpu_kernel not in KERNEL_POLICIES:
+        raise LoadError(f"cpu_kernel must be one of {', '.join(KERNEL_POLICIES)}, got {cpu_kernel!r}")
+    dev = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, dev)
+    qconfig = quantization_config(quantization, torch_dtype, dev)   # a bad combination fails before any work
+    attn = resolve_attn_implementation(attn_implementation, dev)
+    plan = _plan(source, adapter, revision)
+
+    weights = _normalize(plan.weights, allow_pickle, trust_remote_code)
+    if plan.src.gguf_file:   # the model *is* the GGUF: its tokenizer lives in the conversion
+        plan.src = weights
+    base = _load_base(weights.directory, torch_dtype, dev, qconfig, attn, trust_remote_code, allow_pickle)
+    fallback = plan.src.spec.ar_counterpart if plan.src.spec is not None else None
+    own_tokenizer = not plan.adapters or (plan.src.directory / "tokenizer_config.json").is_file()
+    tokenizer = load_tokenizer(plan.src if own_tokenizer else weights, fallback=fallback)
+    mask_id, added = _mask_token(plan, base, tokenizer, mask_token_id)
+    quantized = quantized_modules(base)   # asked for now, or saved that way
+    for a in plan.adapters:
+        base = _apply_adapter(base, a, merge=merge_adapter and not quantized)
+    base = _place(base, dev, quantized=bool(quantized), cpu_kernel=cpu_kernel)
+
+    cfg = _dlm_config(plan, base, mask_id, added, source, shift)
+    name = plan.src.label if plan.src.spec is not None else Path(str(source)).name or str(source)
     generate_cfg = infill_cfg = None
-    for directory in [src.directory, *adapter_dirs]:  # an adapter's recommendation wins over its base's
-        if not src.gguf_file or directory != src.directory:
+    for directory in [plan.src.directory, *plan.adapters]:  # an adapter's recommendation wins over its base's
+        if not plan.src.gguf_file or directory != plan.src.directory:
             g, i = load_sampler_configs(directory)
             generate_cfg, infill_cfg = g or generate_cfg, i or infill_cfg
     model = DiffusionLM(base, tokenizer, cfg, name=name, sampler_config=generate_cfg, infill_config=infill_cfg)
     model.source = str(source)
+    model.quantization = "none" if not quantized else "8bit" if "Linear8bitLt" in quantized else "4bit"
     return model

@@ -1,8 +1,8 @@
 """Known models: one place for names, sources, mask ids and AR counterparts.
 
 `source` is what the loader resolves: a Hugging Face hub id, `gguf:<package>:<file>` for a GGUF shipped inside an
-installed Python package, or `asset:<dir>` for a directory of the package data `dlm/assets/` (the project's own
-adapted model, stored as a LoRA adapter over `base`).
+installed Python package, or `asset:<dir>` for a directory of `assets/` (the package data `dlm/assets/` once
+installed): the project's own adapted model, stored as a LoRA adapter over `base`.
 """
 from __future__ import annotations
 
@@ -12,8 +12,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-# Package data of `dlm` (found through importlib.resources, so it works from an installed wheel as from a checkout).
-ASSETS_DIR = Path(str(importlib.resources.files("dlm") / "assets"))
+# The shipped models: the top-level `assets/` of a checkout, installed as the package data `dlm/assets/` (setup.py
+# maps one onto the other, so an installed wheel finds them through importlib.resources).
+_PACKAGED_ASSETS = Path(str(importlib.resources.files("dlm") / "assets"))
+ASSETS_DIR = _PACKAGED_ASSETS if _PACKAGED_ASSETS.is_dir() else Path(__file__).resolve().parent.parent / "assets"
 
 # Mask ids of the released checkpoints (paper's code): DiffuGPT-S reuses an existing GPT-2 token, DiffuGPT-M adds
 # the token "[¨M¨]" (id 50257), DiffuLLaMA reuses LLaMA-2 token 811.
@@ -79,13 +81,13 @@ register(ModelSpec("smollm2-135m-dlm", "dlm", "asset:smollm2-135m-dlm", base="sm
                          "with the speculative block decoder (its default), infills with full attention."))
 register(ModelSpec("diffugpt-s", "dlm", "diffusionfamily/diffugpt-s", mask_token_id=DIFFUGPT_S_MASK_ID,
                    ar_counterpart="gpt2", family="gpt2", params="127M",
-                   notes="DiffuGPT-S (An et al. 2024), released wrapper format; needs the network once."))
+                   notes="DiffuGPT-S (Gong et al. 2024), released wrapper format; needs the network once."))
 register(ModelSpec("diffugpt-m", "dlm", "diffusionfamily/diffugpt-m", mask_token_id=DIFFUGPT_M_MASK_ID,
                    ar_counterpart="gpt2-medium", family="gpt2", params="355M",
-                   notes="DiffuGPT-M (An et al. 2024), released wrapper format; needs the network once."))
+                   notes="DiffuGPT-M (Gong et al. 2024), released wrapper format; needs the network once."))
 register(ModelSpec("diffullama", "dlm", "diffusionfamily/diffullama", mask_token_id=DIFFULLAMA_MASK_ID,
                    ar_counterpart="llama-2-7b", family="llama", params="6.7B",
-                   notes="DiffuLLaMA-7B (An et al. 2024); needs the network once and ~14 GB in bf16."))
+                   notes="DiffuLLaMA-7B (Gong et al. 2024); needs the network once and ~14 GB in bf16."))
 register(ModelSpec("gpt2", "ar", "openai-community/gpt2", family="gpt2", params="124M",
                    notes="GPT-2 small, DiffuGPT-S's base."))
 register(ModelSpec("gpt2-medium", "ar", "openai-community/gpt2-medium", family="gpt2", params="355M",

@@ -21,13 +21,14 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 # (ATEN_CPU_CAPABILITY=default, and avx2 on an AVX-512 machine), so a tolerance that only holds on one CPU fails
 # there and not on a user's machine.
 NUMERIC_MODULES = {"test_likelihood", "test_model", "test_block_diffusion", "test_sampling", "test_infill",
-                   "test_loading", "test_families", "test_cpu_kernel"}
+                   "test_loading", "test_families", "test_cpu_kernel", "test_quantization"}
 
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: takes more than ~20 s (real SmolLM2, multi-process runs)")
     config.addinivalue_line("markers", "browser: drives a real Chromium (needs /usr/bin/chromium)")
     config.addinivalue_line("markers", "numeric: float comparisons, also run under a second CPU kernel path in CI")
+    config.addinivalue_line("markers", "gpu: needs CUDA (skipped without it; DLM_GPU_TEST_DEVICE=cpu dry-runs them)")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -133,6 +134,24 @@ def tiny_llama_dir(family_dir) -> Path:
 def tiny_gpt2_dir(family_dir) -> Path:
     """A tiny random GPT-2 with the tiny tokenizer."""
     return family_dir("gpt2")
+
+
+@pytest.fixture(scope="session")
+def wrapper_gpt2_dir(tiny_gpt2_dir, tmp_path_factory) -> Path:
+    """The tiny GPT-2 rewritten in the released DiffuGPT wrapper layout (`embed_tokens.weight`, `denoise_model.*`)."""
+    import shutil
+    from safetensors.torch import load_file, save_file
+    out = tmp_path_factory.mktemp("wrapper-gpt2")
+    wrapped = {}
+    for k, v in load_file(str(tiny_gpt2_dir / "model.safetensors")).items():
+        if k == "transformer.wte.weight":
+            wrapped["embed_tokens.weight"] = v
+        elif k.startswith("transformer."):
+            wrapped["denoise_model." + k[len("transformer."):]] = v
+    save_file(wrapped, str(out / "model.safetensors"))
+    for f in tiny_gpt2_dir.glob("*.json"):
+        shutil.copy(f, out / f.name)
+    return out
 
 
 @pytest.fixture

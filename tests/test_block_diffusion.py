@@ -173,7 +173,7 @@ def reference_ids(blocks: list[int], noisy: list[bool], causal: bool) -> torch.T
 
 @pytest.mark.parametrize("impl", ["sdpa", "eager"])
 @pytest.mark.parametrize("clean_attention", ["causal", "block"])
-def test_cached_block_step_equals_one_uncached_forward(family_dlm, impl, clean_attention):
+def test_cached_block_forward_equals_one_uncached_forward(family_dlm, impl, clean_attention):
     """Prompt, two finished blocks and a noisy block through the cache in three calls give the logits of one
     forward over everything under the same block pattern."""
     m = family_dlm
@@ -184,11 +184,11 @@ def test_cached_block_step_equals_one_uncached_forward(family_dlm, impl, clean_a
     noisy[0, 2] = 7
     with torch.no_grad():
         cache = m.new_block_cache()
-        m.block_step(cache, None, clean_ids=prompt)
-        m.block_step(cache, None, clean_ids=b1)
-        cached = m.block_step(cache, noisy, clean_ids=b2)
+        m.block_commit(cache, prompt)
+        m.block_commit(cache, b1)
+        cached = m.block_denoise(cache, noisy, clean_ids=b2)
         assert cache.length == 13 and cache.n_blocks == 3
-        again = m.block_step(cache, noisy)           # the cache holds only clean tokens: same answer again
+        again = m.block_denoise(cache, noisy)           # the cache holds only clean tokens: same answer again
         # uncached: all 17 tokens in one forward, with the same blocks
         ids = torch.cat([prompt, b1, b2, noisy], 1)
         flags = [False] * 13 + [True] * 4
@@ -199,11 +199,11 @@ def test_cached_block_step_equals_one_uncached_forward(family_dlm, impl, clean_a
         raw = m.base(input_ids=ids, attention_mask=mask, position_ids=torch.arange(17)[None]).logits
         # what the speculative decoder asks for: clean rows from the 3rd on, and the row past the noisy block
         cache = m.new_block_cache()
-        m.block_step(cache, None, clean_ids=prompt)
-        m.block_step(cache, None, clean_ids=b1)
-        after, clean = m.block_step(cache, noisy, clean_ids=b2, return_clean=True, clean_from=2, predict_after=True)
+        m.block_commit(cache, prompt)
+        m.block_commit(cache, b1)
+        after, clean = m.block_verify(cache, noisy, b2, clean_from=2, predict_after=True)
         with pytest.raises(ValueError, match="clean_from must be in 0..3"):
-            m.block_step(m.new_block_cache(), noisy, clean_ids=b2, return_clean=True, clean_from=4)
+            m.block_verify(m.new_block_cache(), noisy, b2, clean_from=4)
     want = raw[:, 12:16]                              # shift: noisy token i is read from row 12 + i
     torch.testing.assert_close(cached, want, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(again, want, atol=1e-4, rtol=1e-4)
@@ -226,14 +226,13 @@ def test_sibling_noisy_block_equals_its_uncached_definition(family_dlm, impl):
     noisy = torch.full((1, 3), m.mask_token_id)
     with torch.no_grad():
         cache = m.new_block_cache()
-        m.block_step(cache, None, clean_ids=prompt)
-        aligned, rows = m.block_step(cache, noisy, clean_ids=clean, return_clean=True, clean_from=1,
-                                     predict_after=True, noisy_from=k)
+        m.block_commit(cache, prompt)
+        aligned, rows = m.block_verify(cache, noisy, clean, clean_from=1, predict_after=True, noisy_from=k)
         assert cache.length == 9                      # the clean tokens are cached, the noisy block is not
         next_row = cache.next_logits.clone()          # still the last clean token's row (the next call reads it)
         cache3 = m.new_block_cache()
-        m.block_step(cache3, None, clean_ids=prompt)
-        plain = m.block_step(cache3, noisy, clean_ids=clean, predict_after=True, noisy_from=k)   # no clean rows asked
+        m.block_commit(cache3, prompt)
+        plain = m.block_denoise(cache3, noisy, clean_ids=clean, predict_after=True, noisy_from=k)   # no clean rows
         ids = torch.cat([prompt, clean, noisy], 1)
         q_noisy = torch.tensor([False] * 9 + [True] * 3)
         blocks = torch.tensor(list(range(9)) + [5 + k] * 3)
@@ -245,14 +244,13 @@ def test_sibling_noisy_block_equals_its_uncached_definition(family_dlm, impl):
         other = clean.clone()
         other[0, k:] = torch.tensor([11, 12])
         cache2 = m.new_block_cache()
-        m.block_step(cache2, None, clean_ids=prompt)
-        aligned2, _ = m.block_step(cache2, noisy, clean_ids=other, return_clean=True, clean_from=1,
-                                   predict_after=True, noisy_from=k)
+        m.block_commit(cache2, prompt)
+        aligned2, _ = m.block_verify(cache2, noisy, other, clean_from=1, predict_after=True, noisy_from=k)
         for bad in (0, 5):
             with pytest.raises(ValueError, match="noisy_from must be in 1..4"):
-                m.block_step(m.new_block_cache(), noisy, clean_ids=clean, noisy_from=bad)
+                m.block_denoise(m.new_block_cache(), noisy, clean_ids=clean, noisy_from=bad)
         with pytest.raises(ValueError, match="clean_from must be <= noisy_from - 1"):
-            m.block_step(cache2, noisy, clean_ids=clean, return_clean=True, clean_from=2, noisy_from=1)
+            m.block_verify(cache2, noisy, clean, clean_from=2, noisy_from=1)
     want = torch.cat([raw[:, 5 + k - 1: 5 + k], raw[:, 9:12]], 1)
     torch.testing.assert_close(aligned, want, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(rows, raw[:, 6:9], atol=1e-4, rtol=1e-4)   # clean rows from clean_from = 1 on
@@ -264,13 +262,16 @@ def test_sibling_noisy_block_equals_its_uncached_definition(family_dlm, impl):
 def test_packed_gqa_attention_equals_transformers_sdpa(tiny_llama_dir, monkeypatch):
     """A few masked query rows of a grouped-query model (the tiny LLaMA: 4 heads, 2 kv heads) attend through the
     packed path (heads of a group folded into rows, no repeated cache) with the same result as transformers'
-    repeat_kv path; unmarked models and training keep transformers' function."""
+    repeat_kv path. dlm.load selects it per model under its own name: transformers' "sdpa" stays its own function,
+    other models keep it, and training (grad on) falls through to it."""
     from transformers import AttentionInterface
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
     from dlm import attention
     m = dlm.load(tiny_llama_dir, device="cpu", dtype="float32")
-    marked = [x for x in m.base.modules() if getattr(x, attention.PACK_ATTR, False)]
-    assert len(marked) == m.base.config.num_hidden_layers
+    assert m.base.config._attn_implementation == attention.PACKED_SDPA
+    assert AttentionInterface._global_mapping["sdpa"] is sdpa_attention_forward      # nothing global replaced
+    other = dlm.load(tiny_llama_dir, device="cpu", dtype="float32", attn_implementation="eager")
+    assert other.base.config._attn_implementation == "eager"                         # only sdpa models switch
     shapes = []
     real = torch.nn.functional.scaled_dot_product_attention
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
@@ -280,33 +281,22 @@ def test_packed_gqa_attention_equals_transformers_sdpa(tiny_llama_dir, monkeypat
     def step(rows: int):
         cache = m.new_block_cache()
         with torch.no_grad():
-            m.block_step(cache, None, clean_ids=prompt)
-            return m.block_step(cache, torch.full((1, rows), m.mask_token_id),
-                                clean_ids=torch.tensor([[5, 6]]), return_clean=True)
+            m.block_commit(cache, prompt)
+            return m.block_verify(cache, torch.full((1, rows), m.mask_token_id), torch.tensor([[5, 6]]))
 
     for rows in (1, 3):
+        m.base.set_attn_implementation(attention.PACKED_SDPA)
         shapes.clear()
         packed = step(rows)
         assert (1, 2, 2 * (rows + 2), 16) in shapes                   # [B, kv heads, groups x rows, head dim]
-        for x in marked:
-            setattr(x, attention.PACK_ATTR, False)
+        m.base.set_attn_implementation("sdpa")
         shapes.clear()
         plain = step(rows)
         assert (1, 4, rows + 2, 16) in shapes and not any(s[1] == 2 for s in shapes)
-        for x in marked:
-            setattr(x, attention.PACK_ATTR, True)
         for a, b in zip(packed, plain):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
-        # unmarked, our registered function is transformers' own, to the bit
-        for x in marked:
-            setattr(x, attention.PACK_ATTR, False)
-        with pytest.MonkeyPatch.context() as stock_sdpa:
-            stock_sdpa.setitem(AttentionInterface._global_mapping, "sdpa", sdpa_attention_forward)
-            stock = step(rows)
-        for x in marked:
-            setattr(x, attention.PACK_ATTR, True)
-        assert all(torch.equal(a, b) for a, b in zip(plain, stock))
     # training (grad on) keeps transformers' path
+    m.base.set_attn_implementation(attention.PACKED_SDPA)
     shapes.clear()
     ids = torch.cat([prompt, torch.full((1, 3), m.mask_token_id)], 1)
     m.base(ids, attention_mask=torch.ones_like(ids)).logits.sum().backward()

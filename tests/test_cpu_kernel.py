@@ -69,7 +69,7 @@ def test_kernel_takes_batched_and_strided_inputs(kernel):
 
 
 def _linears(model):
-    return [m for m in model.modules() if type(m) is nn.Linear]
+    return [m for m in model.modules() if isinstance(m, nn.Linear)]   # SmallRowLinear is one too
 
 
 def test_install_routes_only_small_inference_calls(kernel, tiny_llama_dir, monkeypatch):
@@ -106,7 +106,7 @@ def test_install_routes_only_small_inference_calls(kernel, tiny_llama_dir, monke
     m.base.zero_grad(set_to_none=True)
 
     assert cpu_kernel.uninstall(m.base) == len(_linears(m.base))
-    assert all("forward" not in vars(lin) for lin in _linears(m.base))
+    assert all(type(lin) is nn.Linear and "forward" not in vars(lin) for lin in _linears(m.base))
 
 
 def test_decoders_write_the_same_tokens_with_the_kernel(kernel, tiny_llama_dir, monkeypatch):
@@ -149,6 +149,12 @@ def test_policy_from_the_environment(kernel, tiny_llama_dir, monkeypatch):
     assert cpu_kernel.installed(on.base) == len(_linears(on.base))
     bf16 = dlm.load(tiny_llama_dir, device="cpu", dtype="bf16")           # not fp32: left alone
     assert cpu_kernel.installed(bf16.base) == 0
+    # the explicit argument wins over the environment
+    assert cpu_kernel.installed(dlm.load(tiny_llama_dir, device="cpu", cpu_kernel="off").base) == 0
+    monkeypatch.setenv(cpu_kernel.ENV, "off")
+    assert cpu_kernel.installed(dlm.load(tiny_llama_dir, device="cpu", cpu_kernel="on").base) == len(_linears(on.base))
+    with pytest.raises(dlm.LoadError, match="cpu_kernel must be one of auto, on, off, got 'fast'"):
+        dlm.load(tiny_llama_dir, device="cpu", cpu_kernel="fast")
     monkeypatch.setenv(cpu_kernel.ENV, "auto")
     assert cpu_kernel.wanted() == (torch.backends.cpu.get_cpu_capability() == "AVX2")
     status = cpu_kernel.status()

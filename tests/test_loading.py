@@ -16,25 +16,8 @@ def _logits(model, n=10):
         return model.denoise_logits(x)
 
 
-def _make_wrapper_dir(plain_dir, out_dir):
-    """Rewrite a plain GPT-2 checkpoint in the released DiffuGPT wrapper layout."""
-    out_dir.mkdir()
-    state = load_file(str(plain_dir / "model.safetensors"))
-    wrapped = {}
-    for k, v in state.items():
-        if k == "transformer.wte.weight":
-            wrapped["embed_tokens.weight"] = v
-        elif k.startswith("transformer."):
-            wrapped["denoise_model." + k[len("transformer."):]] = v
-    save_file(wrapped, str(out_dir / "model.safetensors"))
-    for f in plain_dir.iterdir():
-        if f.suffix == ".json" and f.name != "model.safetensors":
-            shutil.copy(f, out_dir / f.name)
-    return out_dir
-
-
-def test_wrapper_and_plain_layouts_give_equal_logits(tiny_gpt2_dir, tmp_path):
-    wrapper = _make_wrapper_dir(tiny_gpt2_dir, tmp_path / "wrapper")
+def test_wrapper_and_plain_layouts_give_equal_logits(tiny_gpt2_dir, wrapper_gpt2_dir):
+    wrapper = wrapper_gpt2_dir
     assert not any(k.startswith("transformer.") for k in load_file(str(wrapper / "model.safetensors")))
     a = dlm.load(tiny_gpt2_dir, device="cpu", mask_token_id=7)
     b = dlm.load(wrapper, device="cpu", mask_token_id=7)

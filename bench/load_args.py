@@ -1,0 +1,24 @@
+"""The model-loading flags every benchmark shares (device, dtype, quantization, attention), in one place.
+
+The judge of a quality metric is always loaded at full precision: quantizing it would move the yardstick."""
+from __future__ import annotations
+
+import argparse
+
+
+def add_load_args(p: argparse.ArgumentParser, device: str = "auto") -> None:
+    p.add_argument("--device", default=device)
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--quantization", choices=("none", "8bit", "4bit"), default="none",
+                   help="bitsandbytes weights for the DLM and its AR twin (the judge stays full precision)")
+    p.add_argument("--attn-implementation", default="auto",
+                   choices=("auto", "sdpa", "eager", "flash_attention_2"),
+                   help="attention kernel (flash_attention_2 falls back to sdpa without CUDA / flash-attn)")
+
+
+def load_kwargs(args: argparse.Namespace, *, judge: bool = False) -> dict:
+    """`dlm.load` keyword arguments from the flags; `judge=True` drops the quantization."""
+    kwargs = dict(device=args.device, dtype=args.dtype, attn_implementation=args.attn_implementation)
+    if not judge and args.quantization != "none":
+        kwargs["quantization"] = args.quantization
+    return kwargs
