@@ -13,7 +13,7 @@ PORT       ?= 7860
 ARGS       ?=
 PYTEST_ARGS ?=
 
-.PHONY: setup setup-gpu run test test-fast test-kernels bench clean-venv
+.PHONY: setup setup-gpu run test test-fast test-kernels test-gpu gpu-prepare gpu-dry-run bench clean-venv
 
 $(STAMP): pyproject.toml requirements.txt Makefile
 	test -x $(PY) || $(PY_SYS) -m venv $(VENV)
@@ -49,6 +49,18 @@ test-kernels: $(STAMP)
 	  ATEN_CPU_CAPABILITY=$$cap HF_HUB_OFFLINE=1 GRADIO_ANALYTICS_ENABLED=False $(PY) -m pytest -q -m "numeric and not slow" \
 	    $(PYTEST_ARGS) || exit 1; \
 	done
+
+# The GPU tests (skipped without CUDA): on a GPU machine after `make setup-gpu`.
+test-gpu: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m gpu tests/test_gpu.py $(PYTEST_ARGS)
+
+# The GPU runbook (docs/gpu.md): build .gpu/ (wheels, payload chunks, plan) and print the device calls; or run the
+# whole chain here on the CPU with tiny shapes.
+gpu-prepare: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) -m gpu.runbook prepare
+
+gpu-dry-run: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) -m gpu.runbook dry-run
 
 bench: $(STAMP)
 	$(PY) -m bench $(ARGS)
