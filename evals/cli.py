@@ -16,7 +16,7 @@ from typing import Optional
 from dlm.cli import non_negative_int, positive_int
 
 from .backends import KINDS, SCORE_METHODS, EvalSettings, default_kind
-from .data import MissingDataError, default_data_dir
+from .data import MissingDataError, default_data_dir, file_fingerprints, recording_files
 from .report import table_from_dirs
 from .runner import eprint, evaluate
 from .tasks import GENPPL, TASKS, get_task, mc_file_spec
@@ -78,17 +78,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def load_task_data(names: list[str], task_files: list[Path], data_dir: Path, settings: EvalSettings,
-                   limit: Optional[int], skip: int = 0) -> tuple[list, list[str]]:
+                   limit: Optional[int], skip: int = 0, files: Optional[dict] = None) -> tuple[list, list[str]]:
     """Resolve task names and read their examples -> ([(spec, examples)], [messages about missing data]);
-    examples skip .. skip + limit of each task."""
+    examples skip .. skip + limit of each task. `files`, when given, receives {task: [data files it read]}."""
     specs = [get_task(n, settings.gen_length) for n in names] + [mc_file_spec(f) for f in task_files]
     loaded, missing = [], []
     for spec in specs:
         try:
-            examples = spec.load(data_dir, settings)
+            with recording_files() as read:
+                examples = spec.load(data_dir, settings)
         except MissingDataError as e:
             missing.append(str(e))
             continue
+        if files is not None:
+            files[spec.name] = list(read)
         examples = examples[skip:]
         if not examples:
             missing.append(f"task {spec.name!r}: no examples found" + (f" after the first {skip}" if skip else ""))
@@ -111,7 +114,8 @@ def run(args: argparse.Namespace) -> int:
                   gen_prompt_words=args.gen_prompt_words, judge=args.judge, ppl_max_tokens=args.ppl_max_tokens,
                   heldout_book=args.heldout_book, chat=args.chat, exec_timeout=args.exec_timeout)
     provisional = EvalSettings(kind=args.kind or "ar", **common)
-    tasks, missing = load_task_data(names, args.task_file, data_dir, provisional, args.limit, args.skip)
+    files: dict = {}
+    tasks, missing = load_task_data(names, args.task_file, data_dir, provisional, args.limit, args.skip, files)
     for msg in missing:
         eprint(f"skipping: {msg}")
     if not tasks:
@@ -127,13 +131,15 @@ def run(args: argparse.Namespace) -> int:
     if book:  # the checkpoint says which book its training held out: evaluate perplexity / prompts on that one
         common["heldout_book"] = book
         uses_book = [spec.name for spec, _ in tasks if spec.name == "elbo_ppl" or GENPPL.match(spec.name)]
-        reloaded, _ = load_task_data(uses_book, [], data_dir, EvalSettings(**common), args.limit, args.skip)
+        reloaded, _ = load_task_data(uses_book, [], data_dir, EvalSettings(**common), args.limit, args.skip, files)
         by_name = {spec.name: (spec, ex) for spec, ex in reloaded}
         tasks = [by_name.get(spec.name, (spec, ex)) for spec, ex in tasks]
     settings = EvalSettings(kind=kind, **common)
     print(f"{args.model}: evaluated as {kind.upper()} on {', '.join(s.name for s, _ in tasks)} -> {args.out}")
+    data = {spec.name: file_fingerprints(files.get(spec.name, []), data_dir) for spec, _ in tasks}
     evaluate(model, tasks, args.out, settings, model_id=args.model, label=args.label, overwrite=args.overwrite,
-             progress=False if args.no_progress else None)
+             progress=False if args.no_progress else None, data=data,
+             selection={"limit": args.limit, "skip": args.skip, "data_dir": str(Path(data_dir).resolve())})
     print(f"wrote {args.out / 'results.json'} and {args.out / 'table.md'}")
     print((args.out / "table.md").read_text())
     return 1 if missing else 0

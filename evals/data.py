@@ -9,8 +9,10 @@ from __future__ import annotations
 import ast
 import csv
 import gzip
+import hashlib
 import json
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -34,7 +36,50 @@ def require(data_dir: Path, relative: str, task: str) -> Path:
         raise MissingDataError(
             f"task {task!r} needs {relative} under the data directory {Path(data_dir)} but {path} does not exist; "
             f"pass --data-dir DIR (a folder holding {relative}) or set DLM_DATA_DIR")
+    _note_file(path)
     return path
+
+
+# ----- which files a task read, and their hashes (recorded in the run's config.json) ---------------------------------
+_RECORDERS: list[list[Path]] = []
+
+
+def _note_file(path: Path) -> None:
+    for files in _RECORDERS:
+        if path not in files:
+            files.append(path)
+
+
+@contextmanager
+def recording_files():
+    """`with recording_files() as files: spec.load(...)` -> `files` lists every data file the loader read."""
+    files: list[Path] = []
+    _RECORDERS.append(files)
+    try:
+        yield files
+    finally:
+        _RECORDERS.remove(files)
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def file_fingerprints(files, data_dir: Optional[Path] = None) -> dict[str, dict]:
+    """{name: {"sha256", "bytes"}} for each file; names are relative to `data_dir` when the file lies inside it."""
+    out = {}
+    for f in files:
+        f = Path(f)
+        try:
+            name = str(f.resolve().relative_to(Path(data_dir).resolve())) if data_dir else str(f)
+        except ValueError:
+            name = str(f.resolve())
+        out[name] = {"sha256": sha256_file(f), "bytes": f.stat().st_size}
+    return out
 
 
 def _jsonl(path: Path) -> list[dict]:
@@ -147,15 +192,67 @@ def load_winogrande(data_dir: Path) -> list[MCExample]:
                       int(d["gold"])) for i, d in enumerate(rows)]
 
 
+HELLASWAG_KEYS = ("activity_label", "ctx_a", "ctx_b", "endings", "label")
+
+
+def hellaswag_example(i: int, d: dict, where: str) -> MCExample:
+    """One HellaSwag record (the dataset's own JSONL: activity_label, ctx_a, ctx_b, endings, label) with
+    lm-evaluation-harness's preprocessing (`lm_eval.tasks.hellaswag.utils.preprocess`: " [title]" -> ". ", other
+    [bracketed] WikiHow artifacts dropped, double spaces collapsed): context "{activity_label}: {ctx_a}
+    {Ctx_b}", the four endings as continuations after one space."""
+    from lm_eval.tasks.hellaswag.utils import preprocess
+    missing = [k for k in HELLASWAG_KEYS if k not in d]
+    if missing:
+        raise ValueError(f"{where}: missing key(s) {', '.join(missing)}; a HellaSwag line needs "
+                         f"{', '.join(HELLASWAG_KEYS)} (the test split has no labels: use the validation file)")
+    endings, label = d["endings"], d["label"]
+    if not isinstance(endings, list) or len(endings) < 2 or not all(isinstance(e, str) for e in endings):
+        raise ValueError(f"{where}: 'endings' must be a list of at least 2 strings")
+    try:  # the official JSONL has an int, the Hugging Face copy a string
+        gold = int(label)
+    except (TypeError, ValueError):
+        gold = -1
+    if isinstance(label, bool) or not 0 <= gold < len(endings):
+        raise ValueError(f"{where}: 'label' must be an index into endings (0..{len(endings) - 1}), got {label!r}")
+    context = preprocess(d["activity_label"] + ": " + d["ctx_a"] + " " + d["ctx_b"].capitalize())
+    return _mc(i, context, [preprocess(e) for e in endings], gold)
+
+
+def is_hellaswag_record(d) -> bool:
+    return isinstance(d, dict) and "ctx_a" in d and "endings" in d
+
+
+def is_hellaswag_file(path: Path) -> bool:
+    """Whether a --task-file holds HellaSwag's own records (judged by its first line)."""
+    try:
+        with (gzip.open if str(path).endswith(".gz") else open)(path, "rt", encoding="utf-8") as f:
+            first = next((line for line in f if line.strip()), "")
+        return is_hellaswag_record(json.loads(first)) if first else False
+    except (OSError, ValueError):
+        return False
+
+
+def load_hellaswag(data_dir: Path) -> list[MCExample]:
+    """HellaSwag validation (10042), the dataset's own `hellaswag_val.jsonl` (github.com/rowanz/hellaswag, data/);
+    users bring the file (it is not in ../shared/data)."""
+    path = require(data_dir, "hellaswag/hellaswag_val.jsonl", "hellaswag")
+    return [hellaswag_example(i, d, f"{path} line {i + 1}") for i, d in enumerate(_jsonl(path))]
+
+
 def load_mc_file(path: Path) -> list[MCExample]:
-    """Generic multiple-choice JSONL: one `{"context": str, "choices": [str, ...], "gold": int}` per line.
+    """Multiple-choice JSONL for `--task-file`: one `{"context": str, "choices": [str, ...], "gold": int}` per line,
+    or HellaSwag's own records (recognised by `ctx_a` / `endings`; see `hellaswag_example`).
 
     Choices are scored as continuations of the context, with one space between them (lm-eval's default)."""
     path = Path(path)
     if not path.is_file():
         raise MissingDataError(f"--task-file {path} does not exist")
+    _note_file(path)
+    rows = _jsonl(path)
+    if rows and is_hellaswag_record(rows[0]):
+        return [hellaswag_example(i, d, f"{path} line {i + 1}") for i, d in enumerate(rows)]
     out = []
-    for i, d in enumerate(_jsonl(path)):
+    for i, d in enumerate(rows):
         missing = [k for k in ("context", "choices", "gold") if k not in d]
         if missing:
             raise ValueError(f"{path} line {i + 1}: missing key(s) {', '.join(missing)}; each line needs "

@@ -6,6 +6,8 @@
 - `rouge_scores`: ROUGE-1/2/L F-measure x 100 with `rouge-score` (ROCStories infilling, as the paper).
 - `gsm8k_gold` / `gsm8k_prediction` / `numbers_equal`: GSM8K final-answer parsing.
 - `mean_stderr`: mean and standard error of per-example values (accuracy, ROUGE, pass@1 ...).
+- `wilson_interval` / `bootstrap_interval`: 95% intervals: Wilson score for a proportion (accuracy, exact match,
+  pass@1), seeded percentile bootstrap for a mean or any statistic of the examples (ROUGE, perplexity ...).
 - `distinct_n`: fraction of unique n-grams in a text (diversity of generations).
 """
 from __future__ import annotations
@@ -115,6 +117,59 @@ def mean_stderr(values: Sequence[float]) -> tuple[float, float]:
         return mean, float("nan")
     var = sum((v - mean) ** 2 for v in values) / (n - 1)
     return mean, math.sqrt(var / n)
+
+
+# ----- 95% intervals ------------------------------------------------------------------------------------------------
+CI_LEVEL = 0.95
+BOOTSTRAP_RESAMPLES = 2000
+BOOTSTRAP_SEED = 0
+
+
+def _z(level: float) -> float:
+    from statistics import NormalDist
+    return NormalDist().inv_cdf(0.5 + level / 2)
+
+
+def wilson_interval(successes: float, n: int, level: float = CI_LEVEL) -> tuple[float, float]:
+    """Wilson score interval for a proportion successes / n (Wilson 1927; what statsmodels' proportion_confint and
+    scipy's binomtest(...).proportion_ci call "wilson"). Unlike mean +- 1.96 se it stays inside [0, 1] and is not
+    zero-width at 0 / n or n / n. (nan, nan) when n == 0."""
+    if n <= 0:
+        return float("nan"), float("nan")
+    if not 0 <= successes <= n:
+        raise ValueError(f"successes must lie in 0..n ({n}), got {successes}")
+    z = _z(level)
+    p = successes / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def bootstrap_interval(values, statistic=None, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = BOOTSTRAP_SEED,
+                       level: float = CI_LEVEL) -> tuple[float, float]:
+    """Percentile bootstrap interval of `statistic` over examples, deterministic for `seed`.
+
+    values:    per-example values, a sequence of numbers or of equal-length rows (e.g. (nll, n_tokens) pairs for a
+               corpus perplexity): examples are resampled with replacement as whole rows.
+    statistic: rows (numpy array, resampled) -> float; default the mean of a 1-D array.
+    (nan, nan) with fewer than 2 examples.
+    """
+    import numpy as np
+    data = np.asarray(values, dtype=np.float64)
+    n = len(data)
+    if n < 2:
+        return float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, n, size=(resamples, n))                        # [resamples, n]
+    if statistic is None:
+        if data.ndim != 1:
+            raise ValueError("bootstrap_interval: rows of values need a statistic")
+        stats = data[idx].mean(axis=1)
+    else:
+        stats = np.array([statistic(data[i]) for i in idx])
+    lo, hi = np.quantile(stats, [(1 - level) / 2, (1 + level) / 2])
+    return float(lo), float(hi)
 
 
 # ----- diversity -----------------------------------------------------------------------------------------------------

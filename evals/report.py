@@ -1,7 +1,8 @@
 """Markdown tables in the paper's Table 1 layout: one row per evaluated model, one column per task.
 
-Accuracies / exact match / pass@1 are shown in percent with their standard error, ROCStories as ROUGE-1/2/L,
-perplexities as they are. `python -m evals table DIR [DIR ...]` merges several runs into one table.
+Every number carries its 95% interval `value [lo, hi]`: accuracies / exact match / pass@1 in percent (Wilson),
+ROCStories as ROUGE-1/2/L with the ROUGE-1 interval, perplexities as they are (bootstrap). Results written before
+intervals existed fall back to `value ± stderr`. `python -m evals table DIR [DIR ...]` merges runs into one table.
 """
 from __future__ import annotations
 
@@ -10,17 +11,21 @@ from pathlib import Path
 from typing import Sequence
 
 from .store import read_json
-from .tasks import TABLE_ORDER, get_task
-
-PERCENT = {"acc", "acc_norm", "em", "pass@1"}
+from .tasks import PROPORTION_METRICS, TABLE_ORDER, get_task
 
 
 def _num(x) -> bool:
     return isinstance(x, (int, float)) and not (isinstance(x, float) and math.isnan(x))
 
 
-def _pm(value, se, scale: float = 1.0, digits: int = 1) -> str:
-    text = f"{value * scale:.{digits}f}"
+def format_value(res: dict, metric: str, digits: int = 1) -> str:
+    """`value [lo, hi]` (the 95% interval) for one metric of a task's results; proportions in percent. Older
+    results without an interval show `value ± stderr`."""
+    scale = 100.0 if metric in PROPORTION_METRICS else 1.0
+    text = f"{res[metric] * scale:.{digits}f}"
+    ci, se = res.get(f"{metric}_ci"), res.get(f"{metric}_stderr")
+    if isinstance(ci, (list, tuple)) and len(ci) == 2 and all(_num(x) for x in ci):
+        return text + f" [{ci[0] * scale:.{digits}f}, {ci[1] * scale:.{digits}f}]"
     return text + (f" ± {se * scale:.{digits}f}" if _num(se) else "")
 
 
@@ -29,16 +34,28 @@ def format_cell(task: str, res: dict) -> str:
     if not res:
         return "–"
     if "rouge1" in res:
-        return "/".join(f"{res[k]:.1f}" for k in ("rouge1", "rouge2", "rougeL") if _num(res.get(k)))
+        r = "/".join(f"{res[k]:.1f}" for k in ("rouge1", "rouge2", "rougeL") if _num(res.get(k)))
+        ci = res.get("rouge1_ci")
+        return r + (f" (R1 [{ci[0]:.1f}, {ci[1]:.1f}])" if ci and all(_num(x) for x in ci) else "")
     if "gen_ppl" in res:
         d2 = f" (d2 {res['distinct2']:.2f})" if _num(res.get("distinct2")) else ""
-        return (_pm(res["gen_ppl"], res.get("gen_ppl_stderr")) if _num(res["gen_ppl"]) else "–") + d2
+        return (format_value(res, "gen_ppl") if _num(res["gen_ppl"]) else "–") + d2
     if "ppl" in res and "acc" not in res:
-        return _pm(res["ppl"], res.get("ppl_stderr"))
+        return format_value(res, "ppl")
+    main = _main_metric(task)
+    if main and _num(res.get(main)):
+        return format_value(res, main)
     for metric in ("acc", "em", "pass@1"):
-        if _num(res.get(metric)):
-            return _pm(res[metric], res.get(f"{metric}_stderr"), 100.0)
+        if _num(res.get(metric)):  # e.g. HellaSwag under the DLM 'paper' estimator, which has no acc_norm
+            return format_value(res, metric) + (f" ({metric})" if main and main != metric else "")
     return "–"
+
+
+def _main_metric(task: str):
+    try:
+        return get_task(task).main
+    except KeyError:  # a --task-file task
+        return None
 
 
 def column_title(task: str) -> str:
@@ -51,6 +68,8 @@ def column_title(task: str) -> str:
         title += " (R1/R2/RL)"
     elif task == "humaneval_infill":
         title += " (pass@1)"
+    elif spec.main != "acc" and spec.main in PROPORTION_METRICS:
+        title += f" ({spec.main})"
     return title
 
 
@@ -73,8 +92,9 @@ def markdown_table(runs: Sequence[tuple[dict, dict]]) -> str:
     for config, res in runs:
         lines.append(f"| {row_label(config)} | " + " | ".join(format_cell(t, res.get(t, {})) for t in tasks) + " |")
     lines.append("")
-    lines.append("Accuracy / exact match / pass@1 in % ± standard error; ROCStories ROUGE-1/2/L F1 x 100; "
-                 "PPL of a DLM is the ELBO upper bound.")
+    lines.append("value [95% interval]: accuracy / exact match / pass@1 in % (Wilson score interval); ROCStories "
+                 "ROUGE-1/2/L F1 x 100 with the ROUGE-1 interval and perplexities (percentile bootstrap over examples, "
+                 "seeded); PPL of a DLM is the ELBO upper bound.")
     for config, res in runs:
         s = config.get("settings", {})
         ns = ", ".join(f"{t} {res[t].get('n', '?')}" for t in tasks if t in res)
@@ -85,7 +105,11 @@ def markdown_table(runs: Sequence[tuple[dict, dict]]) -> str:
                f"{s.get('infill_sampler') or 'none'}")
         length = "oracle answer length" if s.get("oracle_length") else \
             f"fixed answer budget ({s.get('max_new_tokens') or 'task default'})"
-        lines.append(f"- {row_label(config)}: n = {ns}; {how}; {length}; seed {s.get('seed')}.")
+        data = config.get("data") or {}
+        files = {name: fp.get("sha256", "?") for t in tasks for name, fp in data.get(t, {}).items()}
+        hashes = ", ".join(f"{name} {sha[:12]}" for name, sha in files.items())
+        lines.append(f"- {row_label(config)}: n = {ns}; {how}; {length}; seed {s.get('seed')}"
+                     + (f"; data sha256 {hashes}" if hashes else "") + ".")
     return "\n".join(lines) + "\n"
 
 
@@ -99,4 +123,4 @@ def table_from_dirs(dirs: Sequence[Path]) -> str:
     return markdown_table(runs)
 
 
-__all__ = ["markdown_table", "table_from_dirs", "format_cell"]
+__all__ = ["markdown_table", "table_from_dirs", "format_cell", "format_value"]

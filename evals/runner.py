@@ -30,17 +30,22 @@ def run_task(backend: EvalModel, spec: TaskSpec, examples: list, store: Predicti
 
 def evaluate(model, tasks: Sequence[tuple[TaskSpec, list]], out: Path, settings: EvalSettings,
              model_id: str = "", label: str = "", overwrite: bool = False, progress: Optional[bool] = None,
-             log=print) -> dict:
+             log=print, data: Optional[dict] = None, selection: Optional[dict] = None) -> dict:
     """Run each (task, examples) for `model` into `out`; returns and writes results.json and table.md.
 
-    out:      output directory (see `evals.store`); existing predictions with the same settings are reused.
-    model_id: what identifies the weights in config.json (default: the model's source / name).
-    label:    the row name in the table (default: model_id).
+    out:       output directory (see `evals.store`); existing predictions with the same settings are reused.
+    model_id:  what identifies the weights in config.json (default: the model's source / name).
+    label:     the row name in the table (default: model_id).
+    data:      {task: {file: {"sha256", "bytes"}}} of the files each task read (`evals.data.file_fingerprints`);
+               recorded in config.json, and a rerun whose files hash differently is refused.
+    selection: how the examples were chosen (e.g. {"limit": 200, "skip": 0}); recorded in config.json.
     """
     out = Path(out)
     model_id = model_id or getattr(model, "source", None) or model.name
     config = {"model": model_id, "label": label or model_id, "dtype": str(model.dtype).replace("torch.", ""),
-              "settings": asdict(settings)}
+              "settings": asdict(settings), "data": data or {}, "selection": selection or {},
+              "examples": {spec.name: [ex.id for ex in examples[:1] + examples[-1:]] for spec, examples in tasks},
+              "command": sys.argv, "environment": environment()}
     prepare_out_dir(out, config, overwrite=overwrite)
     backend = EvalModel(model, settings)
     results = read_json(out / "results.json", {}) or {}
@@ -50,11 +55,27 @@ def evaluate(model, tasks: Sequence[tuple[TaskSpec, list]], out: Path, settings:
         results[spec.name] = run_task(backend, spec, examples, store, progress)
         write_json(out / "results.json", results)  # after every task, so a crash keeps the finished ones
         r = results[spec.name]
-        value, se = r.get(spec.main), r.get("stderr")
-        log(f"{spec.name}: {spec.main} = {float('nan') if value is None else value:.4f} ± "
-            f"{float('nan') if se is None else se:.4f} (n = {r['n']}, {time.perf_counter() - t0:.0f} s)")
-    (out / "table.md").write_text(markdown_table([(config, results)]), encoding="utf-8")
+        value, (lo, hi) = r.get(spec.main), r.get("ci") or (None, None)
+        nan = float("nan")
+        log(f"{spec.name}: {spec.main} = {nan if value is None else value:.4f}, 95% interval "
+            f"[{nan if lo is None else lo:.4f}, {nan if hi is None else hi:.4f}] (n = {r['n']}, "
+            f"{time.perf_counter() - t0:.0f} s)")
+    (out / "table.md").write_text(markdown_table([(read_json(out / "config.json", config), results)]),
+                                  encoding="utf-8")
     return results
+
+
+def environment() -> dict:
+    """Versions that can change a number: Python, torch, transformers, peft, rouge-score, this project."""
+    import platform
+    from importlib import metadata
+    env = {"python": platform.python_version(), "platform": platform.platform()}
+    for dist in ("dlm-studio", "torch", "transformers", "peft", "tokenizers", "rouge-score", "lm-eval", "numpy"):
+        try:
+            env[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    return env
 
 
 def eprint(*args) -> None:

@@ -1,12 +1,15 @@
 """The output directory of a run: config, per-example predictions (append-only JSONL) and results.
 
-    OUT/config.json                 model, dtype, kind and every setting that changes predictions
+    OUT/config.json                 model, dtype, kind and every setting that changes predictions; the SHA-256 of
+                                    every data file each task read ("data"), the examples chosen ("selection"),
+                                    the command line and library versions ("command", "environment")
     OUT/predictions/<task>.jsonl    one record per finished example (appended and flushed as it finishes)
     OUT/results.json                {"<task>": {"<metric>": value, "stderr": value, "n": count, ...}}
     OUT/table.md                    this run as one row of the paper's Table 1
 
 A rerun with the same settings skips every example already in predictions/ (resumable after a crash or with a
-larger --limit); a rerun with different settings is refused unless --overwrite, so a file never mixes settings.
+larger --limit); a rerun with different settings, or with a task's data files changed (another SHA-256), is refused
+unless --overwrite, so a file never mixes settings or data.
 """
 from __future__ import annotations
 
@@ -54,18 +57,33 @@ def prepare_out_dir(out: Path, config: dict, overwrite: bool = False) -> None:
     old = read_json(out / "config.json")
     identity = ("model", "dtype", "settings")
     same = old is None or all(old.get(k) == config.get(k) for k in identity)
-    if not same and not overwrite:
+    changed = [] if old is None else data_changes(old.get("data") or {}, config.get("data") or {})
+    if (not same or changed) and not overwrite:
         before, after = old.get("settings", {}), config.get("settings", {})
         diff = [f"{k}: {before.get(k)!r} -> {v!r}" for k, v in after.items() if before.get(k) != v]
         diff[:0] = [f"{k}: {old.get(k)!r} -> {config.get(k)!r}" for k in ("model", "dtype") if old.get(k) != config.get(k)]
-        raise ConfigMismatch(f"{out} holds predictions made with other settings ({'; '.join(diff)}); "
+        raise ConfigMismatch(f"{out} holds predictions made with other settings or data ({'; '.join(diff + changed)}); "
                              "use another --out, or --overwrite to discard them")
+    if old is not None and not overwrite and "data" in config:  # keep the hashes of tasks this run does not touch
+        config = {**config, "data": {**(old.get("data") or {}), **config["data"]}}
     if overwrite:
         shutil.rmtree(out / "predictions", ignore_errors=True)
         for name in ("results.json", "table.md"):
             (out / name).unlink(missing_ok=True)
     (out / "predictions").mkdir(parents=True, exist_ok=True)
     write_json(out / "config.json", config)
+
+
+def data_changes(before: dict, after: dict) -> list[str]:
+    """Files whose SHA-256 differs between two `{task: {file: {"sha256", ...}}}` records, for the tasks in both."""
+    out = []
+    for task in sorted(set(before) & set(after)):
+        old_files, new_files = before[task], after[task]
+        for name in sorted(set(old_files) | set(new_files)):
+            a, b = (old_files.get(name) or {}).get("sha256"), (new_files.get(name) or {}).get("sha256")
+            if a != b:
+                out.append(f"{task} data {name}: sha256 {(a or 'absent')[:12]} -> {(b or 'absent')[:12]}")
+    return out
 
 
 class PredictionStore:

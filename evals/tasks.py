@@ -3,13 +3,15 @@ per-example numbers become the task's metrics.
 
 A record is a JSON-able dict with the example `id`, what the model produced and one number per metric; the run
 appends it to `predictions/<task>.jsonl` as soon as it exists (that is what makes runs resumable), and `aggregate`
-turns the records into `{"<metric>": mean, "<metric>_stderr": se, "stderr": se(main), "n": n}`.
+turns the records into `{"<metric>": mean, "<metric>_stderr": se, "<metric>_ci": [lo, hi], "stderr": se(main),
+"ci": ci(main), "ci_method": {...}, "n": n}`: 95% intervals, Wilson for proportions (`PROPORTION_METRICS`), a
+seeded percentile bootstrap over examples for everything else (ROUGE, perplexities, distinct-2).
 """
 from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -18,8 +20,12 @@ from dlm.quality import judge_nll
 
 from .backends import EvalModel, example_seed
 from .execution import humaneval_program, run_program, single_line
-from .metrics import (distinct_n, exact_match, first_answer_span, gsm8k_prediction, mean_stderr, numbers_equal,
-                      rouge_scores)
+from .metrics import (BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, bootstrap_interval, distinct_n, exact_match,
+                      first_answer_span, gsm8k_prediction, mean_stderr, numbers_equal, rouge_scores, wilson_interval)
+
+# Per-example 0/1 metrics: their mean is a proportion, shown in % with a Wilson interval.
+PROPORTION_METRICS = frozenset({"acc", "acc_norm", "em", "pass@1"})
+BOOTSTRAP = f"bootstrap (percentile, {BOOTSTRAP_RESAMPLES} resamples, seed {BOOTSTRAP_SEED})"
 
 
 @dataclass(frozen=True)
@@ -90,6 +96,8 @@ def aggregate_lastword(records: list[dict], main: str) -> dict:
     lps = [r["logprob"] for r in records if r.get("logprob") is not None]
     if lps:  # lm-eval's lambada perplexity: exp(-mean log-likelihood of the target)
         out["ppl"] = math.exp(-sum(lps) / len(lps))
+        out["ppl_ci"] = list(bootstrap_interval(lps, lambda v: math.exp(-v.mean())))
+        out["ci_method"]["ppl"] = BOOTSTRAP
     return out
 
 
@@ -160,7 +168,14 @@ def aggregate_ppl(records: list[dict], main: str) -> dict:
     tokens = sum(r["n_tokens"] for r in records)
     ppl = math.exp(total / tokens) if tokens else float("nan")
     _, se = mean_stderr([r["nll_per_token"] for r in records])
-    return {"ppl": ppl, "ppl_stderr": ppl * se, "stderr": ppl * se, "n": len(records), "tokens": tokens}
+    ci = list(bootstrap_interval([(r["nll"], r["n_tokens"]) for r in records], _corpus_ppl))
+    return {"ppl": ppl, "ppl_stderr": ppl * se, "ppl_ci": ci, "stderr": ppl * se, "ci": ci,
+            "ci_method": {"ppl": BOOTSTRAP}, "n": len(records), "tokens": tokens}
+
+
+def _corpus_ppl(rows) -> float:
+    """exp(sum NLL / sum tokens) of (nll, n_tokens) rows: the statistic the perplexity intervals resample."""
+    return math.exp(rows[:, 0].sum() / rows[:, 1].sum())
 
 
 # ----- generation quality -------------------------------------------------------------------------------------------------------
@@ -192,20 +207,32 @@ def aggregate_genppl(records: list[dict], main: str) -> dict:
     tokens = sum(r["n_tokens"] for r in scored)
     ppl = math.exp(sum(r["nll"] for r in scored) / tokens) if tokens else float("nan")
     _, se = mean_stderr([r["nll"] / r["n_tokens"] for r in scored])
-    d2, d2_se = mean_stderr([r["distinct2"] for r in records if r.get("distinct2") is not None])
-    return {"gen_ppl": ppl, "gen_ppl_stderr": ppl * se, "distinct2": d2, "distinct2_stderr": d2_se,
-            "stderr": ppl * se, "n": len(records), "empty": len(records) - len(scored)}
+    d2_values = [r["distinct2"] for r in records if r.get("distinct2") is not None]
+    d2, d2_se = mean_stderr(d2_values)
+    ci = list(bootstrap_interval([(r["nll"], r["n_tokens"]) for r in scored], _corpus_ppl))
+    return {"gen_ppl": ppl, "gen_ppl_stderr": ppl * se, "gen_ppl_ci": ci, "distinct2": d2, "distinct2_stderr": d2_se,
+            "distinct2_ci": list(bootstrap_interval(d2_values)), "stderr": ppl * se, "ci": ci,
+            "ci_method": {"gen_ppl": BOOTSTRAP, "distinct2": BOOTSTRAP}, "n": len(records),
+            "empty": len(records) - len(scored)}
 
 
 # ----- aggregation ----------------------------------------------------------------------------------------------------------------
 def aggregate_mean(records: list[dict], metrics, main: str) -> dict:
-    """Mean and stderr of each per-example metric; "stderr" is the main metric's; "n" the number of records."""
+    """Mean, stderr and 95% interval of each per-example metric (Wilson for `PROPORTION_METRICS`, else the seeded
+    bootstrap); "stderr" / "ci" are the main metric's; "n" the number of records."""
     out: dict = {}
+    methods: dict = {}
     for m in metrics:
         values = [float(r[m]) for r in records if r.get(m) is not None]
         if values:
             out[m], out[f"{m}_stderr"] = mean_stderr(values)
+            if m in PROPORTION_METRICS:
+                out[f"{m}_ci"], methods[m] = list(wilson_interval(sum(values), len(values))), "wilson"
+            else:
+                out[f"{m}_ci"], methods[m] = list(bootstrap_interval(values)), BOOTSTRAP
     out["stderr"] = out.get(f"{main}_stderr", float("nan"))
+    out["ci"] = out.get(f"{main}_ci", [float("nan"), float("nan")])
+    out["ci_method"] = methods
     out["n"] = len(records)
     return out
 
@@ -230,6 +257,9 @@ TASKS: dict[str, TaskSpec] = {t.name: t for t in [
              aggregate=aggregate_lastword, description="last-word accuracy (OpenAI LAMBADA)"),
     TaskSpec("lambada_paper", "Lambada (paper file)", _data(D.load_lambada_paper), eval_lastword, ("acc",), "acc",
              aggregate=aggregate_lastword, description="last-word accuracy on the paper's own plain-text file"),
+    TaskSpec("hellaswag", "HellaS.", _data(D.load_hellaswag), eval_mc, ("acc", "acc_norm"), "acc_norm",
+             description="multiple choice, 4 endings, lm-eval's preprocessing; the column is acc_norm (per byte: "
+                         "summed scores favour short endings; the paper's code also length-normalises)"),
     TaskSpec("winogrande", "Wino.", _data(D.load_winogrande), eval_mc, ("acc",), "acc",
              description="multiple choice, partial scoring (continuation given each filled-in context)"),
     TaskSpec("siqa", "SIQA", _data(D.load_siqa), eval_mc, ("acc", "acc_norm"), "acc",
@@ -264,8 +294,12 @@ def genppl_spec(name: str, default_length: int) -> TaskSpec:
 
 
 def mc_file_spec(path: Path) -> TaskSpec:
-    """A task for a generic multiple-choice JSONL file (`--task-file`), named after the file."""
+    """A task for a multiple-choice JSONL file (`--task-file`), named after the file; a file of HellaSwag records is
+    the `hellaswag` task (its column in Table 1) read from that file."""
     path = Path(path)
+    if D.is_hellaswag_file(path):
+        return replace(TASKS["hellaswag"], load=lambda data_dir, s: D.load_mc_file(path),
+                       description=f"HellaSwag from {path}")
     name = path.name.split(".")[0]
     return TaskSpec(name, name, lambda data_dir, s: D.load_mc_file(path), eval_mc, ("acc", "acc_norm"), "acc",
                     description=f"multiple choice from {path}")

@@ -295,14 +295,19 @@ def test_out_dir_refuses_other_settings(tmp_path):
 def test_aggregate_and_table_cells():
     recs = [{"id": 0, "acc": 1.0}, {"id": 1, "acc": 0.0}, {"id": 2, "acc": 1.0}, {"id": 3, "acc": 1.0}]
     res = aggregate_mean(recs, ("acc", "acc_norm"), "acc")
-    assert res == {"acc": 0.75, "acc_stderr": pytest.approx(0.25), "stderr": pytest.approx(0.25), "n": 4}
-    assert format_cell("piqa", res) == "75.0 ± 25.0"
+    wilson = [pytest.approx(0.3006418, abs=1e-6), pytest.approx(0.9544127, abs=1e-6)]  # 3 of 4 (statsmodels)
+    assert res == {"acc": 0.75, "acc_stderr": pytest.approx(0.25), "acc_ci": wilson, "stderr": pytest.approx(0.25),
+                   "ci": wilson, "ci_method": {"acc": "wilson"}, "n": 4}
+    assert format_cell("piqa", res) == "75.0 [30.1, 95.4]"
+    assert format_cell("piqa", {"acc": 0.75, "acc_stderr": 0.25}) == "75.0 ± 25.0"  # results from before intervals
     assert format_cell("rocstories", {"rouge1": 20.0, "rouge2": 5.25, "rougeL": 18.0}) == "20.0/5.2/18.0"
+    assert format_cell("rocstories", {"rouge1": 20.0, "rouge2": 5.25, "rougeL": 18.0, "rouge1_ci": [17.04, 23.0]}) \
+        == "20.0/5.2/18.0 (R1 [17.0, 23.0])"
     table = markdown_table([({"model": "a", "settings": {"kind": "ar"}}, {"piqa": res}),
                             ({"model": "b", "settings": {"kind": "dlm"}}, {"lambada": res})])
     header, _, row_a, row_b = table.splitlines()[:4]
     assert header == "| Model | Lambada | PIQA |"  # the paper's column order
-    assert row_a == "| a (AR) | – | 75.0 ± 25.0 |" and row_b == "| b (DLM) | 75.0 ± 25.0 | – |"
+    assert row_a == "| a (AR) | – | 75.0 [30.1, 95.4] |" and row_b == "| b (DLM) | 75.0 [30.1, 95.4] | – |"
 
 
 # ----- the CLI end to end on a tiny random model -----------------------------------------------------------------------------
@@ -322,7 +327,7 @@ def test_cli_writes_results_schema(tmp_path, tiny_llama_dir, data_dir, kind, cap
     assert set(results) == set(ALL_TASKS.split(",")) | {"custom_mc"}
     for task, res in results.items():
         main_metric = get_task(task).main if task != "custom_mc" else "acc"
-        assert {main_metric, "stderr", "n"} <= set(res), task
+        assert {main_metric, "stderr", "ci", f"{main_metric}_ci", "ci_method", "n"} <= set(res), task
         assert res["n"] == (1 if task in ("winogrande", "triviaqa", "rocstories", "humaneval_infill", "gsm8k",
                                           "custom_mc") else 2), task
     assert 0.0 <= results["piqa"]["acc"] <= 1.0 and results["elbo_ppl"]["ppl"] > 1.0
@@ -332,6 +337,12 @@ def test_cli_writes_results_schema(tmp_path, tiny_llama_dir, data_dir, kind, cap
     assert f"({kind.upper()})" in table and "ROCStories (R1/R2/RL)" in table
     config = json.loads((out / "config.json").read_text())
     assert config["settings"]["kind"] == kind
+    assert config["selection"]["limit"] == 2 and config["command"] and "torch" in config["environment"]
+    assert config["data"]["piqa"].keys() == {"piqa/valid.jsonl", "piqa/valid-labels.lst"}
+    assert config["data"]["custom_mc"][str(mc.resolve())]["sha256"] == D.sha256_file(mc)
+    piqa_sha = D.sha256_file(data_dir / "piqa/valid.jsonl")
+    assert config["data"]["piqa"]["piqa/valid.jsonl"]["sha256"] == piqa_sha
+    assert f"piqa/valid.jsonl {piqa_sha[:12]}" in table and table.count("gutenberg/") == 1
     # same command again: everything is already there, nothing changes
     before = (out / "predictions" / "piqa.jsonl").read_text()
     assert evals_main(args) == 0

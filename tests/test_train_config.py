@@ -1,6 +1,7 @@
 """train/config.py: defaults, presets, overrides, and errors that name the key (no model is loaded here)."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -31,6 +32,37 @@ def test_every_preset_loads_and_only_overrides_known_keys(name):
             else:
                 assert got == value, f"{section}.{key}"
     assert cfg.to_dict() != TrainConfig().to_dict()
+
+
+# The paper's pre-training presets state their token budget in one machine-readable header line (see each file).
+PAPER_PRESETS = ("diffugpt-s", "diffugpt-m", "diffullama-7b")
+BUDGET = re.compile(r"^# budget: (\d+) steps x (\d+) sequences x (\d+) tokens = (\d+) tokens "
+                    r"\((\d+) processes x (\d+) per process x (\d+) accumulation\)$", re.M)
+
+
+@pytest.mark.parametrize("name", PAPER_PRESETS)
+def test_paper_presets_match_their_token_budget(name):
+    """steps x global batch x length = the documented budget, and the preset's own fields give those numbers."""
+    text = (CONFIG_DIR / f"{name}.yaml").read_text()
+    found = BUDGET.findall(text)
+    assert len(found) == 1, f"{name}: one '# budget: ...' header line"
+    steps, global_batch, length, tokens, processes, per_process, accum = map(int, found[0])
+    assert steps * global_batch * length == tokens
+    assert processes * per_process * accum == global_batch
+    cfg = load_config(name)
+    assert (cfg.run.max_steps, cfg.data.block_size) == (steps, length)
+    assert (cfg.run.batch_size, cfg.run.grad_accum) == (per_process, accum)
+    assert cfg.run.max_steps * cfg.run.batch_size * cfg.run.grad_accum * processes * cfg.data.block_size == tokens
+
+
+def test_paper_schedules_as_verified():
+    """The numbers docs/training.md says were checked: DiffuGPT-S 1,000k x 256 x 512 (131B tokens seen over a 30B
+    split); DiffuLLaMA the released script's 20k steps of 60 x 4 x 2048 on 8 GPUs, sources mixed 0.693584 / 0.306416."""
+    s = load_config("diffugpt-s")
+    assert (s.run.max_steps, s.data.block_size, s.data.max_tokens) == (1_000_000, 512, 30_000_000_000)
+    llama = load_config("diffullama-7b")
+    assert llama.data.weights == pytest.approx([0.693584, 0.306416]) and len(llama.data.sources) == 2
+    assert llama.data.max_tokens >= llama.run.max_steps * 1920 * llama.data.block_size   # no block read twice
 
 
 def test_defaults_work_without_a_file():

@@ -123,6 +123,17 @@ def test_ablation_switches_reach_the_objective(tmp_path, cache_dir, monkeypatch)
     assert calls == [] and summary["objective"] == "ar" and summary["tokens_per_s"] > 0
 
 
+def test_max_minutes_ends_the_run_early_with_its_checkpoint_and_export(tmp_path, cache_dir):
+    """A time-boxed run (the GPU runbook's) stops at the deadline as it would at max_steps: final checkpoint,
+    evaluation and export, and a summary that says how far it got."""
+    summary = _run(tmp_path / "boxed", cache_dir, "run.max_minutes=0.0001", "run.max_steps=40", "run.save_every=40")
+    assert 1 <= summary["steps"] < 40
+    assert (tmp_path / "boxed" / "final" / "model.safetensors").is_file()
+    assert (tmp_path / "boxed" / "checkpoints" / f"step-{summary['steps']}").is_dir()
+    with pytest.raises(ConfigError, match="run.max_minutes"):
+        load_config("tiny-cpu", ["run.max_minutes=-1"])
+
+
 def test_a_fresh_run_refuses_an_output_dir_with_checkpoints(tmp_path, cache_dir):
     out = tmp_path / "run"
     _run(out, cache_dir, "run.max_steps=2", "run.save_every=1", "run.eval_batches=0")

@@ -110,6 +110,9 @@ class DataConfig:
                     what its warm start consumed (steps x batch), so it trains on text the adapter has not seen;
                     the held-out split does not move (it depends on `seed` only).
     cache_dir:      where token files live (default: $DLM_CACHE_DIR or ~/.cache/dlm-studio, then /tokens).
+    weights:        one positive weight per entry of `sources` (normalised): the sources are interleaved so each
+                    one's share of the tokens follows its weight (`train.data.WeightedMixer`); [] = read them one
+                    after another.
     """
 
     sources: list = field(default_factory=list)
@@ -125,6 +128,7 @@ class DataConfig:
     seed: int = 1234
     skip_blocks: int = 0
     cache_dir: str = ""
+    weights: list = field(default_factory=list)
 
 
 @dataclass
@@ -214,6 +218,9 @@ class RunConfig:
 
     output_dir:      checkpoints/, final/, metrics.jsonl, config.yaml go here.
     max_steps:       optimizer steps.
+    max_minutes:     also stop after this many minutes of training steps (0 = no limit; for fixed-length leases
+                     such as the GPU runbook's). The run then ends as at max_steps (checkpoint, eval, export);
+                     the learning-rate schedule still follows max_steps.
     batch_size:      sequences per device per micro-batch; global batch = batch_size * grad_accum * processes.
     grad_accum:      micro-batches per optimizer step.
     mixed_precision: no / bf16 / fp16 (autocast via accelerate; fp16 needs a GPU) / auto: bf16 on a GPU that
@@ -221,7 +228,8 @@ class RunConfig:
                      autocast was ~40% *slower* than fp32 for SmolLM2-135M here), else no.
     gradient_checkpointing: recompute activations in backward (less memory, ~30% slower).
     compile:         torch.compile the base model.
-    save_every:      checkpoint every N steps (0 = only at the end). keep_last: checkpoints kept.
+    save_every:      checkpoint every N steps and at the end (0 = no checkpoints, only the final export: such a
+                     run cannot be resumed). keep_last: checkpoints kept.
     resume:          "" (fresh; refuses a non-empty checkpoints dir), auto (newest valid checkpoint, or fresh),
                      or a checkpoint / output directory path.
     eval_every:      held-out evaluation every N steps (0 = only at the end). eval_batches / eval_batch_size:
@@ -239,6 +247,7 @@ class RunConfig:
 
     output_dir: str = "runs/default"
     max_steps: int = 1000
+    max_minutes: float = 0.0
     batch_size: int = 8
     grad_accum: int = 1
     mixed_precision: str = field(default="no", metadata=_choices("no", "bf16", "fp16", "auto"))
@@ -438,6 +447,7 @@ def validate(cfg: TrainConfig, task: str = "pretrain") -> TrainConfig:
                                   f"got {getattr(sec, f.name)!r}")
     r, o, d, m = cfg.run, cfg.optim, cfg.data, cfg.model
     need(r.max_steps >= 1, "run.max_steps", f"must be >= 1, got {r.max_steps}")
+    need(r.max_minutes >= 0, "run.max_minutes", f"must be >= 0 (0 = no limit), got {r.max_minutes}")
     need(r.batch_size >= 1, "run.batch_size", f"must be >= 1, got {r.batch_size}")
     need(r.grad_accum >= 1, "run.grad_accum", f"must be >= 1, got {r.grad_accum}")
     need(r.save_every >= 0, "run.save_every", f"must be >= 0, got {r.save_every}")
@@ -466,6 +476,10 @@ def validate(cfg: TrainConfig, task: str = "pretrain") -> TrainConfig:
     need(d.max_documents >= 0, "data.max_documents", f"must be >= 0, got {d.max_documents}")
     need(d.max_tokens >= 0, "data.max_tokens", f"must be >= 0, got {d.max_tokens}")
     need(d.skip_blocks >= 0, "data.skip_blocks", f"must be >= 0, got {d.skip_blocks}")
+    need(not d.weights or len(d.weights) == len(d.sources), "data.weights",
+         f"needs one weight per data.sources entry ({len(d.sources)}), got {len(d.weights)}")
+    need(all(isinstance(w, (int, float)) and not isinstance(w, bool) and 0 < w < float("inf") for w in d.weights),
+         "data.weights", f"must be positive numbers, got {list(d.weights)}")
     need(0 < cfg.diffusion.eps < 1, "diffusion.eps", f"must be in (0, 1), got {cfg.diffusion.eps}")
     need(cfg.diffusion.anneal_steps >= 0, "diffusion.anneal_steps",
          f"must be >= 0 (0 = no annealing), got {cfg.diffusion.anneal_steps}")

@@ -1,7 +1,10 @@
 """Pre-training data: corpus -> documents -> one cached memory-mapped token file -> packed fixed-size blocks.
 
 - Sources: `.txt`, `.txt.gz`, `.jsonl`, `.jsonl.gz` files (a text file is one document, a JSONL line is one),
-  directories of those, glob patterns, or `hf:NAME[:CONFIG]` (a Hugging Face dataset, streamed).
+  directories of those, glob patterns, or `hf:NAME[:CONFIG][#FIELD]` (a Hugging Face dataset, streamed; FIELD
+  overrides `data.text_field` for that source, e.g. StarCoder's `content`).
+- Mixture: with `data.weights` (one per source) the sources are interleaved document by document so that each
+  one's share of the tokens follows its weight (`WeightedMixer`: seeded, resumable); without, read one after another.
 - Cleaning hooks (`CLEANERS`) run per document; `gutenberg` strips the Project Gutenberg licence.
 - Tokenized ONCE: all documents, EOS after each, into `<cache>/<key>/tokens.bin` (uint16/uint32) + `meta.json`.
   The key hashes the tokenizer, the files (path, size, mtime) and every setting that changes the tokens, so re-runs
@@ -128,6 +131,8 @@ def _read_jsonl(path: str, text_field: str) -> Iterator[str]:
 
 
 def _read_hf(spec: str, text_field: str, split: str) -> Iterator[str]:
+    spec, _, field_override = spec.partition("#")
+    text_field = field_override or text_field
     name, _, config = spec[3:].partition(":")
     try:
         import datasets
@@ -161,6 +166,76 @@ def iter_documents(source: str, text_field: str = "text", hf_split: str = "train
                 yield f.read()
     except (OSError, EOFError, UnicodeError) as e:
         raise DataError(f"{source}: unreadable ({type(e).__name__}: {e})") from None
+
+
+# ----- weighted mixture of sources -------------------------------------------------------------------------------------
+class WeightedMixer:
+    """Interleave the documents of several sources so that each source's share of the TOKENS follows its weight
+    (DiffuLLaMA's SlimPajama ~70% + StarCoder ~30%, TinyLlama's token-weighted mix), deterministic for a seed and
+    resumable at any point with the same order.
+
+    open_source: (i, skip) -> iterator over source i's items after its first `skip` items (resuming re-opens
+                 every source this way; items are e.g. token-id lists).
+    weights:     one positive number per source (normalised here).
+    seed:        the order is a function of the seed and of the sources' contents only.
+    length:      item -> tokens (default `len`).
+
+    Draw k takes the next item of source i with probability proportional to weight_i / (mean length of the items
+    taken from source i so far), so the expected token share is weight_i whatever the sources' document lengths;
+    the uniform number of draw k depends only on (seed, k). Iteration stops when a source runs out (the mix never
+    drifts from the weights). `state_dict()` is a few integers (draws, items and tokens taken per source): a mixer
+    built with `state=` continues exactly where that one stopped.
+    """
+
+    _CHUNK = 4096  # uniform numbers are generated in counter-addressed chunks: draw k uses chunk k // _CHUNK
+
+    def __init__(self, open_source: Callable[[int, int], Iterator], weights, seed: int = 0,
+                 length: Callable = len, state: Optional[dict] = None):
+        weights = [float(w) for w in weights]
+        if not weights or any(not np.isfinite(w) or w <= 0 for w in weights):
+            raise ValueError(f"mixture weights must be positive numbers, got {weights}")
+        total = sum(weights)
+        self.weights = [w / total for w in weights]
+        self.seed, self.length = int(seed), length
+        n = len(weights)
+        state = state or {"draws": 0, "taken": [0] * n, "tokens": [0] * n}
+        if len(state["taken"]) != n or len(state["tokens"]) != n:
+            raise ValueError(f"mixer state is for {len(state['taken'])} sources, this mixture has {n}")
+        self.draws, self.taken, self.tokens = int(state["draws"]), list(state["taken"]), list(state["tokens"])
+        self._iters = [open_source(i, self.taken[i]) for i in range(n)]
+        self._chunk_id, self._chunk = -1, None
+
+    def _uniform(self, k: int) -> float:
+        if k // self._CHUNK != self._chunk_id:
+            self._chunk_id = k // self._CHUNK
+            self._chunk = np.random.default_rng([self.seed, self._chunk_id]).random(self._CHUNK)
+        return float(self._chunk[k % self._CHUNK])
+
+    def choose(self, k: int) -> int:
+        """The source of draw k given the items taken so far (token-weighted, seeded)."""
+        means = [self.tokens[i] / self.taken[i] if self.taken[i] else 1.0 for i in range(len(self.weights))]
+        p = np.array([w / max(m, 1e-9) for w, m in zip(self.weights, means)])
+        return int(min(np.searchsorted(np.cumsum(p / p.sum()), self._uniform(k), side="right"), len(p) - 1))
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> tuple[int, object]:
+        """-> (source index, item)."""
+        i = self.choose(self.draws)
+        item = next(self._iters[i])  # StopIteration: that source ran out, the mixture ends
+        self.draws += 1
+        self.taken[i] += 1
+        self.tokens[i] += int(self.length(item))
+        return i, item
+
+    def state_dict(self) -> dict:
+        return {"draws": self.draws, "taken": list(self.taken), "tokens": list(self.tokens)}
+
+    def shares(self) -> list[float]:
+        """Each source's share of the tokens taken so far."""
+        total = sum(self.tokens)
+        return [t / total if total else 0.0 for t in self.tokens]
 
 
 # ----- tokenizing into the cache ---------------------------------------------------------------------------------------
@@ -234,6 +309,8 @@ def cache_key(data_cfg, tokenizer, files: list[str], eval_files: list[str]) -> s
         "eval_fraction": data_cfg.eval_fraction, "max_documents": data_cfg.max_documents,
         "max_tokens": data_cfg.max_tokens, "shuffle": data_cfg.shuffle_documents, "seed": data_cfg.seed,
     }
+    if getattr(data_cfg, "weights", None):  # only mixtures carry the key: caches of plain runs keep theirs
+        settings["weights"] = [float(w) for w in data_cfg.weights]
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:20]
 
 
@@ -258,12 +335,22 @@ def build_token_cache(data_cfg, tokenizer, *, progress: bool = False) -> TokenCa
     """
     if tokenizer.eos_token_id is None:
         raise DataError("the tokenizer has no EOS token: documents cannot be separated")
-    files = expand_sources(list(data_cfg.sources))
+    weights = list(getattr(data_cfg, "weights", None) or [])
+    if weights and len(weights) != len(data_cfg.sources):
+        raise DataError(f"data.weights has {len(weights)} values for {len(data_cfg.sources)} data.sources "
+                        "(one weight per source)")
+    groups = [expand_sources([src]) for src in data_cfg.sources] if weights else []
+    files = [f for g in groups for f in g] if weights else expand_sources(list(data_cfg.sources))
     eval_files = expand_sources(list(data_cfg.eval_sources)) if data_cfg.eval_sources else []
     if any(f.startswith("hf:") for f in files + eval_files) and data_cfg.max_tokens <= 0:
         raise DataError("streaming a Hugging Face dataset needs data.max_tokens > 0 (how many tokens to cache)")
     if data_cfg.shuffle_documents:
-        random.Random(data_cfg.seed).shuffle(files)
+        if weights:  # the file order inside each weighted source
+            for g in groups:
+                random.Random(data_cfg.seed).shuffle(g)
+            files = [f for g in groups for f in g]
+        else:
+            random.Random(data_cfg.seed).shuffle(files)
     root = Path(data_cfg.cache_dir).expanduser() if data_cfg.cache_dir else cache_dir() / "tokens"
     key = cache_key(data_cfg, tokenizer, files, eval_files)
     directory = root / key
@@ -304,7 +391,26 @@ def build_token_cache(data_cfg, tokenizer, *, progress: bool = False) -> TokenCa
                     if n_src == 0:
                         log.warning("data source %s has no non-empty documents", src)
 
-            write_stream(files, data_cfg.max_tokens)
+            def write_mixture(limit: int) -> dict:
+                nonlocal n_tokens, n_docs
+
+                def open_source(i: int, skip: int) -> Iterator[list[int]]:
+                    return _group_token_docs(groups[i], data_cfg, tokenizer, clean, eos, skip)
+
+                mixer = WeightedMixer(open_source, weights, seed=data_cfg.seed)
+                for _, ids in mixer:
+                    out.write(np.asarray(ids, dtype=dtype).tobytes())
+                    n_tokens += len(ids)
+                    n_docs += 1
+                    boundaries.append(n_tokens)
+                    if (data_cfg.max_documents and n_docs >= data_cfg.max_documents) or (limit and n_tokens >= limit):
+                        break
+                return {"sources": list(data_cfg.sources), "weights": mixer.weights, "shares": mixer.shares(),
+                        **mixer.state_dict()}
+
+            mix = write_mixture(data_cfg.max_tokens) if weights else None
+            if not weights:
+                write_stream(files, data_cfg.max_tokens)
             if n_tokens == 0:
                 raise DataError(f"no text found in {', '.join(data_cfg.sources)} (all documents empty after "
                                 f"cleaning '{data_cfg.clean}')")
@@ -319,6 +425,10 @@ def build_token_cache(data_cfg, tokenizer, *, progress: bool = False) -> TokenCa
         meta = {"n_tokens": n_tokens, "split": split, "n_documents": n_docs, "dtype": np.dtype(dtype).name,
                 "eos": eos, "files": files, "eval_files": eval_files, "clean": data_cfg.clean,
                 "tokenizer": tokenizer_fingerprint(tokenizer)}
+        if mix is not None:
+            meta["mix"] = mix
+            log.info("mixture: %s", ", ".join(f"{s} {share:.1%} of tokens (weight {w:.1%})" for s, share, w
+                                              in zip(mix["sources"], mix["shares"], mix["weights"])))
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
     theirs = _load_meta(directory)
     if theirs is None:
@@ -327,6 +437,20 @@ def build_token_cache(data_cfg, tokenizer, *, progress: bool = False) -> TokenCa
     log.info("tokenized %d documents -> %d tokens (%d held out) in %s", n_docs, n_tokens, n_tokens - split,
              directory)
     return TokenCache(directory, meta["n_tokens"], meta["split"], meta["n_documents"], meta["dtype"], True)
+
+
+def _group_token_docs(files: list[str], data_cfg, tokenizer, clean, eos: int, skip: int = 0) -> Iterator[list[int]]:
+    """One weighted source (its files read one after another) -> token ids of each non-empty cleaned document, EOS
+    appended; the first `skip` documents are passed over without tokenizing (resuming a mixture)."""
+    seen = 0
+    for src in files:
+        for raw in iter_documents(src, data_cfg.text_field, data_cfg.hf_split):
+            text = clean(raw)
+            if not text.strip():
+                continue
+            seen += 1
+            if seen > skip:
+                yield encode_document(tokenizer, text) + [eos]
 
 
 def _split_point(boundaries: list[int], n_tokens: int, fraction: float) -> int:

@@ -1,0 +1,185 @@
+"""95% intervals and reproducibility records of evals/: the Wilson interval against published values, the seeded
+bootstrap, the data files' SHA-256 in the run's config.json (and a rerun on changed data refused), and the
+HellaSwag task on a fixture in the dataset's own JSONL format."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from evals import data as D
+from evals.cli import main as evals_main
+from evals.metrics import bootstrap_interval, wilson_interval
+from evals.store import ConfigMismatch, data_changes, prepare_out_dir
+from evals.tasks import aggregate, get_task, mc_file_spec
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+HELLASWAG = FIXTURES / "hellaswag_val_sample.jsonl"
+
+
+# ----- Wilson score interval ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("k, n, lo, hi", [
+    # Newcombe (1998), Statistics in Medicine 17:857, Table I, method 3 (Wilson score without continuity correction)
+    (81, 263, 0.2553, 0.3662),
+    (15, 148, 0.0624, 0.1605),
+    (0, 20, 0.0, 0.1611),
+    (1, 29, 0.0061, 0.1718),
+    # statsmodels proportion_confint(3, 4, method="wilson")
+    (3, 4, 0.300642, 0.954413),
+])
+def test_wilson_interval_matches_published_values(k, n, lo, hi):
+    got = wilson_interval(k, n)
+    assert got[0] == pytest.approx(lo, abs=5e-5) and got[1] == pytest.approx(hi, abs=5e-5)
+
+
+def test_wilson_interval_edges_and_scipy():
+    assert wilson_interval(20, 20)[1] == 1.0 and wilson_interval(20, 20)[0] == pytest.approx(1 - 0.1611, abs=5e-5)
+    assert all(math.isnan(x) for x in wilson_interval(0, 0))
+    with pytest.raises(ValueError, match="successes"):
+        wilson_interval(5, 4)
+    stats = pytest.importorskip("scipy.stats")
+    ref = stats.binomtest(137, 200).proportion_ci(confidence_level=0.95, method="wilson")
+    assert wilson_interval(137, 200) == pytest.approx((ref.low, ref.high), abs=1e-9)
+
+
+# ----- bootstrap ----------------------------------------------------------------------------------------------------
+def test_bootstrap_is_deterministic_for_a_seed_and_brackets_the_mean():
+    values = [float((7 * i) % 11) for i in range(60)]
+    a, b = bootstrap_interval(values, seed=3), bootstrap_interval(values, seed=3)
+    assert a == b
+    assert bootstrap_interval(values, seed=4) != a
+    mean = sum(values) / len(values)
+    assert a[0] < mean < a[1]
+    se = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1) / len(values))
+    assert a[1] - a[0] == pytest.approx(2 * 1.96 * se, rel=0.2)   # close to the normal interval for a mean
+    assert all(math.isnan(x) for x in bootstrap_interval([1.0]))
+
+
+def test_bootstrap_of_a_corpus_statistic_resamples_whole_rows():
+    rows = [(2.0 * (1 + i % 3), 2) for i in range(30)]          # (nll, tokens): per-token NLL 1, 2 or 3
+    lo, hi = bootstrap_interval(rows, lambda r: math.exp(r[:, 0].sum() / r[:, 1].sum()), seed=0)
+    assert math.exp(1) < lo < math.exp(2) < hi < math.exp(3)
+
+
+def test_aggregates_pick_wilson_for_proportions_and_the_bootstrap_otherwise():
+    records = [{"id": i, "acc": float(i % 2), "acc_norm": 1.0, "rouge1": 10.0 * i} for i in range(10)]
+    res = aggregate(get_task("piqa"), records)
+    assert res["ci_method"] == {"acc": "wilson", "acc_norm": "wilson"}
+    assert res["acc_ci"] == pytest.approx(list(wilson_interval(5, 10)))
+    assert res["acc_norm_ci"][1] == 1.0 and res["acc_norm_ci"][0] < 1.0   # 10 / 10 still has an interval
+    story = aggregate(get_task("rocstories"), [{"id": i, "rouge1": 10.0 * i, "rouge2": 1.0, "rougeL": 5.0}
+                                                for i in range(10)])
+    assert story["ci_method"]["rouge1"].startswith("bootstrap") and story["ci"] == story["rouge1_ci"]
+    assert story["rouge1_ci"] == aggregate(get_task("rocstories"), [{"id": i, "rouge1": 10.0 * i, "rouge2": 1.0,
+                                                                     "rougeL": 5.0} for i in range(10)])["rouge1_ci"]
+    ppl = aggregate(get_task("elbo_ppl"), [{"id": i, "nll": 10.0 + i, "n_tokens": 5, "nll_per_token": (10.0 + i) / 5}
+                                          for i in range(8)])
+    assert ppl["ppl_ci"][0] < ppl["ppl"] < ppl["ppl_ci"][1]
+
+
+# ----- data hashes --------------------------------------------------------------------------------------------------
+def test_recorded_hashes_change_when_the_data_changes(tmp_path):
+    f = tmp_path / "d" / "piqa" / "valid.jsonl"
+    f.parent.mkdir(parents=True)
+    f.write_text('{"goal": "g", "sol1": "a", "sol2": "b"}\n')
+    (f.parent / "valid-labels.lst").write_text("0\n")
+    with D.recording_files() as read:
+        D.load_piqa(tmp_path / "d")
+    assert read == [f, f.parent / "valid-labels.lst"]
+    before = D.file_fingerprints(read, tmp_path / "d")
+    assert before["piqa/valid.jsonl"]["sha256"] == D.sha256_file(f) and len(D.sha256_file(f)) == 64
+    f.write_text('{"goal": "g", "sol1": "a", "sol2": "c"}\n')       # same size, other bytes
+    after = D.file_fingerprints(read, tmp_path / "d")
+    assert after["piqa/valid.jsonl"]["sha256"] != before["piqa/valid.jsonl"]["sha256"]
+    assert after["piqa/valid-labels.lst"] == before["piqa/valid-labels.lst"]
+    assert data_changes({"piqa": before}, {"piqa": after}) == [
+        f"piqa data piqa/valid.jsonl: sha256 {before['piqa/valid.jsonl']['sha256'][:12]} -> "
+        f"{after['piqa/valid.jsonl']['sha256'][:12]}"]
+    assert data_changes({"piqa": before}, {"siqa": after}) == []     # other tasks: nothing to compare
+
+    out = tmp_path / "out"
+    cfg = {"model": "m", "settings": {"kind": "ar"}}
+    prepare_out_dir(out, {**cfg, "data": {"piqa": before}})
+    prepare_out_dir(out, {**cfg, "data": {"siqa": after}})           # a new task: hashes merged, not refused
+    assert set(json.loads((out / "config.json").read_text())["data"]) == {"piqa", "siqa"}
+    with pytest.raises(ConfigMismatch, match="piqa data piqa/valid.jsonl: sha256"):
+        prepare_out_dir(out, {**cfg, "data": {"piqa": after}})
+
+
+def test_cli_refuses_to_resume_on_changed_data(tmp_path, tiny_llama_dir, capsys):
+    task = tmp_path / "mini.jsonl"
+    task.write_text(json.dumps({"context": "2 + 2 =", "choices": ["4", "5"], "gold": 0}) + "\n")
+    args = ["--model", str(tiny_llama_dir), "--kind", "ar", "--tasks", "", "--task-file", str(task),
+            "--out", str(tmp_path / "out"), "--no-progress", "--device", "cpu"]
+    assert evals_main(args) == 0
+    recorded = json.loads((tmp_path / "out" / "config.json").read_text())["data"]["mini"]
+    assert list(recorded.values())[0]["sha256"] == D.sha256_file(task)
+    task.write_text(json.dumps({"context": "2 + 3 =", "choices": ["5", "6"], "gold": 0}) + "\n")
+    assert evals_main(args) == 1
+    assert "mini data" in capsys.readouterr().err
+
+
+# ----- HellaSwag ----------------------------------------------------------------------------------------------------
+def _hellaswag_dir(tmp_path: Path) -> Path:
+    d = tmp_path / "data" / "hellaswag"
+    d.mkdir(parents=True)
+    (d / "hellaswag_val.jsonl").write_bytes(HELLASWAG.read_bytes())
+    return tmp_path / "data"
+
+
+def test_hellaswag_reads_the_dataset_fields_with_lm_eval_preprocessing(tmp_path):
+    ex = D.load_hellaswag(_hellaswag_dir(tmp_path))
+    assert [e.gold for e in ex] == [2, 1, 0]                        # int and string labels
+    assert ex[0].contexts[0] == "Making tea: A man fills a kettle with water and sets it on the stove. He"
+    assert ex[0].continuations[2] == " waits for the water to boil and pours it over a tea bag."
+    # WikiHow artifacts: " [title]" becomes ". ", other [brackets] go, ctx_b is capitalized() (rest lower-cased)
+    assert ex[1].contexts[0] == "Home and Garden: How to water a houseplant. Check the soil first. push a finger " \
+                                "into the soil."
+    assert ex[1].continuations[1] == " If the top inch feels dry, it is time to water. Pour slowly until water " \
+                                     "drains out."
+    assert ex[1].continuations[3] == " Cover the pot with a thick blanket. forever."
+    assert D.load_mc_file(HELLASWAG) == ex                          # --task-file recognises the format
+    spec = mc_file_spec(HELLASWAG)                                    # ... and makes it Table 1's HellaSwag column
+    assert (spec.name, spec.title, spec.load(tmp_path, None)) == ("hellaswag", "HellaS.", ex)
+    generic = tmp_path / "mine.jsonl"
+    generic.write_text(json.dumps({"context": "x", "choices": ["a", "b"], "gold": 1}) + "\n")
+    assert mc_file_spec(generic).name == "mine"
+
+
+def test_hellaswag_bad_records_name_the_field(tmp_path):
+    bad = tmp_path / "hs.jsonl"
+    row = json.loads(HELLASWAG.read_text().splitlines()[0])
+    bad.write_text(json.dumps({**row, "label": 7}) + "\n")
+    with pytest.raises(ValueError, match=r"line 1: 'label' must be an index into endings \(0..3\)"):
+        D.load_mc_file(bad)
+    del row["label"]
+    bad.write_text(json.dumps(row) + "\n")
+    with pytest.raises(ValueError, match="line 1: missing key.*label.*test split has no labels"):
+        D.load_mc_file(bad)
+    with pytest.raises(D.MissingDataError, match="hellaswag/hellaswag_val.jsonl.*--data-dir"):
+        D.load_hellaswag(tmp_path)
+
+
+@pytest.mark.parametrize("kind", ["ar", "dlm"])
+def test_hellaswag_end_to_end_on_a_tiny_model(tmp_path, tiny_llama_dir, kind):
+    out = tmp_path / "out"
+    args = ["--model", str(tiny_llama_dir), "--kind", kind, "--tasks", "hellaswag", "--data-dir",
+            str(_hellaswag_dir(tmp_path)), "--out", str(out), "--n-samples", "2", "--no-progress", "--device", "cpu"]
+    assert evals_main(args) == 0
+    res = json.loads((out / "results.json").read_text())["hellaswag"]
+    assert res["n"] == 3 and res["ci_method"] == {"acc": "wilson", "acc_norm": "wilson"}
+    assert res["acc_ci"] == pytest.approx(list(wilson_interval(round(res["acc"] * 3), 3)))
+    assert res["ci"] == res["acc_norm_ci"]                          # the column is acc_norm, as lm-eval's headline
+    table = (out / "table.md").read_text()
+    assert "| HellaS. (acc_norm) |" in table and f"| {100 * res['acc_norm']:.1f} [" in table
+    assert "data sha256 hellaswag/hellaswag_val.jsonl " + D.sha256_file(HELLASWAG)[:12] in table
+    records = [json.loads(l) for l in (out / "predictions" / "hellaswag.jsonl").read_text().splitlines()]
+    assert [len(r["logprobs"]) for r in records] == [4, 4, 4]
+
+
+def test_hellaswag_cell_falls_back_to_acc_and_says_so():
+    from evals.report import format_cell
+    assert format_cell("hellaswag", {"acc": 0.5, "acc_ci": [0.2, 0.8]}) == "50.0 [20.0, 80.0] (acc)"
+    assert format_cell("hellaswag", {"acc": 0.5, "acc_norm": 0.75, "acc_norm_ci": [0.3, 0.95]}) == "75.0 [30.0, 95.0]"
