@@ -2,8 +2,8 @@
 template (Inductor, max-autotune, frozen weights), on SmolLM2-135M's layer shapes and 1-8 rows.
 
 Each path runs the seven linears of one SmolLM2 layer (q, k, v, o, gate, up, down) 30 times (one forward's
-worth); the table gives ms per forward, the median of `--repeats` timings, all paths measured in the same process
-one after another so that their ratios hold even on a busy machine. The compiled path pays its compile time
+worth); the table gives ms per forward, the median of `--repeats` timings, the paths interleaved within each repeat
+so that their ratios hold even on a busy machine. The compiled path pays its compile time
 once per shape (reported); it must be paid again for every new row count a decoder meets.
 
     python -m bench.linear_kernels                     # this CPU's own kernels
@@ -21,16 +21,6 @@ import torch.nn.functional as F
 # SmolLM2-135M: hidden 576, 9 query heads / 3 kv heads of 64, MLP 1536; (out, in) of each linear of a layer
 LAYER = [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536)]
 LAYERS = 30
-
-
-def _median_ms(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats + 1):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    times = sorted(times[1:])
-    return 1000 * times[len(times) // 2]
 
 
 def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
@@ -55,34 +45,43 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
     results = []
     for rows in rows_list:
         xs = [torch.randn(rows, i) for _, i in LAYER]
-        row = {"rows": rows}
-        with torch.inference_mode():
-            for name, fn in paths.items():
-                def forward(fn=fn):
-                    for _ in range(LAYERS):
-                        for x, (w, b) in zip(xs, weights):
-                            fn(x, w, b)
-                row[name] = _median_ms(forward, args.repeats)
+        row: dict = {"rows": rows}
+        forwards = {}
+        for name, fn in paths.items():
+            def forward(fn=fn):
+                for _ in range(LAYERS):
+                    for x, (w, b) in zip(xs, weights):
+                        fn(x, w, b)
+            forwards[name] = forward
         if not args.no_compile:
             import torch._inductor.config as inductor
             inductor.freezing = True
-            modules = [torch.nn.Linear(i, o) for o, i in LAYER]
-            for m, (w, b) in zip(modules, weights):
+            seq = torch.nn.ModuleList(torch.nn.Linear(i, o) for o, i in LAYER).eval()
+            for m, (w, b) in zip(seq, weights):
                 m.weight.data, m.bias.data = w, b
-            seq = torch.nn.ModuleList(modules).eval()
-
-            def layer(inputs):
-                return [m(x) for m, x in zip(seq, inputs)]
+            compiled = torch.compile(lambda inputs: [m(x) for m, x in zip(seq, inputs)], mode="max-autotune",
+                                     dynamic=False)
             t0 = time.perf_counter()
-            compiled = torch.compile(layer, mode="max-autotune", dynamic=False)
             with torch.no_grad():
                 compiled(xs)
-                row["compile_s"] = time.perf_counter() - t0
+            row["compile_s"] = time.perf_counter() - t0
 
-                def forward_compiled():
-                    for _ in range(LAYERS):
-                        compiled(xs)
-                row["inductor max-autotune"] = _median_ms(forward_compiled, args.repeats)
+            def forward_compiled():
+                for _ in range(LAYERS):
+                    compiled(xs)
+            forwards["inductor max-autotune"] = forward_compiled
+        # interleaved: every repeat times each path once, so a busy moment of the machine hits all of them alike
+        times: dict = {name: [] for name in forwards}
+        with torch.inference_mode():
+            for f in forwards.values():
+                f()   # warm-up
+            for _ in range(args.repeats):
+                for name, f in forwards.items():
+                    t0 = time.perf_counter()
+                    f()
+                    times[name].append(time.perf_counter() - t0)
+        for name, ts in times.items():
+            row[name] = 1000 * sorted(ts)[len(ts) // 2]
         results.append(row)
         print(" | ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()), flush=True)
     names = [k for k in results[0] if k not in ("rows", "compile_s")]

@@ -15,7 +15,17 @@ import importlib
 import importlib.util
 from typing import TYPE_CHECKING
 
-__version__ = "0.1.0"
+
+def _version() -> str:
+    """The installed distribution's version (pyproject.toml is the one place it is written)."""
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version("dlm-studio")
+    except PackageNotFoundError:   # a bare checkout on sys.path, never installed
+        return "0+unknown"
+
+
+__version__ = _version()
 
 # public name -> the submodule that defines it
 _EXPORTS = {

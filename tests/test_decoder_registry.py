@@ -189,3 +189,12 @@ def test_the_package_exports_resolve_lazily():
     assert dlm.sampling.generate and dlm.DECODERS is DECODERS
     with pytest.raises(AttributeError):
         dlm.no_such_name
+
+
+def test_version_is_the_packages():
+    """dlm.__version__ comes from the installed distribution (pyproject.toml), not a second copy."""
+    import tomllib
+    from pathlib import Path
+    import dlm
+    project = tomllib.loads((Path(__file__).resolve().parent.parent / "pyproject.toml").read_text())["project"]
+    assert dlm.__version__ == project["version"]
