@@ -40,10 +40,14 @@ def _linear_weight_bytes(model) -> int:
                if isinstance(m, (torch.nn.Linear, Conv1D)) and m is not head)
 
 
+def _plain(model):
+    """The transformers model under a peft wrapper (a quantized base keeps its LoRA unmerged), or the model."""
+    return model.base.get_base_model() if hasattr(model.base, "get_base_model") else model.base
+
+
 def _check(reference, quantized, q):
     """Module types and counts, memory, logit error, generation."""
-    base = quantized.base.get_base_model() if hasattr(quantized.base, "get_base_model") else quantized.base
-    ref_base = reference.base.get_base_model() if hasattr(reference.base, "get_base_model") else reference.base
+    base, ref_base = _plain(quantized), _plain(reference)
     kind = "Linear8bitLt" if q == "8bit" else "Linear4bit"
     assert quantized_modules(base) == {kind: _linear_count(ref_base)}
     assert quantized.quantization == q and reference.quantization == "none"
@@ -165,9 +169,9 @@ def test_shipped_default_gguf_base_with_adapter(q):
     except LoadError as e:
         pytest.skip(str(e))
     quantized = dlm.load("smollm2-135m-dlm", device="cpu", quantization=q)
-    base = quantized.base.get_base_model()
+    base = _plain(quantized)
     assert quantized_modules(base) == {("Linear8bitLt" if q == "8bit" else "Linear4bit"): 30 * 7}
-    assert base.get_memory_footprint() < 0.55 * reference.base.get_base_model().get_memory_footprint()
+    assert base.get_memory_footprint() < 0.55 * _plain(reference).get_memory_footprint()
     ids = reference.tokenizer("The old fisherman walked down to the sea every morning before sunrise, and",
                               return_tensors="pt").input_ids
     ref, out = _logits(reference, ids), _logits(quantized, ids)
