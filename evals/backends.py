@@ -42,6 +42,10 @@ class EvalSettings:
     ppl_max_tokens:  `elbo_ppl`: tokens per held-out paragraph (longer ones are cut). Default 128.
     heldout_book:    Gutenberg file (under gutenberg/) for `elbo_ppl` / `genppl`; None = data.HELDOUT_BOOKS[0].
     chat:            GSM8K: wrap the question in the tokenizer's chat template (for SFT'd / instruct models).
+    shots:           TriviaQA / GSM8K: solved examples before each question (k-shot in-context learning; TriviaQA
+                     draws them from the other questions of its file, GSM8K from its train split). Default 0.
+    samples:         TriviaQA / GSM8K self-consistency: answers sampled per question (at `sample_temperature`,
+                     top-p 0.95); the most frequent normalised answer counts. 1 (default) = one greedy answer.
     exec_timeout:    seconds per HumanEval program. Default 10.
     """
 
@@ -62,6 +66,9 @@ class EvalSettings:
     heldout_book: Optional[str] = None
     chat: bool = False
     exec_timeout: float = 10.0
+    shots: int = 0
+    samples: int = 1
+    sample_temperature: float = 0.7
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -70,6 +77,8 @@ class EvalSettings:
             raise ValueError(f"score_method must be one of {', '.join(SCORE_METHODS)}, got {self.score_method!r}")
         if self.n_samples < 1:
             raise ValueError(f"n_samples must be >= 1, got {self.n_samples}")
+        if self.shots < 0 or self.samples < 1:
+            raise ValueError(f"shots must be >= 0 and samples >= 1, got {self.shots} and {self.samples}")
         from dlm import SamplerConfig
         SamplerConfig().replace(**self.sampler)          # unknown or bad fields fail before any example runs
         SamplerConfig().replace(**self.infill_sampler)

@@ -63,6 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="answer budget with --no-oracle-length (default per task)")
     g.add_argument("--chat", action="store_true", help="GSM8K: use the tokenizer's chat template")
     g.add_argument("--exec-timeout", type=float, default=10.0, help="seconds per HumanEval program")
+    g.add_argument("--shots", type=non_negative_int, default=0,
+                   help="TriviaQA / GSM8K: solved examples before each question (k-shot in-context learning)")
+    g.add_argument("--samples", type=positive_int, default=1,
+                   help="TriviaQA / GSM8K: self-consistency, the majority answer over this many samples")
+    g.add_argument("--sample-temperature", type=float, default=0.7, help="temperature of those samples")
     g = p.add_argument_group("generation quality / perplexity")
     g.add_argument("--judge", default="smollm2-135m", help="AR judge for gen-PPL (paper: gpt2-large)")
     g.add_argument("--gen-length", type=positive_int, default=64, help="tokens per sample for 'genppl'")
@@ -112,7 +117,8 @@ def run(args: argparse.Namespace) -> int:
                   infill_sampler=_pairs(args.infill_sampler, "--infill-sampler"), oracle_length=args.oracle_length, max_new_tokens=args.max_new_tokens, seed=args.seed,
                   gen_length=args.gen_length, gen_temperature=args.gen_temperature, gen_top_p=args.gen_top_p,
                   gen_prompt_words=args.gen_prompt_words, judge=args.judge, ppl_max_tokens=args.ppl_max_tokens,
-                  heldout_book=args.heldout_book, chat=args.chat, exec_timeout=args.exec_timeout)
+                  heldout_book=args.heldout_book, chat=args.chat, exec_timeout=args.exec_timeout,
+                  shots=args.shots, samples=args.samples, sample_temperature=args.sample_temperature)
     provisional = EvalSettings(kind=args.kind or "ar", **common)
     files: dict = {}
     tasks, missing = load_task_data(names, args.task_file, data_dir, provisional, args.limit, args.skip, files)

@@ -146,11 +146,13 @@ class InfillExample:
 
 @dataclass
 class MathExample:
-    """GSM8K: `question`, the reference solution `solution` and its final number `answer`."""
+    """GSM8K: `question`, the reference solution `solution` and its final number `answer`; `shots` (few-shot
+    evaluation) is the text of the solved examples put before the question."""
     id: int
     question: str
     solution: str
     answer: str
+    shots: str = ""
 
 
 @dataclass
@@ -330,10 +332,47 @@ def load_humaneval_infill(data_dir: Path) -> list[InfillExample]:
 
 
 # ----- GSM8K --------------------------------------------------------------------------------------------------------------
-def load_gsm8k(data_dir: Path) -> list[MathExample]:
+def load_gsm8k(data_dir: Path, split: str = "test") -> list[MathExample]:
     from .metrics import gsm8k_gold
-    rows = _jsonl(require(data_dir, "gsm8k/test.jsonl", "gsm8k"))
+    rows = _jsonl(require(data_dir, f"gsm8k/{split}.jsonl", "gsm8k"))
     return [MathExample(i, d["question"], d["answer"], gsm8k_gold(d["answer"])) for i, d in enumerate(rows)]
+
+
+# ----- few-shot prompts ---------------------------------------------------------------------------------------------------
+def gsm8k_shot(ex: MathExample) -> str:
+    return f"Question: {ex.question}\nAnswer: {ex.solution}"
+
+
+def qa_shot(ex: QAExample) -> str:
+    return f"{ex.prompt} {ex.answer}"
+
+
+def shot_indices(pool_size: int, k: int, seed: int, example_id: int, exclude_same: bool) -> list[int]:
+    """k distinct pool indices for example `example_id`, drawn with a seed of their own (the same shots on every
+    rerun and for every model, whatever the evaluated slice); the example itself never (same-file pools)."""
+    import random
+    rng = random.Random(seed * 1_000_003 + 7 * example_id + 11)
+    candidates = [i for i in range(pool_size) if not (exclude_same and i == example_id)]
+    return rng.sample(candidates, min(k, len(candidates)))
+
+
+def with_qa_shots(examples: list[QAExample], k: int, seed: int) -> list[QAExample]:
+    """TriviaQA k-shot: k other questions of the same file, answered, before each prompt (the file has no train
+    split; the example itself is never among its shots)."""
+    if k <= 0:
+        return examples
+    return [QAExample(ex.id, "\n\n".join([*(qa_shot(examples[j]) for j in shot_indices(len(examples), k, seed, ex.id,
+                                                                                       True)), ex.prompt]),
+                      ex.answer, ex.aliases) for ex in examples]
+
+
+def with_gsm8k_shots(examples: list[MathExample], train: list[MathExample], k: int, seed: int) -> list[MathExample]:
+    """GSM8K k-shot: k solved problems of the train split before each test question."""
+    if k <= 0:
+        return examples
+    return [MathExample(ex.id, ex.question, ex.solution, ex.answer,
+                        "".join(gsm8k_shot(train[j]) + "\n\n"
+                                for j in shot_indices(len(train), k, seed, ex.id, False))) for ex in examples]
 
 
 # ----- held-out text (Gutenberg) ------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ seeded percentile bootstrap over examples for everything else (ROUGE, perplexiti
 from __future__ import annotations
 
 import math
+from collections import Counter
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -21,7 +22,8 @@ from dlm.quality import judge_nll
 from .backends import EvalModel, example_seed
 from .execution import humaneval_program, run_program, single_line
 from .metrics import (BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, bootstrap_interval, distinct_n, exact_match,
-                      first_answer_span, gsm8k_prediction, mean_stderr, numbers_equal, rouge_scores, wilson_interval)
+                      first_answer_span, gsm8k_prediction, mean_stderr, normalize_answer, numbers_equal,
+                      rouge_scores, wilson_interval)
 
 # Per-example 0/1 metrics: their mean is a proportion, shown in % with a Wilson interval.
 PROPORTION_METRICS = frozenset({"acc", "acc_norm", "em", "pass@1"})
@@ -102,13 +104,31 @@ def aggregate_lastword(records: list[dict], main: str) -> dict:
 
 
 # ----- TriviaQA ---------------------------------------------------------------------------------------------------------------
+def answers(b: EvalModel, prompt, n: int, seed: int, extract, messages=None) -> tuple[Optional[str], list[str]]:
+    """The answer to `prompt` -> (answer, raw texts): one greedy generation, or with `samples` > 1 the paper's
+    self-consistency: that many sampled generations (temperature `sample_temperature`, top-p 0.95, seeds
+    seed..seed+k-1), `extract`ed and normalised, the most frequent answer winning (ties: the first sampled)."""
+    if b.s.samples <= 1:
+        text = b.complete(prompt, n, seed, messages=messages).text
+        return extract(text), [text]
+    texts = [b.complete(prompt, n, seed + j, temperature=b.s.sample_temperature, top_p=0.95, messages=messages).text
+             for j in range(b.s.samples)]
+    preds = [extract(t) for t in texts]
+    votes = Counter(normalize_answer(p) for p in preds if p)
+    if not votes:
+        return preds[0], texts
+    best = max(votes.values())
+    return next(p for p in preds if p and votes[normalize_answer(p)] == best), texts
+
+
 def eval_qa(b: EvalModel, ex: D.QAExample) -> dict:
     """Greedy answer (oracle: as many tokens as the first alias), cut at the first newline / '.' / ',', exact match
-    over the aliases after SQuAD normalisation."""
+    over the aliases after SQuAD normalisation; `shots` solved questions before it, `samples` for
+    self-consistency (`answers`)."""
     n = b.n_tokens(" " + ex.answer) if b.s.oracle_length else (b.s.max_new_tokens or 24)
-    g = b.complete(ex.prompt, n, example_seed(b.s.seed, ex.id))
-    pred = first_answer_span(g.text)
-    return {"id": ex.id, "pred": pred, "raw": g.text, "answer": ex.answer, "em": exact_match(pred, ex.aliases)}
+    pred, raw = answers(b, ex.prompt, n, example_seed(b.s.seed, ex.id), first_answer_span)
+    return {"id": ex.id, "pred": pred, "raw": raw[0] if len(raw) == 1 else raw, "answer": ex.answer,
+            "em": exact_match(pred, ex.aliases)}
 
 
 # ----- ROCStories --------------------------------------------------------------------------------------------------------------
@@ -142,11 +162,12 @@ def eval_gsm8k(b: EvalModel, ex: D.MathExample) -> dict:
     n = b.n_tokens(" " + ex.solution) if b.s.oracle_length else (b.s.max_new_tokens or 256)
     seed = example_seed(b.s.seed, ex.id)
     if b.s.chat:
-        g = b.complete(None, n, seed, messages=[{"role": "user", "content": ex.question}])
+        pred, raw = answers(b, None, n, seed, gsm8k_prediction,
+                            messages=[{"role": "user", "content": ex.shots + ex.question}])
     else:
-        g = b.complete(f"Question: {ex.question}\nAnswer:", n, seed)
-    pred = gsm8k_prediction(g.text)
-    return {"id": ex.id, "pred": pred, "answer": ex.answer, "raw": g.text, "acc": float(numbers_equal(pred, ex.answer))}
+        pred, raw = answers(b, f"{ex.shots}Question: {ex.question}\nAnswer:", n, seed, gsm8k_prediction)
+    return {"id": ex.id, "pred": pred, "answer": ex.answer, "raw": raw[0] if len(raw) == 1 else raw,
+            "acc": float(numbers_equal(pred, ex.answer))}
 
 
 # ----- held-out perplexity -----------------------------------------------------------------------------------------------------
@@ -248,10 +269,20 @@ def _data(loader):
     return lambda data_dir, s: loader(data_dir)
 
 
+def _qa_data(loader):
+    """A QA loader with the run's k-shot prompts (`shots`, drawn with the run's seed)."""
+    return lambda data_dir, s: D.with_qa_shots(loader(data_dir), s.shots, s.seed)
+
+
+def _gsm8k_data(data_dir: Path, s) -> list[D.MathExample]:
+    test = D.load_gsm8k(data_dir)
+    return D.with_gsm8k_shots(test, D.load_gsm8k(data_dir, "train") if s.shots else [], s.shots, s.seed)
+
+
 TASKS: dict[str, TaskSpec] = {t.name: t for t in [
-    TaskSpec("triviaqa", "TriviaQA", _data(D.load_triviaqa), eval_qa, ("em",), "em",
+    TaskSpec("triviaqa", "TriviaQA", _qa_data(D.load_triviaqa), eval_qa, ("em",), "em",
              description="closed-book QA, exact match over aliases (llm-foundry 3000-question subsample)"),
-    TaskSpec("triviaqa_full", "TriviaQA (full)", _data(D.load_triviaqa_full), eval_qa, ("em",), "em",
+    TaskSpec("triviaqa_full", "TriviaQA (full)", _qa_data(D.load_triviaqa_full), eval_qa, ("em",), "em",
              description="closed-book QA, exact match over aliases (unfiltered dev, 11313)"),
     TaskSpec("lambada", "Lambada", _data(D.load_lambada), eval_lastword, ("acc",), "acc",
              aggregate=aggregate_lastword, description="last-word accuracy (OpenAI LAMBADA)"),
@@ -266,7 +297,7 @@ TASKS: dict[str, TaskSpec] = {t.name: t for t in [
              description="multiple choice, 3 answers"),
     TaskSpec("piqa", "PIQA", _data(D.load_piqa), eval_mc, ("acc", "acc_norm"), "acc",
              description="multiple choice, 2 solutions"),
-    TaskSpec("gsm8k", "GSM8K", _data(D.load_gsm8k), eval_gsm8k, ("acc",), "acc",
+    TaskSpec("gsm8k", "GSM8K", _gsm8k_data, eval_gsm8k, ("acc",), "acc",
              description="grade-school math, answer after ####, zero-shot (meant for SFT'd models)"),
     TaskSpec("rocstories", "ROCStories", _data(D.load_rocstories), eval_story_infill,
              ("rouge1", "rouge2", "rougeL"), "rouge1",
