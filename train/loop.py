@@ -16,7 +16,10 @@ In code: `train` = `setup` (config, accelerate, model, data, optimizer) -> `resu
 step picks its attention mode (full / block, `step_mode`) and anneals the mask by step; the noise generator is
 per-rank state that a checkpoint must restore for a resumed run to equal an uninterrupted one bit for bit; and
 sequences come from a resumable sampler over packed token caches, not a DataLoader. Trainer would need a callback
-or subclass for each of these, and its checkpoint format does not carry the noise state.
+or subclass for each of these, and its checkpoint format does not carry the noise state. Measured
+(`python -m bench.trainer_vs_loop`: the same objective through a Trainer subclass that only overrides the loss, same
+model, data, batch and threads): equal speed, tiny-cpu 11,383 vs 11,333 tokens/s (best of 3 alternating runs), so
+there is nothing to gain per step either.
 """
 from __future__ import annotations
 
