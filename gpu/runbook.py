@@ -42,7 +42,10 @@ MARGIN = 2 * 2**20
 # Device time (seconds) per stage; with ~1.5 min of start-up they fill the 15-minute lease (docs/gpu.md).
 BUDGET = {"tests": 120, "fig4": 90, "train": 390, "eval": 60}
 # The distributions the device image lacks or has at other versions than the project is tested with.
-WHEELS = ("transformers", "huggingface_hub", "peft", "accelerate", "bitsandbytes", "gguf", "omegaconf", "kernels")
+WHEELS = ("transformers", "huggingface_hub", "peft", "accelerate", "bitsandbytes", "gguf", "omegaconf", "kernels",
+          "regex")   # regex: transformers checks its version at import
+CALL_LIMIT = 570               # seconds a call may take before the device tool's 600 s kill (what $OUT holds then
+                               # still comes back, so the train call packs its results before this)
 BNB_KEEP = ("libbitsandbytes_cuda130.so", "libbitsandbytes_cpu.so")   # the device has CUDA 13
 HELDOUT_BOOKS = ("11-0.txt.gz", "25344-0.txt.gz", "The-Art-of-War.txt.gz", "pg55.txt.gz")   # bench.continuation's
 
@@ -234,7 +237,8 @@ def stage_env(dev: Device) -> None:
 
 
 def stage_tests(dev: Device) -> None:
-    dev.run("gpu-tests", [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "tests/test_gpu.py", "-p",
+    # -v: each result is in the log as it happens, so a budget overrun still says what passed
+    dev.run("gpu-tests", [sys.executable, "-m", "pytest", "-v", "-m", "gpu", "tests/test_gpu.py", "-p",
                           "no:cacheprovider", f"--junitxml={dev.out / 'gpu-tests.xml'}"], BUDGET["tests"])
 
 
@@ -255,12 +259,17 @@ def stage_train(dev: Device, plan: dict, started: float) -> None:
         config, common = "tiny-cpu", common + ["data.block_size=64"]
     else:
         config = "diffusmol-v3-gpu"
+    def remaining() -> float:   # seconds of this call left before results must be packed
+        return CALL_LIMIT - (time.monotonic() - started)
+
+    # the probe also builds the token cache and the GGUF conversion that the run reuses
     probe = runs / "probe"
     dev.run("train", [sys.executable, "-m", "train", "pretrain", "--config", config, "--output-dir", str(probe),
-                      "--max-steps", "6", "run.export=false", "run.eval_every=0", "run.save_every=0", *common], 240)
+                      "--max-steps", "6", "run.export=false", "run.eval_every=0", "run.save_every=0", *common],
+            max(30.0, remaining() - BUDGET["eval"] - 120))
     summary = json.loads((probe / "run_summary.json").read_text()) if (probe / "run_summary.json").is_file() else {}
     per_step = summary.get("timed_seconds", 0) / max(1, summary.get("steps", 1) - 1)
-    left = BUDGET["train"] - (time.monotonic() - started)
+    left = min(BUDGET["train"] - (time.monotonic() - started), remaining() - BUDGET["eval"] - 60)
     steps = max(4, int(0.9 * left / per_step)) if per_step > 0 else 50
     if dev.dry:
         steps = min(steps, 8)
@@ -268,7 +277,7 @@ def stage_train(dev: Device, plan: dict, started: float) -> None:
     final = runs / "v3"
     dev.run("train", [sys.executable, "-m", "train", "pretrain", "--config", config, "--output-dir", str(final),
                       "--max-steps", str(steps), f"run.max_minutes={max(0.2, left / 60):.2f}", *common],
-            left + 240)
+            max(30.0, remaining() - BUDGET["eval"] - 15))
     model = final / "final"
     if not (model / "dlm_config.json").is_file():
         log("no trained model: nothing to evaluate")
@@ -281,7 +290,7 @@ def stage_train(dev: Device, plan: dict, started: float) -> None:
     if all((data / "gutenberg" / book).is_file() for book in HELDOUT_BOOKS) and (data / "rocstories").is_dir():
         dev.run("eval", [sys.executable, "-m", "bench.continuation", "--model", str(model), *ar, "--n", n,
                          "--new-tokens", tokens, "--device", device, "--data-dir", str(data),
-                         "--out", str(runs / "continuation-v3.json")], BUDGET["eval"])
+                         "--out", str(runs / "continuation-v3.json")], max(10.0, min(BUDGET["eval"], remaining())))
     pack_results(dev, final)
 
 
