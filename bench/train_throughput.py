@@ -58,7 +58,7 @@ def _preset_overrides(model: str) -> tuple[str, list[str]]:
     tokenization of a real corpus before the first step)."""
     if model in ("tiny", "tiny-cpu"):
         return "tiny-cpu", []
-    return "smollm2-135m", [f"model.source={model}", "data.sources=train/data/tiny_corpus.txt",
+    return "smollm2-135m", [f"model.source={model}", "data.sources=[train/data/tiny_corpus.txt]",
                             "data.clean=none", "data.eval_fraction=0"]
 
 
