@@ -1,5 +1,7 @@
-"""The Gradio playground: `ui` assembles the tabs (`tabs/`, one file each) and the named API (`api`); `backend` is
-the only path to a model; `render` draws; `examples` holds the shipped few-shot prompts."""
+"""The Gradio playground: `ui` assembles the tabs (`tabs/`, one file each) and the named API (`api`); both call
+`backend.Backend`, the one road to a model, composed of `requests` (checking), `worker` (runs, cancellation,
+limits), `models` (load / switch / free) and `experiments` (race, sweeps, scoreboard); `render` draws; `examples`
+holds the shipped few-shot prompts."""
 
 # What one request may cost, by default (app.py --max-prompt-tokens / --time-limit; ui.build(...) arguments). On a
 # CPU a forward over ~1k tokens takes well under a second for the 135M default, so 1024 prompt tokens keep a request

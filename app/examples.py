@@ -7,6 +7,8 @@ Each file is a small header of `key: value` lines, a line `---`, then the prompt
     max_new_tokens: 8              (suggested length of the answer)
     steps: 8                       (suggested denoising steps; defaults to max_new_tokens)
     expected: cat                  (optional: the right answer; the In-context scoreboard marks outputs)
+    hard: why                      (optional: the shipped model usually misses it, measured; shown as such,
+                                    and the In-context tab opens on an example without it)
     ---
     hot is to cold as up is to down
     ...
@@ -32,6 +34,12 @@ class Example:
     max_new_tokens: int = 32
     steps: int = 32
     expected: str = ""
+    hard: str = ""  # why the shipped model usually misses it (measured), "" = it does it well
+
+    @property
+    def label(self) -> str:
+        """The title as the examples list shows it: marked when it is hard for the shipped model."""
+        return f"{self.title} (hard for the shipped model)" if self.hard else self.title
 
 
 def parse_example(text: str, name: str) -> Example:
@@ -63,6 +71,7 @@ def parse_example(text: str, name: str) -> Example:
         max_new_tokens=max_new,
         steps=steps,
         expected=meta.get("expected", ""),
+        hard=meta.get("hard", ""),
     )
 
 

@@ -1,5 +1,6 @@
-"""All the playground's drawing: frames -> HTML token views, token chips, Markdown stats, tables and plotly
-figures. Pure functions of plain data: no model, no Gradio.
+"""All the playground's drawing: frames -> HTML token views, token chips, Markdown (stats, the race summary, the
+Model tab's status, config summaries), tables, plotly figures and the exported animation. Pure functions of plain
+data: no model, no Gradio.
 
 A `Trace` collects the `Frame`s of one run (as they stream in) together with the display string of every token id
 it has seen, so the whole run can be re-rendered at any step afterwards (the scrub slider) without the tokenizer.
@@ -7,14 +8,21 @@ It is plain data, safe to keep in a per-session `gr.State`.
 """
 from __future__ import annotations
 
+import atexit
 import html
 import math
+import os
+import shutil
+import tempfile
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Iterable, Optional
 
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from dlm.decoders import DECODERS
+from dlm.sampler_config import SamplerConfig
 from dlm.types import Frame
 
 # How many prompt tokens to show before the generated region (long few-shot prompts would drown the answer).
@@ -157,6 +165,13 @@ class Trace:
         return (f"**step {f.step} / {f.total_steps}** · revealed {len(f.revealed)} this step · "
                 f"{masked} still masked{state}")
 
+    def partial(self) -> str:
+        """The generated region of the last frame as plain text, masked tokens as '·' (the API's live view)."""
+        if not self.frames:
+            return ""
+        f = self.frames[-1]
+        return "".join("·" if t == self.mask_id else self.pieces.get(t, "?") for t in f.tokens[f.start:])
+
     def revealed(self) -> int:
         """Tokens the run has decided so far."""
         return len(self.reveal_step)
@@ -269,26 +284,38 @@ def sweep_html(rows: list[dict]) -> str:
     return "".join(parts)
 
 
+SWEEP_UNITS = {"steps": ("steps", "denoising steps"), "block_length": ("block", "block length"),
+               "threshold": ("threshold", "parallel-decoding threshold")}
+
+
+def sweep_label(field: str, value) -> str:
+    """A sweep point's label: "8 steps", "block 4", "threshold 0.9"."""
+    short = SWEEP_UNITS.get(field, (field, field))[0]
+    return f"{value:g} {short}" if field == "steps" else f"{short} {value:g}"
+
+
 def compare_chart(sweep: list[dict], ar: Optional[dict]) -> go.Figure:
-    """DLM model time and quality (gen-PPL under the AR model, lower is better) against the number of denoising
-    steps, with the AR model's values as horizontal dashed lines. `sweep` rows: {steps, seconds, ppl}; `ar`:
-    {seconds, ppl} or None."""
+    """DLM model time and quality (gen-PPL under the AR model, lower is better) against the swept setting (steps,
+    block length or threshold: each row's "field"), with the AR model's values as horizontal dashed lines.
+    `sweep` rows: {field, value, seconds, ppl} (a row without "field" is a steps row); `ar`: {seconds, ppl} or
+    None."""
     fig = make_subplots(rows=1, cols=2,
                         subplot_titles=("model time (s)", "gen-PPL under the AR model (lower = better)"))
     if not sweep:
-        return _empty(fig, "tick 'sweep steps' and race to draw this chart (it fills in as the sweep runs)")
-    xs = [r["steps"] for r in sweep]
-    ppl = [_finite(r.get("ppl")) for r in sweep]
+        return _empty(fig, "tick 'then sweep' and race to draw this chart (it fills in as the sweep runs)")
+    field = sweep[0].get("field", "steps")
+    xs = [r.get("value", r.get("steps")) for r in sweep]
+    ppl = [finite(r.get("ppl")) for r in sweep]
     fig.add_trace(go.Scatter(x=xs, y=[r["seconds"] for r in sweep], mode="lines+markers+text", name="DLM",
-                             text=[f"{r['steps']} steps, {r['seconds']:.2f} s" for r in sweep],
+                             text=[f"{sweep_label(field, x)}, {r['seconds']:.2f} s" for x, r in zip(xs, sweep)],
                              textposition="top center", line=dict(color="#2b6cb0")), row=1, col=1)
     fig.add_trace(go.Scatter(x=xs, y=ppl, mode="lines+markers+text", name="DLM", showlegend=False,
-                             text=[f"{r['steps']} steps, PPL {p:.0f}" if p is not None else f"{r['steps']} steps"
-                                   for r, p in zip(sweep, ppl)],
+                             text=[f"{sweep_label(field, x)}, PPL {p:.0f}" if p is not None else sweep_label(field, x)
+                                   for x, p in zip(xs, ppl)],
                              textposition="top center", line=dict(color="#2b6cb0")), row=1, col=2)
     if ar:
         for col, key, unit in ((1, "seconds", " s"), (2, "ppl", "")):
-            y = _finite(ar.get(key))
+            y = finite(ar.get(key))
             if y is not None:  # the AR model as a reference line, labelled at its right end
                 fig.add_trace(go.Scatter(x=[min(xs), max(xs)], y=[y, y], mode="lines+text", name="AR",
                                          text=["", f"AR {y:.2f}{unit}" if unit else f"AR {y:.0f}"],
@@ -297,13 +324,14 @@ def compare_chart(sweep: list[dict], ar: Optional[dict]) -> go.Figure:
                               row=1, col=col)
     lo, hi = min(xs), max(xs)
     pad = max((hi - lo) * 0.15, 0.5 * max(lo, 1))  # room for the labels of the first and last points
-    fig.update_xaxes(title_text="denoising steps", range=[lo - pad, hi + pad])
+    fig.update_xaxes(title_text=SWEEP_UNITS.get(field, (field, field))[1], range=[lo - pad, hi + pad])
     fig.update_traces(cliponaxis=False, selector=dict(type="scatter"))
     fig.update_layout(height=340, margin=dict(l=50, r=20, t=50, b=45), legend=dict(orientation="h", y=-0.3))
     return fig
 
 
-def _finite(x) -> Optional[float]:
+def finite(x) -> Optional[float]:
+    """x as a float, or None for None / NaN / inf (which charts cannot place and JSON cannot carry)."""
     return float(x) if x is not None and math.isfinite(float(x)) else None
 
 
@@ -318,7 +346,7 @@ def run_stats(g, revealed: Optional[int] = None, first_frame: Optional[float] = 
 
 
 def _num(x, fmt: str) -> str:
-    return format(x, fmt) if x is not None and math.isfinite(float(x)) else "n/a"
+    return "n/a" if finite(x) is None else format(x, fmt)
 
 
 def race_side_stats(run: dict) -> str:
@@ -379,3 +407,128 @@ def chips_html(tokens: list[int], n_prompt: int, pieces: dict[int, str], special
         out.append(f'<span class="t chip{sel}" data-k="{k}" data-id="{tok}" title="#{k}">{text}</span>')
     out.append("</div>")
     return "".join(out)
+
+
+# ---------------------------------------------------------------------------------------------- the Model tab
+def model_status(i, *, prompt_limit: int, time_limit: Optional[float], memory: str, modes: str) -> str:
+    """The Model tab's summary of what is loaded (`i`: an `app.models.ModelInfo`)."""
+    ar = i.ar_name or f"{i.name} (same weights, causal attention)"
+    lines = [
+        f"**DLM:** `{i.name}`" + (f" ({i.kind})" if i.kind else "")
+        + (f" + LoRA `{i.adapter}`" if i.adapter else ""),
+        f"**Parameters:** {i.parameters / 1e6:.1f} M · **weights:** {i.weights_mb:.0f} MB · "
+        f"**device:** {i.device} · **dtype:** {i.dtype} · **quantization:** {i.quantization}",
+        f"**Load time:** {i.load_seconds:.1f} s · **context:** {i.max_length} tokens · "
+        f"**mask token id:** {i.mask_token_id} · **attention:** {i.attn_implementation or 'n/a'}",
+        f"**AR counterpart:** {i.ar_error}" if i.ar_error else
+        f"**AR counterpart:** `{ar}`" + (f" (loaded in {i.ar_load_seconds:.1f} s)" if i.ar_load_seconds else ""),
+        f"**Memory in use:** {memory}",
+        f"**Limits per request:** {prompt_limit} prompt tokens · "
+        + (f"{time_limit:g} s of model time" if time_limit else "no time limit"),
+        modes,
+    ]
+    return "\n\n".join(lines)
+
+
+NO_MODEL = "**No model loaded.** Choose one below and press *Load*."
+
+
+def decoding_modes(write: SamplerConfig, infill: SamplerConfig, denoise: Optional[SamplerConfig] = None) -> str:
+    """Which decoder each tab starts from (`Models.base_config`: the model's recommended configs, and the Denoise
+    tab's own when it differs)."""
+    if denoise is None or denoise == write:
+        return (f"**Decoding modes:** Denoise, In-context and AR vs DLM use the writing config — "
+                f"{config_summary(write)}; Infill and edits use the infilling config — {config_summary(infill)}.")
+    return (f"**Decoding modes:** Denoise opens on {config_summary(denoise)} (tokens in parallel and out of order); "
+            f"In-context and AR vs DLM use the writing config — {config_summary(write)}; Infill and edits use the "
+            f"infilling config — {config_summary(infill)}.")
+
+
+CONFIG_ORIGINS = {"write": "the model's recommended writing config",
+                  "infill": "the model's recommended infilling config",
+                  "denoise": "the playground's Denoise config (the model's writing config, decoded with full "
+                             "attention so the tokens appear in parallel and out of order)"}
+
+
+def config_origin(task: str) -> str:
+    """Where a tab's settings start from (`Models.base_config(task)`)."""
+    return CONFIG_ORIGINS[task]
+
+
+def config_summary(cfg: SamplerConfig) -> str:
+    """One line saying how a config decodes, from its decoder's declaration (`dlm.decoders.registry`): what the
+    decoder is, the settings it reads, and a note for each changed setting it ignores, e.g. "**blocks** decoder
+    (block diffusion: ..., blocks of 4), 64 tokens, one token per step, confidence, threshold 0.9, greedy"."""
+    spec = DECODERS[cfg.decoder]
+    uses = set(spec.uses)
+    details = [spec.description] if spec.description else []
+    if "block_length" in uses and cfg.block_length:
+        details.append(f"blocks of {cfg.block_length}")
+    mode = f"**{cfg.decoder}** decoder" + (f" ({', '.join(details)})" if details else "")
+    extra = [f"{cfg.max_new_tokens} tokens"]
+    if "steps" in uses:
+        extra.append(f"{cfg.steps} steps" if cfg.steps else "one token per step")
+    if "remasking" in uses:
+        extra.append(cfg.remasking)
+    if cfg.threshold and "threshold" in uses:
+        extra.append(f"threshold {cfg.threshold:g}")
+    extra.append("greedy" if cfg.temperature == 0 else f"temperature {cfg.temperature:g}")
+    notes = cfg.ignored_settings()
+    return mode + ", " + ", ".join(extra) + "".join(f"; note: {note}" for note in notes)
+
+
+# --------------------------------------------------------------------------------------------------- export
+class _Pieces:
+    """The `tokenizer.decode` that `dlm.animation` needs, answered from a Trace's own token texts: an export
+    draws exactly what the run showed, whatever model is loaded by then."""
+
+    def __init__(self, pieces: dict[int, str]):
+        self.pieces = pieces
+
+    def decode(self, ids, **_) -> str:
+        return "".join(self.pieces.get(int(i), "?") for i in ids)
+
+
+EXPORT_CELLS = 16_384  # frames x tokens one export may draw (a 64-token, 64-step run of a short prompt: ~5k)
+EXPORTS_KEPT = 16      # exports kept in the one export folder (older ones are removed)
+EXPORT_DIR = Path(tempfile.gettempdir()) / f"dlm-studio-exports-{os.getpid()}"
+
+
+def export_cells(trace: Optional[Trace]) -> list[Frame]:
+    """The frames an export draws: every frame when frames x tokens fits in EXPORT_CELLS, else the first, the
+    last and evenly spaced ones between (at least two); refused when even two are too big."""
+    if trace is None or not trace.frames:
+        raise ValueError("export: run a generation first; there is no animation to export yet")
+    frames = trace.frames
+    tokens = max(len(f.tokens) for f in frames)
+    keep = EXPORT_CELLS // max(tokens, 1)
+    if keep < 2:
+        raise ValueError(f"export: a canvas of {tokens} tokens is too big to animate (at most {EXPORT_CELLS // 2} "
+                         f"tokens per frame)")
+    if len(frames) <= keep:
+        return list(frames)
+    idx = sorted({round(i * (len(frames) - 1) / (keep - 1)) for i in range(keep)})
+    return [frames[i] for i in idx]
+
+
+def _export_folder() -> Path:
+    """A new folder for one export inside EXPORT_DIR (one per process, removed at exit), the oldest beyond
+    EXPORTS_KEPT removed: exports never pile up in the temp directory."""
+    EXPORT_DIR.mkdir(parents=True, exist_ok=True)
+    if not getattr(_export_folder, "registered", False):
+        atexit.register(shutil.rmtree, EXPORT_DIR, True)
+        _export_folder.registered = True
+    old = sorted((p for p in EXPORT_DIR.iterdir() if p.is_dir()), key=lambda p: p.stat().st_mtime)
+    for p in old[:max(0, len(old) + 1 - EXPORTS_KEPT)]:
+        shutil.rmtree(p, ignore_errors=True)
+    return Path(tempfile.mkdtemp(dir=EXPORT_DIR))
+
+
+def export_animation(trace: Optional[Trace], directory: Optional[str] = None) -> list[str]:
+    """A run's animation as an animated GIF and a self-contained HTML replay (`dlm.animation`), its frames
+    bounded by `export_cells`; in `directory`, else in a new folder of the one bounded export folder."""
+    from dlm.animation import save_animation
+    frames = export_cells(trace)
+    out = Path(directory) if directory else _export_folder()
+    return [str(save_animation(frames, out / f"denoising{suffix}", _Pieces(trace.pieces), trace.mask_id))
+            for suffix in (".gif", ".html")]

@@ -22,6 +22,10 @@ BENCHMARKS = {
     "first-frame": ("bench.first_frame", ["--repeats", "2"]),
     "overhead": ("bench.sampler_overhead", []),
     "throughput": ("bench.train_throughput", []),
+    "quantization": ("bench.quantization", ["--n", "2", "--new-tokens", "16"]),
+    "latency": ("bench.latency", ["--long-clients", "4", "--short", "4"]),
+    "denoise-default": ("bench.denoise_default", ["--n", "2", "--new-tokens", "16"]),
+    "infill-forward": ("bench.infill_forward", ["--repeats", "3"]),
 }
 
 

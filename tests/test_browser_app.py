@@ -54,9 +54,12 @@ TOASTS = "Array.from(document.querySelectorAll('[data-testid=\"toast-text\"]')).
 
 
 @pytest.fixture(scope="module")
-def app(tiny_llama_dir):
+def app(tiny_llama_dir, tmp_path_factory):
     from app import ui
-    demo = ui.build(model=str(tiny_llama_dir), device="cpu", dtype="float32")
+    from app.models import SwitchPolicy
+    # the Model tab may load models from the tests' temporary folders (switching is off unless the operator allows)
+    demo = ui.build(model=str(tiny_llama_dir), device="cpu", dtype="float32",
+                    policy=SwitchPolicy(True, (str(tmp_path_factory.getbasetemp()),)))
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -71,17 +74,24 @@ def app_url(app):
 
 
 @pytest.fixture(scope="module")
-def page(app_url):
+def browser():
+    """One headless Chromium for the module (Playwright's sync API allows one running instance per thread)."""
     sync_api = pytest.importorskip("playwright.sync_api")
     ARTIFACTS.mkdir(exist_ok=True)
     with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
-        pg = browser.new_page(viewport={"width": 1280, "height": 1400})
-        pg.set_default_timeout(90_000)
-        pg.goto(app_url)
-        pg.wait_for_selector("#denoise-generate")
-        yield pg
-        browser.close()
+        b = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        yield b
+        b.close()
+
+
+@pytest.fixture(scope="module")
+def page(browser, app_url):
+    pg = browser.new_page(viewport={"width": 1280, "height": 1400})
+    pg.set_default_timeout(90_000)
+    pg.goto(app_url)
+    pg.wait_for_selector("#denoise-generate")
+    yield pg
+    pg.close()
 
 
 def set_number(page, elem_id: str, value) -> None:
@@ -211,6 +221,36 @@ def test_race_streams_both_sides_live(page, app_url):
     assert any("8 steps" in t for t in labels) and any("32 steps" in t for t in labels)
 
 
+def test_controls_follow_the_decoder_and_the_race_sweeps_what_it_reads(page, app_url):
+    """Issue 23: a decoder's ignored knobs are disabled with a word why; the race's sweep follows the decoder."""
+    fresh(page, app_url, "AR vs DLM")
+    open_settings(page, "race")
+    assert page.locator("#race-steps input[type=number]").is_enabled()
+    assert page.input_value("#race-sweep-field input") == "steps"
+    page.locator("#race-decoder input").fill("speculative")
+    page.locator("#race-decoder input").press("Enter")
+    page.wait_for_function("document.querySelector('#race-steps input[type=number]').disabled")
+    assert "not used by the speculative decoder" in page.inner_text("#race-steps")
+    assert page.locator("#race-block_length input[type=number]").is_enabled()
+    page.wait_for_function("document.querySelector('#race-sweep-field input').value == 'block_length'")
+    set_number(page, "race-block_length", 2)
+    set_number(page, "race-max_new_tokens", 8)
+    page.wait_for_function("document.querySelector('#race-sweep textarea, #race-sweep input').value == '2, 4, 8'")
+    page.click("#compare-run")
+    page.wait_for_function("document.querySelectorAll('#race-sweep-plot .scatterlayer .point').length >= 6")
+    labels = page.eval_on_selector_all("#race-sweep-plot .textpoint", "els => els.map(e => e.textContent)")
+    assert any("block 4" in t for t in labels), labels
+    assert not page.evaluate(TOASTS)
+    # an invalid combination is refused before anything runs, naming the field
+    page.locator("#race-decoder input").fill("blocks")
+    page.locator("#race-decoder input").press("Enter")
+    page.wait_for_function("document.querySelector('#race-steps input[type=number]').disabled == false")
+    assert page.input_value("#race-sweep-field input") == "block_length"  # blocks reads it too: kept
+    set_number(page, "race-steps", 2)
+    page.click("#compare-run")
+    page.wait_for_function(f"{TOASTS}.some(t => t.includes('steps: 2 is fewer than the 4 blocks'))")
+
+
 def chip_ids(page) -> list[str]:
     return page.eval_on_selector_all("#edit-chips [data-k]", "els => els.map(e => e.dataset.id)")
 
@@ -225,6 +265,7 @@ def test_edit_and_redenoise_keeps_every_unedited_token(page, app_url):
     page.wait_for_function("document.querySelectorAll('#edit-chips [data-k]').length == 16")
     before = chip_ids(page)
     page.click("#edit-chips [data-k='3']")
+    page.wait_for_function("document.querySelector('#edit-start input').value == '3'")  # before the shift-click
     page.click("#edit-chips [data-k='5']", modifiers=["Shift"])
     page.wait_for_function("document.querySelectorAll('#edit-chips .chip.sel').length == 3")
     assert page.input_value("#edit-start input") == "3" and page.input_value("#edit-end input") == "5"
@@ -361,7 +402,7 @@ def test_single_step_runs_show_their_result(page, app_url, app):
     with slow_model(demo.backend, 1.0):  # the first forward takes seconds: Stop lands inside it
         page.click("#denoise-generate")
         deadline = time.monotonic() + 30
-        while demo.backend._active is None and time.monotonic() < deadline:
+        while demo.backend.worker.active is None and time.monotonic() < deadline:
             time.sleep(0.05)
         time.sleep(0.3)
         page.click("#denoise-stop")
@@ -373,10 +414,31 @@ def test_single_step_runs_show_their_result(page, app_url, app):
     wait_stats(page, "denoise")
 
 
+def test_a_run_stopped_by_the_time_limit_keeps_its_canvas_to_export(page, app_url, app):
+    """Issue 25: the time limit used to throw the frames away (an error, no partial canvas, nothing to export)."""
+    demo = app[0]
+    fresh(page, app_url)
+    set_number(page, "denoise-max_new_tokens", 64)
+    set_number(page, "denoise-steps", 64)
+    demo.backend.worker.time_limit = 1.5
+    try:
+        with slow_model(demo.backend, 0.05):
+            page.click("#denoise-generate")
+            page.wait_for_function("document.querySelector('#denoise-stats').innerText.includes('time limit')")
+    finally:
+        demo.backend.worker.time_limit = 120.0
+    stats = page.inner_text("#denoise-stats")
+    assert stats.startswith("Stopped after ") and "dlm-studio --time-limit" in stats
+    assert page.locator("#denoise-view .t.old, #denoise-view .t.new").count() > 0  # the partial canvas stays
+    assert any("time limit" in t for t in page.evaluate(TOASTS))
+    page.click("#denoise-export")
+    page.wait_for_function("document.querySelectorAll('#denoise-files a[href]').length >= 2")
+
+
 def test_loading_a_model_resets_the_widgets_to_its_recommended_config(page, app_url, app, tiny_llama_dir, tmp_path):
     import shutil
     from dlm import SamplerConfig
-    from dlm.model import save_sampler_configs
+    from dlm.sampler_config import save_sampler_configs
     demo = app[0]
     d = tmp_path / "tiny-with-config"
     shutil.copytree(tiny_llama_dir, d)
@@ -398,3 +460,130 @@ def test_loading_a_model_resets_the_widgets_to_its_recommended_config(page, app_
         assert "Decoding modes" in page.inner_text("#model-status")
     finally:
         demo.backend.load(str(tiny_llama_dir), device="cpu", dtype="float32")
+
+
+# ------------------------------------------------------------------------------------ the shipped default, untouched
+# What a visitor of `make run` gets: the real default model (smollm2-135m-dlm on CPU), every tab's primary button
+# clicked with every default untouched. A first click never errors.
+
+# Like WATCH_COUNTER, also noting whether a step revealed a token after a position that is still masked (out of
+# left-to-right order) and how many tokens each step revealed.
+WATCH_ORDER = """
+(sel) => {
+  window.__order = [];
+  const view = document.querySelector(sel + '-view');
+  new MutationObserver(() => {
+    const cells = Array.from(view.querySelectorAll('.t'));
+    const firstMasked = cells.findIndex(c => c.classList.contains('m'));
+    const fresh = cells.map((c, i) => c.classList.contains('new') ? i : -1).filter(i => i >= 0);
+    if (fresh.length) window.__order.push({revealed: fresh.length,
+                                           late: firstMasked >= 0 && fresh.some(i => i > firstMasked)});
+  }).observe(view, {subtree: true, childList: true});
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def default_page(browser):
+    """A browser page on the playground as `make run` serves it (no --model: the shipped default), on CPU."""
+    from app import ui
+    from app.models import DEFAULT_DLM
+    from dlm import registry
+    if not registry.is_available(DEFAULT_DLM):
+        pytest.skip(f"the shipped default {DEFAULT_DLM} is not available here")
+    demo = ui.build(device="cpu")
+    assert demo.backend.info.source == DEFAULT_DLM, demo.backend.info.notice
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    _, url, _ = demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    pg = browser.new_page(viewport={"width": 1280, "height": 1400})
+    pg.set_default_timeout(300_000)
+    pg.url_ = url
+    try:
+        yield pg
+    finally:
+        pg.close()
+        demo.close()
+
+
+def no_errors(page) -> None:
+    toasts = page.evaluate(TOASTS)
+    assert not toasts, toasts
+    shown = page.evaluate("Array.from(document.querySelectorAll('body *')).filter(e => !e.children.length && "
+                          "e.offsetParent && e.innerText && e.innerText.trim() === 'Error').length")
+    assert shown == 0, "an output box shows Error"
+
+
+@pytest.mark.slow
+def test_default_denoise_then_edit_then_export(default_page):
+    page = default_page
+    fresh(page, page.url_)
+    page.evaluate(WATCH_ORDER, "#denoise")
+    page.click("#denoise-generate")
+    wait_stats(page, "denoise")
+    page.screenshot(path=str(ARTIFACTS / "default-denoise.png"), full_page=True)
+    no_errors(page)
+    assert page.input_value("#denoise-text textarea").strip()
+    assert page.locator("#denoise-view .t.m").count() == 0
+    # the first screen shows what a diffusion LM does: several tokens per step, not left to right
+    order = page.evaluate("window.__order")
+    assert order and max(o["revealed"] for o in order) >= 2, order
+    assert any(o["late"] for o in order), f"every step revealed the leftmost masked tokens: {order}"
+    # edit and re-denoise, the selection left as it is (token 0, same length)
+    page.click("#edit-run")
+    page.wait_for_function("document.querySelector('#edit-status').innerText.includes('version 2 of 2')")
+    no_errors(page)
+    # export
+    page.click("#denoise-export")
+    page.wait_for_function("document.querySelectorAll('#denoise-files a[href]').length >= 2")
+    no_errors(page)
+    # the line above the settings names the faster writing mode and its button switches to it
+    assert "speculative" in page.inner_text("#denoise-fast-note")
+    page.click("#denoise-fast")
+    page.wait_for_function("document.querySelector('#denoise-decoder input').value == 'speculative'")
+    page.wait_for_function("document.querySelector('#denoise-steps input[type=number]').disabled")
+
+
+@pytest.mark.slow
+def test_default_infill(default_page):
+    page = default_page
+    fresh(page, page.url_, "Infill")
+    page.click("#infill-generate")
+    wait_stats(page, "infill")
+    page.wait_for_function("document.querySelector('#infill-ar textarea').value.length > 0")
+    page.screenshot(path=str(ARTIFACTS / "default-infill.png"), full_page=True)
+    no_errors(page)
+    assert page.locator("#infill-view .t.m").count() == 0 and page.input_value("#infill-text textarea").strip()
+
+
+@pytest.mark.slow
+def test_default_incontext_run_and_run_all(default_page):
+    page = default_page
+    fresh(page, page.url_, "In-context")
+    page.click("#icl-run")
+    page.wait_for_function("document.querySelector('#icl-ar-mark').innerText.includes('answer')")
+    assert page.inner_text("#icl-dlm-mark").startswith(("✓", "✗"))
+    no_errors(page)
+    page.click("#icl-run-all")
+    page.wait_for_function("(() => { const t = document.querySelector('#icl-scoreboard').innerText; "
+                           "return t.includes('accuracy') && !t.includes('(after'); })()")
+    page.screenshot(path=str(ARTIFACTS / "default-incontext.png"), full_page=True)
+    assert page.inner_text("#icl-scoreboard").count("%)") == 2
+    no_errors(page)
+
+
+@pytest.mark.slow
+def test_default_race_with_its_sweep(default_page):
+    page = default_page
+    fresh(page, page.url_, "AR vs DLM")
+    values = [v for v in page.input_value("#race-sweep textarea, #race-sweep input").split(",") if v.strip()]
+    assert values, "the race opens without sweep values"
+    page.click("#compare-run")
+    page.wait_for_function("document.querySelector('#race-summary').innerText.includes('finished first')")
+    page.wait_for_function(f"document.querySelectorAll('#race-sweep-plot .scatterlayer .point').length >= "
+                           f"{2 * len(values)}")
+    page.screenshot(path=str(ARTIFACTS / "default-race.png"), full_page=True)
+    no_errors(page)
+    for side in ("dlm", "ar"):
+        assert page.input_value(f"#race-{side}-text textarea").strip(), f"no final {side} text"

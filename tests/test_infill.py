@@ -45,12 +45,17 @@ def test_parse_template_tokenizes_each_piece_faithfully(tiny_tokenizer):
     assert c.n_added == 0  # SmolLM2's tokenizer adds no BOS, and the template starts with text
     a, b = c.spans
     assert b[1] - b[0] == 1 and a[1] - a[0] == 3
-    pieces = ["  Two  spaces ", "\nünïcödé 日本 ", " end."]
+    # the space right before each marker belongs to its span (the model writes " word"), the rest is verbatim
+    pieces = ["  Two  spaces", "\nünïcödé 日本", " end."]
     expected = literal_ids(tok, pieces[0]) + [None] * 3 + literal_ids(tok, pieces[1]) + [None] + \
         literal_ids(tok, pieces[2])
     assert [i if f else None for i, f in zip(c.input_ids, c.fixed)] == expected
     decoded = [tok.decode(c.input_ids[s:e]) for s, e in [(0, a[0]), (a[1], b[0]), (b[1], len(c.input_ids))]]
-    assert decoded == pieces
+    assert decoded == pieces and c.lead_space == [True, True]
+    # the template's space survives in the text whether or not the generated span starts with one
+    assert c.span_text(0, " sea") == " sea" and c.span_text(0, "sea") == " sea"
+    assert parse_template("The[MASK] sat", tok).lead_space == [False]
+    assert parse_template("The[MASK] sat", tok).span_text(0, "re") == "re"
 
 
 def test_template_starting_with_a_mask_gets_a_start_token(tiny_tokenizer):
@@ -77,7 +82,7 @@ def test_malformed_templates_name_the_position(tiny_tokenizer, template, pattern
 
 
 def test_template_beyond_context_names_the_position(tiny_tokenizer):
-    n = len(literal_ids(tiny_tokenizer, "Hello "))
+    n = len(literal_ids(tiny_tokenizer, "Hello"))   # the space before the marker belongs to the span
     with pytest.raises(ValueError, match=rf"position 6 reaches token {n + 100}, beyond the model's context of 100"):
         parse_template("Hello [MASK:100] world", tiny_tokenizer, max_length=100)
     with pytest.raises(ValueError, match=r"the text starting at position 9 .* context of 10 tokens"):
@@ -118,9 +123,11 @@ def test_fill_many_spans_keeps_every_unmasked_token(model):
     assert len(g.spans) == 4
     it = iter(g.spans)
     assert g.text == "".join(p if isinstance(p, str) else next(it) for p in canvas.pieces)
-    for s, (a, b) in zip(g.spans, canvas.spans):
-        assert s == model.tokenizer.decode(g.token_ids[a:b], skip_special_tokens=True,
-                                           clean_up_tokenization_spaces=False)
+    for k, (s, (a, b)) in enumerate(zip(g.spans, canvas.spans)):   # the decoded tokens, the template's space kept
+        assert s == canvas.span_text(k, model.tokenizer.decode(g.token_ids[a:b], skip_special_tokens=True,
+                                                               clean_up_tokenization_spaces=False))
+        assert s.startswith(" ") == canvas.lead_space[k]
+    assert g.text.startswith("The ") and " sat on the " in g.text and ". It was " in g.text and " and " in g.text
     assert g.nfe == 4 and sum(len(f.revealed) for f in g.frames) == 7
     assert model.mask_token_id not in g.token_ids and g.prompt == template
 

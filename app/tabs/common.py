@@ -3,16 +3,22 @@
 animated token view with its scrub slider, end-of-run charts and export."""
 from __future__ import annotations
 
+import asyncio
 import html
 from typing import Callable, Optional
 
 import gradio as gr
 
 from app import render
-from app.backend import Backend, Run, config_summary, describe_error, ui_value
+from app.requests import describe_error, ui_value
+from app.worker import Run
+from dlm.decoders import DECODERS
 from dlm.sampler_config import SamplerConfig
 
-MODEL = dict(concurrency_id="model", concurrency_limit=1, api_visibility="private")  # every event using a model
+# Every event using a model. Its handler starts at once: the worker (app/worker.py) queues the model work in its fair
+# order, bounds what waits (per session, in all) and says so; Gradio's own FIFO queue would let one client's
+# requests hold the model for everyone.
+MODEL = dict(concurrency_id="model", concurrency_limit=None, api_visibility="private")
 LIGHT = dict(concurrency_limit=None, api_visibility="private", show_progress="hidden")  # render-only events
 
 SLIDER_MAX_INT = 512      # the UI's range for integer knobs the config leaves unbounded (length, steps, top-k)
@@ -22,6 +28,29 @@ NUMBER_BOX_SPAN = 10_000  # wider ranges (the seed) get a number box instead of 
 
 def session(request: Optional[gr.Request]) -> Optional[str]:
     return getattr(request, "session_hash", None) if request is not None else None
+
+
+async def offload(fn: Callable, *args, **kwargs):
+    """Run `fn` (checking a request, tokenizing it, starting its run) in a thread: never on the event loop, which
+    serves every page, every Stop and every other request. A handler cancelled meanwhile (Stop, a closed tab, a
+    cancelled job) cancels the run `fn` starts, so no run is left without a consumer."""
+    task = asyncio.ensure_future(asyncio.to_thread(fn, *args, **kwargs))
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        def orphan(t):
+            if not t.cancelled() and t.exception() is None and isinstance(t.result(), Run):
+                t.result().cancel()
+        task.add_done_callback(orphan)
+        raise
+
+
+def ended(batch):
+    """A whole run's events (`Run.await_all`); a run ended by the time limit raises its message (the endpoints
+    and handlers that return one result have no partial one to show)."""
+    if batch.reason:
+        raise ValueError(batch.reason)
+    return batch
 
 
 def fail(e: BaseException, *, for_browser: bool = True):
@@ -46,7 +75,7 @@ BANNER_CSS = """
 # --------------------------------------------------------------------------------------------- sampler widgets
 class KnobSlider(gr.Slider):
     """A slider that hands its value over as sent: ranges and types are checked in one place, by
-    `backend.sampler_config` (SamplerConfig's messages name the field; Gradio's own range check would not)."""
+    `app.requests.sampler_config` (SamplerConfig's messages name the field; Gradio's own range check would not)."""
 
     is_template = True  # drawn by the frontend's Slider (gr.Blocks.get_block_name uses the base class)
 
@@ -63,16 +92,28 @@ class KnobNumber(gr.Number):
         return payload
 
 
-def knob_widget(d: dict, value, elem_id: str):
+def usage(d: dict, decoder: str) -> dict:
+    """Whether a knob is live for `decoder`, by the decoder's declaration (`DECODERS[decoder].uses`): a
+    per-decoder setting it does not read is disabled, its info saying why; any other is enabled with its help."""
+    help_ = d.get("help") or None
+    if d.get("per_decoder") and d["name"] not in DECODERS[decoder].uses:
+        return dict(interactive=False, info=f"not used by the {decoder} decoder (it reads: "
+                                            f"{', '.join(DECODERS[decoder].uses) or 'none of these'})")
+    return dict(interactive=True, info=help_)
+
+
+def knob_widget(d: dict, value, elem_id: str, decoder: Optional[str] = None):
     """One widget for one `SamplerConfig.describe()` entry: a dropdown for choices, a checkbox for a flag, a
-    slider for a bounded number (its range includes the `off` value), a number box for a very wide one."""
-    label, info = d.get("label") or d["name"], d.get("help") or None
+    slider for a bounded number (its range includes the `off` value), a number box for a very wide one; disabled
+    with a word why when `decoder` does not read it (`usage`)."""
+    label = d.get("label") or d["name"]
+    live = usage(d, decoder) if decoder else dict(info=d.get("help") or None)
     if d.get("choices"):
-        return gr.Dropdown(d["choices"], value=value, label=label, info=info, elem_id=elem_id)
+        return gr.Dropdown(d["choices"], value=value, label=label, elem_id=elem_id, **live)
     if d["type"] is bool:
-        return gr.Checkbox(bool(value), label=label, info=info, elem_id=elem_id)
+        return gr.Checkbox(bool(value), label=label, elem_id=elem_id, **live)
     if d["type"] is str:
-        return gr.Textbox(value or "", label=label, info=info, elem_id=elem_id)
+        return gr.Textbox(value or "", label=label, elem_id=elem_id, **live)
     integer = d["type"] is int
     lo, hi, off = d.get("minimum"), d.get("maximum"), d.get("off")
     lo = 0 if lo is None else lo
@@ -81,16 +122,17 @@ def knob_widget(d: dict, value, elem_id: str):
     if hi is None:
         hi = max(SLIDER_MAX_INT if integer else SLIDER_MAX_FLOAT, value or 0)
     if hi - lo > NUMBER_BOX_SPAN:
-        return KnobNumber(value, label=label, info=info, elem_id=elem_id)
-    return KnobSlider(lo, hi, value=value, step=d.get("step") or (1 if integer else 0.05), label=label, info=info,
-                      elem_id=elem_id)
+        return KnobNumber(value, label=label, elem_id=elem_id, **live)
+    return KnobSlider(lo, hi, value=value, step=d.get("step") or (1 if integer else 0.05), label=label,
+                      elem_id=elem_id, **live)
 
 
 class SamplerControls:
     """The sampler knobs of one tab, in an accordion: one widget per UI field of `SamplerConfig.describe()`
     (elem_ids `{prefix}-{field}`), starting from `config` (the loaded model's recommended config), with a line
-    saying what that config is. `values(knobs)` is the dict `backend.sampler` takes; `updates(cfg)` resets the
-    widgets to another model's config (the Model tab's Load)."""
+    saying what that config is. The knobs the chosen decoder does not read are disabled with a word why
+    (`usage`, from the decoders' declarations), following the decoder dropdown. `values(knobs)` is the dict
+    `backend.sampler` takes; `updates(cfg)` resets the widgets to another model's config (the Model tab's Load)."""
 
     PER_ROW = 4
 
@@ -105,12 +147,21 @@ class SamplerControls:
             for i in range(0, len(self.fields), self.PER_ROW):
                 with gr.Row():
                     for d in self.fields[i:i + self.PER_ROW]:
-                        self.components.append(knob_widget(d, ui_value(config, d["name"]), f"{prefix}-{d['name']}"))
+                        self.components.append(knob_widget(d, ui_value(config, d["name"]), f"{prefix}-{d['name']}",
+                                                           config.decoder))
         self.by_name = dict(zip(self.names, self.components))
+        self.decoder = self.by_name.get("decoder")
+        if self.decoder is not None:
+            self.decoder.change(self.usage_updates, self.decoder, self.components, **LIGHT)
+
+    def usage_updates(self, decoder: str) -> list:
+        """Every widget enabled or disabled (with its why) for `decoder`."""
+        if decoder not in DECODERS:
+            return [gr.skip()] * len(self.components)
+        return [gr.update(**usage(d, decoder)) for d in self.fields]
 
     def _summary(self, cfg: SamplerConfig) -> str:
-        what = "writing" if self.task == "write" else "infilling"
-        return f"Starts from the model's recommended {what} config: {config_summary(cfg)}."
+        return f"Starts from {render.config_origin(self.task)}: {render.config_summary(cfg)}."
 
     def values(self, knobs) -> dict:
         return dict(zip(self.names, knobs))
@@ -120,16 +171,11 @@ class SamplerControls:
         return [*self.components, self.summary]
 
     def updates(self, cfg: SamplerConfig) -> list:
-        return [gr.update(value=ui_value(cfg, n)) for n in self.names] + [self._summary(cfg)]
+        return [gr.update(value=ui_value(cfg, d["name"]), **usage(d, cfg.decoder)) for d in self.fields] + \
+            [self._summary(cfg)]
 
 
 # --------------------------------------------------------------------------------------------- the token view
-def new_trace(backend: Backend, prompt_end: Optional[int] = None) -> render.Trace:
-    """An empty Trace for the loaded model's tokens (its mask id and special tokens)."""
-    return render.Trace(mask_id=int(backend.require_model().mask_token_id), special=backend.special_ids(),
-                        prompt_end=prompt_end)
-
-
 class StreamView:
     """Token animation + step counter + scrub slider + final text + stats + the two end-of-run plots + export."""
 
@@ -165,8 +211,10 @@ class StreamView:
             outs += [self.heat, self.chart]
         return outs + [self.trace] + self.extra
 
-    def wire(self, backend: Backend) -> None:
-        """The view's own events: scrubbing re-draws a step from the trace; export writes the files."""
+    def wire(self, backend) -> None:
+        """The view's own events: scrubbing re-draws a step from the trace; export writes the files (from the
+        trace alone: what the run showed, whatever model is loaded by then) as work of the backend's worker:
+        queued fairly, under the time limit, its frames x tokens bounded."""
         def scrub(k, trace):
             if trace is None:
                 return gr.skip(), gr.skip()
@@ -175,23 +223,24 @@ class StreamView:
         self.scrub.input(scrub, [self.scrub, self.trace], [self.view, self.counter], trigger_mode="always_last",
                          **LIGHT)
         if self.export_button is not None:
-            def export(trace):
+            async def export(request: gr.Request, trace):
                 try:
-                    return gr.update(value=backend.export_animation(trace.frames if trace is not None else []),
-                                     visible=True)
+                    run = await offload(backend.export, trace, session=session(request))
+                    files = ended(await run.await_all()).result("files")
+                    return gr.update(value=files, visible=True) if files else gr.skip()
                 except Exception as e:
                     fail(e)
 
-            self.export_button.click(export, self.trace, self.files, concurrency_limit=None,
-                                     api_visibility="private")
+            self.export_button.click(export, self.trace, self.files, **MODEL)
 
-    async def animate(self, backend: Backend, run: Run, *, extra_fn: Optional[Callable] = None,
-                      text_fn: Optional[Callable] = None, prompt_end: Optional[int] = None):
+    async def animate(self, run: Run, *, extra_fn: Optional[Callable] = None, text_fn: Optional[Callable] = None,
+                      prompt_end: Optional[int] = None):
         """Turn a run's batches into output tuples: the token view on every (throttled) batch; the plots, the
         scrub slider and the text once at the end, plus `extra_fn(generation, trace)` for the extra outputs.
-        `text_fn(generation)` overrides the shown text; `prompt_end` as for `render.Trace`."""
-        trace = new_trace(backend, prompt_end)
-        decode = backend.piece_decoder()
+        `text_fn(generation)` overrides the shown text; `prompt_end` as for `render.Trace`. Tokens are drawn with
+        the run's own display context (`run.display`)."""
+        trace = run.display.trace(prompt_end)
+        decode = run.display.decode
         n_plots = 2 if self.heat is not None else 0
         skip_rest = [gr.skip()] * (n_plots + 1 + len(self.extra))
         first = True
@@ -199,6 +248,10 @@ class StreamView:
             for f in batch.frames():
                 trace.add(f, decode)
             g = batch.result()
+            if batch.reason:  # the time limit: the partial canvas stays (to scrub and export), the message says so
+                gr.Warning(batch.reason.replace("<", "&lt;"))
+                yield self._final(trace, None, run, extra_fn, text_fn, n_plots, batch.reason)
+                return
             if g is None and not batch.cancelled:
                 clear = ("", "") if first else (gr.skip(), gr.skip())  # wipe the previous run's text and stats
                 first = False
@@ -208,9 +261,9 @@ class StreamView:
             return
         yield self._final(trace, None, run, extra_fn, text_fn, n_plots)  # ended without a result
 
-    def _final(self, trace, g, run, extra_fn, text_fn, n_plots):
+    def _final(self, trace, g, run, extra_fn, text_fn, n_plots, reason: str = ""):
         if g is None:
-            stats, text = f"Stopped after {len(trace)} steps.", ""
+            stats, text = f"Stopped after {len(trace)} steps" + (f" — {reason}" if reason else "."), ""
         else:
             stats = render.run_stats(g, trace.revealed(), run.first_event_seconds)
             text = text_fn(g) if text_fn is not None else g.text

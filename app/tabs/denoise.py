@@ -6,8 +6,10 @@ from __future__ import annotations
 import gradio as gr
 
 from app import render
-from app.backend import Backend, ui_edit
-from app.tabs.common import LIGHT, MODEL, SamplerControls, StreamView, fail, session
+from app.backend import Backend
+from app.requests import ui_edit
+from dlm.decoders import DECODERS
+from app.tabs.common import LIGHT, MODEL, SamplerControls, StreamView, fail, offload, session
 
 PROMPT = "The capital of France is"
 
@@ -16,11 +18,20 @@ def _entry(history):
     return history["entries"][history["index"]] if history else None
 
 
-def _push(history, tokens: list[int], n_prompt: int, pieces: dict) -> dict:
-    """A new canvas version after the current one (a new run or an edit drops the versions that were undone)."""
+def _push(history, tokens: list[int], n_prompt: int, text: str, trace: render.Trace) -> dict:
+    """A new canvas version after the current one (a new run or an edit drops the versions that were undone).
+    Each version keeps its text, and the history the token texts and special ids of the runs that made it, so
+    undo / redo and the chips never ask the (possibly since switched) model."""
     entries = (history["entries"][: history["index"] + 1] if history else []) + \
-        [dict(tokens=list(tokens), n_prompt=int(n_prompt))]
-    return dict(entries=entries, index=len(entries) - 1, pieces={**(history or {}).get("pieces", {}), **pieces})
+        [dict(tokens=list(tokens), n_prompt=int(n_prompt), text=text)]
+    return dict(entries=entries, index=len(entries) - 1,
+                pieces={**(history or {}).get("pieces", {}), **trace.pieces},
+                special=set((history or {}).get("special", ())) | set(trace.special))
+
+
+def _chips(history, selection=None) -> str:
+    e = _entry(history)
+    return render.chips_html(e["tokens"], e["n_prompt"], history["pieces"], history["special"], selection)
 
 
 def _status(history) -> str:
@@ -29,6 +40,25 @@ def _status(history) -> str:
     e = _entry(history)
     return (f"Canvas version {history['index'] + 1} of {len(history['entries'])} · "
             f"{len(e['tokens']) - e['n_prompt']} generated tokens")
+
+
+def fast_mode_note(backend: Backend) -> str:
+    """One line saying what the model's faster writing mode is, when the tab opens on another one ("" if not)."""
+    write, shown = backend.base_config("write"), backend.base_config("denoise")
+    if write == shown:
+        return ""
+    return (f"This tab opens on the **{shown.decoder}** decoder so you can watch tokens appear in parallel and out "
+            f"of order. The model writes faster with its own mode — the **{write.decoder}** decoder "
+            f"({DECODERS[write.decoder].description}) — which reveals a few tokens at a time, left to right.")
+
+
+def pins_usage(decoder: str) -> dict:
+    """Pinned words need a decoder that keeps any positions fixed (its declaration's `fixed_positions`)."""
+    if decoder in DECODERS and DECODERS[decoder].fixed_positions:
+        return dict(interactive=True, info=None)
+    able = ", ".join(n for n, spec in DECODERS.items() if spec.fixed_positions)
+    return dict(interactive=False, info=f"not with the {decoder} decoder: it cannot hold words at positions "
+                                        f"({able} can)")
 
 
 class DenoiseTab:
@@ -42,9 +72,13 @@ class DenoiseTab:
                     self.go = gr.Button("Generate", variant="primary", elem_id="denoise-generate")
                     self.stop = gr.Button("Stop", variant="stop", elem_id="denoise-stop")
             self.pins = gr.Textbox("", elem_id="denoise-pins",
-                                   label="Pinned words (full decoder only): position: word; … — e.g. `0: Paris` "
-                                         "holds ' Paris' as the first generated token(s)")
-            self.controls = SamplerControls("denoise", backend.base_config("write"), open_=True)
+                                   label="Pinned words: position: word; … — e.g. `0: Paris` holds ' Paris' as the "
+                                         "first generated token(s)",
+                                   **pins_usage(backend.base_config("denoise").decoder))
+            self.fast_note = gr.Markdown(fast_mode_note(backend), elem_id="denoise-fast-note")
+            self.fast = gr.Button("Use the fast writing mode", size="sm", elem_id="denoise-fast",
+                                  visible=bool(fast_mode_note(backend)))
+            self.controls = SamplerControls("denoise", backend.base_config("denoise"), task="denoise", open_=True)
             self.history = gr.State(None)
             self.chips = gr.HTML(render.chips_html([], 0, {}), css_template=render.TOKEN_CSS,
                                  js_on_load=render.CHIPS_JS, elem_id="edit-chips", render=False)
@@ -70,23 +104,32 @@ class DenoiseTab:
     def _wire(self) -> list:
         backend, out, controls = self.backend, self.out, self.controls
 
-        def after_run(g, trace, history, n_prompt):
+        def after_run(trace, history, n_prompt, text):
             """A finished run (a new text: a new history) or edit (the next version): push the canvas."""
             canvas = trace.frames[-1].tokens if trace.frames else []
-            history = _push(history, canvas, n_prompt, trace.pieces)
-            return history, render.chips_html(canvas, n_prompt, history["pieces"], trace.special), _status(history)
+            history = _push(history, canvas, n_prompt, text, trace)
+            return history, _chips(history), _status(history)
 
         async def run_denoise(request: gr.Request, prompt, chat, pins, *knobs):
             try:
-                cfg = backend.sampler(controls.values(knobs))
-                run = backend.generate(prompt, cfg, chat=chat, pins=pins, session=session(request))
+                run = await offload(lambda: backend.generate(prompt, backend.sampler(controls.values(knobs)),
+                                                             chat=chat, pins=pins, session=session(request)))
                 n_prompt = run.prompt_tokens
-                async for outputs in out.animate(backend, run, prompt_end=n_prompt,
-                                                 extra_fn=lambda g, t: after_run(g, t, None, n_prompt)):
+                async for outputs in out.animate(run, prompt_end=n_prompt,
+                                                 extra_fn=lambda g, t: after_run(t, None, n_prompt, g.text)):
                     yield outputs
             except Exception as e:
                 fail(e)
 
+        self.fast.click(lambda: controls.updates(backend.base_config("write")), None, controls.outputs, **LIGHT)
+
+        def note():  # another model loaded (its configs reset the settings and their summary): its own line
+            text = fast_mode_note(backend) if backend.model is not None else ""
+            return text, gr.update(visible=bool(text))
+
+        controls.summary.change(note, None, [self.fast_note, self.fast], **LIGHT)
+        if controls.decoder is not None:
+            controls.decoder.change(lambda d: gr.update(**pins_usage(d)), controls.decoder, self.pins, **LIGHT)
         inputs = [self.prompt, self.chat, self.pins, *controls.components]
         go = self.go.click(run_denoise, inputs, out.outputs, **MODEL)
         submit = self.prompt.submit(run_denoise, inputs, out.outputs, **MODEL)
@@ -98,13 +141,15 @@ class DenoiseTab:
                 if entry is None:
                     raise ValueError("edit: generate a text first, then select tokens of it to remask")
                 edit = ui_edit(start, end, new_length)
-                run = backend.redenoise(entry["tokens"], entry["n_prompt"], [edit], backend.sampler(task="infill"),
-                                        session=session(request))
+                run = await offload(backend.redenoise, entry["tokens"], entry["n_prompt"], [edit],
+                                    backend.sampler(task="infill"), session=session(request))
                 n_prompt = entry["n_prompt"]
-                async for outputs in out.animate(
-                        backend, run, prompt_end=n_prompt,
-                        text_fn=lambda g: backend.text_of(g.token_ids[n_prompt:]),
-                        extra_fn=lambda g, t: after_run(g, t, history, n_prompt)):
+
+                def text(g):  # the whole canvas comes back: its generated part, in the run's own tokenizer
+                    return run.display.text_of(g.token_ids[n_prompt:])
+
+                async for outputs in out.animate(run, prompt_end=n_prompt, text_fn=text,
+                                                 extra_fn=lambda g, t: after_run(t, history, n_prompt, text(g))):
                     yield outputs
             except Exception as e:
                 fail(e)
@@ -113,29 +158,25 @@ class DenoiseTab:
                                  **MODEL)
 
         def select(evt: gr.EventData, history, start):
-            entry = _entry(history)
-            if entry is None:
+            if _entry(history) is None:
                 return gr.skip(), gr.skip(), gr.skip()
             k = int(evt._data.get("k", 0))
             a, b = k, k
             if evt._data.get("shift") and isinstance(start, (int, float)):
                 a, b = min(int(start), k), max(int(start), k)
-            return a, b, render.chips_html(entry["tokens"], entry["n_prompt"], history["pieces"],
-                                           self.backend.special_ids(), (a, b))
+            return a, b, _chips(history, (a, b))
 
         self.chips.click(select, [self.history, self.start], [self.start, self.end, self.chips], **LIGHT)
 
         def show_selection(history, start, end):
-            entry = _entry(history)
-            if entry is None:
+            if _entry(history) is None:
                 return gr.skip()
             try:
                 a, b, _ = ui_edit(start, end, None)
                 sel = (a, b - 1)
             except ValueError:
                 sel = None
-            return render.chips_html(entry["tokens"], entry["n_prompt"], history["pieces"],
-                                     self.backend.special_ids(), sel)
+            return _chips(history, sel)
 
         for box in (self.start, self.end):
             box.input(show_selection, [self.history, self.start, self.end], self.chips, **LIGHT)
@@ -145,10 +186,7 @@ class DenoiseTab:
                 return gr.skip(), gr.skip(), gr.skip(), gr.skip()
             index = min(max(history["index"] + delta, 0), len(history["entries"]) - 1)
             history = {**history, "index": index}
-            e = _entry(history)
-            return (history, render.chips_html(e["tokens"], e["n_prompt"], history["pieces"],
-                                               self.backend.special_ids()),
-                    self.backend.text_of(e["tokens"][e["n_prompt"]:]), _status(history))
+            return history, _chips(history), _entry(history)["text"], _status(history)
 
         history_outputs = [self.history, self.chips, out.text, self.edit_status]
         self.undo.click(lambda h: move(h, -1), self.history, history_outputs, **LIGHT)

@@ -8,7 +8,7 @@ import gradio as gr
 
 from app import render
 from app.backend import Backend
-from app.tabs.common import LIGHT, MODEL, SamplerControls, StreamView, fail, session
+from app.tabs.common import LIGHT, MODEL, SamplerControls, StreamView, ended, fail, offload, session
 from dlm.infill import split_template
 
 TEMPLATE = ("The old fisherman walked down to the [MASK:6] every morning before sunrise. "
@@ -60,8 +60,9 @@ class InfillTab:
         async def run_infill(req: gr.Request, mode, template, prefix, suffix, length, *knobs):
             try:
                 cfg = backend.sampler(controls.values(knobs), task="infill")
-                run = backend.infill(cfg, **request(mode, template, prefix, suffix, length), session=session(req))
-                async for outputs in out.animate(backend, run, extra_fn=lambda g, t: [g.spans or []]):
+                run = await offload(backend.infill, cfg, **request(mode, template, prefix, suffix, length),
+                                    session=session(req))
+                async for outputs in out.animate(run, extra_fn=lambda g, t: [g.spans or []]):
                     yield outputs
             except Exception as e:
                 fail(e)
@@ -81,8 +82,8 @@ class InfillTab:
                 if not ar_prefix.strip():
                     return "(no text before the first span: nothing for the AR model to continue)"
                 cfg = backend.sampler(controls.values(knobs), task="infill")
-                done = await backend.ar_continue(ar_prefix, n_new, cfg, session=session(req)).await_all()
-                g = done.result("ar")
+                run = await offload(backend.ar_continue, ar_prefix, n_new, cfg, session=session(req))
+                g = ended(await run.await_all()).result("ar")
                 return ar_prefix + g.text if g is not None else "(stopped)"
             except Exception as e:
                 fail(e)
@@ -99,8 +100,8 @@ class InfillTab:
                 cfg = backend.sampler(controls.values(knobs), task="infill")
                 r = request(mode, template, prefix, suffix, None)
                 r.pop("length", None)
-                done = await backend.infill_sweep(cfg, ns, **r, session=session(req)).await_all()
-                return render.sweep_html(done.items("sweep"))
+                run = await offload(backend.infill_sweep, cfg, ns, **r, session=session(req))
+                return render.sweep_html(ended(await run.await_all()).items("sweep"))
             except Exception as e:
                 fail(e)
 

@@ -1,11 +1,16 @@
-"""Model: pick a registry model or a local path / hub id, an optional LoRA adapter, the AR counterpart, the mask
-token id, quantization, device and dtype. Shows what is loaded, its memory, the limits per request and which
-decoding mode each tab uses; loading another model resets every tab's sampler widgets to its recommended configs."""
+"""Model: pick a registry model or a local path, an optional LoRA adapter, the AR counterpart, the mask token id,
+quantization, device and dtype. Shows what is loaded, its memory, the limits per request and which decoding mode
+each tab uses; loading another model resets every tab's sampler widgets to its recommended configs.
+
+Switching is the operator's choice (dlm-studio --allow-model-switch, --model-dir): when it is off the loader is
+shown disabled and refused by the server (`Models.switch`), whoever calls it."""
 from __future__ import annotations
 
 import gradio as gr
 
-from app.backend import DEVICES, DTYPES, QUANTIZATIONS, Backend, describe_error
+from app.backend import Backend
+from app.models import DEVICES, DTYPES, QUANTIZATIONS
+from app.requests import describe_error
 from app.tabs.common import LIGHT, MODEL, SamplerControls, banner
 from dlm import registry
 
@@ -15,29 +20,40 @@ class ModelTab:
         self.backend, self.controls, self.banner = backend, controls, banner_html
         specs = registry.list_models()
         source = backend.info.source
+        policy = backend.switching
+        on = dict(interactive=policy.allowed)
         with gr.Tab("Model", id="model"):
             self.status = gr.Markdown(backend.status_markdown(), elem_id="model-status")
+            gr.Markdown(self._policy_note(policy), elem_id="model-policy")
             with gr.Row():
                 self.name = gr.Dropdown([(f"{s.name} ({s.kind}, {s.params})", s.name) for s in specs],
                                         value=source if registry.is_registered(source) else None,
-                                        label="Registry model", scale=2, elem_id="model-name")
-                self.path = gr.Textbox("" if registry.is_registered(source) else source, scale=3,
-                                       label="…or a local path / hub id (overrides the registry choice)",
-                                       elem_id="model-path")
+                                        label="Registry model", scale=2, elem_id="model-name", **on)
+                self.path = gr.Textbox("" if registry.is_registered(source) else "", scale=3,
+                                       label="…or a local path in an allowed folder (overrides the registry choice)",
+                                       elem_id="model-path", **on)
             self.notes = gr.Markdown()
             with gr.Row():
-                self.adapter = gr.Textbox("", label="LoRA adapter directory (optional)")
-                self.ar = gr.Textbox("", label="AR counterpart (empty = the registered one)")
-                self.mask = gr.Number(-1, label="Mask token id (-1 = automatic)")
+                self.adapter = gr.Textbox("", label="LoRA adapter directory (optional)", **on)
+                self.ar = gr.Textbox("", label="AR counterpart (empty = the registered one)", **on)
+                self.mask = gr.Number(-1, label="Mask token id (-1 = automatic)", **on)
             with gr.Row():
                 self.quant = gr.Radio(QUANTIZATIONS, value=backend.info.quantization or "none",
-                                      label="Quantization (bitsandbytes; on CPU it saves memory but is slower)")
-                self.device = gr.Dropdown(DEVICES, value="auto", label="Device")
-                self.dtype = gr.Dropdown(DTYPES, value="auto", label="Dtype")
-            self.go = gr.Button("Load (frees the current model)", variant="primary", elem_id="model-load")
+                                      label="Quantization (bitsandbytes; on CPU it saves memory but is slower)", **on)
+                self.device = gr.Dropdown(DEVICES, value="auto", label="Device", **on)
+                self.dtype = gr.Dropdown(DTYPES, value="auto", label="Dtype", **on)
+            self.go = gr.Button("Load (frees the current model)", variant="primary", elem_id="model-load", **on)
             gr.Markdown("The loaded model is shared by everyone using this server; loading waits for running "
                         "generations to finish.")
         self._wire()
+
+    @staticmethod
+    def _policy_note(policy) -> str:
+        if not policy.allowed:
+            return ("*Switching models is off on this server* (the operator enables it with `dlm-studio "
+                    "--allow-model-switch`).")
+        dirs = ", ".join(f"`{d}`" for d in policy.dirs) or "none"
+        return f"Registry models, or local folders inside: {dirs} (`--model-dir`)."
 
     def _wire(self) -> None:
         backend = self.backend
@@ -62,8 +78,10 @@ class ModelTab:
         def load_model(name, path, adapter, ar, mask, quant, device, dtype):
             source = (path or "").strip() or name
             try:
-                backend.load(source, adapter=adapter, quantization=quant, device=device, dtype=dtype,
-                             mask_token_id=mask, ar_source=ar)
+                info = backend.switch(source, adapter=adapter, quantization=quant, device=device, dtype=dtype,
+                                      mask_token_id=mask, ar_source=ar)
+                if info.ar_error:
+                    gr.Warning(info.ar_error.replace("<", "&lt;"))
             except Exception as e:
                 gr.Warning(f"Could not load {source!r}: {describe_error(e)}".replace("<", "&lt;"))
             return (backend.status_markdown(), banner(backend.notice()), *widget_updates())

@@ -1,17 +1,24 @@
 """AR vs DLM as a race: one click streams both models side by side — the DLM canvas denoising while the AR tokens
 appear left to right — each with its own step counter, model-time clock, tokens/s and network evaluations. At the
 end: who finished first in model time, and at what quality (judge-PPL under the AR model, distinct-2). The optional
-steps sweep (DLM time and quality against its step count, the AR model as a reference line) fills in afterwards."""
+sweep of one setting the decoder reads (steps for full / blocks, block length for speculative: DLM time and
+quality against it, the AR model as a reference line) fills in afterwards."""
 from __future__ import annotations
 
 import gradio as gr
 
 from app import render
 from app.backend import Backend
-from app.tabs.common import MODEL, SamplerControls, fail, new_trace, session
+from app.experiments import LANES, RaceState
+from app.requests import check_sweep, default_sweep, sweep_field, sweep_fields
+from dlm.decoders import DECODERS
+from app.tabs.common import LIGHT, MODEL, SamplerControls, fail, offload, session
+
+
+def format_sweep(values) -> str:
+    return ", ".join(f"{v:g}" for v in values)
 
 PROMPT = "Once upon a time, in a small village by the sea,"
-LANES = ("dlm", "ar")
 
 CLOCK_NOTE = ("**The race clock is each side's model time** (its own forward passes only: no tokenizing, no "
               "drawing). On one device the two models take turns — whichever clock is behind makes the next step — "
@@ -30,10 +37,15 @@ class RaceTab:
                     self.go = gr.Button("Race", variant="primary", elem_id="compare-run")
                     self.stop = gr.Button("Stop", variant="stop", elem_id="race-stop")
             self.controls = SamplerControls("race", backend.base_config("write"))
+            cfg = backend.base_config("write")
             with gr.Row():
-                self.sweep_on = gr.Checkbox(True, label="Then sweep the DLM's steps (time & quality chart)",
+                self.sweep_on = gr.Checkbox(True, label="Then sweep a setting of the DLM (time & quality chart)",
                                             elem_id="race-sweep-on")
-                self.sweep = gr.Textbox("4, 8, 16, 32", label="Step counts (each ≤ length)", elem_id="race-sweep")
+                self.sweep_field = gr.Dropdown(sweep_fields(cfg.decoder), value=sweep_field(cfg),
+                                               elem_id="race-sweep-field",
+                                               label="Setting to sweep (those the decoder reads)")
+                self.sweep = gr.Textbox(format_sweep(default_sweep(cfg)), elem_id="race-sweep",
+                                        label="Values (each must fit the settings above)")
             gr.Markdown(CLOCK_NOTE)
             self.sides = {}
             with gr.Row():
@@ -58,39 +70,30 @@ class RaceTab:
     def _wire(self) -> list:
         backend, controls = self.backend, self.controls
 
-        async def run_race(request: gr.Request, prompt, chat, sweep_on, sweep, *knobs):
+        async def run_race(request: gr.Request, prompt, chat, sweep_on, field, sweep, *knobs):
             try:
                 cfg = backend.sampler(controls.values(knobs))
-                run = backend.race(prompt, cfg, chat=chat, sweep_steps=sweep if sweep_on else None,
-                                   session=session(request))
-                decode = backend.piece_decoder()
-                traces = {lane: new_trace(backend, run.prompt_tokens) for lane in LANES}
-                clock, done, summary, rows = {"dlm": 0.0, "ar": 0.0}, {}, None, []
+                run = await offload(backend.race, prompt, cfg, chat=chat, sweep_steps=sweep if sweep_on else None,
+                                    sweep_field=field or None, session=session(request))
+                race = RaceState.of(run)
                 first = True
                 async for batch in run.abatches():
+                    race.fold(batch)
                     keep = "" if first else gr.skip()  # the first update wipes the previous race's results
-                    for lane in LANES:
-                        for f in batch.frames(lane):
-                            traces[lane].add(f, decode)
-                        if batch.result(lane) is not None:
-                            done[lane] = batch.result(lane)
-                    clock = batch.result("clock") or clock
-                    summary_now, new_rows = batch.result("summary"), batch.items("sweep")
-                    summary = summary_now or summary
-                    rows += new_rows
                     out = []
                     for lane in LANES:
-                        t, g = traces[lane], done.get(lane)
-                        out += [t.html(legend=False), t.race_counter(clock[lane], running=g is None and
-                                                                     not batch.cancelled),
+                        t, g = race.traces[lane], race.results.get(lane)
+                        out += [t.html(legend=False), t.race_counter(race.clock[lane], running=race.running(lane)),
                                 g.text if g is not None else keep,
-                                render.race_side_stats(summary[lane]) if summary_now else keep]
-                    if batch.cancelled:
-                        out += ["Stopped.", gr.skip()]
-                    elif (summary_now or new_rows) and summary:  # plots only at the end of the race / per row
-                        out += [render.race_summary(summary) if summary_now else gr.skip(),
-                                render.compare_chart(rows, dict(seconds=summary["ar"]["seconds"],
-                                                                ppl=summary["ar"]["gen_ppl"]))]
+                                render.race_side_stats(race.summary[lane]) if race.new_summary else keep]
+                    if race.cancelled:
+                        if race.reason:
+                            gr.Warning(race.reason.replace("<", "&lt;"))
+                        out += [f"Stopped — {race.reason}" if race.reason else "Stopped.", gr.skip()]
+                    elif (race.new_summary or race.new_rows) and race.summary:  # plots: at the end / per sweep row
+                        ar = race.summary["ar"]
+                        out += [render.race_summary(race.summary) if race.new_summary else gr.skip(),
+                                render.compare_chart(race.sweep, dict(seconds=ar["seconds"], ppl=ar["gen_ppl"]))]
                     else:
                         out += [keep, render.compare_chart([], None) if first else gr.skip()]
                     first = False
@@ -98,6 +101,34 @@ class RaceTab:
             except Exception as e:
                 fail(e)
 
-        go = self.go.click(run_race, [self.prompt, self.chat, self.sweep_on, self.sweep, *controls.components],
-                           self.outputs, **MODEL)
+        go = self.go.click(run_race, [self.prompt, self.chat, self.sweep_on, self.sweep_field, self.sweep,
+                                      *controls.components], self.outputs, **MODEL)
+
+        def follow(field, values, *knobs, keep=True):
+            """The sweep follows the settings: the settings the decoder reads, and values that fit them (the
+            shown ones while they still fit, else valid defaults)."""
+            decoder = controls.values(knobs).get("decoder")
+            if decoder not in DECODERS:
+                return gr.skip(), gr.skip()
+            fields = sweep_fields(decoder)
+            if not fields:
+                return gr.update(choices=[], value=None), ""
+            if field not in fields:  # another setting: the values shown were for the old one
+                field, keep = fields[0], False
+            try:
+                cfg = backend.sampler(controls.values(knobs))
+            except Exception:  # not a valid config yet (e.g. no block length): the values wait for one
+                return gr.update(choices=fields, value=field), gr.skip() if keep else ""
+            try:
+                fits = keep and bool(check_sweep(values, cfg, field)[1])
+            except ValueError:
+                fits = False
+            return gr.update(choices=fields, value=field), \
+                gr.skip() if fits else format_sweep(default_sweep(cfg, field))
+
+        inputs, outputs = [self.sweep_field, self.sweep, *controls.components], [self.sweep_field, self.sweep]
+        for name in ("decoder", "max_new_tokens", "block_length", "steps"):
+            if name in controls.by_name:
+                controls.by_name[name].change(follow, inputs, outputs, **LIGHT)
+        self.sweep_field.input(lambda *a: follow(*a, keep=False), inputs, outputs, **LIGHT)
         return [go]

@@ -1,0 +1,118 @@
+"""Fairness of the shared playground: how long does a short request wait while other clients keep the model busy
+with long ones? A server is started in this process (the playground as `dlm-studio` builds it) and driven over
+HTTP with gradio_client: `--long-clients` clients each keep one long /denoise request in flight (submitting the
+next as soon as one ends), while one more client sends `--short` short requests one after another; each short
+request's latency (submit -> result) is measured.
+
+    python -m bench.latency                                   # the default model, 10 long clients, 8 short requests
+    python -m bench.latency --model PATH --long-clients 10 --short 8 --time-limit 20
+    python -m bench.latency --same-session                    # the long requests all come from ONE client
+
+Target (issue 25): p95 of a short request under 10 long ones <= the server's time limit per request.
+
+Measured (default model smollm2-135m-dlm, 2 CPU cores shared with other jobs (load average ~6), long = 48 tokens x
+48 steps with the full decoder, ~20 s alone under that load; short = 4 tokens x 4 steps, ~1.1-1.5 s alone; time
+limit 20 s; 10 long clients):
+
+    before  Gradio's FIFO queue, concurrency 1            short 165.7 s, 192.9 s (2 requests, then stopped) -> NO
+    simple  the worker's fair order, run by run           short p50 19.4 s, p95 20.1 s, max 20.1 s           -> NO*
+    after   fair order + pausing between steps            short p50  2.6 s, p95  2.7 s, max  2.7 s           -> yes
+
+(before: each short request waited behind every long request queued ahead of it. simple: the session that used the
+least model time recently, plus the request's own expected time, goes next: a short request waits for the run in
+progress, here a whole long run since each short request arrives just after one started (*: p95 = one long run, at
+the time limit on this loaded machine). after: the running request pauses at its next denoising step for the short
+one, which so waits about one step.)
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import statistics
+import threading
+import time
+from typing import Optional, Sequence
+
+LONG = dict(prompt="Once upon a time, in a small village by the sea,", max_new_tokens=48, steps=48, decoder="full",
+            block_length=0, threshold=0)
+SHORT = dict(prompt="The capital of France is", max_new_tokens=4, steps=4, decoder="full", block_length=0,
+             threshold=0)
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The q-th percentile (0..100) by the nearest-rank method."""
+    s = sorted(values)
+    return s[min(len(s) - 1, max(0, int(round(q / 100 * len(s) + 0.5)) - 1))]
+
+
+def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
+    p = argparse.ArgumentParser(prog="bench.latency", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default=None, help="default: the playground's default DLM")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--long-clients", type=int, default=10)
+    p.add_argument("--short", type=int, default=8, help="short requests to time")
+    p.add_argument("--time-limit", type=float, default=20.0, help="the server's time limit per request (s)")
+    p.add_argument("--same-session", action="store_true", help="all long requests from one client (one session)")
+    args = p.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
+    from gradio_client import Client
+    from app import ui
+
+    demo = ui.build(model=args.model, device=args.device, time_limit=args.time_limit, queue_size=64)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    _, url, _ = demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    stop = threading.Event()
+    long_done: list[float] = []
+
+    def keep_busy(client):
+        while not stop.is_set():
+            t0 = time.monotonic()
+            try:
+                client.predict(api_name="/denoise", **LONG)
+                long_done.append(time.monotonic() - t0)
+            except Exception:  # replaced / stopped by the server's limits: just send the next one
+                time.sleep(0.05)
+
+    try:
+        calibration, short_client = Client(url, verbose=False), Client(url, verbose=False)
+        calibration.predict(api_name="/denoise", **SHORT)  # warm-up
+        t0 = time.monotonic()
+        calibration.predict(api_name="/denoise", **SHORT)  # alone (its own session: the short client's history
+        alone_short = time.monotonic() - t0                 # holds only its short requests)
+        t0 = time.monotonic()
+        calibration.predict(api_name="/denoise", **LONG)
+        alone_long = time.monotonic() - t0
+        shared = Client(url, verbose=False) if args.same_session else None
+        threads = [threading.Thread(target=keep_busy, args=(shared or Client(url, verbose=False),), daemon=True)
+                   for _ in range(args.long_clients)]
+        for t in threads:
+            t.start()
+        time.sleep(2 * alone_long)  # the long requests fill the queue
+        latencies = []
+        for _ in range(args.short):
+            t0 = time.monotonic()
+            short_client.predict(api_name="/denoise", **SHORT)
+            latencies.append(time.monotonic() - t0)
+            print(f"  short request: {latencies[-1]:.2f} s", flush=True)
+            time.sleep(0.5)
+    finally:
+        stop.set()
+        demo.close()
+    p50, p95 = statistics.median(latencies), percentile(latencies, 95)
+    row = dict(long_clients=args.long_clients, same_session=args.same_session, alone_short=alone_short,
+               alone_long=alone_long, p50=p50, p95=p95, max=max(latencies), time_limit=args.time_limit,
+               long_finished=len(long_done))
+    print(f"# {demo.backend.info.name}: short request alone {alone_short:.2f} s, long alone {alone_long:.2f} s; under "
+          f"{args.long_clients} long {'requests from one client' if args.same_session else 'clients'}: short "
+          f"p50 {p50:.1f} s, p95 {p95:.1f} s, max {max(latencies):.1f} s ({len(latencies)} requests; "
+          f"{len(long_done)} long ones finished); target p95 <= the time limit {args.time_limit:g} s: "
+          f"{'yes' if p95 <= args.time_limit else 'NO'}")
+    return [row]
+
+
+if __name__ == "__main__":
+    main()
