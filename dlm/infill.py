@@ -37,6 +37,7 @@ class InfillCanvas:
     spans:     (start, end) canvas positions of each masked span, in order (end exclusive).
     n_added:   leading tokens the parser added (BOS / start token) that are not part of the template text.
     pieces:    the template split into literal strings and span lengths, in order (to rebuild the text).
+    lead_space: per span, whether the space written right before its marker belongs to it (see `build_canvas`).
     """
 
     input_ids: list[int]
@@ -44,6 +45,14 @@ class InfillCanvas:
     spans: list[tuple[int, int]]
     n_added: int = 0
     pieces: list[Union[str, int]] = field(default_factory=list)
+    lead_space: list[bool] = field(default_factory=list)
+
+    def span_text(self, k: int, decoded: str) -> str:
+        """Span k's text from its decoded tokens: the template's space before the marker is kept even when the
+        model starts the span with a token that carries none."""
+        if k < len(self.lead_space) and self.lead_space[k] and not decoded[:1].isspace():
+            return " " + decoded
+        return decoded
 
 
 def split_template(template: str) -> list[tuple[int, Union[str, int]]]:
@@ -103,12 +112,24 @@ def build_canvas(parts: list[tuple[int, Union[str, int]]], tokenizer, max_length
     n_added = len(ids)
     fixed = [True] * n_added
     spans: list[tuple[int, int]] = []
-    for pos, piece in parts:
+    lead_space: list[bool] = []
+    pieces: list[Union[str, int]] = []
+    for k, (pos, piece) in enumerate(parts):
         if isinstance(piece, int):
             spans.append((len(ids), len(ids) + piece))
+            before = parts[k - 1][1] if k else None
+            lead_space.append(isinstance(before, str) and before.endswith(" "))
+            pieces.append(piece)
             ids += [0] * piece
             fixed += [False] * piece
         else:
+            # A space right before a marker goes to the span: BPE / SentencePiece vocabularies carry a word's
+            # leading space in its token (" sea"), so a lone space token before the masks would leave the model
+            # an out-of-distribution canvas (measured on the shipped model: "to the  sal,, and every" vs "to the
+            # shore, and every").
+            if k + 1 < len(parts) and isinstance(parts[k + 1][1], int) and piece.endswith(" "):
+                piece = piece[:-1]
+            pieces.append(piece)
             piece_ids = list(tokenizer(piece, add_special_tokens=False)["input_ids"])
             ids += piece_ids
             fixed += [True] * len(piece_ids)
@@ -116,7 +137,7 @@ def build_canvas(parts: list[tuple[int, Union[str, int]]], tokenizer, max_length
             what = "the masked span" if isinstance(piece, int) else "the text"
             raise ValueError(f"the template is too long: {what} starting at position {pos} reaches token "
                              f"{len(ids)}, beyond the model's context of {max_length} tokens")
-    return InfillCanvas(ids, fixed, spans, n_added, [p for _, p in parts])
+    return InfillCanvas(ids, fixed, spans, n_added, pieces, lead_space)
 
 
 def parse_template(template: str, tokenizer, max_length: Optional[int] = None, shift: bool = True
@@ -125,9 +146,9 @@ def parse_template(template: str, tokenizer, max_length: Optional[int] = None, s
 
     template:   literal text with masked spans: `[MASK]` = 1 token, `[MASK:n]` = n tokens.
     tokenizer:  a Hugging Face tokenizer; each literal piece is tokenized separately without special tokens,
-                so joining the pieces' ids reproduces the text faithfully (spaces included). A space right
-                before a marker is therefore kept as its own token; write `The[MASK] sat` to let the model
-                generate the word together with its leading space, as BPE vocabularies usually do.
+                so joining the pieces' ids reproduces the text faithfully, except that a space right before a
+                marker belongs to the span: the model generates the word with its leading space, as BPE and
+                SentencePiece vocabularies do (`The [MASK] sat` -> " cat"), and the space stays in the text.
     max_length: the model's context size; a longer canvas raises ValueError (None = no limit).
     shift:      the model's shift flag: position 0 can then never be generated, so a template that starts with
                 a mask gets a start token (BOS, else EOS) in front (default True).
@@ -168,8 +189,8 @@ def _stream_canvas(model, ic: InfillCanvas, prompt: str, config: SamplerConfig, 
         yield item[0]
     tokens = canvas[0].tolist()
     decode = model.tokenizer.decode
-    span_texts = [decode(tokens[a:b], skip_special_tokens=True, clean_up_tokenization_spaces=False)
-                  for a, b in ic.spans]
+    span_texts = [ic.span_text(k, decode(tokens[a:b], skip_special_tokens=True, clean_up_tokenization_spaces=False))
+                  for k, (a, b) in enumerate(ic.spans)]
     # The text is rebuilt from the literal pieces themselves, so the template's text survives byte for byte.
     it = iter(span_texts)
     text = "".join(p if isinstance(p, str) else next(it) for p in ic.pieces)
