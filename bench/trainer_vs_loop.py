@@ -60,7 +60,7 @@ def trainer_tokens_per_s(cfg, workdir: Path) -> float:
                              lr_scheduler_type="cosine", weight_decay=o.weight_decay, max_grad_norm=o.grad_clip,
                              logging_steps=run.max_steps, save_strategy="no", report_to=[], use_cpu=True,
                              dataloader_num_workers=0, remove_unused_columns=False, seed=run.seed,
-                             disable_tqdm=True)
+                             disable_tqdm=True, bf16=state.accelerator.mixed_precision == "bf16")
     DiffusionTrainer(model=objective, args=args, train_dataset=Blocks(), callbacks=[timer]).train()
     tokens_per_step = run.batch_size * state.data_info["seq_len"]
     timed = [b - a for a, b in zip(timer.ends, timer.ends[1:])]   # from the end of step 1: warm-up excluded
@@ -90,6 +90,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                                            "run.tensorboard=false", "diffusion.anneal_steps=0",
                                            f"run.log_every={args.steps}", f"run.output_dir={out}"])
                 tok_s = loop_tokens_per_s(cfg) if side == "loop" else trainer_tokens_per_s(cfg, out)
+                from accelerate.state import AcceleratorState   # each run builds its own Accelerator
+                AcceleratorState._reset_state(reset_partial_state=True)
                 best[side] = max(best[side], tok_s)
                 print(f"run {r} {side}: {tok_s:,.0f} tokens/s", flush=True)
     print(f"| loop tokens/s | Trainer tokens/s | Trainer / loop |\n|---|---|---|\n"
