@@ -15,7 +15,7 @@ from typing import Callable, Optional
 from app.examples import answer_of, matches
 from app.render import Trace, finite
 from app.requests import Infill, Prompt, cap_steps, masked_tokens, read_by, with_span_length
-from dlm.infill import split_template
+from dlm.infill import attach_spaces, split_template
 from dlm.quality import distinct_n, judge_ppl
 from dlm.sampler_config import SamplerConfig
 from dlm.types import Generation
@@ -129,7 +129,7 @@ def infill_sweep_job(model, request: Infill, config: SamplerConfig, lengths: lis
                 g = model.fill(filled, cap_steps(config, masked_tokens(filled)))
                 spans = iter(g.spans or [])
                 segments = [(p, False) if isinstance(p, str) else (next(spans, ""), True)
-                            for _, p in split_template(filled)]
+                            for _, p in attach_spaces(split_template(filled))[0]]   # as the text was rebuilt
             else:
                 g = model.infill(request.prefix, request.suffix, n, cap_steps(config, n))
                 segments = [(request.prefix, False), ((g.spans or [""])[0], True), (request.suffix, False)]

@@ -94,6 +94,25 @@ def split_template(template: str) -> list[tuple[int, Union[str, int]]]:
     return parts
 
 
+def attach_spaces(parts: list[tuple[int, Union[str, int]]]) -> tuple[list[tuple[int, Union[str, int]]], list[bool]]:
+    """Split template parts with a space right before a marker moved into its span -> (parts, per span: had one).
+
+    BPE / SentencePiece vocabularies carry a word's leading space in its token (" sea"), so a lone space token
+    before the masks leaves the model an out-of-distribution canvas (measured on the shipped model: "to the  sal,,
+    and every" vs "to the shore, and every"); the span is generated with its space instead, and the text keeps it
+    (`InfillCanvas.span_text`)."""
+    out: list[tuple[int, Union[str, int]]] = []
+    lead: list[bool] = []
+    for k, (pos, piece) in enumerate(parts):
+        if isinstance(piece, int):
+            before = parts[k - 1][1] if k else None
+            lead.append(isinstance(before, str) and before.endswith(" "))
+        elif k + 1 < len(parts) and isinstance(parts[k + 1][1], int) and piece.endswith(" "):
+            piece = piece[:-1]
+        out.append((pos, piece))
+    return out, lead
+
+
 def build_canvas(parts: list[tuple[int, Union[str, int]]], tokenizer, max_length: Optional[int] = None,
                  shift: bool = True) -> InfillCanvas:
     """Tokenize split template parts into an `InfillCanvas` (see `parse_template`)."""
@@ -112,24 +131,13 @@ def build_canvas(parts: list[tuple[int, Union[str, int]]], tokenizer, max_length
     n_added = len(ids)
     fixed = [True] * n_added
     spans: list[tuple[int, int]] = []
-    lead_space: list[bool] = []
-    pieces: list[Union[str, int]] = []
-    for k, (pos, piece) in enumerate(parts):
+    parts, lead_space = attach_spaces(parts)
+    for pos, piece in parts:
         if isinstance(piece, int):
             spans.append((len(ids), len(ids) + piece))
-            before = parts[k - 1][1] if k else None
-            lead_space.append(isinstance(before, str) and before.endswith(" "))
-            pieces.append(piece)
             ids += [0] * piece
             fixed += [False] * piece
         else:
-            # A space right before a marker goes to the span: BPE / SentencePiece vocabularies carry a word's
-            # leading space in its token (" sea"), so a lone space token before the masks would leave the model
-            # an out-of-distribution canvas (measured on the shipped model: "to the  sal,, and every" vs "to the
-            # shore, and every").
-            if k + 1 < len(parts) and isinstance(parts[k + 1][1], int) and piece.endswith(" "):
-                piece = piece[:-1]
-            pieces.append(piece)
             piece_ids = list(tokenizer(piece, add_special_tokens=False)["input_ids"])
             ids += piece_ids
             fixed += [True] * len(piece_ids)
@@ -137,7 +145,7 @@ def build_canvas(parts: list[tuple[int, Union[str, int]]], tokenizer, max_length
             what = "the masked span" if isinstance(piece, int) else "the text"
             raise ValueError(f"the template is too long: {what} starting at position {pos} reaches token "
                              f"{len(ids)}, beyond the model's context of {max_length} tokens")
-    return InfillCanvas(ids, fixed, spans, n_added, pieces, lead_space)
+    return InfillCanvas(ids, fixed, spans, n_added, [p for _, p in parts], lead_space)
 
 
 def parse_template(template: str, tokenizer, max_length: Optional[int] = None, shift: bool = True

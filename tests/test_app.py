@@ -92,7 +92,9 @@ def test_infill_template_keeps_the_fixed_text(client):
     template = "The cat sat on the [MASK:3] and then [MASK:2] all day."
     out = client.predict(template=template, api_name="/infill")
     assert len(out["spans"]) == 2
-    assert out["text"] == f"The cat sat on the {out['spans'][0]} and then {out['spans'][1]} all day."
+    # each span carries the space written before its marker (the model writes " word")
+    assert out["text"] == f"The cat sat on the{out['spans'][0]} and then{out['spans'][1]} all day."
+    assert all(span.startswith(" ") for span in out["spans"])
     assert out["nfe"] == 5
 
 

@@ -412,7 +412,8 @@ def test_infill_sweep_sets_every_span_to_n_and_keeps_the_text(tiny_llama_dir):
     assert [r["n"] for r in rows] == [1, 3]
     for r in rows:
         assert len(r["spans"]) == 2 and r["nfe"] == 2 * r["n"]  # steps capped at the masked tokens
-        assert r["text"] == f"Alice went to the {r['spans'][0]} and bought {r['spans'][1]} apples."
+        assert r["text"] == f"Alice went to the{r['spans'][0]} and bought{r['spans'][1]} apples."
+        assert all(span.startswith(" ") for span in r["spans"])   # the space before each marker is the span's
         assert "".join(t for t, _ in r["segments"]) == r["text"]
         assert [t for t, gen in r["segments"] if gen] == r["spans"]
     rows = b.infill_sweep(cfg, [2], prefix="The sky is", suffix=".").wait().items("sweep")

@@ -52,7 +52,8 @@ def test_fill_json_round_trip_keeps_the_template_text(tiny_llama_dir):
                    "--seed", "1", "--remasking", "random", "--frames", "--json")
     out = one_json_object(proc)
     assert out["command"] == "fill" and len(out["spans"]) == 2
-    assert out["text"] == "The " + out["spans"][0] + " sat on the " + out["spans"][1] + "."
+    assert out["text"] == "The" + out["spans"][0] + " sat on the" + out["spans"][1] + "."   # spans carry their space
+    assert all(span.startswith(" ") for span in out["spans"])
     assert out["nfe"] == len(out["frames"]) == 4  # default steps = one per masked token
 
 

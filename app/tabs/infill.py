@@ -9,7 +9,7 @@ import gradio as gr
 from app import render
 from app.backend import Backend
 from app.tabs.common import LIGHT, MODEL, SamplerControls, StreamView, ended, fail, offload, session
-from dlm.infill import split_template
+from dlm.infill import attach_spaces, split_template
 
 TEMPLATE = ("The old fisherman walked down to the [MASK:6] every morning before sunrise. "
             "He [MASK:8] and came home with a basket full of fish.")
@@ -74,7 +74,7 @@ class InfillTab:
                 return ""
             try:
                 if mode == "template":
-                    parts = split_template(template or "")
+                    parts = attach_spaces(split_template(template or ""))[0]   # the space goes to the words
                     ar_prefix = parts[0][1] if parts and isinstance(parts[0][1], str) else ""
                     n_new = sum(p for _, p in parts if isinstance(p, int))
                 else:
