@@ -21,6 +21,7 @@ os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 from app import MAX_PROMPT_TOKENS, TIME_LIMIT_S  # noqa: E402  (light: no torch)
+from dlm.load_options import ATTN_IMPLEMENTATIONS, QUANTIZATIONS  # noqa: E402  (no torch either)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -31,7 +32,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="DLM: registry name, local directory / .gguf, or hub id (default: smollm2-135m-dlm)")
     p.add_argument("--ar-model", default=None, help="AR model to compare with (default: the registered counterpart)")
     p.add_argument("--adapter", default=None, help="optional LoRA adapter directory applied on top of --model")
-    p.add_argument("--quantization", choices=["none", "8bit", "4bit"], default="none",
+    p.add_argument("--quantization", choices=QUANTIZATIONS, default="none",
                    help="bitsandbytes quantization (default none; on CPU it saves memory but is slower)")
     p.add_argument("--device", default="auto", help="auto (GPU if present) / cpu / cuda / mps (default auto)")
     p.add_argument("--dtype", default="auto", help="auto / float32 / bfloat16 / float16 (default auto)")
@@ -45,7 +46,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--time-limit", type=float, default=TIME_LIMIT_S,
                    help=f"seconds of model work one request may take before it is stopped with a message (default "
                         f"{TIME_LIMIT_S:g}; 0 = no limit)")
-    p.add_argument("--attn-implementation", choices=["auto", "sdpa", "eager", "flash_attention_2"], default="auto",
+    p.add_argument("--attn-implementation", choices=ATTN_IMPLEMENTATIONS, default="auto",
                    help="attention kernel for every model (flash_attention_2 falls back to sdpa with a warning "
                         "without flash-attn or CUDA; default auto)")
     p.add_argument("--share", action="store_true", help="also create a public gradio.live link")

@@ -18,6 +18,7 @@ import dlm
 from app.requests import as_text, as_whole, describe_error
 from dlm import registry
 from dlm.decoders import DECODERS
+from dlm.load_options import QUANTIZATIONS
 from dlm.sampler_config import SamplerConfig
 from dlm.sampling import cut_at_eos
 
@@ -25,8 +26,6 @@ DEFAULT_DLM = "smollm2-135m-dlm"
 FALLBACK_DLM = "smollm2-135m"  # the un-adapted base, used as a DLM when the adapted model is missing
 DEVICES = ["auto", "cpu", "cuda", "mps"]
 DTYPES = ["auto", "float32", "bfloat16", "float16"]
-QUANTIZATIONS = ["none", "8bit", "4bit"]
-ATTN_IMPLEMENTATIONS = ["auto", "sdpa", "eager", "flash_attention_2"]
 NOT_ADAPTED = "not diffusion-adapted yet: output is noise-like"
 
 

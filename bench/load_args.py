@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import argparse
 
+from dlm.load_options import ATTN_IMPLEMENTATIONS, QUANTIZATIONS
+
 
 def add_load_args(p: argparse.ArgumentParser, device: str = "auto") -> None:
     p.add_argument("--device", default=device)
     p.add_argument("--dtype", default="auto")
-    p.add_argument("--quantization", choices=("none", "8bit", "4bit"), default="none",
+    p.add_argument("--quantization", choices=QUANTIZATIONS, default="none",
                    help="bitsandbytes weights for the DLM and its AR twin (the judge stays full precision)")
     p.add_argument("--attn-implementation", default="auto",
-                   choices=("auto", "sdpa", "eager", "flash_attention_2"),
+                   choices=ATTN_IMPLEMENTATIONS,
                    help="attention kernel (flash_attention_2 falls back to sdpa without CUDA / flash-attn)")
 
 

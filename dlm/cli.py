@@ -20,6 +20,8 @@ import os
 import sys
 from typing import Optional, Sequence
 
+from .load_options import ATTN_IMPLEMENTATIONS, QUANTIZATIONS
+
 PROG = "dlm"
 SCORE_METHODS = ("elbo", "paper", "ar")
 
@@ -87,10 +89,10 @@ def _model_flags() -> argparse.ArgumentParser:
     g.add_argument("--mask-token-id", type=non_negative_int, default=None, help="override the [MASK] token id")
     g.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:1, ...")
     g.add_argument("--dtype", default="auto", help="auto (default: bf16 on GPU, fp32 on CPU), bf16, fp16, fp32")
-    g.add_argument("--quantization", choices=("none", "8bit", "4bit"), default="none",
+    g.add_argument("--quantization", choices=QUANTIZATIONS, default="none",
                    help="bitsandbytes quantization (runs on CPU too, slower than bf16)")
     g.add_argument("--adapter", default=None, metavar="DIR", help="a peft LoRA adapter directory to apply")
-    g.add_argument("--attn-implementation", default="auto", choices=("auto", "sdpa", "eager", "flash_attention_2"))
+    g.add_argument("--attn-implementation", default="auto", choices=ATTN_IMPLEMENTATIONS)
     return p
 
 

@@ -26,6 +26,7 @@ import torch
 
 from . import registry
 from .cpu_kernel import POLICIES as KERNEL_POLICIES, install as install_small_rows
+from .load_options import ATTN_IMPLEMENTATIONS, QUANTIZATIONS
 from .attention import enable_packed_gqa
 from .fileio import atomic_directory, cache_dir
 from .model import DLM_CONFIG_NAME, DiffusionLM, DLMConfig
@@ -67,7 +68,6 @@ def resolve_dtype(dtype: Union[str, torch.dtype, None], device: torch.device) ->
         raise LoadError(f"unknown dtype {dtype!r}; use one of auto, {', '.join(_DTYPES)}") from None
 
 
-QUANTIZATIONS = ("none", "8bit", "4bit")
 
 
 def quantization_config(quantization: Optional[str], dtype: torch.dtype, device: torch.device):
@@ -115,9 +115,8 @@ def resolve_attn_implementation(name: Optional[str], device: torch.device) -> st
     """"auto" keeps transformers' default (sdpa). flash_attention_2 needs CUDA and the flash-attn package; where
     either is missing it degrades to sdpa with a warning rather than failing (flash-attn is an optional extra)."""
     name = (name or "auto").strip()
-    allowed = ("auto", "sdpa", "eager", "flash_attention_2")
-    if name not in allowed:
-        raise LoadError(f"attn_implementation must be one of {', '.join(allowed)}, got {name!r}")
+    if name not in ATTN_IMPLEMENTATIONS:
+        raise LoadError(f"attn_implementation must be one of {', '.join(ATTN_IMPLEMENTATIONS)}, got {name!r}")
     if name == "flash_attention_2":
         import importlib.util
         why = ("it needs a CUDA device" if device.type != "cuda" else

@@ -47,7 +47,6 @@ WHEELS = ("transformers", "huggingface_hub", "peft", "accelerate", "bitsandbytes
 CALL_LIMIT = 570               # seconds a call may take before the device tool's 600 s kill (what $OUT holds then
                                # still comes back, so the train call packs its results before this)
 BNB_KEEP = ("libbitsandbytes_cuda130.so", "libbitsandbytes_cpu.so")   # the device has CUDA 13
-HELDOUT_BOOKS = ("11-0.txt.gz", "25344-0.txt.gz", "The-Art-of-War.txt.gz", "pg55.txt.gz")   # bench.continuation's
 
 
 def log(msg: str) -> None:
@@ -106,6 +105,7 @@ def _trim_wheel(wheel: Path, keep) -> None:
 def payload_files(data_dir: Path, dry: bool) -> dict[str, Path]:
     """archive name -> file: the base GGUF, the training books (never bench.continuation's held-out ones), and the
     eval data (held-out books, ROCStories). The dry run carries a stand-in base and the repo's tiny corpus."""
+    from bench.continuation import HELDOUT_BOOKS   # the prompts' books: never trained on
     files: dict[str, Path] = {}
     if dry:
         from dlm.registry import asset_dir
@@ -282,6 +282,7 @@ def stage_train(dev: Device, plan: dict, started: float) -> None:
     if not (model / "dlm_config.json").is_file():
         log("no trained model: nothing to evaluate")
         return
+    from bench.continuation import HELDOUT_BOOKS
     data = dev.payload / "data" / "eval"
     n, tokens = ("2", "8") if dev.dry else ("24", "48")
     device = "cpu" if dev.dry else "cuda"

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from bench.continuation import HELDOUT_BOOKS
 from gpu import runbook
 
 REPO = Path(__file__).resolve().parent.parent
@@ -32,7 +33,7 @@ def test_trimmed_wheel_keeps_only_the_wanted_libraries(tmp_path):
 def test_payload_never_trains_on_the_held_out_books(tmp_path):
     books = tmp_path / "gutenberg"
     books.mkdir()
-    for name in (*runbook.HELDOUT_BOOKS, "1-0.txt.gz", "2-0.txt.gz"):
+    for name in (*HELDOUT_BOOKS, "1-0.txt.gz", "2-0.txt.gz"):
         (books / name).write_bytes(b"x")
     try:
         files = runbook.payload_files(tmp_path, dry=False)
@@ -40,7 +41,7 @@ def test_payload_never_trains_on_the_held_out_books(tmp_path):
         pytest.skip(str(e))
     train = [n for n in files if n.startswith("data/train/")]
     assert sorted(Path(n).name for n in train) == ["1-0.txt.gz", "2-0.txt.gz"]
-    assert sorted(Path(n).name for n in files if n.startswith("data/eval/gutenberg/")) == sorted(runbook.HELDOUT_BOOKS)
+    assert sorted(Path(n).name for n in files if n.startswith("data/eval/gutenberg/")) == sorted(HELDOUT_BOOKS)
     assert any(n.startswith("base/") and n.endswith(".gguf") for n in files)
 
 

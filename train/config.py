@@ -19,6 +19,8 @@ from typing import Optional
 
 import yaml
 
+from dlm.load_options import ATTN_IMPLEMENTATIONS
+
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 PACKAGE_DIR = Path(__file__).resolve().parent
 
@@ -57,7 +59,7 @@ class ModelConfig:
     shift: bool = True
     dtype: str = field(default="float32", metadata=_choices("float32", "bfloat16", "float16"))
     attn_implementation: str = field(default="auto",
-                                     metadata=_choices("auto", "sdpa", "eager", "flash_attention_2"))
+                                     metadata=_choices(*ATTN_IMPLEMENTATIONS))
     from_scratch: bool = False
 
 

@@ -38,7 +38,7 @@ class ModelTab:
                 self.ar = gr.Textbox("", label="AR counterpart (empty = the registered one)", **on)
                 self.mask = gr.Number(-1, label="Mask token id (-1 = automatic)", **on)
             with gr.Row():
-                self.quant = gr.Radio(QUANTIZATIONS, value=backend.info.quantization or "none",
+                self.quant = gr.Radio(list(QUANTIZATIONS), value=backend.info.quantization or "none",
                                       label="Quantization (bitsandbytes; on CPU it saves memory but is slower)", **on)
                 self.device = gr.Dropdown(DEVICES, value="auto", label="Device", **on)
                 self.dtype = gr.Dropdown(DTYPES, value="auto", label="Dtype", **on)
