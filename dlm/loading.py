@@ -470,18 +470,30 @@ class _Plan:
         self.src, self.weights, self.saved, self.adapters = src, weights, saved, adapters
 
 
+def _adapter_only(src: _Source) -> bool:
+    """An adapter-only DLM: a peft adapter and a dlm_config.json naming its `base_model`, no weights of its own."""
+    d = src.directory
+    return not src.gguf_file and (d / DLM_CONFIG_NAME).is_file() and (d / "adapter_config.json").is_file() \
+        and not (d / "config.json").is_file()
+
+
 def _plan(source, adapter, revision) -> _Plan:
     src = _locate(source, revision)
     saved = DLMConfig.load(src.directory) if (src.directory / DLM_CONFIG_NAME).is_file() and not src.gguf_file \
         else None
     adapters: list[Path] = []
     weights = src
-    if saved is not None and (src.directory / "adapter_config.json").is_file() \
-            and not (src.directory / "config.json").is_file():   # an adapter-only DLM over `base_model`
-        if not saved.base_model:
-            raise LoadError(f"{src.directory} holds only an adapter and its dlm_config.json names no base_model")
-        weights = _locate(saved.base_model, revision)
-        adapters.append(src.directory)
+    # an adapter over a base that is itself an adapter-only DLM (e.g. GSM8K SFT of the shipped DLM): follow the
+    # chain down to real weights; the adapters apply innermost first
+    while _adapter_only(weights):
+        base_model = DLMConfig.load(weights.directory).base_model
+        if not base_model:
+            raise LoadError(f"{weights.directory} holds only an adapter and its dlm_config.json names no base_model")
+        if weights.directory in adapters or len(adapters) >= 8:
+            raise LoadError(f"{src.directory}: base_model chain does not end in weights: "
+                            + " -> ".join(str(a) for a in [*reversed(adapters), weights.directory]))
+        adapters.insert(0, weights.directory)
+        weights = _locate(base_model, revision)
     if adapter is not None:
         adapters.append(Path(adapter))
         if (Path(adapter) / DLM_CONFIG_NAME).is_file() and saved is None:
@@ -578,8 +590,11 @@ def load(source: Union[str, os.PathLike], *, mask_token_id: Optional[int] = None
     tokenizer = load_tokenizer(plan.src if own_tokenizer else weights, fallback=fallback)
     mask_id, added = _mask_token(plan, base, tokenizer, mask_token_id)
     quantized = quantized_modules(base)   # asked for now, or saved that way
-    for a in plan.adapters:
-        base = _apply_adapter(base, a, merge=merge_adapter and not quantized)
+    if quantized and len(plan.adapters) > 1:
+        raise LoadError("quantization: a stack of adapters (" + ", ".join(map(str, plan.adapters)) + ") needs "
+                        "the inner ones merged, which a quantized base cannot take; load it unquantized")
+    for i, a in enumerate(plan.adapters):   # all but the outermost merge, so the next one wraps a plain model
+        base = _apply_adapter(base, a, merge=(merge_adapter or i < len(plan.adapters) - 1) and not quantized)
     base = _place(base, dev, quantized=bool(quantized), cpu_kernel=cpu_kernel)
 
     cfg = _dlm_config(plan, base, mask_id, added, source, shift)

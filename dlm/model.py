@@ -650,12 +650,17 @@ class DiffusionLM(nn.Module):
         for a peft-wrapped base, only the adapter plus a dlm config naming `base_model`, default the model's own
         source), the tokenizer, `dlm_config.json` and the recommended `sampler_config.json`."""
         cfg = DLMConfig(**self.config.__dict__)
+        options = {}
         if hasattr(self.base, "peft_config"):
             cfg.base_model = base_model or cfg.base_model or getattr(self, "source", None)
             if not cfg.base_model:
                 raise ValueError("saving an adapter needs base_model= (registry name or path of the base weights)")
+            if any(getattr(c, "trainable_token_indices", None) for c in self.base.peft_config.values()):
+                # the trained rows are saved as their own delta; peft would also write the whole frozen (resized)
+                # embedding (~110 MB for SmolLM2), which `dlm.load` rebuilds from the base anyway
+                options["save_embedding_layers"] = False
         with atomic_directory(directory) as tmp:
-            self.base.save_pretrained(str(tmp), safe_serialization=True)
+            self.base.save_pretrained(str(tmp), safe_serialization=True, **options)
             self.tokenizer.save_pretrained(str(tmp))
             cfg.save(tmp)
             save_sampler_configs(tmp, self.sampler_config, self.infill_config)

@@ -42,6 +42,9 @@ class EvalSettings:
     ppl_max_tokens:  `elbo_ppl`: tokens per held-out paragraph (longer ones are cut). Default 128.
     heldout_book:    Gutenberg file (under gutenberg/) for `elbo_ppl` / `genppl`; None = data.HELDOUT_BOOKS[0].
     chat:            GSM8K: wrap the question in the tokenizer's chat template (for SFT'd / instruct models).
+    gsm8k_format:    GSM8K solutions (few-shot examples, oracle length): "full" (the dataset's worked text) or
+                     "symbolic" (only the `<<...>>` equations, then `#### answer`: the paper's SFT form, what a
+                     model fine-tuned by the gsm8k-sft presets writes). Default full.
     shots:           TriviaQA / GSM8K: solved examples before each question (k-shot in-context learning; TriviaQA
                      draws them from the other questions of its file, GSM8K from its train split). Default 0.
     samples:         TriviaQA / GSM8K self-consistency: answers sampled per question (at `sample_temperature`,
@@ -65,6 +68,7 @@ class EvalSettings:
     ppl_max_tokens: int = 128
     heldout_book: Optional[str] = None
     chat: bool = False
+    gsm8k_format: str = "full"
     exec_timeout: float = 10.0
     shots: int = 0
     samples: int = 1
@@ -77,6 +81,9 @@ class EvalSettings:
             raise ValueError(f"score_method must be one of {', '.join(SCORE_METHODS)}, got {self.score_method!r}")
         if self.n_samples < 1:
             raise ValueError(f"n_samples must be >= 1, got {self.n_samples}")
+        from .metrics import GSM8K_FORMATS
+        if self.gsm8k_format not in GSM8K_FORMATS:
+            raise ValueError(f"gsm8k_format must be one of {', '.join(GSM8K_FORMATS)}, got {self.gsm8k_format!r}")
         if self.shots < 0 or self.samples < 1:
             raise ValueError(f"shots must be >= 0 and samples >= 1, got {self.shots} and {self.samples}")
         from dlm import SamplerConfig

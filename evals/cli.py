@@ -62,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-new-tokens", type=positive_int, default=None,
                    help="answer budget with --no-oracle-length (default per task)")
     g.add_argument("--chat", action="store_true", help="GSM8K: use the tokenizer's chat template")
+    g.add_argument("--gsm8k-format", choices=["full", "symbolic"], default="full",
+                   help="GSM8K solutions in shots and for the oracle length: the worked text, or only the <<...>> "
+                        "equations and #### answer (the paper's SFT form; for models fine-tuned with gsm8k-sft)")
     g.add_argument("--exec-timeout", type=float, default=10.0, help="seconds per HumanEval program")
     g.add_argument("--shots", type=non_negative_int, default=0,
                    help="TriviaQA / GSM8K: solved examples before each question (k-shot in-context learning)")
@@ -117,7 +120,7 @@ def run(args: argparse.Namespace) -> int:
                   infill_sampler=_pairs(args.infill_sampler, "--infill-sampler"), oracle_length=args.oracle_length, max_new_tokens=args.max_new_tokens, seed=args.seed,
                   gen_length=args.gen_length, gen_temperature=args.gen_temperature, gen_top_p=args.gen_top_p,
                   gen_prompt_words=args.gen_prompt_words, judge=args.judge, ppl_max_tokens=args.ppl_max_tokens,
-                  heldout_book=args.heldout_book, chat=args.chat, exec_timeout=args.exec_timeout,
+                  heldout_book=args.heldout_book, chat=args.chat, gsm8k_format=args.gsm8k_format, exec_timeout=args.exec_timeout,
                   shots=args.shots, samples=args.samples, sample_temperature=args.sample_temperature)
     provisional = EvalSettings(kind=args.kind or "ar", **common)
     files: dict = {}

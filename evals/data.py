@@ -332,10 +332,12 @@ def load_humaneval_infill(data_dir: Path) -> list[InfillExample]:
 
 
 # ----- GSM8K --------------------------------------------------------------------------------------------------------------
-def load_gsm8k(data_dir: Path, split: str = "test") -> list[MathExample]:
-    from .metrics import gsm8k_gold
+def load_gsm8k(data_dir: Path, split: str = "test", form: str = "full") -> list[MathExample]:
+    """GSM8K `split` with each solution in `form` (`metrics.GSM8K_FORMATS`: full, symbolic)."""
+    from .metrics import GSM8K_FORMATS, gsm8k_gold
     rows = _jsonl(require(data_dir, f"gsm8k/{split}.jsonl", "gsm8k"))
-    return [MathExample(i, d["question"], d["answer"], gsm8k_gold(d["answer"])) for i, d in enumerate(rows)]
+    return [MathExample(i, d["question"], GSM8K_FORMATS[form](d["answer"]), gsm8k_gold(d["answer"]))
+            for i, d in enumerate(rows)]
 
 
 # ----- few-shot prompts ---------------------------------------------------------------------------------------------------

@@ -86,6 +86,21 @@ def gsm8k_gold(answer: str) -> str:
     return cleaned if cleaned is not None else tail
 
 
+_EQUATION = re.compile(r"<<([^<>]*)>>")
+
+
+def gsm8k_symbolic(solution: str) -> str:
+    """A GSM8K solution in the symbolic form the paper fine-tunes on: only its `<<...>>` calculator equations,
+    then `#### answer` ("Natalia sold 48/2 = <<48/2=24>>24 clips ... #### 72" -> "<<48/2=24>> <<48+24=72>> ####
+    72"). Short targets a small model can learn; a solution without equations becomes "#### answer"."""
+    equations = " ".join(f"<<{e.strip()}>>" for e in _EQUATION.findall(solution))
+    answer = solution.split("####")[-1].strip()
+    return f"{equations} #### {answer}" if equations else f"#### {answer}"
+
+
+GSM8K_FORMATS = {"full": lambda solution: solution, "symbolic": gsm8k_symbolic}
+
+
 def gsm8k_prediction(text: str) -> Optional[str]:
     """The model's final answer: the first number after the last '####' if there is one, else the last number in
     the text; canonical number string ("1,000.00" -> "1000"), None when the text holds no number."""

@@ -275,8 +275,9 @@ def _qa_data(loader):
 
 
 def _gsm8k_data(data_dir: Path, s) -> list[D.MathExample]:
-    test = D.load_gsm8k(data_dir)
-    return D.with_gsm8k_shots(test, D.load_gsm8k(data_dir, "train") if s.shots else [], s.shots, s.seed)
+    test = D.load_gsm8k(data_dir, form=s.gsm8k_format)
+    train = D.load_gsm8k(data_dir, "train", form=s.gsm8k_format) if s.shots else []
+    return D.with_gsm8k_shots(test, train, s.shots, s.seed)
 
 
 TASKS: dict[str, TaskSpec] = {t.name: t for t in [

@@ -43,6 +43,26 @@ def test_gsm8k_shots_come_from_the_train_split():
         assert ex.shots.count("Question: train") == 2 and ex.shots.endswith("\n\n") and "Question: t0" not in ex.shots
 
 
+def test_gsm8k_symbolic_form_in_shots_and_oracle_length(shared_data):
+    """--gsm8k-format symbolic: solutions (the shots, the oracle length) are only the <<...>> equations and
+    #### answer, the form the gsm8k-sft presets train on; the gold answer is the same number."""
+    from evals.metrics import gsm8k_symbolic
+    assert gsm8k_symbolic("Half is 48/2 = <<48/2=24>>24.\nSo 48+24 = <<48+24=72>>72 in all.\n#### 72") == \
+        "<<48/2=24>> <<48+24=72>> #### 72"
+    assert gsm8k_symbolic("No calculator here.\n#### 5") == "#### 5"
+    if not (shared_data / "gsm8k" / "test.jsonl").is_file():
+        pytest.skip("gsm8k absent")
+    s = EvalSettings(gsm8k_format="symbolic", shots=2)
+    full, sym = (get_task("gsm8k").load(shared_data, EvalSettings(gsm8k_format=f, shots=2))[:20]
+                 for f in ("full", "symbolic"))
+    for a, b in zip(full, sym):
+        assert a.answer == b.answer and b.solution == gsm8k_symbolic(a.solution) and len(b.solution) < len(a.solution)
+        assert b.shots.count("Question: ") == 2 and "<<" in b.shots and "\n#### " not in b.shots
+    with pytest.raises(ValueError, match="gsm8k_format"):
+        EvalSettings(gsm8k_format="latex")
+    assert s.gsm8k_format == "symbolic"
+
+
 class _Scripted:
     """A stand-in EvalModel whose generations are scripted: records every call."""
 

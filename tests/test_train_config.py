@@ -23,6 +23,8 @@ def test_every_preset_loads_and_only_overrides_known_keys(name):
     cfg = load_config(name)
     raw = yaml.safe_load((CONFIG_DIR / f"{name}.yaml").read_text())
     for section, values in raw.items():
+        if section == "include":                     # the parent preset, tested on its own
+            continue
         for key, value in values.items():
             if key in ("sources", "eval_sources"):  # paths are resolved against the repo root
                 continue
@@ -112,6 +114,25 @@ def test_bad_yaml_file_names_the_key(tmp_path):
         load_config(str(bad))
     with pytest.raises(ConfigError, match="not found"):
         load_config("no-such-preset")
+
+
+def test_a_preset_variant_includes_its_parent(tmp_path):
+    """`include:` layers a preset under the file: gsm8k-sft-ar is gsm8k-sft with the AR objective and base."""
+    dlm_run, ar_run = load_config("gsm8k-sft"), load_config("gsm8k-sft-ar")
+    assert (ar_run.diffusion.objective, ar_run.model.source) == ("ar", "smollm2-135m")
+    assert dlm_run.diffusion.objective == "diffusion" and dlm_run.model.source == "smollm2-135m-dlm"
+    for section in ("sft", "optim", "lora", "data"):          # the same records, order, steps and tokens
+        assert getattr(ar_run, section) == getattr(dlm_run, section)
+    assert (ar_run.run.batch_size, ar_run.run.grad_accum, ar_run.run.max_steps) == \
+        (dlm_run.run.batch_size, dlm_run.run.grad_accum, dlm_run.run.max_steps)
+    a, b = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    a.write_text(f"include: {b}\nrun:\n  max_steps: 3\n")
+    b.write_text(f"include: {a}\n")
+    with pytest.raises(ConfigError, match="include cycle"):
+        load_config(str(a))
+    b.write_text("include: tiny-cpu\nrun:\n  max_steps: 7\n  batch_size: 2\n")
+    cfg = load_config(str(a), ["run.batch_size=4"])            # file over its include, overrides over both
+    assert (cfg.run.max_steps, cfg.run.batch_size, cfg.model.tokenizer) == (3, 4, "bpe:1024")
 
 
 def test_invalid_combinations():

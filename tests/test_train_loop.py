@@ -300,3 +300,44 @@ def test_two_process_cpu_run_completes_and_ranks_agree(tmp_path, cache_dir):
     assert len(summary["rank_checksums"]) == 2 and summary["ranks_agree"]
     assert (out / "checkpoints" / "step-6" / "rank_state_1.pt").is_file()  # per-rank noise state saved
     assert (out / "final" / "model.safetensors").is_file()
+
+
+def test_snapshots_and_an_adapter_over_an_adapter_dlm(tmp_path, cache_dir):
+    """run.export_every writes loadable snapshots (the last equals the final export); an adapter export holds no
+    frozen copy of the resized embedding; a second LoRA stage over an adapter-only DLM (GSM8K SFT over the shipped
+    DLM) exports an adapter whose base_model is that DLM, and dlm.load follows the chain; an AR-objective stage
+    exports a model that loads as AR."""
+    import dlm
+    from evals.backends import default_kind
+    from train.ship import FROZEN_COPY
+    lora = ("lora.enabled=true", "lora.r=4", "run.save_every=0", "run.eval_batches=0", "optim.lr=1e-2")
+    first = tmp_path / "first"
+    _run(first, cache_dir, *lora, "run.max_steps=4", "run.export_every=2")
+    assert sorted(p.name for p in (first / "exports").iterdir()) == ["step-2", "step-4"]
+    assert not [k for k in load_file(str(first / "final" / "adapter_model.safetensors")) if k.endswith(FROZEN_COPY)]
+    x = torch.randint(2, 500, (2, 24))
+    load = lambda d, **kw: dlm.load(d, device="cpu", dtype="float32", **kw)   # noqa: E731
+    with torch.no_grad():
+        l_first = load(first / "final").denoise_logits(x)
+        assert torch.equal(load(first / "exports" / "step-4").denoise_logits(x), l_first)
+        assert not torch.allclose(load(first / "exports" / "step-2").denoise_logits(x), l_first)
+
+    def stage(out, source, *extra):   # the tiny-cpu run's data and shapes, starting from `source`
+        return train(load_config(None, _overrides(out, cache_dir, *lora, f"model.source={source}", "model.dtype=float32",
+                                                  "data.sources=[train/data/tiny_corpus.txt]", "data.block_size=64",
+                                                  "run.batch_size=8", "run.threads=1", "optim.warmup_steps=1",
+                                                  "diffusion.anneal_steps=0", *extra)), "pretrain")
+
+    second = tmp_path / "second"
+    stage(second, first / "final", "run.max_steps=3")
+    assert json.loads((second / "final" / "dlm_config.json").read_text())["base_model"] == str(first / "final")
+    with torch.no_grad():
+        stacked = load(second / "final")
+        l_second = stacked.denoise_logits(x)
+        assert torch.equal(load(first / "final", adapter=second / "final").denoise_logits(x), l_second)
+        assert not torch.allclose(l_second, l_first)
+    assert default_kind(stacked) == "dlm"
+
+    ar = tmp_path / "ar"
+    stage(ar, first / "init-model", "run.max_steps=2", "diffusion.objective=ar")
+    assert default_kind(load(ar / "final")) == "ar"

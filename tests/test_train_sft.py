@@ -36,9 +36,55 @@ def test_sft_batch_masks_only_the_response():
         assert b["maskable"][0].tolist() == [False] * 3 + [True] * 7        # padding is a target
         assert b["maskable"][1].tolist() == [False] * 5 + [True] * 5
         assert b["attention_mask"] is None
-    b = S.sft_batch(ids, prompt_len, content_len, "ignore")
-    assert b["maskable"][0].tolist() == [False] * 3 + [True] * 4 + [False] * 3
-    assert b["attention_mask"][1].tolist() == [1] * 9 + [0]
+    b = S.sft_batch(ids, prompt_len, content_len, "ignore")       # cut after the longest content (9)
+    assert b["input_ids"].shape == (2, 9) and torch.equal(b["input_ids"], ids[:, :9])
+    assert b["maskable"][0].tolist() == [False] * 3 + [True] * 4 + [False] * 2
+    assert b["attention_mask"][0].tolist() == [1] * 7 + [0] * 2 and b["attention_mask"][1].tolist() == [1] * 9
+
+
+def test_ignored_padding_cut_changes_no_loss(tmp_path, tok):
+    """padding=ignore cuts each batch after its longest record; padding that is neither attended to nor a target
+    changes no loss: the AR objective (exact) and the diffusion ELBO at fixed t give the same value on the cut and
+    on the full 128-token canvas."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    import dlm
+    from train.modeling import Objective
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                                        num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                                        max_position_embeddings=128))
+    model = dlm.DiffusionLM(base, tok, dlm.DLMConfig(mask_token_id=tok.mask_token_id)).eval()
+    data = DataConfig(sources=[str(_records(tmp_path, 8))], cache_dir=str(tmp_path / "cache"))
+    arrays = S.build_sft_cache(data, SFTConfig(max_length=128, padding="ignore"), tok)
+    ids = torch.from_numpy(arrays.ids[:4].astype("int64"))
+    p, c = torch.from_numpy(arrays.prompt_len[:4].astype("int64")), torch.from_numpy(arrays.content_len[:4].astype("int64"))
+    cut = S.sft_batch(ids, p, c, "ignore")
+    assert cut["input_ids"].shape[1] == int(c.max()) < 128
+    pos = torch.arange(128)[None]
+    full = {"input_ids": ids, "maskable": (pos >= p[:, None]) & (pos < c[:, None]), "attention_mask": (pos < c[:, None]).long()}
+    with torch.no_grad():
+        ar = Objective(model, objective="ar")
+        assert torch.allclose(ar(**cut)[0], ar(**full)[0], rtol=1e-5, atol=1e-6)
+        # t = 1 masks every response token: the same noise on both shapes
+        a = model.diffusion_loss(cut["input_ids"], t=torch.ones(4), maskable=cut["maskable"], attention_mask=cut["attention_mask"])
+        b = model.diffusion_loss(full["input_ids"], t=torch.ones(4), maskable=full["maskable"], attention_mask=full["attention_mask"])
+        assert torch.allclose(a.loss, b.loss, rtol=1e-5, atol=1e-6)
+
+
+def test_gsm8k_symbolic_records(tmp_path, tok):
+    """sft.record_format=gsm8k_symbolic: the response is only the <<...>> equations and #### answer."""
+    path = tmp_path / "g.jsonl"
+    path.write_text(json.dumps({"question": "Tom has 3 bags of 4 apples and eats 2. How many are left?",
+                                "answer": "He has 3*4 = <<3*4=12>>12 apples.\nThen 12-2 = <<12-2=10>>10.\n#### 10"}) + "\n")
+    data = DataConfig(sources=[str(path)], cache_dir=str(tmp_path / "cache"))
+    cfg = SFTConfig(max_length=128, record_format="gsm8k_symbolic", prompt_template="Question: {question}\nAnswer:",
+                    response_template=" {answer}")
+    arrays = S.build_sft_cache(data, cfg, tok)
+    p, c = int(arrays.prompt_len[0]), int(arrays.content_len[0])
+    response = tok.decode(arrays.ids[0, p: c - 1].tolist())
+    assert response.replace(" ", "") == "<<3*4=12>><<12-2=10>>####10"
+    plain = S.build_sft_cache(data, SFTConfig(max_length=128), tok)      # another cache entry, the full text
+    assert "apples" in tok.decode(plain.ids[0, plain.prompt_len[0]: plain.content_len[0]].tolist())
 
 
 def test_cached_canvases_and_padding_modes(tmp_path, tok):

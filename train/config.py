@@ -147,6 +147,8 @@ class SFTConfig:
                     eos   - pad with EOS, padding is a target (LLaDA style);
                     ignore- padding is neither attended to nor a target (variable-length answers need a length).
     pad_token_id:   id used by `padding=pad` (default: the tokenizer's pad token, else EOS).
+    record_format:  plain (records as they are) or gsm8k_symbolic (GSM8K's `answer` rewritten to the paper's SFT
+                    form: only its `<<...>>` equations, then `#### answer`; `evals.metrics.gsm8k_symbolic`).
     """
 
     prompt_template: str = "Question: {question}\nAnswer: "
@@ -155,6 +157,7 @@ class SFTConfig:
     max_length: int = 256
     padding: str = field(default="pad", metadata=_choices("pad", "eos", "ignore"))
     pad_token_id: Optional[int] = None
+    record_format: str = field(default="plain", metadata=_choices("plain", "gsm8k_symbolic"))
 
 
 @dataclass
@@ -245,6 +248,9 @@ class RunConfig:
     threads:         torch intra-op threads (0 = torch default).
     tensorboard:     also log to TensorBoard when it is installed.
     export:          write OUTPUT_DIR/final at the end (benchmarks turn it off).
+    export_every:    also write a loadable model (the LoRA adapter, or the weights) to OUTPUT_DIR/exports/step-N
+                     every N steps (0 = never), for accuracy-vs-steps curves (`dlm-eval --model .../step-N`).
+                     Not under ZeRO-3 / FSDP (parameters are sharded between checkpoints).
     """
 
     output_dir: str = "runs/default"
@@ -270,6 +276,7 @@ class RunConfig:
     threads: int = 0
     tensorboard: bool = True
     export: bool = True
+    export_every: int = 0
 
 
 @dataclass
@@ -383,6 +390,26 @@ def _merge(layers) -> TrainConfig:
         raise ConfigError(f"{key}: {msg}") from None
 
 
+def _file_layers(name_or_path: str, chain: tuple) -> list:
+    """The layers of a YAML file: those of the preset it names in `include:` (a variant states only what it
+    changes, e.g. gsm8k-sft-ar over gsm8k-sft), then its own."""
+    from omegaconf import DictConfig, OmegaConf
+    file = find_config(name_or_path)
+    if file.resolve() in chain:
+        raise ConfigError(f"{file}: include cycle ({' -> '.join(p.name for p in chain)} -> {file.name})")
+    try:
+        data = OmegaConf.load(file)
+    except Exception as e:
+        raise ConfigError(f"{file}: not valid YAML: {e}") from None
+    layers = []
+    if isinstance(data, DictConfig) and "include" in data:
+        parent = data.pop("include")
+        if not isinstance(parent, str):
+            raise ConfigError(f"{file}: include must be one preset name or path, got {parent!r}")
+        layers = _file_layers(parent, chain + (file.resolve(),))
+    return layers + [_layer(data, str(file))]
+
+
 def find_config(name_or_path: str) -> Path:
     """A path, or the name of a preset in train/configs (with or without .yaml)."""
     path = Path(name_or_path).expanduser()
@@ -413,14 +440,7 @@ def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = Non
     """Defaults <- YAML preset/file <- `key=value` overrides (merged by OmegaConf over the dataclasses), then
     `validate`."""
     from omegaconf import OmegaConf
-    layers = []
-    if path:
-        file = find_config(path)
-        try:
-            data = OmegaConf.load(file)
-        except Exception as e:
-            raise ConfigError(f"{file}: not valid YAML: {e}") from None
-        layers.append(_layer(data, str(file)))
+    layers = _file_layers(path, ()) if path else []
     dotlist = []
     for text in overrides or []:
         key, value = parse_override(text)

@@ -386,6 +386,8 @@ def loop(state: RunState, callbacks: Sequence = ()) -> None:
             state.objective.train()
         if run.save_every and state.step % run.save_every == 0:
             checkpoint(state)
+        if run.export_every and state.step % run.export_every == 0:
+            snapshot(state)
         for cb in callbacks:
             if hasattr(cb, "on_step_end"):
                 cb.on_step_end(state.step, {"loss": record["loss"], "masked_ce": record["masked_ce"],
@@ -472,6 +474,20 @@ def checkpoint(state: RunState) -> None:
                                          dtype=torch.float64)}
     path = save_checkpoint(state.accelerator, state.out, state.step, saved, rank_state, state.cfg.run.keep_last)
     log.info("checkpoint %s", path)
+
+
+def snapshot(state: RunState) -> None:
+    """OUTPUT_DIR/exports/step-N: the model as `finish` exports it, mid-run (run.export_every)."""
+    if state.sharded:
+        log.warning("run.export_every is skipped under ZeRO-3 / FSDP")
+    elif state.main:
+        model = state.accelerator.unwrap_model(state.objective).model
+        path = state.out / "exports" / f"step-{state.step}"
+        export(model, path, base_model=getattr(model, "source", state.cfg.model.source),
+               training_info=_training_record(state))
+        model.train()
+        log.info("exported %s", path)
+    state.accelerator.wait_for_everyone()
 
 
 def finish(state: RunState) -> dict:

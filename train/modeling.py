@@ -154,7 +154,8 @@ def build_model(cfg, init_dir: Path) -> "dlm.DiffusionLM":
         fresh = AutoModelForCausalLM.from_config(model.base.config).to(model.dtype)
         model.base = fresh
         log.info("model.from_scratch: weights re-initialised (architecture of %s kept)", source)
-    model.config.adapted = True
+    # an AR-objective run (the baseline) leaves a causal LM: loaded later, it must default to the AR side
+    model.config.adapted = cfg.diffusion.objective != "ar" or bool(model.config.adapted)
     model.config.clean_attention = cfg.diffusion.clean_attention  # how block steps train (and decoders decode)
     if cfg.run.gradient_checkpointing:
         model.base.config.use_cache = False
@@ -270,7 +271,8 @@ def export(model, directory: Path, base_model: Optional[str], training_info: dic
     written from it instead of from the (sharded) live parameters.
     """
     model.config.training = dict(training_info)
-    model.config.adapted = True
+    if training_info.get("objective", "diffusion") != "ar":
+        model.config.adapted = True
     is_peft = hasattr(model.base, "peft_config")
     if state_dict is None:
         model.save_pretrained(directory, base_model=base_model if is_peft else None)

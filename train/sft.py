@@ -48,6 +48,14 @@ def read_records(files: list[str], fields: list[str]) -> list[dict]:
     return records
 
 
+def format_record(record: dict, record_format: str) -> dict:
+    """The record as the templates see it (`sft.record_format`)."""
+    if record_format == "gsm8k_symbolic":
+        from evals.metrics import gsm8k_symbolic
+        return {**record, "answer": gsm8k_symbolic(record["answer"])}
+    return record
+
+
 def encode_pair(tokenizer, prompt: str, response: str, max_length: int, chat_template: bool) -> tuple[list, list]:
     """-> (prompt ids, response ids + EOS), truncated to fit `max_length` (prompt from the left, at most half the
     canvas when the response needs the room; response from the right)."""
@@ -91,7 +99,7 @@ def build_sft_cache(data_cfg, sft_cfg, tokenizer) -> SFTArrays:
     fields = template_fields(sft_cfg.prompt_template) + template_fields(sft_cfg.response_template)
     settings = {"files": [_file_stamp(f) for f in files], "tok": tokenizer_fingerprint(tokenizer),
                 "sft": [sft_cfg.prompt_template, sft_cfg.response_template, sft_cfg.chat_template,
-                        sft_cfg.max_length, sft_cfg.padding, _pad_id(sft_cfg, tokenizer)],
+                        sft_cfg.max_length, sft_cfg.padding, _pad_id(sft_cfg, tokenizer), sft_cfg.record_format],
                 "max_documents": data_cfg.max_documents, "version": 1}
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:20]
     root = (Path(data_cfg.cache_dir).expanduser() if data_cfg.cache_dir else cache_dir() / "tokens") / "sft"
@@ -111,6 +119,7 @@ def build_sft_cache(data_cfg, sft_cfg, tokenizer) -> SFTArrays:
     prompt_len = np.zeros(len(records), dtype=np.int32)
     content_len = np.zeros(len(records), dtype=np.int32)
     for i, rec in enumerate(records):
+        rec = format_record(rec, sft_cfg.record_format)
         try:
             prompt = sft_cfg.prompt_template.format(**rec)
             response = sft_cfg.response_template.format(**rec)
@@ -143,7 +152,11 @@ def sft_batch(ids: torch.Tensor, prompt_len: torch.Tensor, content_len: torch.Te
       input_ids [B, L];
       maskable [B, L] bool: positions >= prompt_len, and < content_len unless padding is a target;
       attention_mask [B, L] (only for padding="ignore": 0 on padding) or None.
+    With padding="ignore" the canvases are cut after the batch's longest content: padding that is neither
+    attended to nor a target changes no loss, only the cost (GSM8K: ~100 of 256 positions hold content).
     """
+    if padding == "ignore":
+        ids = ids[:, : int(content_len.max())]
     L = ids.shape[1]
     pos = torch.arange(L)[None, :]                       # [1, L]
     maskable = pos >= prompt_len[:, None]                 # the prompt is never noised
