@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 EXAMPLES_DIR = Path(str(importlib.resources.files("app") / "examples"))
+INFILL_EXAMPLES_DIR = EXAMPLES_DIR / "infill"   # the Infill tab's templates (`expected`: the spans, " | "-separated)
 
 
 @dataclass
@@ -40,6 +41,29 @@ class Example:
     def label(self) -> str:
         """The title as the examples list shows it: marked when it is hard for the shipped model."""
         return f"{self.title} (hard for the shipped model)" if self.hard else self.title
+
+    def config(self, base):
+        """This example's generation config over `base` (the model's writing config): its answer length, and its
+        steps where the decoder reads steps."""
+        from app.requests import read_by
+        return base.replace(**read_by(base.decoder, dict(max_new_tokens=self.max_new_tokens,
+                                                         steps=min(self.steps, self.max_new_tokens))))
+
+
+def run_example(model, example: Example, base, side: str = "dlm", ar_model=None, seed=None) -> tuple[str, bool]:
+    """One example through one side -> (output text, right?). side "dlm": `model.generate`; "ar": the AR model
+    (`ar_model`, else `model`'s weights run causally). The In-context scoreboard and `dlm-eval --tasks incontext`
+    both score with this function, so the app's marks and the evaluation's accuracy come from one code path."""
+    cfg = example.config(base)
+    if seed is not None:
+        cfg = cfg.replace(seed=seed)
+    if side == "dlm":
+        text = model.generate(example.prompt, cfg).text
+    elif side == "ar":
+        text = model.ar_generate(example.prompt, cfg, ar_model=ar_model).text
+    else:
+        raise ValueError(f"side must be dlm or ar, got {side!r}")
+    return text, matches(example.expected, text)
 
 
 def parse_example(text: str, name: str) -> Example:

@@ -12,9 +12,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
-from app.examples import answer_of, matches
+from app.examples import answer_of, run_example
 from app.render import Trace, finite
-from app.requests import Infill, Prompt, cap_steps, masked_tokens, read_by, with_span_length
+from app.requests import Infill, Prompt, cap_steps, masked_tokens, with_span_length
 from dlm.infill import attach_spaces, split_template
 from dlm.quality import distinct_n, judge_ppl
 from dlm.sampler_config import SamplerConfig
@@ -140,16 +140,14 @@ def infill_sweep_job(model, request: Infill, config: SamplerConfig, lengths: lis
 
 def scoreboard_job(model, ar, examples: list, base: SamplerConfig):
     """Every example (with an expected answer) through the DLM (`base` with the example's length and steps) and
-    the AR model `ar`. Lane "row": {name, title, expected, dlm, dlm_ok, ar, ar_ok} per example."""
+    the AR model `ar` (`app.examples.run_example`, as `dlm-eval --tasks incontext`). Lane "row": {name, title,
+    expected, dlm, dlm_ok, ar, ar_ok} per example."""
     def job():
         for e in examples:
-            cfg = base.replace(**read_by(base.decoder, dict(max_new_tokens=e.max_new_tokens,
-                                                            steps=min(e.steps, e.max_new_tokens))))
-            d = model.generate(e.prompt, cfg)
-            *_, a = model.ar_stream(e.prompt, cfg, ar_model=ar)
-            yield "row", dict(name=e.name, title=e.label, expected=e.expected,
-                              dlm=answer_of(d.text), dlm_ok=matches(e.expected, d.text),
-                              ar=answer_of(a.text), ar_ok=matches(e.expected, a.text))
+            d, d_ok = run_example(model, e, base, "dlm")
+            a, a_ok = run_example(model, e, base, "ar", ar_model=ar)
+            yield "row", dict(name=e.name, title=e.label, expected=e.expected, dlm=answer_of(d), dlm_ok=d_ok,
+                              ar=answer_of(a), ar_ok=a_ok)
     return job
 
 

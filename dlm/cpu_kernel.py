@@ -47,17 +47,27 @@ def policy() -> str:
     return value
 
 
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags from /proc/cpuinfo (Linux; empty elsewhere)."""
+    try:
+        line = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        return set()
+    return set(line.partition(":")[2].split())
+
+
+def native_bf16() -> bool:
+    """AMX or AVX512-BF16: bf16 matmuls run natively (without them they are emulated and slower than fp32)."""
+    return bool({"amx_bf16", "avx512_bf16"} & cpu_flags())
+
+
 def cpu_supports() -> bool:
     """x86-64 with AVX2 and FMA (what the kernel is compiled for)."""
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return False
     if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
         return True   # ATen's AVX2 dispatch itself requires AVX2 + FMA
-    try:
-        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
-    except (OSError, StopIteration):
-        return False
-    return {"avx2", "fma"} <= set(flags.split())
+    return {"avx2", "fma"} <= cpu_flags()
 
 
 def wanted(policy_value: Optional[str] = None) -> bool:

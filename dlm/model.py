@@ -356,7 +356,8 @@ class DiffusionLM(nn.Module):
 
     def denoise_logits(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                        attention_mask_ratio: float = 1.0, prefix_cache: Optional[PrefixCache] = None,
-                       generator: Optional[torch.Generator] = None) -> torch.Tensor:
+                       generator: Optional[torch.Generator] = None, rows: Optional[torch.Tensor] = None
+                       ) -> torch.Tensor:
         """Position-aligned denoiser logits.
 
         input_ids:            [B, L] noisy canvas (mask ids where unknown).
@@ -364,19 +365,33 @@ class DiffusionLM(nn.Module):
         attention_mask_ratio: 1.0 = bidirectional (inference), 0.0 = the base's causal attention, in between =
                               annealed (training only; the random pattern comes from `generator`).
         prefix_cache:         from `build_prefix_cache`; then only positions >= prefix_cache.length are computed.
-        Returns [B, L, V] with row i the prediction for token i, or [B, L - P, V] for rows P.. with a cache.
+        rows:                 [R] ascending positions whose predictions are wanted (decoders: the masked ones);
+                              only their rows go through the output layer, a 49k-vocabulary matmul that is ~20%
+                              of a SmolLM2 forward. Under the shift, position 0 (predicted by nothing) is not allowed.
+        Returns [B, L, V] with row i the prediction for token i, or [B, L - P, V] for rows P.. with a cache, or
+        [B, R, V] for `rows` (row j the prediction for token rows[j]).
         """
+        if rows is not None:
+            first = (prefix_cache.length if prefix_cache is not None else 0) or self.first_predictable
+            if rows.numel() == 0 or int(rows.min()) < first or int(rows.max()) >= input_ids.shape[1]:
+                raise ValueError(f"rows must be non-empty positions in {first}..{input_ids.shape[1] - 1}")
         if prefix_cache is None:
+            if rows is not None:   # raw row r - 1 predicts token r under the shift
+                return self._base_logits(input_ids, attention_mask, attention_mask_ratio, generator,
+                                         logits_to_keep=rows - int(self.shift))
             return self._align(self._base_logits(input_ids, attention_mask, attention_mask_ratio, generator))
         n = prefix_cache.n_cached
         mask = prefix_cache.attention_mask
         positions = (mask.long().cumsum(-1) - 1).clamp(min=0) if mask is not None else \
             torch.arange(input_ids.shape[1], device=input_ids.device)[None].expand(input_ids.shape[0], -1)
+        keep = {} if rows is None else {"logits_to_keep": rows - n - int(self.shift)}
         with bidirectional(self.base.config):
             out = self.base(input_ids=input_ids[:, n:], attention_mask=mask, position_ids=positions[:, n:],
-                            cache=prefix_cache.kv, use_cache=True)
+                            cache=prefix_cache.kv, use_cache=True, **keep)
         _truncate_cache(prefix_cache.kv, n)  # leave the cache as it was
         logits = out.logits
+        if rows is not None:
+            return logits
         return logits[:, :-1] if self.shift else logits  # with the shift, row 0 is position P-1 -> predicts P
 
     def build_prefix_cache(self, input_ids: torch.Tensor, prefix_length: int,

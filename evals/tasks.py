@@ -170,6 +170,20 @@ def eval_gsm8k(b: EvalModel, ex: D.MathExample) -> dict:
             "acc": float(numbers_equal(pred, ex.answer))}
 
 
+# ----- the playground's In-context examples -------------------------------------------------------------------------------
+def eval_incontext(b: EvalModel, ex: D.ICLExample) -> dict:
+    """The In-context tab's scoreboard as an evaluation: the example's own length and steps over the model's
+    writing config (+ --sampler), scored by `app.examples.run_example`, the function the scoreboard calls (the
+    answer = the output's first line, right when the expected answer is a whole word of it). The config's
+    temperature stands (the shipped one samples); the seed is the example's."""
+    from app.examples import answer_of, run_example
+    e = ex.example
+    base = b.model.sampler_config.replace(**b.s.sampler)
+    text, ok = run_example(b.model, e, base, b.kind, seed=example_seed(b.s.seed, ex.id))
+    return {"id": ex.id, "name": e.name, "expected": e.expected, "pred": answer_of(text), "raw": text,
+            "hard": bool(e.hard), "acc": float(ok)}
+
+
 # ----- held-out perplexity -----------------------------------------------------------------------------------------------------
 def load_ppl(data_dir: Path, s) -> list[D.TextExample]:
     return D.heldout_paragraphs(data_dir, s.heldout_book)
@@ -281,6 +295,8 @@ def _gsm8k_data(data_dir: Path, s) -> list[D.MathExample]:
 
 
 TASKS: dict[str, TaskSpec] = {t.name: t for t in [
+    TaskSpec("incontext", "In-context (app)", lambda data_dir, s: D.load_incontext(), eval_incontext, ("acc",), "acc",
+             description="the playground's In-context examples, scored as its scoreboard scores them"),
     TaskSpec("triviaqa", "TriviaQA", _qa_data(D.load_triviaqa), eval_qa, ("em",), "em",
              description="closed-book QA, exact match over aliases (llm-foundry 3000-question subsample)"),
     TaskSpec("triviaqa_full", "TriviaQA (full)", _qa_data(D.load_triviaqa_full), eval_qa, ("em",), "em",

@@ -533,6 +533,37 @@ def test_scoreboard_marks_every_example_with_an_answer(loaded):
     assert table[-1][0] == "accuracy" and table[-1][3].endswith("%)")
 
 
+def test_scoreboard_and_dlm_eval_incontext_agree(loaded):
+    """The In-context scoreboard and `dlm-eval --tasks incontext` run one function (app.examples.run_example):
+    on the same examples and greedy settings, their answers and marks are the same, for the DLM and the AR side;
+    an expected answer the model does write is marked right by both, one it does not write wrong by both."""
+    from evals.backends import EvalModel, EvalSettings
+    from evals.data import ICLExample
+    from evals.tasks import eval_incontext
+    model = loaded.require_model()
+    base = loaded.base_config("write").replace(temperature=0.0)
+    probe = parse_example("max_new_tokens: 6\nsteps: 6\n---\nThe list: one, two,", "probe")
+    from app.examples import answer_of, run_example
+    written = answer_of(run_example(model, probe, base, "dlm")[0]).split()
+    assert written, "the tiny model wrote nothing to expect"
+    examples = [parse_example(f"expected: {written[0]}\nmax_new_tokens: 6\nsteps: 6\n---\nThe list: one, two,", "hit"),
+                parse_example("expected: zzzqqq\nmax_new_tokens: 6\nsteps: 6\n---\nThe list: one, two,", "miss")]
+    cfg = model.sampler_config
+    model.sampler_config = cfg.replace(temperature=0.0)
+    loaded_base = loaded.base_config
+    loaded.base_config = lambda task="write": base
+    try:
+        rows = loaded.scoreboard(examples).wait().items("row")
+        for kind in ("dlm", "ar"):
+            recs = [eval_incontext(EvalModel(model, EvalSettings(kind=kind)), ICLExample(i, e))
+                    for i, e in enumerate(examples)]
+            assert [r["pred"] for r in recs] == [r[kind] for r in rows]
+            assert [bool(r["acc"]) for r in recs] == [r[f"{kind}_ok"] for r in rows]
+        assert [r["dlm_ok"] for r in rows] == [True, False]
+    finally:
+        model.sampler_config, loaded.base_config = cfg, loaded_base
+
+
 # ---------------------------------------------------------------------------------------------- widgets
 def test_sampler_widgets_are_built_from_describe(tiny_llama_dir):
     """Every UI field of SamplerConfig.describe() becomes a widget (so a new knob needs no app change), starting
@@ -673,3 +704,35 @@ def test_hard_examples_stay_marked_and_the_tab_opens_on_one_the_model_does_well(
     with gr.Blocks():
         tab = InContextTab(B(), [e, parse_example("title: U\n---\neasy", "u")])
     assert tab.prompt.value == "easy" and [s[0] for s in tab.pick.samples][0].endswith("(hard for the shipped model)")
+
+
+def test_infill_examples_are_scorable_and_the_tab_opens_on_a_good_one():
+    """Every shipped Infill template parses, has one expected span per marker (what bench.infill_examples scores
+    the fill against), the hard ones say why; the tab opens on a template that is not hard and lists them all."""
+    from app.examples import INFILL_EXAMPLES_DIR
+    from app.tabs import infill
+    from bench.infill_examples import reference_text
+    from dlm.infill import split_template
+    shipped = load_examples(INFILL_EXAMPLES_DIR)
+    assert len(shipped) >= 4 and any(e.hard for e in shipped) and any(not e.hard for e in shipped)
+    for e in shipped:
+        spans = [p for _, p in split_template(e.prompt) if isinstance(p, int)]
+        expected = e.expected.split("|")
+        assert spans and len(expected) == len(spans), e.name
+        filled = reference_text(e.prompt, expected)
+        assert "[MASK" not in filled and all(x.strip() in filled for x in expected)
+    assert reference_text("Go to the [MASK:2] now.", [" shore "]) == "Go to the shore now."
+    opening = next(e for e in shipped if e.prompt == infill.TEMPLATE)
+    assert not opening.hard
+    assert not {e.name for e in shipped} & {e.name for e in load_examples()}    # the In-context list stays apart
+
+    import gradio as gr
+
+    class B:
+        def base_config(self, task="write"):
+            return SamplerConfig()
+    with gr.Blocks():
+        tab = infill.InfillTab(B())
+    labels = [s[0] for s in tab.pick.samples]
+    assert tab.template.value == infill.TEMPLATE and len(labels) == len(shipped)
+    assert sum(label.endswith("(hard for the shipped model)") for label in labels) == sum(bool(e.hard) for e in shipped)

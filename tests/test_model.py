@@ -52,6 +52,27 @@ def test_rows_are_position_aligned_with_and_without_shift(tiny_llama_dir):
         assert torch.equal(plain.denoise_logits(x)[:, 5], raw[:, 5])
 
 
+@pytest.mark.parametrize("shift", [True, False])
+def test_logits_of_chosen_rows_only(family_dlm, shift):
+    """`rows=`: only those positions go through the output layer; row j is exactly row rows[j] of the full
+    call (same hidden states, the head is per row), with and without a prefix cache; bad rows are refused."""
+    family_dlm.shift = shift
+    x = _ids(family_dlm, n=14)
+    rows = torch.tensor([1, 4, 5, 13]) if shift else torch.tensor([0, 4, 5, 13])
+    with torch.no_grad():
+        full = family_dlm.denoise_logits(x)
+        torch.testing.assert_close(family_dlm.denoise_logits(x, rows=rows), full[:, rows], atol=1e-5, rtol=1e-5)
+        cache = family_dlm.build_prefix_cache(x, 6)
+        late = torch.tensor([6, 9, 13])
+        torch.testing.assert_close(family_dlm.denoise_logits(x, prefix_cache=cache, rows=late),
+                                   family_dlm.denoise_logits(x, prefix_cache=cache)[:, late - 6], atol=1e-5, rtol=1e-5)
+        with pytest.raises(ValueError, match="rows must be"):
+            family_dlm.denoise_logits(x, prefix_cache=cache, rows=torch.tensor([5, 9]))   # inside the cached prefix
+        if shift:
+            with pytest.raises(ValueError, match="rows must be"):
+                family_dlm.denoise_logits(x, rows=torch.tensor([0, 3]))                 # nothing predicts token 0
+
+
 def test_padding_left_matches_unpadded(family_dlm):
     x = _ids(family_dlm, batch=1)
     pad = torch.full((1, 3), family_dlm.tokenizer.pad_token_id or 0)

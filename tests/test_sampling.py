@@ -37,10 +37,11 @@ class FakeDLM:
         self.mask_token_id, self.eos_token_ids = self.MASK, [self.EOS]
         self.device, self.max_length, self.calls = torch.device("cpu"), 512, 0
 
-    def denoise_logits(self, input_ids, attention_mask=None, prefix_cache=None):
+    def denoise_logits(self, input_ids, attention_mask=None, prefix_cache=None, rows=None):
         self.calls += 1
         B, L = input_ids.shape
-        return self.table[:L].expand(B, L, self.V).clone()
+        table = self.table[:L] if rows is None else self.table[rows]
+        return table.expand(B, *table.shape).clone()
 
 
 def fake(tokenizer, L=32, seed=0, **kw) -> FakeDLM:

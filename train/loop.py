@@ -79,21 +79,13 @@ def step_mode(step: int, seed: int, attention: str, block_lengths, block_fractio
 
 
 # ----- small helpers ----------------------------------------------------------------------------------------------------
-def cpu_has_native_bf16() -> bool:
-    """AMX or AVX512-BF16 in /proc/cpuinfo (Linux). Without them CPU bf16 matmuls are emulated and slower."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
-
-
 def resolve_mixed_precision(value: str) -> str:
     if value != "auto":
         return value
     if torch.cuda.is_available():
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "bf16" if cpu_has_native_bf16() else "no"
+    from dlm.cpu_kernel import native_bf16
+    return "bf16" if native_bf16() else "no"
 
 
 def make_accelerator(cfg: TrainConfig, trackers: Sequence = ()):

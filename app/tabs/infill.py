@@ -8,17 +8,23 @@ import gradio as gr
 
 from app import render
 from app.backend import Backend
+from app.examples import INFILL_EXAMPLES_DIR, load_examples
 from app.tabs.common import LIGHT, MODEL, SamplerControls, StreamView, ended, fail, offload, session
 from dlm.infill import attach_spaces, split_template
 
-TEMPLATE = ("The old fisherman walked down to the [MASK:6] every morning before sunrise. "
-            "He [MASK:8] and came home with a basket full of fish.")
+# The shipped templates (`app/examples/infill/`, scored by `python -m bench.infill_examples`): the tab opens on
+# the first one the shipped model does well; the hard ones stay in the list, marked.
+EXAMPLES = load_examples(INFILL_EXAMPLES_DIR)
+TEMPLATE = next((e.prompt for e in EXAMPLES if not e.hard),
+                "The old fisherman walked down to the [MASK:6] every morning before sunrise.")
 
 
 class InfillTab:
     def __init__(self, backend: Backend):
         self.backend = backend
         with gr.Tab("Infill", id="infill"):
+            self.pick = gr.Dataset(components=[gr.Textbox(visible=False)], type="index", label="Examples",
+                                   samples=[[e.label] for e in EXAMPLES], elem_id="infill-examples")
             self.mode = gr.Radio(["template", "prefix + suffix"], value="template", label="Input",
                                  elem_id="infill-mode")
             self.template = gr.Textbox(TEMPLATE, lines=3, elem_id="infill-template",
@@ -91,6 +97,8 @@ class InfillTab:
         fill = self.go.click(run_infill, [*fields, *controls.components], out.outputs, **MODEL)
         ar = fill.success(run_ar_prefix, [self.mode, self.template, self.prefix, self.length, self.with_ar,
                                           *controls.components], self.ar_text, **MODEL)
+        self.pick.click(lambda i: ("template", EXAMPLES[int(i)].prompt), self.pick, [self.mode, self.template],
+                        **LIGHT)
         self.mode.change(lambda m: (gr.update(visible=m == "template"), gr.update(visible=m != "template")),
                          self.mode, [self.template, self.pair], **LIGHT)
         out.wire(backend)

@@ -55,15 +55,16 @@ def decode_full(run: DecodeRun) -> Iterator[Step]:
             eligible = masked & in_block
             if not bool(eligible.any()):
                 break                                             # threshold decoding finished the block early
-            logits = pending if pending is not None else run.call(
-                model.denoise_logits, canvas, attention_mask=run.attention_mask, prefix_cache=cache)
+            rows = eligible.any(0).nonzero().squeeze(1)           # only these positions' logits are computed
+            logits = pending[:, rows - offset] if pending is not None else run.call(
+                model.denoise_logits, canvas, attention_mask=run.attention_mask, prefix_cache=cache, rows=rows)
             pending = None
-            reveal_w, tokens_w, conf_w = propose_and_reveal(run, logits, eligible[:, offset:], n_steps - j)
+            reveal_r, tokens_r, conf_r = propose_and_reveal(run, logits, eligible[:, rows], n_steps - j)
             reveal = torch.zeros_like(masked)
-            reveal[:, offset:] = reveal_w
-            conf = torch.zeros(canvas.shape, dtype=conf_w.dtype, device=canvas.device)
-            conf[:, offset:] = conf_w
-            canvas[:, offset:][reveal_w] = tokens_w[reveal_w]
+            reveal[:, rows] = reveal_r
+            conf = torch.zeros(canvas.shape, dtype=conf_r.dtype, device=canvas.device)
+            conf[:, rows] = conf_r
+            canvas[:, rows] = torch.where(reveal_r, tokens_r, canvas[:, rows])
             masked &= ~reveal
             step += 1
             yield Step(step, total, reveal, conf, L)
