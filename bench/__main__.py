@@ -26,6 +26,8 @@ BENCHMARKS = {
     "latency": ("bench.latency", ["--long-clients", "4", "--short", "4"]),
     "denoise-default": ("bench.denoise_default", ["--n", "2", "--new-tokens", "16"]),
     "infill-forward": ("bench.infill_forward", ["--repeats", "3"]),
+    "infill-examples": ("bench.infill_examples", []),
+    "cpu-step": ("bench.cpu_step", ["--steps", "8"]),
 }
 
 

@@ -69,3 +69,14 @@ def test_continuation_dev_prompts_are_disjoint_from_the_reported_ones(shared_dat
     dev = continuation.load_prompts(shared_data, 8, dev=True)
     assert len(test) == 24 and len(dev) == 8
     assert not set(test) & set(dev)
+
+
+def test_cpu_step_bench_on_a_tiny_model(tiny_llama_dir, capsys):
+    """bench.cpu_step: one row per weight format this machine has, each compared with fp32 in one run: fp32
+    agrees with itself, bf16 reads half the bytes, the floor comes from the measured bandwidth."""
+    from bench import cpu_step
+    rows = {r["variant"]: r for r in cpu_step.main(["--model", str(tiny_llama_dir), "--steps", "3", "--rows", "2"])}
+    assert rows["fp32"]["top1_agree"] == 1.0 and rows["fp32"]["vs_fp32"] == 1.0
+    assert rows["bf16"]["weights_mb"] == pytest.approx(rows["fp32"]["weights_mb"] / 2, rel=1e-3)
+    assert all(r["floor_ms"] > 0 and r["ms_1row"] > 0 and 0.0 <= r["top1_agree"] <= 1.0 for r in rows.values())
+    assert "| fp32 |" in capsys.readouterr().out
