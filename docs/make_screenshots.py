@@ -5,6 +5,7 @@ Playwright, presses each tab's primary button with every setting untouched, wait
 saves one PNG per tab (docs/app.md shows them).
 
     .venv/bin/python docs/make_screenshots.py            # ~3 min on a 2-core CPU
+    .venv/bin/python docs/make_screenshots.py Infill     # only the named tabs
 """
 from __future__ import annotations
 
@@ -40,8 +41,11 @@ def _wait_idle(page, timeout_s: float) -> None:
     page.wait_for_timeout(1500)   # the last frame and the charts settle
 
 
-def main() -> None:
+def main(names: list[str]) -> None:
     from playwright.sync_api import sync_playwright
+    unknown = set(names) - set(TABS)
+    if unknown:
+        raise SystemExit(f"unknown tab(s) {', '.join(sorted(unknown))}: choose from {', '.join(TABS)}")
     OUT.mkdir(parents=True, exist_ok=True)
     port = _free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
@@ -61,6 +65,8 @@ def main() -> None:
             page.goto(f"http://127.0.0.1:{port}/", wait_until="load")
             page.wait_for_timeout(5000)
             for tab, (button, wait_s) in TABS.items():
+                if names and tab not in names:
+                    continue
                 page.get_by_role("tab", name=tab).click()
                 page.wait_for_timeout(1000)
                 if button:
@@ -76,4 +82,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])
