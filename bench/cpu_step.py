@@ -134,9 +134,10 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
         msr, _ = time_steps(model, prompt, args.rows, args.steps, forced=None if ref is None else ref[:-1])
         if ref is None:
             ref = toks
-        floor = weight_bytes(model) / (gbs * 1e9) * 1000
+        nbytes = weight_bytes(model)
+        floor = nbytes / (gbs * 1e9) * 1000
         agree = sum(a == b for a, b in zip(toks, ref)) / len(ref)
-        rows.append({"variant": name, "weights_mb": weight_bytes(model) / 2**20, "ms_1row": ms1,
+        rows.append({"variant": name, "weights_mb": nbytes / 2**20, "ms_1row": ms1,
                      f"ms_{args.rows}rows": msr, "floor_ms": floor, "x_floor": ms1 / floor,
                      "vs_fp32": ms1 / rows[0]["ms_1row"] if rows else 1.0, "top1_agree": agree, "warmup_s": warm})
         del model

@@ -22,13 +22,9 @@ from bench.load_args import add_load_args, load_kwargs
 
 
 def reference_text(template: str, expected: Sequence[str]) -> str:
-    """The template with each span replaced by its expected text (the space before a marker stays, as in
-    `dlm.infill.attach_spaces`)."""
-    from dlm.infill import split_template
-    parts, spans = [], iter(expected)
-    for _, piece in split_template(template):
-        parts.append(piece if isinstance(piece, str) else next(spans, "").strip())
-    return "".join(parts)
+    """The template with each span replaced by its expected text (the template's own spaces around a marker stay)."""
+    from dlm.infill import join_pieces, split_template
+    return join_pieces([piece for _, piece in split_template(template)], [s.strip() for s in expected])
 
 
 def score_example(model, judge, example, seeds: int) -> dict:

@@ -199,11 +199,15 @@ def _stream_canvas(model, ic: InfillCanvas, prompt: str, config: SamplerConfig, 
     decode = model.tokenizer.decode
     span_texts = [ic.span_text(k, decode(tokens[a:b], skip_special_tokens=True, clean_up_tokenization_spaces=False))
                   for k, (a, b) in enumerate(ic.spans)]
-    # The text is rebuilt from the literal pieces themselves, so the template's text survives byte for byte.
-    it = iter(span_texts)
-    text = "".join(p if isinstance(p, str) else next(it) for p in ic.pieces)
-    yield Generation(text=text, token_ids=tokens, frames=frames, nfe=run.nfe, seconds=run.seconds,
+    yield Generation(text=join_pieces(ic.pieces, span_texts), token_ids=tokens, frames=frames, nfe=run.nfe, seconds=run.seconds,
                      spans=span_texts, prompt=prompt)
+
+
+def join_pieces(pieces: list[Union[str, int]], span_texts) -> str:
+    """A template's text with span k replaced by span_texts[k]: the literal pieces themselves, so the template's
+    text survives byte for byte."""
+    it = iter(span_texts)
+    return "".join(p if isinstance(p, str) else next(it) for p in pieces)
 
 
 def template_canvas(model, template: str) -> InfillCanvas:

@@ -16,6 +16,7 @@ from typing import Optional
 from dlm.cli import non_negative_int, positive_int
 
 from .backends import KINDS, SCORE_METHODS, EvalSettings, default_kind
+from .metrics import GSM8K_FORMATS
 from .data import MissingDataError, default_data_dir, file_fingerprints, recording_files
 from .report import table_from_dirs
 from .runner import eprint, evaluate
@@ -62,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-new-tokens", type=positive_int, default=None,
                    help="answer budget with --no-oracle-length (default per task)")
     g.add_argument("--chat", action="store_true", help="GSM8K: use the tokenizer's chat template")
-    g.add_argument("--gsm8k-format", choices=["full", "symbolic"], default="full",
+    g.add_argument("--gsm8k-format", choices=list(GSM8K_FORMATS), default="full",
                    help="GSM8K solutions in shots and for the oracle length: the worked text, or only the <<...>> "
                         "equations and #### answer (the paper's SFT form; for models fine-tuned with gsm8k-sft)")
     g.add_argument("--exec-timeout", type=float, default=10.0, help="seconds per HumanEval program")

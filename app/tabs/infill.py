@@ -15,8 +15,7 @@ from dlm.infill import attach_spaces, split_template
 # The shipped templates (`app/examples/infill/`, scored by `python -m bench.infill_examples`): the tab opens on
 # the first one the shipped model does well; the hard ones stay in the list, marked.
 EXAMPLES = load_examples(INFILL_EXAMPLES_DIR)
-TEMPLATE = next((e.prompt for e in EXAMPLES if not e.hard),
-                "The old fisherman walked down to the [MASK:6] every morning before sunrise.")
+TEMPLATE = next((e.prompt for e in EXAMPLES if not e.hard), EXAMPLES[0].prompt if EXAMPLES else "")
 
 
 class InfillTab:
