@@ -4,6 +4,7 @@
     python -m evals --model smollm2-135m-dlm --tasks rocstories,genppl64 --out runs/eval/smol-dlm
     python -m evals --model smollm2-135m --kind dlm --tasks piqa --out runs/eval/smol-unadapted   # baseline
     python -m evals table runs/eval/smol-ar runs/eval/smol-dlm                                # one table
+    python -m evals table --by shots runs/eval/dlm-k0 runs/eval/dlm-k4                       # k-shot layout
     python -m evals list                                                                     # tasks + data
 """
 from __future__ import annotations
@@ -183,8 +184,11 @@ def table_main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="python -m evals table", description="merge run directories into one table")
     p.add_argument("dirs", nargs="+", type=Path)
     p.add_argument("--out", type=Path, default=None, help="write the table here too")
+    p.add_argument("--by", choices=["model", "shots"], default="model",
+                   help="model: one row per run, one column per task (Table 1); shots: one row per model and task, "
+                        "one column per --shots value (runs of one model with different --shots merge)")
     args = p.parse_args(argv)
-    text = table_from_dirs(args.dirs)
+    text = table_from_dirs(args.dirs, by=args.by)
     print(text)
     if args.out:
         args.out.write_text(text, encoding="utf-8")

@@ -74,9 +74,31 @@ def column_title(task: str) -> str:
 
 
 def row_label(config: dict) -> str:
+    """The model and its kind, plus the in-context settings that make two runs of one model different rows."""
+    s = config.get("settings", {})
     label = config.get("label") or config.get("model", "?")
-    kind = config.get("settings", {}).get("kind", "?").upper()
-    return label if f"({kind})" in label else f"{label} ({kind})"  # a label that already names the kind
+    kind = s.get("kind", "?").upper()
+    label = label if f"({kind})" in label else f"{label} ({kind})"  # a label that already names the kind
+    extras = []
+    if s.get("shots"):
+        extras.append(f"{s['shots']}-shot")
+    if (s.get("samples") or 1) > 1:
+        extras.append(f"self-consistency {s['samples']}")
+    return label + (", " + ", ".join(extras) if extras else "")
+
+
+def _prompting(s: dict, tasks: Sequence[str]) -> str:
+    """How the generative tasks were prompted, when it differs from the zero-shot greedy default."""
+    parts = []
+    if s.get("chat"):
+        parts.append("chat template")
+    if s.get("shots"):
+        parts.append(f"{s['shots']} solved examples before each question (seeded per example)")
+    if (s.get("samples") or 1) > 1:
+        parts.append(f"majority of {s['samples']} answers sampled at temperature {s.get('sample_temperature')}")
+    if "gsm8k" in tasks and s.get("gsm8k_format") not in (None, "full"):
+        parts.append(f"GSM8K in its {s['gsm8k_format']} form")
+    return "".join(f"; {p}" for p in parts)
 
 
 def ordered_tasks(results: Sequence[dict]) -> list[str]:
@@ -84,17 +106,14 @@ def ordered_tasks(results: Sequence[dict]) -> list[str]:
     return [t for t in TABLE_ORDER if t in seen] + sorted(seen.difference(TABLE_ORDER))
 
 
-def markdown_table(runs: Sequence[tuple[dict, dict]]) -> str:
-    """runs: (config, results) per model -> the Markdown table plus one line per run with n and the settings."""
-    tasks = ordered_tasks([res for _, res in runs])
-    lines = ["| Model | " + " | ".join(column_title(t) for t in tasks) + " |",
-             "|---|" + "---|" * len(tasks)]
-    for config, res in runs:
-        lines.append(f"| {row_label(config)} | " + " | ".join(format_cell(t, res.get(t, {})) for t in tasks) + " |")
-    lines.append("")
-    lines.append("value [95% interval]: accuracy / exact match / pass@1 in % (Wilson score interval); ROCStories "
-                 "ROUGE-1/2/L F1 x 100 with the ROUGE-1 interval and perplexities (percentile bootstrap over examples, "
-                 "seeded); PPL of a DLM is the ELBO upper bound.")
+INTERVALS = ("value [95% interval]: accuracy / exact match / pass@1 in % (Wilson score interval); ROCStories "
+             "ROUGE-1/2/L F1 x 100 with the ROUGE-1 interval and perplexities (percentile bootstrap over examples, "
+             "seeded); PPL of a DLM is the ELBO upper bound.")
+
+
+def _run_lines(runs: Sequence[tuple[dict, dict]], tasks: Sequence[str]) -> list[str]:
+    """One line per run: n per task, how it scored and generated, the data files' SHA-256."""
+    lines = []
     for config, res in runs:
         s = config.get("settings", {})
         ns = ", ".join(f"{t} {res[t].get('n', '?')}" for t in tasks if t in res)
@@ -108,19 +127,54 @@ def markdown_table(runs: Sequence[tuple[dict, dict]]) -> str:
         data = config.get("data") or {}
         files = {name: fp.get("sha256", "?") for t in tasks for name, fp in data.get(t, {}).items()}
         hashes = ", ".join(f"{name} {sha[:12]}" for name, sha in files.items())
-        lines.append(f"- {row_label(config)}: n = {ns}; {how}; {length}; seed {s.get('seed')}"
+        lines.append(f"- {row_label(config)}: n = {ns}; {how}; {length}{_prompting(s, tasks)}; seed {s.get('seed')}"
                      + (f"; data sha256 {hashes}" if hashes else "") + ".")
-    return "\n".join(lines) + "\n"
+    return lines
 
 
-def table_from_dirs(dirs: Sequence[Path]) -> str:
+def markdown_table(runs: Sequence[tuple[dict, dict]]) -> str:
+    """runs: (config, results) per model -> the Markdown table plus one line per run with n and the settings."""
+    tasks = ordered_tasks([res for _, res in runs])
+    lines = ["| Model | " + " | ".join(column_title(t) for t in tasks) + " |",
+             "|---|" + "---|" * len(tasks)]
+    for config, res in runs:
+        lines.append(f"| {row_label(config)} | " + " | ".join(format_cell(t, res.get(t, {})) for t in tasks) + " |")
+    return "\n".join(lines + ["", INTERVALS] + _run_lines(runs, tasks)) + "\n"
+
+
+def shots_table(runs: Sequence[tuple[dict, dict]]) -> str:
+    """The in-context layout: one row per model (with its self-consistency) and task, one column per number of
+    solved examples in the prompt (`--shots`). Two runs giving the same cell are refused."""
+    tasks = ordered_tasks([res for _, res in runs])
+    shots = sorted({int(c.get("settings", {}).get("shots") or 0) for c, _ in runs})
+    rows: dict[tuple[str, str], dict[int, str]] = {}
+    for config, res in runs:
+        s = config.get("settings", {})
+        k = int(s.get("shots") or 0)
+        label = row_label({**config, "settings": {**s, "shots": 0}})
+        for t in (t for t in tasks if t in res):
+            row = rows.setdefault((label, t), {})
+            if k in row:
+                raise ValueError(f"two runs give {label}, {t}, {k}-shot; pass one of them")
+            row[k] = format_cell(t, res[t])
+    lines = ["| Model | Task | " + " | ".join(f"{k}-shot" for k in shots) + " |",
+             "|---|---|" + "---|" * len(shots)]
+    for t in tasks:     # a task's rows together, models in the order given
+        for (label, task), row in rows.items():
+            if task == t:
+                lines.append(f"| {label} | {column_title(t)} | " + " | ".join(row.get(k, "–") for k in shots) + " |")
+    return "\n".join(lines + ["", INTERVALS] + _run_lines(runs, tasks)) + "\n"
+
+
+def table_from_dirs(dirs: Sequence[Path], by: str = "model") -> str:
+    """The table of run directories: `by="model"` is Table 1's layout, `by="shots"` the in-context one."""
     runs = []
     for d in dirs:
         res = read_json(Path(d) / "results.json")
         if res is None:
             raise FileNotFoundError(f"{d} has no results.json (not an evals --out directory?)")
         runs.append((read_json(Path(d) / "config.json", {}), res))
-    return markdown_table(runs)
+    return shots_table(runs) if by == "shots" else markdown_table(runs)
 
 
-__all__ = ["markdown_table", "table_from_dirs", "format_cell", "format_value"]
+__all__ = ["markdown_table", "shots_table", "table_from_dirs", "format_cell", "format_value"]

@@ -405,3 +405,41 @@ def test_row_label_names_the_kind_once():
     assert row_label({"model": "smollm2-135m", "settings": {"kind": "ar"}}) == "smollm2-135m (AR)"
     assert row_label({"label": "SmolLM2 (DLM)", "settings": {"kind": "dlm"}}) == "SmolLM2 (DLM)"
     assert row_label({"label": "SmolLM2 (AR)", "settings": {"kind": "dlm"}}) == "SmolLM2 (AR) (DLM)"
+
+
+def test_in_context_runs_of_one_model_are_distinct_rows_with_their_prompting_said():
+    from evals.report import markdown_table, row_label
+    base = {"model": "m", "settings": {"kind": "dlm", "shots": 0, "samples": 1}}
+    k4 = {"model": "m", "settings": {"kind": "dlm", "shots": 4, "samples": 5, "sample_temperature": 0.7,
+                                     "gsm8k_format": "symbolic"}}
+    assert row_label(base) == "m (DLM)"
+    assert row_label(k4) == "m (DLM), 4-shot, self-consistency 5"
+    res = {"gsm8k": {"acc": 0.1, "ci": [0.05, 0.2], "n": 10}}
+    table = markdown_table([(base, res), (k4, res)])
+    assert "| m (DLM) |" in table and "| m (DLM), 4-shot, self-consistency 5 |" in table
+    assert "4 solved examples before each question" in table and "temperature 0.7" in table
+    assert "GSM8K in its symbolic form" in table
+    assert table.count("solved examples") == 1     # the zero-shot run says nothing about shots
+
+
+def test_shots_table_puts_each_model_and_task_on_a_row_with_one_column_per_k(tmp_path):
+    from evals.report import shots_table, table_from_dirs
+    from evals.store import write_json
+
+    def run(kind, shots, samples, acc):
+        s = {"kind": kind, "shots": shots, "samples": samples, "sample_temperature": 0.7}
+        return {"model": "m", "settings": s}, {"triviaqa": {"em": acc, "em_ci": [0.0, 0.5], "n": 20}}
+    runs = [run("ar", 0, 1, 0.0), run("ar", 4, 1, 0.25), run("dlm", 4, 1, 0.1), run("dlm", 4, 5, 0.2)]
+    table = shots_table(runs)
+    assert "| Model | Task | 0-shot | 4-shot |" in table
+    assert "| m (AR) | TriviaQA (em) | 0.0 [0.0, 50.0] | 25.0 [0.0, 50.0] |" in table
+    assert "| m (DLM) | TriviaQA (em) | – | 10.0 [0.0, 50.0] |" in table      # no 0-shot run: a dash
+    assert "| m (DLM), self-consistency 5 | TriviaQA (em) | – | 20.0 [0.0, 50.0] |" in table
+    with pytest.raises(ValueError, match="two runs give m \\(AR\\), triviaqa, 4-shot"):
+        shots_table(runs + [run("ar", 4, 1, 0.3)])
+    for i, (config, res) in enumerate(runs[:2]):       # the CLI's path reads the same from run directories
+        (tmp_path / str(i)).mkdir()
+        write_json(tmp_path / str(i) / "config.json", config)
+        write_json(tmp_path / str(i) / "results.json", res)
+    assert "| m (AR) | TriviaQA (em) | 0.0 [0.0, 50.0] | 25.0 [0.0, 50.0] |" in table_from_dirs(
+        [tmp_path / "0", tmp_path / "1"], by="shots")
