@@ -64,8 +64,12 @@ def prepare_out_dir(out: Path, config: dict, overwrite: bool = False) -> None:
         diff[:0] = [f"{k}: {old.get(k)!r} -> {config.get(k)!r}" for k in ("model", "dtype") if old.get(k) != config.get(k)]
         raise ConfigMismatch(f"{out} holds predictions made with other settings or data ({'; '.join(diff + changed)}); "
                              "use another --out, or --overwrite to discard them")
-    if old is not None and not overwrite and "data" in config:  # keep the hashes of tasks this run does not touch
-        config = {**config, "data": {**(old.get("data") or {}), **config["data"]}}
+    if old is not None and not overwrite:  # keep the hashes, example ranges and commands of the earlier runs
+        config = {**config, **{k: {**(old.get(k) or {}), **config[k]} for k in ("data", "examples") if k in config}}
+        earlier = list(old.get("earlier_commands") or []) + ([old["command"]] if old.get("command") else [])
+        if earlier and "command" in config:
+            config["earlier_commands"] = [c for i, c in enumerate(earlier) if c not in earlier[:i]
+                                          and c != config["command"]]
     if overwrite:
         shutil.rmtree(out / "predictions", ignore_errors=True)
         for name in ("results.json", "table.md"):

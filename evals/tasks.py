@@ -157,8 +157,9 @@ def eval_code_infill(b: EvalModel, ex: D.InfillExample) -> dict:
 
 # ----- GSM8K ---------------------------------------------------------------------------------------------------------------------
 def eval_gsm8k(b: EvalModel, ex: D.MathExample) -> dict:
-    """Zero-shot "Question: ...\\nAnswer:" (or the chat template with `chat`), greedy; the final answer is the
-    number after '####' in the output, else its last number. Oracle: the reference solution's token count."""
+    """The prompt "Question: ...\\nAnswer:" (or the chat template with `chat`) after `shots` solved train
+    questions, greedy or `samples` for self-consistency; the final answer is the number after '####' in the output,
+    else its last number. Oracle: the reference solution's token count (in the run's `gsm8k_format`)."""
     n = b.n_tokens(" " + ex.solution) if b.s.oracle_length else (b.s.max_new_tokens or 256)
     seed = example_seed(b.s.seed, ex.id)
     if b.s.chat:

@@ -183,3 +183,18 @@ def test_hellaswag_cell_falls_back_to_acc_and_says_so():
     from evals.report import format_cell
     assert format_cell("hellaswag", {"acc": 0.5, "acc_ci": [0.2, 0.8]}) == "50.0 [20.0, 80.0] (acc)"
     assert format_cell("hellaswag", {"acc": 0.5, "acc_norm": 0.75, "acc_norm_ci": [0.3, 0.95]}) == "75.0 [30.0, 95.0]"
+
+
+def test_a_second_run_into_a_directory_keeps_the_first_runs_hashes_examples_and_command(tmp_path):
+    from evals.store import prepare_out_dir, read_json
+    s = {"kind": "ar"}
+    first = {"model": "m", "dtype": "float32", "settings": s, "command": ["evals", "--tasks", "piqa"],
+             "data": {"piqa": {"piqa/dev.jsonl": {"sha256": "a" * 64}}}, "examples": {"piqa": [0, 9]}}
+    second = {"model": "m", "dtype": "float32", "settings": s, "command": ["evals", "--tasks", "siqa"],
+              "data": {"siqa": {"siqa/dev.jsonl": {"sha256": "b" * 64}}}, "examples": {"siqa": [0, 4]}}
+    prepare_out_dir(tmp_path, first)
+    prepare_out_dir(tmp_path, second)
+    prepare_out_dir(tmp_path, second)          # the same command again (a resume) is not listed twice
+    config = read_json(tmp_path / "config.json")
+    assert set(config["data"]) == {"piqa", "siqa"} and config["examples"] == {"piqa": [0, 9], "siqa": [0, 4]}
+    assert config["command"] == second["command"] and config["earlier_commands"] == [first["command"]]
