@@ -93,7 +93,8 @@ def _prompting(s: dict, tasks: Sequence[str]) -> str:
     if s.get("chat"):
         parts.append("chat template")
     if s.get("shots"):
-        parts.append(f"{s['shots']} solved examples before each question (seeded per example)")
+        parts.append(f"{s['shots']} solved example{'s' if s['shots'] > 1 else ''} before each question "
+                     "(seeded per example)")
     if (s.get("samples") or 1) > 1:
         parts.append(f"majority of {s['samples']} answers sampled at temperature {s.get('sample_temperature')}")
     if "gsm8k" in tasks and s.get("gsm8k_format") not in (None, "full"):
