@@ -5,6 +5,7 @@
     python -m evals --model smollm2-135m --kind dlm --tasks piqa --out runs/eval/smol-unadapted   # baseline
     python -m evals table runs/eval/smol-ar runs/eval/smol-dlm                                # one table
     python -m evals table --by shots runs/eval/dlm-k0 runs/eval/dlm-k4                       # k-shot layout
+    python -m evals compare runs/eval/smol-ar runs/eval/smol-dlm                              # paired B - A
     python -m evals list                                                                     # tasks + data
 """
 from __future__ import annotations
@@ -19,7 +20,7 @@ from dlm.cli import non_negative_int, positive_int
 from .backends import KINDS, SCORE_METHODS, EvalSettings, default_kind
 from .metrics import GSM8K_FORMATS
 from .data import MissingDataError, default_data_dir, file_fingerprints, recording_files
-from .report import table_from_dirs
+from .report import comparison_table, table_from_dirs
 from .runner import eprint, evaluate
 from .tasks import GENPPL, TASKS, get_task, mc_file_spec
 
@@ -195,6 +196,25 @@ def table_main(argv: list[str]) -> int:
     return 0
 
 
+def compare_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="python -m evals compare",
+                                description="run B against run A on the examples both scored: paired differences")
+    p.add_argument("a", type=Path)
+    p.add_argument("b", type=Path)
+    p.add_argument("--tasks", default="", help="comma-separated tasks (default: every task both runs have)")
+    p.add_argument("--out", type=Path, default=None, help="write the table here too")
+    args = p.parse_args(argv)
+    for d in (args.a, args.b):
+        if not (d / "results.json").is_file():
+            eprint(f"{d} has no results.json (not an evals --out directory?)")
+            return 2
+    text = comparison_table(args.a, args.b, [t for t in args.tasks.split(",") if t])
+    print(text)
+    if args.out:
+        args.out.write_text(text, encoding="utf-8")
+    return 0
+
+
 def list_main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="python -m evals list", description="tasks and whether their data is present")
     p.add_argument("--data-dir", type=Path, default=None)
@@ -216,6 +236,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "table":
         return table_main(argv[1:])
+    if argv and argv[0] == "compare":
+        return compare_main(argv[1:])
     if argv and argv[0] == "list":
         return list_main(argv[1:])
     args = build_parser().parse_args(argv)

@@ -187,5 +187,38 @@ def bootstrap_interval(values, statistic=None, resamples: int = BOOTSTRAP_RESAMP
     return float(lo), float(hi)
 
 
+def mcnemar_exact(b_only: int, a_only: int) -> float:
+    """Two-sided exact McNemar p-value: of the examples exactly one model gets right, is the split b_only : a_only
+    consistent with a fair coin? (the binomial test on the discordant pairs; 1.0 when there are none)."""
+    n = b_only + a_only
+    if n == 0:
+        return 1.0
+    k = min(b_only, a_only)
+    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n
+    return min(1.0, 2 * tail)
+
+
+def paired_difference(a: Sequence[float], b: Sequence[float], seed: int = BOOTSTRAP_SEED) -> dict:
+    """B - A on the same examples (per-example scores in the same order): the mean difference with a percentile
+    bootstrap interval that resamples examples as pairs, so what is easy or hard for both cancels and the
+    interval is narrower than the two separate intervals suggest. For 0/1 scores also the discordant counts
+    (`b_only`: B right and A wrong; `a_only`) and the exact McNemar p-value."""
+    import numpy as np
+    if len(a) != len(b):
+        raise ValueError(f"paired_difference: {len(a)} scores against {len(b)}")
+    x, y = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    out = {"n": len(x), "a": float(x.mean()) if len(x) else float("nan"),
+           "b": float(y.mean()) if len(y) else float("nan"),
+           "diff": float((y - x).mean()) if len(x) else float("nan"),
+           "ci": list(bootstrap_interval(y - x, seed=seed)), "ci_method": BOOTSTRAP_PAIRED}
+    if len(x) and set(np.unique(np.concatenate([x, y]))) <= {0.0, 1.0}:
+        out["b_only"], out["a_only"] = int(((y == 1) & (x == 0)).sum()), int(((x == 1) & (y == 0)).sum())
+        out["p_mcnemar"] = mcnemar_exact(out["b_only"], out["a_only"])
+    return out
+
+
+BOOTSTRAP_PAIRED = f"paired percentile bootstrap, {BOOTSTRAP_RESAMPLES} resamples, seed {BOOTSTRAP_SEED}"
+
+
 # ----- diversity -----------------------------------------------------------------------------------------------------
 from dlm.quality import distinct_n  # noqa: E402,F401  (one definition for the app, evals and bench)

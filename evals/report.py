@@ -10,7 +10,8 @@ import math
 from pathlib import Path
 from typing import Sequence
 
-from .store import read_json
+from .metrics import paired_difference
+from .store import PredictionStore, read_json
 from .tasks import PROPORTION_METRICS, TABLE_ORDER, get_task
 
 
@@ -178,4 +179,34 @@ def table_from_dirs(dirs: Sequence[Path], by: str = "model") -> str:
     return shots_table(runs) if by == "shots" else markdown_table(runs)
 
 
-__all__ = ["markdown_table", "shots_table", "table_from_dirs", "format_cell", "format_value"]
+def comparison_table(dir_a: Path, dir_b: Path, tasks: Sequence[str] = ()) -> str:
+    """B against A, task by task, on the examples both runs scored: each one's mean, the difference B - A with its
+    paired 95% interval, and for 0/1 scores the discordant counts and the exact McNemar p-value. Tasks scored
+    only as a corpus (perplexities) are left out."""
+    runs = [(read_json(Path(d) / "config.json", {}), read_json(Path(d) / "results.json", {}) or {})
+            for d in (dir_a, dir_b)]
+    names = [row_label(c) for c, _ in runs]
+    common = [t for t in ordered_tasks([r for _, r in runs]) if t in runs[0][1] and t in runs[1][1]]
+    lines = [f"A = {names[0]}: {dir_a}; B = {names[1]}: {dir_b}", "",
+             "| Task | metric | n | A | B | B - A [95% interval] | B only / A only right | McNemar p |",
+             "|---|---|---|---|---|---|---|---|"]
+    for t in (t for t in common if not tasks or t in tasks):
+        recs = [PredictionStore.read(Path(d) / "predictions" / f"{t}.jsonl") for d in (dir_a, dir_b)]
+        metric = _main_metric(t) or "acc"
+        ids = sorted(i for i in set(recs[0]) & set(recs[1])
+                     if _num(recs[0][i].get(metric)) and _num(recs[1][i].get(metric)))
+        if len(ids) < 2:
+            continue
+        d = paired_difference([recs[0][i][metric] for i in ids], [recs[1][i][metric] for i in ids])
+        scale = 100.0 if metric in PROPORTION_METRICS else 1.0
+        f = lambda v: f"{v * scale:.1f}"  # noqa: E731
+        disc = f"{d['b_only']} / {d['a_only']}" if "b_only" in d else "–"
+        p = f"{d['p_mcnemar']:.3f}" if "p_mcnemar" in d else "–"
+        lines.append(f"| {column_title(t)} | {metric} | {d['n']} | {f(d['a'])} | {f(d['b'])} | {f(d['diff'])} "
+                     f"[{f(d['ci'][0])}, {f(d['ci'][1])}] | {disc} | {p} |")
+    lines += ["", "Proportions in %. The interval resamples examples in pairs (2000 resamples, seed 0); an interval "
+              "that holds 0 means the runs are not told apart on these examples."]
+    return "\n".join(lines) + "\n"
+
+
+__all__ = ["markdown_table", "shots_table", "comparison_table", "table_from_dirs", "format_cell", "format_value"]

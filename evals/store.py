@@ -95,22 +95,30 @@ class PredictionStore:
 
     def __init__(self, path: Path):
         self.path = Path(path)
-        self.records: dict[int, dict] = {}
+        self.records: dict[int, dict] = self.read(self.path)
         if self.path.is_file():
-            lines = self.path.read_text(encoding="utf-8").splitlines()
-            for n, line in enumerate(lines, 1):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError:
-                    if n == len(lines):
-                        continue  # a line cut short by a crash: that example simply runs again
-                    raise ValueError(f"{self.path}:{n} is not valid JSON; delete the file to recompute") from None
-                self.records[int(rec["id"])] = rec
             # rewrite without a torn last line so later appends stay valid JSONL
             self.path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in self.records.values()),
                                  encoding="utf-8")
+
+    @staticmethod
+    def read(path: Path) -> dict[int, dict]:
+        """The records of a predictions file by example id, without touching it (a run may be appending)."""
+        records: dict[int, dict] = {}
+        if not Path(path).is_file():
+            return records
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+        for n, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                if n == len(lines):
+                    continue  # a line cut short by a crash (or being written): that example simply runs again
+                raise ValueError(f"{path}:{n} is not valid JSON; delete the file to recompute") from None
+            records[int(rec["id"])] = rec
+        return records
 
     def __contains__(self, example_id: int) -> bool:
         return example_id in self.records

@@ -198,3 +198,53 @@ def test_a_second_run_into_a_directory_keeps_the_first_runs_hashes_examples_and_
     config = read_json(tmp_path / "config.json")
     assert set(config["data"]) == {"piqa", "siqa"} and config["examples"] == {"piqa": [0, 9], "siqa": [0, 4]}
     assert config["command"] == second["command"] and config["earlier_commands"] == [first["command"]]
+
+
+def test_mcnemar_exact_is_the_two_sided_binomial_test_on_the_discordant_pairs():
+    from evals.metrics import mcnemar_exact
+    assert mcnemar_exact(0, 0) == 1.0 and mcnemar_exact(3, 3) == 1.0
+    assert mcnemar_exact(5, 0) == pytest.approx(2 / 32)          # 2 * 0.5**5, by hand
+    assert mcnemar_exact(0, 5) == mcnemar_exact(5, 0)
+    stats = pytest.importorskip("scipy.stats")
+    for b, a in [(9, 6), (33, 38), (20, 5), (1, 12)]:
+        assert mcnemar_exact(b, a) == pytest.approx(stats.binomtest(b, b + a, 0.5).pvalue, rel=1e-9)
+
+
+def test_paired_difference_cancels_what_both_share_and_counts_discordant_pairs():
+    from evals.metrics import bootstrap_interval, paired_difference
+    a = [1, 1, 0, 0, 1, 0, 1, 0] * 25
+    b = [1, 1, 0, 0, 1, 0, 0, 1] * 25              # the same except two examples per block swap
+    d = paired_difference(a, b)
+    assert d["n"] == 200 and d["diff"] == pytest.approx(0.0) and d["a"] == d["b"] == 0.5
+    assert d["b_only"] == 25 and d["a_only"] == 25 and d["p_mcnemar"] == 1.0
+    lo, hi = d["ci"]
+    assert lo < 0 < hi
+    # pairing: the interval of the difference is narrower than an unpaired one would be (both share 6 of 8)
+    ua, ub = bootstrap_interval(a), bootstrap_interval(b)
+    assert hi - lo < (ua[1] - ua[0]) + (ub[1] - ub[0])
+    better = paired_difference(a, [1] * 200)
+    assert better["diff"] == pytest.approx(0.5) and better["ci"][0] > 0.4 and better["a_only"] == 0
+    assert better["p_mcnemar"] < 1e-20
+    r = paired_difference([10.0, 20.0, 30.0], [12.0, 21.0, 33.0])       # ROUGE-like scores: no McNemar
+    assert r["diff"] == pytest.approx(2.0) and "p_mcnemar" not in r
+    with pytest.raises(ValueError, match="3 scores against 2"):
+        paired_difference([1, 0, 1], [1, 0])
+
+
+def test_evals_compare_pairs_two_runs_by_example_id(tmp_path):
+    from evals.cli import main
+    from evals.store import write_json
+    for name, kind, accs in (("a", "ar", [1, 0, 0, 1, 0]), ("b", "dlm", [1, 1, 0, 1, 1, 1])):
+        d = tmp_path / name
+        (d / "predictions").mkdir(parents=True)
+        write_json(d / "config.json", {"model": "m", "settings": {"kind": kind}})
+        write_json(d / "results.json", {"piqa": {"acc": sum(accs) / len(accs), "n": len(accs)}})
+        (d / "predictions" / "piqa.jsonl").write_text(
+            "".join(f'{{"id": {i}, "acc": {v}.0}}\n' for i, v in enumerate(accs)) + '{"id": 9, "ac', encoding="utf-8")
+    out = tmp_path / "cmp.md"
+    assert main(["compare", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(out)]) == 0
+    text = out.read_text()
+    # ids 0-4 in both (b's id 5 and the torn last lines are left out): A 2/5, B 4/5, B alone right on 1 and 4
+    assert "| PIQA | acc | 5 | 40.0 | 80.0 | 40.0 [" in text and "| 2 / 0 | 0.500 |" in text
+    assert (tmp_path / "a" / "predictions" / "piqa.jsonl").read_text().endswith('"ac')   # read, never rewritten
+    assert main(["compare", str(tmp_path / "a"), str(tmp_path / "nowhere")]) == 2
