@@ -201,7 +201,7 @@ def comparison_table(dir_a: Path, dir_b: Path, tasks: Sequence[str] = ()) -> str
         scale = 100.0 if metric in PROPORTION_METRICS else 1.0
         f = lambda v: f"{v * scale:.1f}"  # noqa: E731
         disc = f"{d['b_only']} / {d['a_only']}" if "b_only" in d else "–"
-        p = f"{d['p_mcnemar']:.3f}" if "p_mcnemar" in d else "–"
+        p = "–" if "p_mcnemar" not in d else "< 0.001" if d["p_mcnemar"] < 1e-3 else f"{d['p_mcnemar']:.3f}"
         lines.append(f"| {column_title(t)} | {metric} | {d['n']} | {f(d['a'])} | {f(d['b'])} | {f(d['diff'])} "
                      f"[{f(d['ci'][0])}, {f(d['ci'][1])}] | {disc} | {p} |")
     lines += ["", "Proportions in %. The interval resamples examples in pairs (2000 resamples, seed 0); an interval "
