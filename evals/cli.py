@@ -6,6 +6,7 @@
     python -m evals table runs/eval/smol-ar runs/eval/smol-dlm                                # one table
     python -m evals table --by shots runs/eval/dlm-k0 runs/eval/dlm-k4                       # k-shot layout
     python -m evals compare runs/eval/smol-ar runs/eval/smol-dlm                              # paired B - A
+    python -m evals rescore runs/eval/gsm8k-ar                                               # re-read answers
     python -m evals list                                                                     # tasks + data
 """
 from __future__ import annotations
@@ -21,7 +22,7 @@ from .backends import KINDS, SCORE_METHODS, EvalSettings, default_kind
 from .metrics import GSM8K_FORMATS
 from .data import MissingDataError, default_data_dir, file_fingerprints, recording_files
 from .report import comparison_table, table_from_dirs
-from .runner import eprint, evaluate
+from .runner import eprint, evaluate, rescore
 from .tasks import GENPPL, TASKS, get_task, mc_file_spec
 
 DEFAULT_TASKS = "piqa,siqa,winogrande,lambada"
@@ -215,6 +216,16 @@ def compare_main(argv: list[str]) -> int:
     return 0
 
 
+def rescore_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="python -m evals rescore",
+                                description="read answers again from the stored generations (no model is loaded)")
+    p.add_argument("dirs", nargs="+", type=Path)
+    args = p.parse_args(argv)
+    for d in args.dirs:
+        rescore(d)
+    return 0
+
+
 def list_main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="python -m evals list", description="tasks and whether their data is present")
     p.add_argument("--data-dir", type=Path, default=None)
@@ -238,6 +249,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         return table_main(argv[1:])
     if argv and argv[0] == "compare":
         return compare_main(argv[1:])
+    if argv and argv[0] == "rescore":
+        return rescore_main(argv[1:])
     if argv and argv[0] == "list":
         return list_main(argv[1:])
     args = build_parser().parse_args(argv)

@@ -101,9 +101,15 @@ def gsm8k_symbolic(solution: str) -> str:
 GSM8K_FORMATS = {"full": lambda solution: solution, "symbolic": gsm8k_symbolic}
 
 
+GSM8K_STOP = "Question:"   # lm-eval's stop for GSM8K too
+
+
 def gsm8k_prediction(text: str) -> Optional[str]:
     """The model's final answer: the first number after the last '####' if there is one, else the last number in
-    the text; canonical number string ("1,000.00" -> "1000"), None when the text holds no number."""
+    the text; canonical number string ("1,000.00" -> "1000"), None when the text holds no number. Text from the
+    first "Question:" on is not read: a model that goes on to pose the next problem (few-shot prompts invite it)
+    would otherwise be scored on that problem's numbers."""
+    text = text.split(GSM8K_STOP)[0]
     if "####" in text:
         after = _NUMBER.findall(text.split("####")[-1])
         if after:

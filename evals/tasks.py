@@ -113,12 +113,17 @@ def answers(b: EvalModel, prompt, n: int, seed: int, extract, messages=None) -> 
         return extract(text), [text]
     texts = [b.complete(prompt, n, seed + j, temperature=b.s.sample_temperature, top_p=0.95, messages=messages).text
              for j in range(b.s.samples)]
-    preds = [extract(t) for t in texts]
+    return majority([extract(t) for t in texts]), texts
+
+
+def majority(preds: list[Optional[str]]) -> Optional[str]:
+    """Self-consistency's vote: the most frequent answer after normalisation (ties: the first given); answers that
+    are None or empty do not vote; with no votes, the first answer."""
     votes = Counter(normalize_answer(p) for p in preds if p)
     if not votes:
-        return preds[0], texts
+        return preds[0]
     best = max(votes.values())
-    return next(p for p in preds if p and votes[normalize_answer(p)] == best), texts
+    return next(p for p in preds if p and votes[normalize_answer(p)] == best)
 
 
 def eval_qa(b: EvalModel, ex: D.QAExample) -> dict:
@@ -169,6 +174,14 @@ def eval_gsm8k(b: EvalModel, ex: D.MathExample) -> dict:
         pred, raw = answers(b, f"{ex.shots}Question: {ex.question}\nAnswer:", n, seed, gsm8k_prediction)
     return {"id": ex.id, "pred": pred, "answer": ex.answer, "raw": raw[0] if len(raw) == 1 else raw,
             "acc": float(numbers_equal(pred, ex.answer))}
+
+
+def rescore_gsm8k(record: dict) -> dict:
+    """The record with its answer read again from its stored generations (`raw`: one text, or the samples of
+    self-consistency), for when the reading rule changed; the generations themselves are not redone."""
+    raw = record["raw"]
+    pred = majority([gsm8k_prediction(t) for t in (raw if isinstance(raw, list) else [raw])])
+    return {**record, "pred": pred, "acc": float(numbers_equal(pred, record["answer"]))}
 
 
 # ----- the playground's In-context examples -------------------------------------------------------------------------------
@@ -315,7 +328,7 @@ TASKS: dict[str, TaskSpec] = {t.name: t for t in [
              description="multiple choice, 3 answers"),
     TaskSpec("piqa", "PIQA", _data(D.load_piqa), eval_mc, ("acc", "acc_norm"), "acc",
              description="multiple choice, 2 solutions"),
-    TaskSpec("gsm8k", "GSM8K", _gsm8k_data, eval_gsm8k, ("acc",), "acc",
+    TaskSpec("gsm8k", "GSM8K", _gsm8k_data, eval_gsm8k, ("acc",), "acc", extra={"rescore": rescore_gsm8k},
              description="grade-school math, answer after ####, zero-shot (meant for SFT'd models)"),
     TaskSpec("rocstories", "ROCStories", _data(D.load_rocstories), eval_story_infill,
              ("rouge1", "rouge2", "rougeL"), "rouge1",

@@ -443,3 +443,30 @@ def test_shots_table_puts_each_model_and_task_on_a_row_with_one_column_per_k(tmp
         write_json(tmp_path / str(i) / "results.json", res)
     assert "| m (AR) | TriviaQA (em) | 0.0 [0.0, 50.0] | 25.0 [0.0, 50.0] |" in table_from_dirs(
         [tmp_path / "0", tmp_path / "1"], by="shots")
+
+
+def test_gsm8k_answer_stops_at_the_next_question_and_rescore_rereads_stored_generations(tmp_path):
+    from evals.cli import main
+    from evals.store import read_json, write_json
+    # a few-shot prompt invites the model to pose the next problem: its numbers are not the answer
+    assert gsm8k_prediction(" <<2*3=6>> #### 6\n\nQuestion: Tom has 40 apples") == "6"
+    assert gsm8k_prediction(" 16 - 3 = 13\nQuestion: what is 5 + 9?") == "13"
+    from evals.tasks import majority
+    assert majority(["7", None, "8", "8 ", "7"]) == "7"          # a tie goes to the first given
+    assert majority([None, ""]) is None
+    # records written under the old rule (the next question's number read as the answer) are corrected in place
+    out = tmp_path / "run"
+    (out / "predictions").mkdir(parents=True)
+    recs = [{"id": 0, "raw": " <<2*3=6>>\n\nQuestion: Sam has 40", "answer": "6", "pred": "40", "acc": 0.0},
+            {"id": 1, "raw": [" 5 #### 5", " 4\nQuestion: 5", " #### 4"], "answer": "4", "pred": "5", "acc": 0.0},
+            {"id": 2, "raw": " #### 9", "answer": "8", "pred": "9", "acc": 0.0},
+            {"id": 3, "raw": " #### 8", "answer": "8", "pred": "8", "acc": 1.0}]   # outside the run's slice
+    (out / "predictions" / "gsm8k.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    write_json(out / "config.json", {"model": "m", "settings": {"kind": "ar"}, "examples": {"gsm8k": [0, 2]}})
+    write_json(out / "results.json", {"gsm8k": {"acc": 0.0, "n": 3}})
+    assert main(["rescore", str(out)]) == 0
+    res = read_json(out / "results.json")["gsm8k"]
+    assert res["n"] == 3 and res["acc"] == pytest.approx(2 / 3) and res["ci"][0] < 2 / 3 < res["ci"][1]
+    rows = [json.loads(line) for line in (out / "predictions" / "gsm8k.jsonl").read_text().splitlines()]
+    assert [r["pred"] for r in rows] == ["6", "4", "9", "8"] and rows[1]["raw"] == recs[1]["raw"]
+    assert "66.7" in (out / "table.md").read_text()
