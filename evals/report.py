@@ -204,8 +204,9 @@ def comparison_table(dir_a: Path, dir_b: Path, tasks: Sequence[str] = ()) -> str
         p = "–" if "p_mcnemar" not in d else "< 0.001" if d["p_mcnemar"] < 1e-3 else f"{d['p_mcnemar']:.3f}"
         lines.append(f"| {column_title(t)} | {metric} | {d['n']} | {f(d['a'])} | {f(d['b'])} | {f(d['diff'])} "
                      f"[{f(d['ci'][0])}, {f(d['ci'][1])}] | {disc} | {p} |")
-    lines += ["", "Proportions in %. The interval resamples examples in pairs (2000 resamples, seed 0); an interval "
-              "that holds 0 means the runs are not told apart on these examples."]
+    lines += ["", "Proportions in %. 95% intervals of the paired difference: Newcombe's score interval for "
+              "accuracies (method 10, 1998), a bootstrap over example pairs for ROUGE (2000 resamples, seed 0). "
+              "An interval that holds 0 means the runs are not told apart on these examples."]
     return "\n".join(lines) + "\n"
 
 

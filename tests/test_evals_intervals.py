@@ -248,3 +248,24 @@ def test_evals_compare_pairs_two_runs_by_example_id(tmp_path):
     assert "| PIQA | acc | 5 | 40.0 | 80.0 | 40.0 [" in text and "| 2 / 0 | 0.500 |" in text
     assert (tmp_path / "a" / "predictions" / "piqa.jsonl").read_text().endswith('"ac')   # read, never rewritten
     assert main(["compare", str(tmp_path / "a"), str(tmp_path / "nowhere")]) == 2
+
+
+def test_paired_proportion_interval_covers_and_agrees_with_mcnemar_when_few_examples_differ():
+    import numpy as np
+    from evals.metrics import mcnemar_exact, paired_proportion_interval
+    # B wrong on 4 of 1,033 problems that A passes, never the other way: the bootstrap's interval excluded 0 here,
+    # while McNemar's p is 0.125; the score interval holds 0 too
+    lo, hi = paired_proportion_interval(23, 4, 0, 1006)
+    assert lo < 0 < hi and mcnemar_exact(0, 4) > 0.05
+    lo, hi = paired_proportion_interval(5, 0, 25, 170)        # 25 : 0 discordant: clearly apart
+    assert 0 < lo < 25 / 200 < hi and mcnemar_exact(25, 0) < 1e-6
+    a, b = paired_proportion_interval(10, 15, 5, 20), paired_proportion_interval(10, 5, 15, 20)
+    assert a == pytest.approx((-b[1], -b[0]))                 # swapping the models mirrors the interval
+    assert paired_proportion_interval(0, 0, 0, 10)[0] < 0 < paired_proportion_interval(0, 0, 0, 10)[1]
+    # coverage of the true difference at the nominal 95%, including a rare-event table like GSM8K's
+    rng = np.random.default_rng(1)
+    for probs, n in (((0.02, 0.03, 0.01, 0.94), 200), ((0.3, 0.1, 0.15, 0.45), 100)):
+        true = probs[2] - probs[1]
+        hits = sum(lo <= true <= hi for lo, hi in (paired_proportion_interval(*rng.multinomial(n, probs))
+                                                   for _ in range(1000)))
+        assert hits >= 930, (probs, hits)
