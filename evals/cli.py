@@ -190,10 +190,14 @@ def table_main(argv: list[str]) -> int:
                    help="model: one row per run, one column per task (Table 1); shots: one row per model and task, "
                         "one column per --shots value (runs of one model with different --shots merge)")
     args = p.parse_args(argv)
-    text = table_from_dirs(args.dirs, by=args.by)
+    return _emit(table_from_dirs(args.dirs, by=args.by), args.out)
+
+
+def _emit(text: str, out: Optional[Path]) -> int:
+    """Print a table, and write it to `out` too when given."""
     print(text)
-    if args.out:
-        args.out.write_text(text, encoding="utf-8")
+    if out:
+        out.write_text(text, encoding="utf-8")
     return 0
 
 
@@ -209,11 +213,7 @@ def compare_main(argv: list[str]) -> int:
         if not (d / "results.json").is_file():
             eprint(f"{d} has no results.json (not an evals --out directory?)")
             return 2
-    text = comparison_table(args.a, args.b, [t for t in args.tasks.split(",") if t])
-    print(text)
-    if args.out:
-        args.out.write_text(text, encoding="utf-8")
-    return 0
+    return _emit(comparison_table(args.a, args.b, [t for t in args.tasks.split(",") if t]), args.out)
 
 
 def rescore_main(argv: list[str]) -> int:

@@ -329,7 +329,7 @@ TASKS: dict[str, TaskSpec] = {t.name: t for t in [
     TaskSpec("piqa", "PIQA", _data(D.load_piqa), eval_mc, ("acc", "acc_norm"), "acc",
              description="multiple choice, 2 solutions"),
     TaskSpec("gsm8k", "GSM8K", _gsm8k_data, eval_gsm8k, ("acc",), "acc", extra={"rescore": rescore_gsm8k},
-             description="grade-school math, answer after ####, zero-shot (meant for SFT'd models)"),
+             description="grade-school math, the number after #### (else the last one); --shots, --gsm8k-format"),
     TaskSpec("rocstories", "ROCStories", _data(D.load_rocstories), eval_story_infill,
              ("rouge1", "rouge2", "rougeL"), "rouge1",
              description="infill sentence 3 from 1-2 and 4-5 (AR: prefix only); ROUGE-1/2/L F1 x 100"),
