@@ -1,7 +1,6 @@
 """Run tasks for one model into an output directory (the library behind `python -m evals`)."""
 from __future__ import annotations
 
-import json
 import sys
 import time
 from dataclasses import asdict
@@ -75,28 +74,26 @@ def rescore(out: Path, log=print) -> dict:
     results = read_json(out / "results.json")
     if results is None:
         raise FileNotFoundError(f"{out} has no results.json (not an evals --out directory?)")
+    config = read_json(out / "config.json", {}) or {}
     for name in list(results):
         try:
             spec = get_task(name)
         except KeyError:
             continue
-        fn = spec.extra.get("rescore")
-        if fn is None:
+        if spec.rescore is None:
             continue
         path = out / "predictions" / f"{name}.jsonl"
         old = PredictionStore.read(path)
-        new = {i: fn(r) for i, r in old.items()}
+        new = {i: spec.rescore(r) for i, r in old.items()}
         changed = sum(new[i].get(spec.main) != old[i].get(spec.main) for i in new)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in new.values()), encoding="utf-8")
-        tmp.replace(path)
-        first_last = (read_json(out / "config.json", {}) or {}).get("examples", {}).get(name)
+        PredictionStore.write(path, new)
+        first_last = config.get("examples", {}).get(name)
         ids = [i for i in sorted(new) if not first_last or first_last[0] <= i <= first_last[-1]]  # the run's slice
         before = results[name].get(spec.main)
         results[name] = aggregate(spec, [new[i] for i in ids])
         log(f"{out}: {name}: {spec.main} {before} -> {results[name].get(spec.main)} ({changed} records changed)")
     write_json(out / "results.json", results)
-    (out / "table.md").write_text(markdown_table([(read_json(out / "config.json", {}), results)]), encoding="utf-8")
+    (out / "table.md").write_text(markdown_table([(config, results)]), encoding="utf-8")
     return results
 
 

@@ -96,10 +96,8 @@ class PredictionStore:
     def __init__(self, path: Path):
         self.path = Path(path)
         self.records: dict[int, dict] = self.read(self.path)
-        if self.path.is_file():
-            # rewrite without a torn last line so later appends stay valid JSONL
-            self.path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in self.records.values()),
-                                 encoding="utf-8")
+        if self.path.is_file():  # rewrite without a torn last line so later appends stay valid JSONL
+            self.write(self.path, self.records)
 
     @staticmethod
     def read(path: Path) -> dict[int, dict]:
@@ -119,6 +117,13 @@ class PredictionStore:
                 raise ValueError(f"{path}:{n} is not valid JSON; delete the file to recompute") from None
             records[int(rec["id"])] = rec
         return records
+
+    @staticmethod
+    def write(path: Path, records: dict[int, dict]) -> None:
+        """Replace the file with `records`, one JSON line each (written aside, then renamed: never half a file)."""
+        tmp = Path(path).with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records.values()), encoding="utf-8")
+        tmp.replace(path)
 
     def __contains__(self, example_id: int) -> bool:
         return example_id in self.records

@@ -39,6 +39,7 @@ class TaskSpec:
     metrics: tuple[str, ...]                 # per-example keys averaged into the results
     main: str                                # the metric shown in the table and whose stderr is "stderr"
     aggregate: Optional[Callable] = None     # custom (records -> results) for corpus-level metrics
+    rescore: Optional[Callable] = None       # record -> the record with its answer read again from its stored text
     default_new_tokens: int = 32             # answer budget when the length is not the oracle's
     description: str = ""
     extra: dict = field(default_factory=dict)
@@ -328,7 +329,7 @@ TASKS: dict[str, TaskSpec] = {t.name: t for t in [
              description="multiple choice, 3 answers"),
     TaskSpec("piqa", "PIQA", _data(D.load_piqa), eval_mc, ("acc", "acc_norm"), "acc",
              description="multiple choice, 2 solutions"),
-    TaskSpec("gsm8k", "GSM8K", _gsm8k_data, eval_gsm8k, ("acc",), "acc", extra={"rescore": rescore_gsm8k},
+    TaskSpec("gsm8k", "GSM8K", _gsm8k_data, eval_gsm8k, ("acc",), "acc", rescore=rescore_gsm8k,
              description="grade-school math, the number after #### (else the last one); --shots, --gsm8k-format"),
     TaskSpec("rocstories", "ROCStories", _data(D.load_rocstories), eval_story_infill,
              ("rouge1", "rouge2", "rougeL"), "rouge1",
