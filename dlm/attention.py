@@ -104,12 +104,43 @@ def staircase(seq_len: int, block_length: int, offset: int = 0, shift: bool = Tr
     return pattern, positions, rows
 
 
+def sliding_windows(config) -> dict[str, Optional[int]]:
+    """The attention kinds of a model's layers and the window of each: {"full_attention": None} for most models;
+    {"full_attention": None, "sliding_attention": W} for models that mix sliding-window layers in (Gemma 3, Qwen2 /
+    Qwen3 with `use_sliding_window`: their forward takes one mask per kind, as a dict); {"": W} for a model whose
+    every layer slides and that takes a single mask (Mistral with `sliding_window`)."""
+    window = getattr(config, "sliding_window", None)
+    kinds = set(getattr(config, "layer_types", None) or ())
+    if "sliding_attention" in kinds and window:
+        return {"full_attention": None, "sliding_attention": int(window)} if "full_attention" in kinds else \
+            {"sliding_attention": int(window)}
+    if getattr(config, "model_type", "") == "mistral" and window:
+        return {"": int(window)}
+    return {"full_attention": None}
+
+
+def _window_rule(window: Optional[int]):
+    """Keys a query may see inside a sliding window of W: the W - 1 before it and itself (the causal rule the layer
+    was trained with, transformers' `sliding_window_overlay`) and, when the pattern lets it look ahead, the W
+    after it (transformers' bidirectional sliding overlay, |q - kv| <= W)."""
+    if window is None:
+        return None
+    return lambda q, kv: (kv > q - window) & (kv <= q + window)
+
+
 def prepared_mask(config, pattern: torch.Tensor, batch_size: int, dtype: torch.dtype,
-                  padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+                  padding_mask: Optional[torch.Tensor] = None, positions: Optional[torch.Tensor] = None):
     """A [Q, K] bool pattern (queries are the last Q of K positions; the first K - Q are cached) + an optional
     [B, K] padding mask (1 = token) -> the 4D mask the model's attention implementation expects, built by
     `transformers.masking_utils` (bool for sdpa, additive for eager). Every query keeps its own key, so rows of
-    padding stay finite."""
+    padding stay finite.
+
+    Models with sliding-window layers (Gemma 3, Qwen2 / Qwen3 with `use_sliding_window`; `sliding_windows`) get one
+    mask per layer kind, {"full_attention": ..., "sliding_attention": ...}, the form their forward accepts: the
+    pattern reaches every layer and the sliding ones also keep their window. This assumes the keys are all
+    positions 0..K-1 (an uncached forward, or a cache that keeps every token: `full_length_cache`). `positions`
+    ([K] long, the keys' position ids; the queries are the last Q) measures the window in positions where they
+    differ from the order of the tokens (the [x_t; x_0] staircase repeats positions); None = 0..K-1."""
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
     impl = getattr(config, "_attn_implementation", None) or "sdpa"
     if impl.startswith("flash"):
@@ -118,17 +149,41 @@ def prepared_mask(config, pattern: torch.Tensor, batch_size: int, dtype: torch.d
     Q, K = pattern.shape
     past = K - Q
     pad = padding_mask.bool() if padding_mask is not None else None
-
-    def mask_function(b, h, q, kv):
-        allowed = pattern[q - past, kv]
-        if pad is not None:
-            allowed = allowed & pad[b, kv]
-        return allowed | (q == kv)
-
     builder = ALL_MASK_ATTENTION_FUNCTIONS[impl if impl in ALL_MASK_ATTENTION_FUNCTIONS else "sdpa"]
-    return builder(batch_size=batch_size, q_length=Q, kv_length=K, q_offset=past, kv_offset=0,
-                   mask_function=mask_function, attention_mask=None, allow_is_causal_skip=False,
-                   allow_is_bidirectional_skip=False, dtype=dtype, device=pattern.device, config=config)
+
+    pos = positions.to(pattern.device) if positions is not None else None
+
+    def build(window: Optional[int]):
+        rule = _window_rule(window)
+
+        def mask_function(b, h, q, kv):
+            allowed = pattern[q - past, kv]
+            if rule is not None:
+                allowed = allowed & (rule(q, kv) if pos is None else rule(pos[q], pos[kv]))
+            if pad is not None:
+                allowed = allowed & pad[b, kv]
+            return allowed | (q == kv)
+
+        return builder(batch_size=batch_size, q_length=Q, kv_length=K, q_offset=past, kv_offset=0,
+                       mask_function=mask_function, attention_mask=None, allow_is_causal_skip=False,
+                       allow_is_bidirectional_skip=False, dtype=dtype, device=pattern.device, config=config)
+
+    kinds = sliding_windows(config)
+    if list(kinds) == ["full_attention"]:
+        return build(None)
+    if "" in kinds:
+        return build(kinds[""])
+    return {kind: build(window) for kind, window in kinds.items()}
+
+
+def full_length_cache(config):
+    """A transformers cache that keeps every token on every layer. `DynamicCache(config=...)` keeps only the last
+    W - 1 tokens of a sliding-window layer, which breaks the block decoders' masks (built over all cached positions)
+    and their crop of the noisy block; for models without sliding layers the two are the same."""
+    from transformers import DynamicCache
+    if list(sliding_windows(config)) == ["full_attention"]:
+        return DynamicCache(config=config)
+    return DynamicCache()
 
 
 @contextlib.contextmanager

@@ -88,6 +88,46 @@ register(ModelSpec("diffugpt-m", "dlm", "diffusionfamily/diffugpt-m", mask_token
 register(ModelSpec("diffullama", "dlm", "diffusionfamily/diffullama", mask_token_id=DIFFULLAMA_MASK_ID,
                    ar_counterpart="llama-2-7b", family="llama", params="6.7B",
                    notes="DiffuLLaMA-7B (Gong et al. 2024); needs the network once and ~14 GB in bf16."))
+# Today's open diffusion LMs, loaded natively (no remote code): their released layouts are mapped onto transformers'
+# own classes once, into the cache (`dlm.families`). Verified only against tiny synthesized checkpoints in each
+# released layout; the real weights have never been downloaded by this project (no network here).
+DREAM_MASK_ID = 151666
+LLADA_MASK_ID = 126336
+SDAR_MASK_ID = 151669
+register(ModelSpec("dream-v0-base-7b", "dlm", "Dream-org/Dream-v0-Base-7B", mask_token_id=DREAM_MASK_ID,
+                   ar_counterpart="qwen2.5-7b", family="dream", params="7.6B",
+                   notes="Dream-v0 base (Qwen2.5-7B adapted, with the shift); native Qwen2 mapping; ~15 GB in bf16, "
+                         "~5 GB in 4-bit. Recommended: full decoder, entropy order, T 0.2, top-p 0.95."))
+register(ModelSpec("dream-v0-instruct-7b", "dlm", "Dream-org/Dream-v0-Instruct-7B", mask_token_id=DREAM_MASK_ID,
+                   ar_counterpart="qwen2.5-7b-instruct", family="dream", params="7.6B",
+                   notes="Dream-v0 instruct; as dream-v0-base-7b, raced against Qwen2.5-7B-Instruct."))
+register(ModelSpec("llada-8b-base", "dlm", "GSAI-ML/LLaDA-8B-Base", mask_token_id=LLADA_MASK_ID,
+                   ar_counterpart="llama-3.1-8b", family="llada", params="8.0B",
+                   notes="LLaDA-8B base (trained from scratch, no shift); native LLaMA mapping of its OLMo-style "
+                         "names. Its AR comparison is LLaMA-3.1-8B (a comparison of like size, not its twin)."))
+register(ModelSpec("llada-8b-instruct", "dlm", "GSAI-ML/LLaDA-8B-Instruct", mask_token_id=LLADA_MASK_ID,
+                   ar_counterpart="llama-3.1-8b-instruct", family="llada", params="8.0B",
+                   notes="LLaDA-8B instruct; recommended: blocks of 32, low-confidence remasking, greedy."))
+register(ModelSpec("sdar-4b-chat", "dlm", "JetLM/SDAR-4B-Chat", mask_token_id=SDAR_MASK_ID,
+                   ar_counterpart="qwen3-4b", family="sdar", params="4.4B",
+                   notes="SDAR-4B-Chat: Qwen3-4B adapted into block diffusion (block 4, no shift, block-causal "
+                         "clean attention); native Qwen3 mapping; blocks decoder, threshold 0.9."))
+register(ModelSpec("sdar-8b-chat", "dlm", "JetLM/SDAR-8B-Chat", mask_token_id=SDAR_MASK_ID,
+                   ar_counterpart="qwen3-8b", family="sdar", params="8.2B",
+                   notes="SDAR-8B-Chat: Qwen3-8B adapted into block diffusion; as sdar-4b-chat."))
+register(ModelSpec("qwen2.5-7b", "ar", "Qwen/Qwen2.5-7B", family="qwen2", params="7.6B",
+                   notes="Dream-v0-Base's base model and AR counterpart."))
+register(ModelSpec("qwen2.5-7b-instruct", "ar", "Qwen/Qwen2.5-7B-Instruct", family="qwen2", params="7.6B",
+                   notes="The AR counterpart of Dream-v0-Instruct."))
+register(ModelSpec("llama-3.1-8b", "ar", "meta-llama/Llama-3.1-8B", family="llama", params="8.0B",
+                   notes="An AR comparison for LLaDA-8B-Base of the same size (LLaDA is not adapted from it; gated "
+                         "on the hub)."))
+register(ModelSpec("llama-3.1-8b-instruct", "ar", "meta-llama/Llama-3.1-8B-Instruct", family="llama", params="8.0B",
+                   notes="An AR comparison for LLaDA-8B-Instruct (gated on the hub)."))
+register(ModelSpec("qwen3-4b", "ar", "Qwen/Qwen3-4B", family="qwen3", params="4.0B",
+                   notes="The AR counterpart of SDAR-4B-Chat (its base family)."))
+register(ModelSpec("qwen3-8b", "ar", "Qwen/Qwen3-8B", family="qwen3", params="8.2B",
+                   notes="The AR counterpart of SDAR-8B-Chat."))
 register(ModelSpec("gpt2", "ar", "openai-community/gpt2", family="gpt2", params="124M",
                    notes="GPT-2 small, DiffuGPT-S's base."))
 register(ModelSpec("gpt2-medium", "ar", "openai-community/gpt2-medium", family="gpt2", params="355M",

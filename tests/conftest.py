@@ -76,7 +76,7 @@ def tiny_tokenizer():
     return fast
 
 
-FAMILY_CONFIGS = {  # the four supported base families, each a tiny random model (2 layers, 64 wide)
+FAMILY_CONFIGS = {  # the supported base families, each a tiny random model (2 layers, 64 wide)
     "gpt2": ("GPT2Config", "GPT2LMHeadModel", dict(n_embd=64, n_layer=2, n_head=4, n_positions=512)),
     "llama": ("LlamaConfig", "LlamaForCausalLM", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                                       num_attention_heads=4, num_key_value_heads=2,
@@ -88,6 +88,17 @@ FAMILY_CONFIGS = {  # the four supported base families, each a tiny random model
                                                             num_hidden_layers=2, num_attention_heads=4,
                                                             num_key_value_heads=2, max_position_embeddings=512,
                                                             sliding_window=None)),
+    # Qwen3 (q/k norms; SDAR's base) and Gemma 3 text (q/k norms, scaled embeddings, a sliding-window layer beside a
+    # full one: the window of 4 is shorter than the tests' sequences, so the hooks must keep it)
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                                      num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                                      max_position_embeddings=512, tie_word_embeddings=False)),
+    "gemma3_text": ("Gemma3TextConfig", "Gemma3ForCausalLM", dict(hidden_size=64, intermediate_size=128,
+                                                                  num_hidden_layers=2, num_attention_heads=4,
+                                                                  num_key_value_heads=2, head_dim=16,
+                                                                  query_pre_attn_scalar=16, sliding_window=4,
+                                                                  layer_types=["sliding_attention", "full_attention"],
+                                                                  max_position_embeddings=512)),
 }
 
 
