@@ -8,4 +8,5 @@ holds the shipped few-shot prompts."""
 # to seconds; the time limit catches everything else (long lengths x many steps). Here, not in app.backend, so the
 # launcher's --help does not import torch.
 MAX_PROMPT_TOKENS = 1024
+MAX_NEW_TOKENS = 512  # tokens one request may generate or fill (--max-new-tokens): the UI's slider range
 TIME_LIMIT_S = 120.0

@@ -19,9 +19,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Optional
 
-from app import MAX_PROMPT_TOKENS, TIME_LIMIT_S, experiments, render
+from app import MAX_NEW_TOKENS, MAX_PROMPT_TOKENS, TIME_LIMIT_S, experiments, render
 from app.models import Display, ModelInfo, Models, SwitchPolicy, process_memory
-from app.requests import Checker, cap_steps, prompt_limit, sampler_config
+from app.requests import DEFAULT_BOUNDS, Bounds, Checker, cap_steps, prompt_limit, sampler_config
 from app.worker import Run, Worker, lane
 from dlm.quality import judge_ppl
 from dlm.sampler_config import SamplerConfig
@@ -48,19 +48,24 @@ class Backend:
 
     min_frame_interval: at most one delivery per this many seconds while streaming (default 1/15 s).
     max_prompt_tokens:  the longest prompt (or infilling context) one request may have (None = the model's context).
+    max_new_tokens:     the most tokens one request may generate or fill (None = the model's context); with the
+                        prompt limit it bounds every canvas, checked before anything is built for a request.
     time_limit:         seconds of model work one request may take (None = no limit).
-    per_session:        requests one session may have waiting besides its running one (a newer replaces the oldest).
+    per_client:         requests one client address may have waiting besides its running one (more are refused
+                        before they wait, as information).
     max_waiting:        requests allowed to wait in all (None = no bound).
     policy:             which models users may switch to (`SwitchPolicy`; default: none).
     attn_implementation: for every `dlm.load` (auto / sdpa / eager / flash_attention_2).
     """
 
     def __init__(self, min_frame_interval: float = 1 / 15, *, max_prompt_tokens: Optional[int] = MAX_PROMPT_TOKENS,
-                 time_limit: Optional[float] = TIME_LIMIT_S, per_session: int = 1, max_waiting: Optional[int] = None,
-                 policy: SwitchPolicy = SwitchPolicy(), attn_implementation: str = "auto"):
-        self.worker = Worker(min_frame_interval, time_limit, per_session=per_session, max_waiting=max_waiting)
+                 time_limit: Optional[float] = TIME_LIMIT_S, per_client: int = 4, max_waiting: Optional[int] = None,
+                 policy: SwitchPolicy = SwitchPolicy(), attn_implementation: str = "auto",
+                 max_new_tokens: Optional[int] = MAX_NEW_TOKENS):
+        self.worker = Worker(min_frame_interval, time_limit, per_client=per_client, max_waiting=max_waiting)
         self.models = Models(self.worker, policy, attn_implementation)
         self.max_prompt_tokens = max_prompt_tokens
+        self.max_new_tokens = max_new_tokens
 
     # ---------------------------------------------------------------------------------------- the models
     @property
@@ -119,8 +124,16 @@ class Backend:
         return self.models.base_config(task)
 
     def sampler(self, values: Optional[dict] = None, task: str = "write") -> SamplerConfig:
-        """UI / API sampler values -> a validated SamplerConfig on the model's recommended one (`sampler_config`)."""
-        return sampler_config(values or {}, self.base_config(task), infill=task == "infill")
+        """UI / API sampler values -> a validated SamplerConfig on the model's recommended one (`sampler_config`),
+        each knob within what one request may cost (`bounds`)."""
+        return sampler_config(values or {}, self.base_config(task), infill=task == "infill", bounds=self.bounds())
+
+    def bounds(self) -> Bounds:
+        """The size bounds of one request under the loaded model and this server's limits."""
+        model = self.models.model
+        if model is None:
+            return DEFAULT_BOUNDS
+        return Checker(model, self.max_prompt_tokens, self.max_new_tokens).bounds
 
     # ---------------------------------------------------------------------------------------- runs
     def start(self, job: Callable[[], Iterator[tuple[str, Any]]], session: Optional[str] = None, model=None,
@@ -136,7 +149,7 @@ class Backend:
     def _checked(self):
         """(the loaded model, a Checker of one request against it and this server's limits)."""
         model = self.require_model()
-        return model, Checker(model, self.max_prompt_tokens)
+        return model, Checker(model, self.max_prompt_tokens, self.max_new_tokens)
 
     # ---------------------------------------------------------------------------------------- model work
     def generate(self, prompt, config: SamplerConfig, *, chat=False, pins=None, session: Optional[str] = None
@@ -195,6 +208,7 @@ class Backend:
         model, check = self._checked()
         ar = self.ar_model()
         n = check.fields(length=max_new_tokens)["length"] or config.max_new_tokens
+        check.new_tokens(n, "length")
         p = check.prompt(prompt, False, new_tokens=n, what="prefix")
         cfg = config.replace(max_new_tokens=n)
         return self.start(lambda: lane("ar", model.ar_stream(p.text, cfg, ar_model=ar)), session, model,

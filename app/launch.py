@@ -5,14 +5,18 @@ project's adapted default (smollm2-135m-dlm), or, while that is missing, the un-
 
 Security (docs/app.md, "Security and limits"): users cannot switch models unless --allow-model-switch (then registry
 names and folders under --model-dir only); the hub is offline (HF_HUB_OFFLINE=1) unless --online, so no request
-starts a download; uploads are bounded; --auth user:pass guards a server reachable beyond this machine, and binding
+starts a download; requests to another host name are refused and the upload route is closed; --auth user:pass guards a server reachable beyond this machine, and binding
 beyond 127.0.0.1 without it prints a warning.
 """
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
+import shutil
+import signal
 import sys
+import tempfile
 
 # No analytics / telemetry calls from Gradio or the hub client. Offline mode is set in main() from --online, before
 # anything imports huggingface_hub.
@@ -20,7 +24,7 @@ os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
 os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
-from app import MAX_PROMPT_TOKENS, TIME_LIMIT_S  # noqa: E402  (light: no torch)
+from app import MAX_NEW_TOKENS, MAX_PROMPT_TOKENS, TIME_LIMIT_S  # noqa: E402  (light: no torch)
 from dlm.load_options import ATTN_IMPLEMENTATIONS, QUANTIZATIONS  # noqa: E402  (no torch either)
 
 
@@ -37,12 +41,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="auto", help="auto (GPU if present) / cpu / cuda / mps (default auto)")
     p.add_argument("--dtype", default="auto", help="auto / float32 / bfloat16 / float16 (default auto)")
     p.add_argument("--queue-size", type=int, default=16, help="max requests waiting in the queue (default 16)")
-    p.add_argument("--queue-per-session", type=int, default=1,
-                   help="requests one session (browser tab / API client) may have waiting besides its running one; "
-                        "a newer one replaces the oldest (default 1)")
+    p.add_argument("--queue-per-client", type=int, default=4,
+                   help="requests one client address may have waiting besides its running one (two tabs, a small "
+                        "batch of API jobs); more are refused before they wait (default 4)")
+    p.add_argument("--trusted-proxies", default="", metavar="ADDR[,ADDR...]",
+                   help="reverse proxies (addresses or networks) whose X-Forwarded-For names the client; fairness "
+                        "and the per-client bound then count the forwarded address (default: none)")
+    p.add_argument("--allowed-hosts", default="", metavar="NAME[,NAME...]",
+                   help="more names this server answers to (the Host header) besides the bound host, localhost "
+                        "and 127.0.0.1; other names are refused (DNS rebinding)")
     p.add_argument("--max-prompt-tokens", type=int, default=MAX_PROMPT_TOKENS,
                    help=f"longest prompt (or infilling context) one request may have, in tokens (default "
                         f"{MAX_PROMPT_TOKENS}; 0 = the model's context)")
+    p.add_argument("--max-new-tokens", type=int, default=MAX_NEW_TOKENS,
+                   help=f"most tokens one request may generate or fill (default {MAX_NEW_TOKENS}; 0 = the model's "
+                        f"context); with --max-prompt-tokens it bounds every request's canvas")
     p.add_argument("--time-limit", type=float, default=TIME_LIMIT_S,
                    help=f"seconds of model work one request may take before it is stopped with a message (default "
                         f"{TIME_LIMIT_S:g}; 0 = no limit)")
@@ -59,8 +72,18 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="allow hub downloads (default: HF_HUB_OFFLINE=1, so no request can start a download)")
     p.add_argument("--auth", default=None, metavar="USER:PASS",
                    help="require this login (use it whenever --host is not 127.0.0.1)")
-    p.add_argument("--max-file-size", default="1mb", help="largest upload Gradio accepts (default 1mb)")
+    p.add_argument("--max-file-size", default="1mb",
+                   help="largest upload Gradio accepts (default 1mb; the app takes no file, its upload route is "
+                        "closed)")
     args = p.parse_args(argv)
+    args.trusted_proxies = [a.strip() for a in args.trusted_proxies.split(",") if a.strip()]
+    args.allowed_hosts = [a.strip() for a in args.allowed_hosts.split(",") if a.strip()]
+    try:
+        import ipaddress
+        for a in args.trusted_proxies:
+            ipaddress.ip_network(a, strict=False)
+    except ValueError as e:
+        p.error(f"--trusted-proxies: {e}")
     if args.auth is not None:
         user, colon, password = args.auth.partition(":")
         if not (user and colon and password):
@@ -81,10 +104,39 @@ def exposure_warning(args: argparse.Namespace) -> str:
     return ""
 
 
+def temp_dirs() -> list[str]:
+    """This process's temporary folders: Gradio's (its upload and file cache, one per process: GRADIO_TEMP_DIR
+    set by `own_temp_dir`) and the exports' (`app.render.EXPORT_DIR`)."""
+    return [os.path.join(tempfile.gettempdir(), f"dlm-studio-gradio-{os.getpid()}"),
+            os.path.join(tempfile.gettempdir(), f"dlm-studio-exports-{os.getpid()}")]
+
+
+def remove_temp_dirs() -> None:
+    for d in temp_dirs():
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def own_temp_dir() -> None:
+    """Gradio's temp folder becomes one of this process (unless the operator set GRADIO_TEMP_DIR), and this
+    process's temp folders are removed at exit, on SIGTERM too (the default SIGTERM ends Python without its exit
+    handlers: it becomes the KeyboardInterrupt Gradio's server loop ends on)."""
+    if not os.environ.get("GRADIO_TEMP_DIR"):
+        os.environ["GRADIO_TEMP_DIR"] = temp_dirs()[0]
+    atexit.register(remove_temp_dirs)
+
+    def terminate(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+    try:
+        signal.signal(signal.SIGTERM, terminate)
+    except ValueError:  # not the main thread (an embedding script): its own handlers stay
+        pass
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     if not args.online:
         os.environ["HF_HUB_OFFLINE"] = "1"  # a hub id, the operator's or a user's, never starts a download
+    own_temp_dir()  # before Gradio is imported: it reads GRADIO_TEMP_DIR then
     from app import ui  # imported after the environment is set
     from app.models import SwitchPolicy
 
@@ -94,7 +146,7 @@ def main(argv=None) -> None:
     print(f"loading {args.model or 'the default model'} …", file=sys.stderr, flush=True)
     demo = ui.build(model=args.model, ar_model=args.ar_model, adapter=args.adapter, quantization=args.quantization,
                     device=args.device, dtype=args.dtype, queue_size=args.queue_size,
-                    queue_per_session=args.queue_per_session,
+                    queue_per_client=args.queue_per_client, max_new_tokens=args.max_new_tokens or None,
                     max_prompt_tokens=args.max_prompt_tokens or None, time_limit=args.time_limit or None,
                     policy=SwitchPolicy(args.allow_model_switch, tuple(args.model_dir)),
                     attn_implementation=args.attn_implementation)
@@ -108,6 +160,7 @@ def main(argv=None) -> None:
     notice = demo.backend.notice()
     if notice:
         print(f"NOTE: {notice}", file=sys.stderr, flush=True)
+    demo.allowed_hosts, demo.trusted_proxies = args.allowed_hosts, args.trusted_proxies  # for app.api.guard
     demo.launch(server_name=args.host, server_port=args.port, share=args.share, show_error=True,
                 auth=tuple(args.auth.split(":", 1)) if args.auth else None, max_file_size=args.max_file_size)
 

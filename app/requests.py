@@ -17,22 +17,27 @@ from types import SimpleNamespace
 from typing import Any, Callable, Optional
 
 import dlm
-from app import MAX_PROMPT_TOKENS
+from app import MAX_NEW_TOKENS, MAX_PROMPT_TOKENS
 from dlm.decoders import DECODERS
-from dlm.reveal import block_sizes
+from dlm.reveal import block_count
 from dlm.infill import edit_canvas, pair_canvas, split_template, template_canvas
-from dlm.sampler_config import SamplerConfig, _coerce, _number
+from dlm.sampler_config import SamplerConfig, _coerce, _number, _short as short
 from dlm.sampling import check_length, encode_prompt
 
 log = logging.getLogger("dlm.app")
 
 
 # ---------------------------------------------------------------------------------------------------- messages
+MAX_MESSAGE_CHARS = 400  # a message to a user, at most (what it quotes of the input is an excerpt: `short`)
+
+
 def describe_error(e: BaseException) -> str:
     """A one-line message for users. Bad input (ValueError, a SamplerConfigError, an unknown model) says what is
     wrong and names the field; out of memory says what to try; anything else is an internal error: its type is
     shown and its text goes to the server log, never a Python message such as "'int' object has no attribute"."""
     text = (str(e).strip() or type(e).__name__).splitlines()[0]
+    if len(text) > MAX_MESSAGE_CHARS:  # messages quote short excerpts; this is the last guard
+        text = text[:MAX_MESSAGE_CHARS] + "…"
     if "out of memory" in text.lower() or type(e).__name__ == "OutOfMemoryError":
         return ("Out of memory: try a shorter length, fewer concurrent runs, a smaller dtype (bfloat16) or "
                 "quantization, or a smaller model. The server is still running.")
@@ -51,7 +56,7 @@ def as_text(name: str, v) -> str:
     if v is None:
         return ""
     if not isinstance(v, str):
-        raise ValueError(f"{name}: must be text, got {v!r}")
+        raise ValueError(f"{name}: must be text, got {short(v)}")
     try:
         v.encode("utf-8")
     except UnicodeEncodeError as e:
@@ -75,7 +80,7 @@ def as_whole(name: str, v, minimum: int = 1) -> Optional[int]:
     except ValueError:
         n = None
     if n is None or n < minimum:
-        raise ValueError(f"{name}: must be a whole number >= {minimum}, got {v!r}")
+        raise ValueError(f"{name}: must be a whole number >= {minimum}, got {short(v)}")
     return n
 
 
@@ -92,7 +97,7 @@ def parse_int_list(text, what: str = "values") -> list[int]:
         try:
             out.append(as_whole(what, t, 1))
         except ValueError:
-            raise ValueError(f"{what}: {t!r} is not a positive whole number (write e.g. 4, 8, 16)") from None
+            raise ValueError(f"{what}: {short(t)} is not a positive whole number (write e.g. 4, 8, 16)") from None
     if not out:
         raise ValueError(f"{what}: give at least one positive number, e.g. 4, 8, 16")
     if len(out) > MAX_LIST_VALUES:
@@ -114,17 +119,18 @@ def as_pins(name: str, v) -> dict[int, str]:
                 pos, colon, word = part.partition(":")
                 if not colon:
                     raise ValueError(f"{name}: write position: word pairs such as '0: Paris; 5: France', "
-                                     f"got {part.strip()!r}")
+                                     f"got {short(part.strip())}")
                 pairs.append((pos, word.rstrip()))
     else:
-        raise ValueError(f"{name}: write position: word pairs such as '0: Paris; 5: France', got {v!r}")
+        raise ValueError(f"{name}: write position: word pairs such as '0: Paris; 5: France', got {short(v)}")
     out = {}
     for pos, word in pairs:
         k = as_whole(f"{name} position", pos, 0)
         if k is None or not isinstance(word, str) or not word.strip():
-            raise ValueError(f"{name}: each pin needs a position >= 0 and a word, got {pos!r}: {word!r}")
+            raise ValueError(f"{name}: each pin needs a position >= 0 and a word, got {short(pos)}: {short(word)}")
         if k in out:
-            raise ValueError(f"{name}: position {k} is given twice ({out[k]!r} and {word!r}); one word per position")
+            raise ValueError(f"{name}: position {k} is given twice ({short(out[k])} and {short(word)}); one word per "
+                             f"position")
         out[k] = as_text(name, word)
     return out
 
@@ -133,15 +139,15 @@ def as_edits(name: str, v) -> list[tuple[int, int, Optional[int]]]:
     """[[start, end, new_length or None], ...]: offsets into the generated tokens, end exclusive."""
     if not isinstance(v, (list, tuple)) or not v:
         raise ValueError(f"{name}: give a list of [start, end, new_length or null] spans (offsets into the "
-                         f"generated tokens, end exclusive), got {v!r}")
+                         f"generated tokens, end exclusive), got {short(v)}")
     out = []
     for e in v:
         if not isinstance(e, (list, tuple)) or len(e) not in (2, 3):
-            raise ValueError(f"{name}: each edit is [start, end] or [start, end, new_length], got {e!r}")
+            raise ValueError(f"{name}: each edit is [start, end] or [start, end, new_length], got {short(e)}")
         start, end = as_whole(f"{name} start", e[0], 0), as_whole(f"{name} end", e[1], 1)
         new = as_count(f"{name} new_length", e[2]) if len(e) == 3 else None
         if start is None or end is None or end <= start:
-            raise ValueError(f"{name}: each edit needs 0 <= start < end, got {list(e)!r}")
+            raise ValueError(f"{name}: each edit needs 0 <= start < end, got {short(list(e))}")
         out.append((start, end, new))
     return out
 
@@ -151,17 +157,17 @@ def ui_edit(start, end, new_length) -> tuple[int, int, Optional[int]]:
     region), remasked as `new_length` tokens (0 / empty = the same count)."""
     a, b = as_whole("edit from", start, 0), as_whole("edit to", end, 0)
     if a is None or b is None or b < a:
-        raise ValueError(f"edit: select tokens first (from {start!r} to {end!r}: 'to' must be >= 'from')")
+        raise ValueError(f"edit: select tokens first (from {short(start)} to {short(end)}: 'to' must be >= 'from')")
     n = as_whole("edit new length", new_length, 0)
     return a, b + 1, n or None
 
 
 def as_token_ids(name: str, v) -> list[int]:
     if not isinstance(v, (list, tuple)) or not v:
-        raise ValueError(f"{name}: give the generated token ids as a non-empty list of integers, got {v!r}")
+        raise ValueError(f"{name}: give the generated token ids as a non-empty list of integers, got {short(v)}")
     ids = [as_whole(name, t, 0) for t in v]
     if None in ids:
-        raise ValueError(f"{name}: must be whole numbers >= 0, got {v!r}")
+        raise ValueError(f"{name}: must be whole numbers >= 0, got {short(v)}")
     return ids
 
 
@@ -184,7 +190,7 @@ MAX_LIST_VALUES = 8     # values of a sweep (steps, span lengths)
 MAX_LIST_CHARS = 256    # characters of a sweep's list as text ("4, 8, 16"), checked before it is split
 MAX_EDITS = 64          # spans of one /redenoise request
 MAX_PINS = 64           # pinned words of one request
-MAX_BODY_BYTES = 4 << 20  # an HTTP request body (app.api.ApiGuard), before Gradio parses it
+BIG_INT = 2**31 - 1      # integer knobs without a natural bound (top_k): beyond it a value means nothing more
 TEXT_FIELDS = ("prompt", "template", "prefix", "suffix", "pins")
 LIST_FIELDS = ("sweep_steps", "span_lengths")
 
@@ -197,7 +203,8 @@ class Bounds:
     server's limit; without a model, those of the default limit."""
 
     prompt_tokens: int = MAX_PROMPT_TOKENS
-    token_ids: int = 1 << 16  # a canvas: the model's context
+    token_ids: int = MAX_PROMPT_TOKENS + MAX_NEW_TOKENS  # a canvas: prompt + new tokens (within the context)
+    new_tokens: int = MAX_NEW_TOKENS  # tokens one request may generate or fill (within the context)
 
     def check(self, name: str, v) -> None:
         if name in TEXT_FIELDS and isinstance(v, str) and len(v) > CHARS_PER_TOKEN * self.prompt_tokens:
@@ -211,11 +218,35 @@ class Bounds:
                 raise ValueError(f"{name.replace('_', ' ')}: at most {MAX_LIST_VALUES} values, got {len(v)}")
         limit = dict(token_ids=self.token_ids, edits=MAX_EDITS, pins=MAX_PINS).get(name)
         if limit is not None and isinstance(v, (list, tuple, dict)) and len(v) > limit:
-            what = "tokens (the model's context)" if name == "token_ids" else "items"
+            what = "tokens (prompt + new tokens)" if name == "token_ids" else "items"
             raise ValueError(f"{name}: {len(v)} items is over the limit of {limit} {what} per request")
+
+    def knob(self, name: str, value) -> None:
+        """A sampler knob's value against what one request may cost (before any config, block list or canvas is
+        built from it): the length, steps and block length at most `new_tokens`, top_k at most BIG_INT."""
+        limit = dict(max_new_tokens=self.new_tokens, steps=self.new_tokens, block_length=self.new_tokens,
+                     top_k=BIG_INT).get(name)
+        if limit is not None and isinstance(value, int) and value > limit:
+            if limit == BIG_INT:
+                raise ValueError(f"{name}: {short(value)} is out of range; give at most {BIG_INT}")
+            raise ValueError(f"{name}: {short(value)} is over this server's limit of {limit} new tokens per request "
+                             f"(dlm-studio --max-new-tokens)")
+
+    @property
+    def body_bytes(self) -> int:
+        """The largest real HTTP request body (`app.api.ApiGuard`'s cap for the model routes): four text fields
+        at their bound, each character escaped as JSON's 6-byte \\uXXXX, a canvas of token ids, 64 KB for the
+        rest (the other fields, the knobs, Gradio's envelope)."""
+        return 4 * 6 * CHARS_PER_TOKEN * self.prompt_tokens + 8 * self.token_ids + (64 << 10)
+
+    @property
+    def list_items(self) -> int:
+        """The longest list a real request holds (a canvas of token ids; everything else is shorter)."""
+        return max(self.token_ids, 256)
 
 
 DEFAULT_BOUNDS = Bounds()
+MAX_BODY_BYTES = DEFAULT_BOUNDS.body_bytes  # an HTTP request body of a model route under the default limits
 
 
 def check_fields(bounds: Bounds = DEFAULT_BOUNDS, **values) -> dict:
@@ -230,6 +261,7 @@ def check_fields(bounds: Bounds = DEFAULT_BOUNDS, **values) -> dict:
 # ------------------------------------------------------------------------------------------------ sampler knobs
 PER_DECODER = {d["name"] for d in SamplerConfig.describe() if d.get("per_decoder")}
 DECODER_FIELD = next(f for f in dataclasses.fields(SamplerConfig) if f.name == "decoder")
+KNOB_FIELDS = {f.name: f for f in dataclasses.fields(SamplerConfig)}
 
 
 def read_by(decoder: str, values: dict) -> dict:
@@ -238,18 +270,26 @@ def read_by(decoder: str, values: dict) -> dict:
     return {k: v for k, v in values.items() if k not in PER_DECODER or k in uses}
 
 
-def sampler_config(values: dict, base: SamplerConfig, *, infill: bool = False) -> SamplerConfig:
+def sampler_config(values: dict, base: SamplerConfig, *, infill: bool = False, bounds: Bounds = DEFAULT_BOUNDS
+                   ) -> SamplerConfig:
     """The one conversion of UI / API sampler values into a validated SamplerConfig on top of `base` (the loaded
     model's recommended config): `SamplerConfig.from_dict(..., ui=True)`, so strings and floats are coerced, each
     field's `off` sentinel means None (threshold 0, seed -1, block_length 0) and a value left out or None keeps
     base's. Messages name the field (SamplerConfig's own). For infilling (`infill`) the template fixes the length,
-    so the shared steps slider is capped at the masked tokens (`cap_steps`) instead of refused.
+    so the shared steps slider is capped at the masked tokens (`cap_steps`) instead of refused. Each knob is held
+    against what one request may cost (`bounds.knob`: the length at most the server's new tokens) as soon as it
+    is coerced, before anything is built from it.
     """
     given = {k: v for k, v in (values or {}).items() if not (v is None or (isinstance(v, str) and not v.strip()))}
     decoder = _coerce(DECODER_FIELD, given.get("decoder", base.decoder), ui=True)
     given = read_by(decoder, given)  # a widget the decoder ignores still sends its value: base's is kept
+    for name, value in given.items():
+        f = KNOB_FIELDS.get(name)
+        if f is not None:
+            bounds.knob(name, _coerce(f, value, ui=True))
     cfg = SamplerConfig.from_dict({**base.to_dict(), **given}, ui=True)
     if not infill:
+        bounds.knob("max_new_tokens", cfg.max_new_tokens)
         check_combination(cfg)  # steps above the length, fewer than the blocks: before any work
     return cfg
 
@@ -261,7 +301,7 @@ def check_combination(cfg: SamplerConfig) -> SamplerConfig:
     uses = DECODERS[cfg.decoder].uses
     if "steps" in uses and cfg.steps is not None:
         cfg.steps_for(cfg.max_new_tokens)
-        blocks = len(block_sizes(cfg.max_new_tokens, cfg.block_length)) if "block_length" in uses else 1
+        blocks = block_count(cfg.max_new_tokens, cfg.block_length) if "block_length" in uses else 1
         if cfg.steps < blocks:
             raise ValueError(f"steps: {cfg.steps} is fewer than the {blocks} blocks (length {cfg.max_new_tokens} / "
                              f"block length {cfg.block_length}); every block needs at least one step")
@@ -415,10 +455,13 @@ class Checker:
     size first (`Bounds`, before any parsing or tokenizing), then every check that needs the model (tokenizing,
     the context, template spans, pins, edits), before any model work. The one place for a request's limits."""
 
-    def __init__(self, model, max_prompt_tokens: Optional[int]):
+    def __init__(self, model, max_prompt_tokens: Optional[int], max_new_tokens: Optional[int] = MAX_NEW_TOKENS):
         self.model = model
         self.limit = prompt_limit(model, max_prompt_tokens)
-        self.bounds = Bounds(prompt_tokens=self.limit, token_ids=int(model.max_length))
+        context = int(model.max_length)
+        self.new_limit = min(max_new_tokens or context, context)  # tokens one request may generate or fill
+        self.canvas = min(context, self.limit + self.new_limit)  # prompt + new tokens: what a forward covers
+        self.bounds = Bounds(prompt_tokens=self.limit, token_ids=self.canvas, new_tokens=self.new_limit)
 
     def fields(self, **values) -> dict:
         """`check_fields` under this request's bounds."""
@@ -428,6 +471,26 @@ class Checker:
         if n > self.limit:
             raise ValueError(f"{what}: {n} tokens is over this server's limit of {self.limit} prompt tokens per "
                              f"request (dlm-studio --max-prompt-tokens); shorten it")
+
+    def new_tokens(self, n: int, what: str = "max_new_tokens") -> None:
+        """`n` tokens to generate or fill, within this server's limit and the model's context (checked before any
+        canvas or block list is built)."""
+        if n > self.new_limit:
+            if self.new_limit == self.model.max_length:
+                raise ValueError(f"{what}: {short(n)} tokens is beyond the model's context of "
+                                 f"{self.model.max_length} tokens")
+            raise ValueError(f"{what}: {short(n)} tokens is over this server's limit of {self.new_limit} new "
+                             f"tokens per request (dlm-studio --max-new-tokens)")
+
+    def spans(self, template: str) -> None:
+        """Every `[MASK:n]` of a template within the new-token limit, read from its digits before any integer is
+        made of them (`[MASK:<5000 digits>]` is a message naming the template, not Python's digit limit)."""
+        for m in re.finditer(r"\[MASK:\s*[-+]?(\d+)", template):
+            digits = m.group(1)
+            if len(digits) > 9 or int(digits) > self.new_limit:
+                shown = m.group(0) if len(m.group(0)) <= 20 else m.group(0)[:17] + "…"
+                raise ValueError(f"template: the span {shown}] at position {m.start()} asks for more tokens than "
+                                 f"this server fills per request ({self.new_limit}: dlm-studio --max-new-tokens)")
 
     def prompt(self, prompt, chat=False, *, new_tokens: Optional[int] = None, what: str = "prompt") -> Prompt:
         """A prompt (a one-message chat when `chat`) within the limit; with `new_tokens`, prompt + new tokens
@@ -445,6 +508,7 @@ class Checker:
         ids = encode_prompt(model, text, messages)[0]
         self.tokens(len(ids), what)
         if new_tokens is not None:
+            self.new_tokens(new_tokens)
             check_length(model, len(ids), new_tokens)
         return Prompt(text, messages, ids)
 
@@ -458,18 +522,18 @@ class Checker:
         owner: dict[int, str] = {}
         for offset, word in sorted(words.items()):
             ids = list(self.model.tokenizer(word, add_special_tokens=False)["input_ids"])
-            what = f"{word!r} at {offset} ({len(ids)} token{'s' if len(ids) != 1 else ''}: positions " \
+            what = f"{short(word)} at {offset} ({len(ids)} token{'s' if len(ids) != 1 else ''}: positions " \
                    f"{offset}..{offset + len(ids) - 1})"
             if not ids:
-                raise ValueError(f"pins: {word!r} at {offset} has no tokens; pin a word")
+                raise ValueError(f"pins: {short(word)} at {offset} has no tokens; pin a word")
             if mask in ids:
-                raise ValueError(f"pins: {word!r} at {offset} holds the mask token; pin ordinary text")
+                raise ValueError(f"pins: {short(word)} at {offset} holds the mask token; pin ordinary text")
             if offset + len(ids) > n:
                 raise ValueError(f"pins: {what} does not fit in the {n} generated tokens (positions 0..{n - 1})")
             for k, t in enumerate(ids, offset):
                 if k in owner:
                     raise ValueError(f"pins: {what} overlaps {owner[k]} at position {k}")
-                out[k], owner[k] = t, f"{word!r} at {offset}"
+                out[k], owner[k] = t, f"{short(word)} at {offset}"
         if out and len(out) >= n:
             raise ValueError(f"pins: they cover all {n} generated tokens; nothing is left to generate")
         return out
@@ -489,14 +553,17 @@ class Checker:
             if not f["template"].strip():
                 raise ValueError("template is empty: write text with [MASK] or [MASK:n] spans to fill")
             probe = f["template"]
+            self.spans(probe)
             if lengths:
                 if not any(isinstance(p, int) for _, p in split_template(probe)):
                     raise ValueError("template: it has no [MASK] or [MASK:n] span to sweep")
                 probe = with_span_length(probe, max(lengths))
             masked = masked_tokens(probe)
-            if masked > self.model.max_length:
-                raise ValueError(f"template: its spans hold {masked} tokens, beyond the model's context of "
-                                 f"{self.model.max_length} tokens")
+            if masked > self.new_limit:
+                where = f"the model's context of {self.model.max_length} tokens" \
+                    if self.new_limit == self.model.max_length else \
+                    f"this server's limit of {self.new_limit} new tokens per request (dlm-studio --max-new-tokens)"
+                raise ValueError(f"template: its spans hold {masked} tokens, beyond {where}")
             fixed = sum(template_canvas(self.model, probe).fixed)
             self.tokens(fixed, "template")
             spans = sum(isinstance(p, int) for _, p in split_template(f["template"]))
@@ -505,7 +572,7 @@ class Checker:
             raise ValueError("prefix / suffix: give a template, or a prefix and/or a suffix around the span to fill")
         n = f["length"] or 16
         longest = max(lengths) if lengths else n
-        self._context(longest, "span lengths" if lengths else "length")
+        self.new_tokens(longest, "span lengths" if lengths else "length")
         canvas, _ = pair_canvas(self.model, f["prefix"], f["suffix"], longest)
         fixed = sum(canvas.fixed)
         self.tokens(fixed, "prefix / suffix")
@@ -516,8 +583,7 @@ class Checker:
         out = self.fields(span_lengths=lengths)["span_lengths"]
         if not out:
             raise ValueError("span lengths: give at least one positive number, e.g. 4, 8, 16")
-        if max(out) > self.model.max_length:
-            raise ValueError(f"span lengths: {max(out)} is beyond the model's context of {self.model.max_length}")
+        self.new_tokens(max(out), "span lengths")
         return out
 
     def edit(self, tokens, n_prompt: int, edits) -> Edit:
@@ -537,8 +603,8 @@ class Checker:
         for a, b, new in sorted(edits):
             if b > n_gen:
                 raise ValueError(f"edits: span {a}..{b} is outside the {n_gen} generated tokens")
-            if new is not None and new > model.max_length:
-                raise ValueError(f"edits: new length {new} is beyond the model's context of {model.max_length}")
+            if new is not None:
+                self.new_tokens(new, "edits new_length")
             if previous is not None and a < previous[1]:
                 raise ValueError(f"edits: span {a}..{b} overlaps span {previous[0]}..{previous[1]} (offsets into "
                                  f"the generated tokens, end exclusive)")
@@ -546,9 +612,9 @@ class Checker:
         fixed = [True] * n_prompt + [False] * n_gen
         canvas_edits = [(n_prompt + a, n_prompt + b, new) for a, b, new in edits]
         ids, _, _ = edit_canvas(tokens, fixed, canvas_edits)
-        if len(ids) > model.max_length:
-            raise ValueError(f"edits: the edited canvas has {len(ids)} tokens, beyond the model's context of "
-                             f"{model.max_length}")
+        if len(ids) > self.canvas:
+            raise ValueError(f"edits: the edited canvas has {len(ids)} tokens, over the limit of {self.canvas} "
+                             f"tokens per request (prompt + new tokens)")
         remasked = sum(b - a if n is None else n for a, b, n in edits)
         self.tokens(len(ids) - remasked, "canvas")
         return Edit(tokens, fixed, canvas_edits, remasked)

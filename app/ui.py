@@ -7,13 +7,11 @@ from __future__ import annotations
 from typing import Optional
 
 import gradio as gr
-from starlette.middleware import Middleware
 
 from app import api
-from app import MAX_PROMPT_TOKENS, TIME_LIMIT_S
+from app import MAX_NEW_TOKENS, MAX_PROMPT_TOKENS, TIME_LIMIT_S
 from app.backend import Backend
 from app.models import SwitchPolicy
-from app.requests import MAX_BODY_BYTES
 from app.tabs.common import BANNER_CSS, LIGHT, banner
 from app.tabs.denoise import DenoiseTab
 from app.tabs.incontext import InContextTab
@@ -37,9 +35,7 @@ class Playground(gr.Blocks):
     def launch(self, *args, **kwargs):
         kwargs.setdefault("max_file_size", MAX_FILE_SIZE)
         app_kwargs = dict(kwargs.get("app_kwargs") or {})
-        app_kwargs["middleware"] = [*app_kwargs.get("middleware", []),
-                                    Middleware(api.ApiGuard, endpoints=self.api_signatures, max_body=MAX_BODY_BYTES,
-                                               fn_ids=lambda: set(self.fns))]
+        app_kwargs["middleware"] = [*app_kwargs.get("middleware", []), api.guard(self, kwargs)]
         kwargs["app_kwargs"] = app_kwargs
         return super().launch(*args, **kwargs)
 
@@ -53,17 +49,17 @@ def build(backend: Optional[Backend] = None, *, model: Optional[str] = None, ar_
           quantization: str = "none", device: str = "auto", dtype: str = "auto", adapter: Optional[str] = None,
           queue_size: int = 16, min_frame_interval: float = 1 / 15,
           max_prompt_tokens: Optional[int] = MAX_PROMPT_TOKENS, time_limit: Optional[float] = TIME_LIMIT_S,
-          queue_per_session: int = 1, policy: SwitchPolicy = SwitchPolicy(), attn_implementation: str = "auto"
-          ) -> gr.Blocks:
+          queue_per_client: int = 4, policy: SwitchPolicy = SwitchPolicy(), attn_implementation: str = "auto",
+          max_new_tokens: Optional[int] = MAX_NEW_TOKENS) -> gr.Blocks:
     """Build the playground. Loads the model now (the default DLM, falling back with a notice) unless a ready
-    `backend` is given. `queue_size` bounds the requests waiting in all, `queue_per_session` those of one session
-    (a newer one replaces the oldest); `min_frame_interval` throttles animation; `max_prompt_tokens` /
-    `time_limit` bound what one request may cost (None = no limit); `policy` says which models users may switch
-    to (default: none); `attn_implementation` goes to every `dlm.load`."""
+    `backend` is given. `queue_size` bounds the requests waiting in all, `queue_per_client` those of one client
+    address (more are refused before they wait); `min_frame_interval` throttles animation; `max_prompt_tokens` /
+    `max_new_tokens` / `time_limit` bound what one request may cost (None = no limit); `policy` says which models
+    users may switch to (default: none); `attn_implementation` goes to every `dlm.load`."""
     if backend is None:
         backend = Backend(min_frame_interval=min_frame_interval, max_prompt_tokens=max_prompt_tokens,
-                          time_limit=time_limit, per_session=queue_per_session, max_waiting=queue_size,
-                          policy=policy, attn_implementation=attn_implementation)
+                          time_limit=time_limit, per_client=queue_per_client, max_waiting=queue_size,
+                          policy=policy, attn_implementation=attn_implementation, max_new_tokens=max_new_tokens)
         backend.load_default(model, ar_model, quantization=quantization, device=device, dtype=dtype,
                              adapter=adapter)
 
@@ -92,7 +88,7 @@ def build(backend: Optional[Backend] = None, *, model: Optional[str] = None, ar_
         demo.api_signatures = api.register(backend)
 
     # Model events start at once (MODEL: no Gradio limit); the worker queues their model work fairly and bounds it
-    # (queue_size in all, queue_per_session per session). Gradio's queue bounds what is left (light events).
+    # (queue_size in all, queue_per_client per client address). Gradio's queue bounds what is left (light events).
     demo.queue(max_size=4 * queue_size, default_concurrency_limit=1)
     demo.backend = backend  # for tests and scripts embedding the app
     return demo

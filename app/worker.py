@@ -65,8 +65,35 @@ class TimeLimitExceeded(ValueError):
     """A run went past the server's time limit per request (it ends like a Stop, with this message as reason)."""
 
 
-class Replaced(ValueError):
-    """A waiting run was replaced by a newer request of its session (at most `per_session` wait per session)."""
+class Busy(ValueError):
+    """A request refused before it waits: its client address has `per_client` requests waiting already, or
+    `max_waiting` wait in all. Nothing was started; the message says so (information, not a failure of the run)."""
+
+
+class Caller(str):
+    """A session id (what Stop and a closed tab act on) that also carries its client's address (what the fair order
+    and the bound on waiting work count by): `caller(request)` makes one from a Gradio request."""
+
+    address: str
+
+    def __new__(cls, session: str, address: str):
+        obj = super().__new__(cls, session)
+        obj.address = address
+        return obj
+
+
+def caller(request) -> Optional[str]:
+    """The `Caller` of a Gradio request (its session id and its client's address; `app.api.ApiGuard` has already
+    put the forwarded address there when the connection comes from a proxy the operator trusts); None without a
+    request, the bare session id without an address."""
+    session = getattr(request, "session_hash", None) if request is not None else None
+    if session is None:
+        return None
+    try:
+        host = request.client.host
+    except Exception:  # noqa: BLE001  (no connection: a request built in a test or a script)
+        host = None
+    return Caller(session, host) if host else session
 
 
 def lane(name: str, stream) -> Iterator[tuple[str, Any]]:
@@ -90,6 +117,9 @@ class Run:
     def __init__(self, worker: "Worker", job: Job, session: Optional[str], display=None, cost: float = 0.0):
         self.worker = worker
         self.session = session or uuid.uuid4().hex
+        # the fair order and the bound on waiting work are per client address (`Caller.address`, set from the
+        # HTTP connection, or the forwarded address from a trusted proxy); without one, per session
+        self.client = str(getattr(session, "address", None) or self.session)
         self.display = display
         self.cost = float(cost)  # estimated work (token-forwards; 0 = unknown), for the worker's order
         self.cancel_event = threading.Event()
@@ -98,7 +128,6 @@ class Run:
         self.used = 0.0  # seconds it held the model in its finished turns (the time limit counts these)
         self._since: Optional[float] = None  # when its current turn began (None: not holding the model)
         self.epoch = worker.epoch  # the model generation it was asked for (a switch since then refuses it)
-        self.replaced = False  # set when a newer request of the session replaced it while waiting
         self.prompt_tokens: Optional[int] = None  # set where a run continues a prompt
         self.first_event_seconds: Optional[float] = None
         self._q: queue.Queue = queue.Queue()
@@ -124,7 +153,7 @@ class Run:
 
     def _turn_begins(self) -> None:
         """Wait for its turn in the worker's order, then hold the model (the lock)."""
-        self.worker._wait_turn(self)  # Cancelled / Replaced while waiting
+        self.worker._wait_turn(self)  # Cancelled while waiting
         self.worker.lock.acquire()
         self._since = time.monotonic()
         self.started = self.started or self._since
@@ -257,17 +286,19 @@ class Worker:
     min_frame_interval: at most one delivery per this many seconds while streaming (default 1/15 s); the first
                         event and the end are always delivered at once.
     time_limit:         seconds of model work one request may take (None = no limit).
-    per_session:        requests one session may have waiting (not started) besides its running one (default 1):
-                        a newer one replaces the oldest waiting one, which ends with a message (`Replaced`).
+    per_client:         requests one client address may have waiting (not started) besides its running one
+                        (default 4: two tabs, a small batch of API jobs); one more is refused before it waits
+                        (`Busy`), nothing it sent is dropped. A client is its address, not an id it picks
+                        (`Run.client`); a run without one is its own session.
     max_waiting:        requests allowed to wait in all (None = no bound); more are refused with a message.
     active:             the run holding the lock (its thread runs the forwards), None when idle.
 
-    Fair order: when the model frees, the waiting run with the smallest (model time its session used recently,
+    Fair order: when the model frees, the waiting run with the smallest (model time its client used recently,
     decaying with a half-life of `USAGE_HALF_LIFE_S`) + (its own expected seconds: its `cost` x the seconds per
     token-forward measured on the runs so far) goes next, ties in arrival order. Between two events (a denoising
-    step), the running request pauses for a waiting one whose key is lower than its own (its session's usage with
-    this turn's time) by more than `PAUSE_MARGIN_S`, and resumes in its turn; so a short request of a light session
-    waits about one step, not for the run in progress, however many long ones other sessions keep queued, while two
+    step), the running request pauses for a waiting one whose key is lower than its own (its client's usage with
+    this turn's time) by more than `PAUSE_MARGIN_S`, and resumes in its turn; so a short request of a light client
+    waits about one step, not for the run in progress, however many long ones other clients keep queued, while two
     long ones still take turns a run at a time. A request paused or waiting when another model is loaded ends with
     a message (it was asked of the other model).
     """
@@ -276,30 +307,37 @@ class Worker:
     PAUSE_MARGIN_S = 0.5
 
     def __init__(self, min_frame_interval: float = 1 / 15, time_limit: Optional[float] = None, *,
-                 per_session: int = 1, max_waiting: Optional[int] = None):
+                 per_client: int = 4, max_waiting: Optional[int] = None):
         self.lock = threading.RLock()
         self.min_frame_interval = float(min_frame_interval)
         self.time_limit = time_limit
-        self.per_session = max(1, int(per_session))
+        self.per_client = max(1, int(per_client))
         self.max_waiting = max_waiting
         self.active: Optional[Run] = None
         self.epoch = 0  # the model generation: `app.models.Models` counts it up on every load
         self._cv = threading.Condition()
         self._waiting: list[Run] = []  # arrival order
         self._turn: Optional[Run] = None  # the run given the model (from its turn to its end)
-        self._usage: dict[str, tuple[float, float]] = {}  # session -> (decayed model seconds, as of when)
+        self._usage: dict[str, tuple[float, float]] = {}  # client -> (decayed model seconds, as of when)
         self._rate = 0.0  # seconds per token-forward, averaged over the finished runs with a cost
         self._runs: dict[str, list[Run]] = {}  # session -> its runs (waiting or running), arrival order
 
     def start(self, job: Job, session: Optional[str] = None, display=None, cost: float = 0.0) -> Run:
         """Run `job` (a generator function of (lane, item) events that calls the model) in a worker thread, in
-        the worker's fair order; `cost`: its estimated work in token-forwards (0 = unknown). Refused (ValueError)
-        when `max_waiting` runs wait already."""
-        waiting = self.waiting()
-        if self.max_waiting is not None and waiting >= self.max_waiting:
-            raise ValueError(f"queue: the server is busy ({waiting} requests waiting, its limit "
-                             f"(dlm-studio --queue-size)); try again in a moment")
-        return Run(self, job, session, display, cost)
+        the worker's fair order; `cost`: its estimated work in token-forwards (0 = unknown). Refused (`Busy`)
+        when its client has `per_client` runs waiting already, or `max_waiting` wait in all."""
+        client = str(getattr(session, "address", None) or session or "")
+        with self._cv:
+            mine = self.waiting(client=client) if client else 0
+            if client and mine >= self.per_client:
+                raise Busy(f"queue: not started: {mine} of your requests are already waiting for the model (this "
+                           f"server keeps at most {self.per_client} waiting per client: dlm-studio "
+                           f"--queue-per-client); send it again when one of them has finished")
+            waiting = self.waiting()
+            if self.max_waiting is not None and waiting >= self.max_waiting:
+                raise Busy(f"queue: the server is busy ({waiting} requests waiting, its limit "
+                           f"(dlm-studio --queue-size)); try again in a moment")
+            return Run(self, job, session, display, cost)
 
     def stop(self, session: Optional[str]) -> bool:
         """Ask the session's work to stop now: its running run before the next transformer layer, its waiting
@@ -310,22 +348,19 @@ class Worker:
             run.cancel()
         return bool(runs)
 
-    def waiting(self, session: Optional[str] = None) -> int:
-        """Runs waiting that have not started yet (of one session, or in all); paused ones are not counted."""
+    def waiting(self, session: Optional[str] = None, *, client: Optional[str] = None) -> int:
+        """Runs waiting that have not started yet (of one session, of one client address, or in all); paused ones
+        are not counted."""
         with self._cv:
             return sum(1 for r in self._waiting
-                       if r.started is None and not r.cancel_event.is_set() and session in (None, r.session))
+                       if r.started is None and not r.cancel_event.is_set() and session in (None, r.session)
+                       and client in (None, r.client))
 
     # ---- the schedule
     def _register(self, run: Run) -> None:
-        """A new run of its session waits; beyond `per_session` waiting ones, the oldest waiting is replaced."""
+        """A new run of its session waits (its client's bound was held by `start`)."""
         with self._cv:
-            mine = self._runs.setdefault(run.session, [])
-            waiting = [r for r in mine if r in self._waiting and r.started is None and not r.cancel_event.is_set()]
-            for old in waiting[:max(0, len(waiting) + 1 - self.per_session)]:
-                old.replaced = True
-                old.cancel_event.set()
-            mine.append(run)
+            self._runs.setdefault(run.session, []).append(run)
             self._waiting.append(run)
             self._cv.notify_all()
 
@@ -344,13 +379,13 @@ class Worker:
         with self._cv:
             self._cv.notify_all()
 
-    def _usage_of(self, session: str, now: float) -> float:
-        used, when = self._usage.get(session, (0.0, now))
+    def _usage_of(self, client: str, now: float) -> float:
+        used, when = self._usage.get(client, (0.0, now))
         return used * 0.5 ** ((now - when) / self.USAGE_HALF_LIFE_S)
 
     def _key(self, run: Run, now: float) -> float:
-        """A waiting run's place in the order: its session's recent model time + its own expected seconds."""
-        return self._usage_of(run.session, now) + max(run.cost * self._rate - run.used, 0.0)
+        """A waiting run's place in the order: its client's recent model time + its own expected seconds."""
+        return self._usage_of(run.client, now) + max(run.cost * self._rate - run.used, 0.0)
 
     def _next(self) -> Optional[Run]:
         now = time.monotonic()
@@ -364,22 +399,18 @@ class Worker:
             if best is None:
                 return False
             now = time.monotonic()
-            mine = self._usage_of(run.session, now) + (now - run._since if run._since is not None else 0.0)
+            mine = self._usage_of(run.client, now) + (now - run._since if run._since is not None else 0.0)
             return self._key(best, now) + self.PAUSE_MARGIN_S < mine
 
     def _wait_turn(self, run: Run) -> None:
-        """Block until it is `run`'s turn (the model free and `run` first in the fair order); raise Cancelled or
-        Replaced when it is cancelled meanwhile (it then never touches the model)."""
+        """Block until it is `run`'s turn (the model free and `run` first in the fair order); raise Cancelled when
+        it is cancelled meanwhile (it then never touches the model)."""
         with self._cv:
             while True:
                 if run.cancel_event.is_set():
                     if run in self._waiting:
                         self._waiting.remove(run)
                     self._cv.notify_all()
-                    if getattr(run, "replaced", False):
-                        raise Replaced(f"queue: replaced by a newer request of this session (this server keeps "
-                                       f"{self.per_session} waiting request(s) per session: "
-                                       f"dlm-studio --queue-per-session)")
                     raise Cancelled()
                 if self._turn is None and self._next() is run:
                     self._waiting.remove(run)
@@ -388,20 +419,20 @@ class Worker:
                 self._cv.wait(timeout=0.5)
 
     def _release(self, run: Run, turn: float, *, requeue: bool = False) -> None:
-        """`run` let go of the model after a turn of `turn` seconds: charge its session, learn the seconds per
+        """`run` let go of the model after a turn of `turn` seconds: charge its client, learn the seconds per
         token-forward when it is done, give the model to the next one (and with `requeue`, `run` waits again)."""
         with self._cv:
             if self._turn is run:
                 self._turn = None
             now = time.monotonic()
-            self._usage[run.session] = (self._usage_of(run.session, now) + turn, now)
+            self._usage[run.client] = (self._usage_of(run.client, now) + turn, now)
             if requeue:
                 self._waiting.append(run)
             elif run.cost > 0 and not run.cancel_event.is_set():
                 rate = run.used / run.cost
                 self._rate = rate if self._rate == 0 else 0.8 * self._rate + 0.2 * rate
-            for session in [s for s in self._usage if self._usage_of(s, now) < 0.01]:
-                del self._usage[session]  # forgotten: the table stays as small as the active sessions
+            for client in [c for c in self._usage if self._usage_of(c, now) < 0.01]:
+                del self._usage[client]  # forgotten: the table stays as small as the active clients
             self._cv.notify_all()
 
     def install_hooks(self, model) -> None:

@@ -86,6 +86,14 @@ def block_sizes(n_masked: int, block_length: Optional[int]) -> list[int]:
     return [block_length] * full + ([rest] if rest else [])
 
 
+def block_count(n_masked: int, block_length: Optional[int]) -> int:
+    """`len(block_sizes(n_masked, block_length))` by arithmetic: nothing is allocated, so a length of 2**63 (a
+    request still to be refused) costs nothing to count."""
+    if block_length is None or block_length >= n_masked:
+        return 1
+    return -(-n_masked // block_length)
+
+
 def split_steps(steps: int, sizes: Sequence[int]) -> list[int]:
     """Split `steps` over blocks of the given sizes: evenly for equal blocks (earlier blocks take the remainder),
     in proportion to size otherwise; each block gets between 1 and its size steps.

@@ -30,6 +30,13 @@ from .decoders.registry import DECODERS, REVEAL_RULES
 
 SAMPLER_CONFIG_NAME = "sampler_config.json"
 MAX_SEED = 2**63 - 1
+# Temperature: logits are divided by it in float32 (`dlm.token_sampling` upcasts first). float32 holds at most
+# ~3.4e38, so at T = 1e-3 logits up to ~3.4e35 stay finite (real ones are < 1e4); below 1e-3, softmax(logits / T)
+# is already one-hot to float32 precision for any logit gap over 0.1 (exp(-100) ~ 4e-44 is below its smallest
+# normal), i.e. greedy, and 5e-324 or 1e-300 become 0 in float32 (a division by zero: no token, masks stay). Above
+# 100 the draw is uniform to within exp(30 / 100) for any real logit range, and an infinite T turns the banned
+# tokens' -inf into NaN. So a temperature is 0 (greedy) or in [1e-3, 100].
+MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-3, 100.0
 
 
 class SamplerConfigError(ValueError):
@@ -267,7 +274,7 @@ def _coerce(f, value: Any, *, ui: bool) -> Any:
         try:
             if float(value) == float(meta["off"]):
                 return None if optional else f.default
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             pass
     if value is None:
         if optional:
@@ -280,53 +287,77 @@ def _coerce(f, value: Any, *, ui: bool) -> Any:
             return bool(value)
         if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
             return value.strip().lower() in _TRUE
-        raise SamplerConfigError(f"{name}: must be true or false, got {value!r}")
+        raise SamplerConfigError(f"{name}: must be true or false, got {_short(value)}")
     if kind is str:
         if not isinstance(value, str):
-            raise SamplerConfigError(f"{name}: must be a string, got {value!r}")
+            raise SamplerConfigError(f"{name}: must be a string, got {_short(value)}")
         value = value.strip()
         if meta.get("choices"):
             allowed = registry_choices(meta["choices"])
             if value not in allowed:
-                raise SamplerConfigError(f"{name}: must be one of {', '.join(allowed)}, got {value!r}")
+                raise SamplerConfigError(f"{name}: must be one of {', '.join(allowed)}, got {_short(value)}")
         return value
     number = _number(name, value, integer=kind is int)
     lo, hi = meta.get("minimum"), meta.get("maximum")
     if name == "threshold" and not 0 < number <= 1:
         off = f"{meta['off']:g}" if ui else "None"
-        raise SamplerConfigError(f"threshold: must be in (0, 1] (or {off} = off), got {value!r}")
+        raise SamplerConfigError(f"threshold: must be in (0, 1] (or {off} = off), got {_short(value)}")
+    if name == "temperature" and number != 0 and not MIN_TEMPERATURE <= number <= MAX_TEMPERATURE:
+        raise SamplerConfigError(f"temperature: must be 0 (greedy) or between {MIN_TEMPERATURE:g} and "
+                                 f"{MAX_TEMPERATURE:g}, got {_short(value)}")
     if name == "top_p" and not 0 < number <= 1:
-        raise SamplerConfigError(f"top_p: must be in (0, 1], got {value!r}")
+        raise SamplerConfigError(f"top_p: must be in (0, 1], got {_short(value)}")
     if lo is not None and number < lo or hi is not None and number > hi:
         span = f"between {lo} and {hi}" if hi is not None else f">= {lo}"
         what = "an integer" if kind is int else "a number"
         off = f" (or {meta['off']} = off)" if ui and meta.get("off") is not None else (
             " (or None)" if optional else "")
-        raise SamplerConfigError(f"{name}: must be {what} {span}{off}, got {value!r}")
+        raise SamplerConfigError(f"{name}: must be {what} {span}{off}, got {_short(value)}")
     return number
 
 
 def _number(name: str, value: Any, *, integer: bool):
     what = "an integer" if integer else "a number"
     if isinstance(value, bool):
-        raise SamplerConfigError(f"{name}: must be {what}, got {value!r}")
+        raise SamplerConfigError(f"{name}: must be {what}, got {_short(value)}")
     if isinstance(value, str):
         text = value.strip()
         try:
             value = int(text) if integer and text.lstrip("+-").isdigit() else float(text)
         except ValueError:
-            raise SamplerConfigError(f"{name}: must be {what}, got {value!r}") from None
+            raise SamplerConfigError(f"{name}: must be {what}, got {_short(value)}") from None
     if isinstance(value, int):
-        return value if integer else float(value)
+        if integer:
+            return value
+        try:
+            return float(value)
+        except OverflowError:  # an int beyond float's range (10**400)
+            raise SamplerConfigError(f"{name}: must be a finite number, got {_short(value)}") from None
     if isinstance(value, float):
         if not math.isfinite(value):
-            raise SamplerConfigError(f"{name}: must be a finite {what[3:] if integer else 'number'}, got {value!r}")
+            raise SamplerConfigError(f"{name}: must be a finite {what[3:] if integer else 'number'}, "
+                                     f"got {_short(value)}")
         if integer:
             if not value.is_integer():
-                raise SamplerConfigError(f"{name}: must be a whole number, got {value!r}")
+                raise SamplerConfigError(f"{name}: must be a whole number, got {_short(value)}")
             return int(value)
         return value
     try:  # numpy scalars and the like
         return _number(name, float(value), integer=integer)
-    except (TypeError, ValueError):
-        raise SamplerConfigError(f"{name}: must be {what}, got {value!r}") from None
+    except (TypeError, ValueError, OverflowError):
+        raise SamplerConfigError(f"{name}: must be {what}, got {_short(value)}") from None
+
+
+def _short(value: Any, limit: int = 40) -> str:
+    """`repr(value)` cut to `limit` characters (messages quote a short excerpt of what was sent, never all of
+    it): a 400-digit number or a 4 MB list becomes its first characters, an ellipsis and its size."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 128:
+        return f"an integer of {len(str(abs(value))) if value.bit_length() < 14000 else 'thousands of'} digits"
+    try:
+        text = repr(value)
+    except Exception:  # noqa: BLE001  (repr of anything a request may carry)
+        return f"a {type(value).__name__}"
+    if len(text) <= limit:
+        return text
+    size = f"{len(value)} items" if isinstance(value, (list, tuple, dict)) else f"{len(text)} characters"
+    return f"{text[:limit]}… ({size})"

@@ -82,8 +82,8 @@ def test_the_attention_implementation_reaches_dlm_load_and_the_status(tiny_llama
 def test_launcher_flags_offline_auth_and_the_exposure_warning(monkeypatch, capsys):
     from app import launch
     args = launch.parse_args([])
-    assert (args.allow_model_switch, args.model_dir, args.online, args.auth, args.queue_per_session,
-            args.attn_implementation, args.max_file_size) == (False, [], False, None, 1, "auto", "1mb")
+    assert (args.allow_model_switch, args.model_dir, args.online, args.auth, args.queue_per_client,
+            args.attn_implementation, args.max_file_size) == (False, [], False, None, 4, "auto", "1mb")
     assert launch.exposure_warning(args) == ""
     assert "without --auth" in launch.exposure_warning(launch.parse_args(["--host", "0.0.0.0"]))
     assert launch.exposure_warning(launch.parse_args(["--host", "0.0.0.0", "--auth", "u:p"])) == ""
@@ -111,10 +111,10 @@ def test_launcher_flags_offline_auth_and_the_exposure_warning(monkeypatch, capsy
     monkeypatch.setattr(app.ui, "build", fake_build)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     launch.main(["--host", "0.0.0.0", "--allow-model-switch", "--model-dir", "/srv/models", "--auth", "u:p:w",
-                 "--attn-implementation", "eager", "--queue-per-session", "2"])
+                 "--attn-implementation", "eager", "--queue-per-client", "2"])
     assert os.environ["HF_HUB_OFFLINE"] == "1"
     assert seen["build"]["policy"] == SwitchPolicy(True, ("/srv/models",))
-    assert seen["build"]["attn_implementation"] == "eager" and seen["build"]["queue_per_session"] == 2
+    assert seen["build"]["attn_implementation"] == "eager" and seen["build"]["queue_per_client"] == 2
     assert seen["launch"]["auth"] == ("u", "p:w") and seen["launch"]["max_file_size"] == "1mb"
     assert "WARNING" not in capsys.readouterr().err  # --auth given
     launch.main(["--host", "0.0.0.0"])
@@ -204,18 +204,20 @@ def _until(cond, timeout=30.0):
         time.sleep(0.01)
 
 
-def test_a_session_keeps_one_waiting_request_and_a_newer_one_replaces_it():
-    w, log, gate = Worker(0.0), [], threading.Event()
+def test_a_client_keeps_a_few_waiting_requests_and_one_more_is_refused_before_it_waits():
+    """Issue 31: nothing a client sent is dropped (before, a newer request replaced the waiting one with an
+    error); beyond `per_client` waiting, a new one is refused before it waits."""
+    w, log, gate = Worker(0.0, per_client=2), [], threading.Event()
     running = w.start(_job(log, "a1", gate), "A")
     _until(lambda: w.active is running)
     a2, a3 = w.start(_job(log, "a2"), "A"), w.start(_job(log, "a3"), "A")
-    assert w.waiting("A") == 1
-    with pytest.raises(ValueError, match=r"queue: replaced by a newer request of this session .*"
-                                         r"dlm-studio --queue-per-session"):
-        a2.wait()
+    assert w.waiting("A") == 2
+    with pytest.raises(ValueError, match=r"queue: not started: 2 of your requests are already waiting .*"
+                                         r"dlm-studio --queue-per-client"):
+        w.start(_job(log, "a4"), "A")
     gate.set()
-    running.wait(), a3.wait()
-    assert log == ["a1 start", "a1 end", "a3 start", "a3 end"]  # a2 never touched the model
+    running.wait(), a2.wait(), a3.wait()
+    assert log == ["a1 start", "a1 end", "a2 start", "a2 end", "a3 start", "a3 end"]
 
 
 def test_the_session_that_used_least_model_time_goes_next():

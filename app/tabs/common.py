@@ -11,7 +11,7 @@ import gradio as gr
 
 from app import render
 from app.requests import describe_error, ui_value
-from app.worker import Run
+from app.worker import Busy, Run, caller
 from dlm.decoders import DECODERS
 from dlm.sampler_config import SamplerConfig
 
@@ -27,7 +27,8 @@ NUMBER_BOX_SPAN = 10_000  # wider ranges (the seed) get a number box instead of 
 
 
 def session(request: Optional[gr.Request]) -> Optional[str]:
-    return getattr(request, "session_hash", None) if request is not None else None
+    """The request's session id, carrying its client's address (`app.worker.caller`: fairness is per address)."""
+    return caller(request)
 
 
 async def offload(fn: Callable, *args, **kwargs):
@@ -36,13 +37,22 @@ async def offload(fn: Callable, *args, **kwargs):
     cancelled job) cancels the run `fn` starts, so no run is left without a consumer."""
     task = asyncio.ensure_future(asyncio.to_thread(fn, *args, **kwargs))
     try:
-        return await asyncio.shield(task)
+        run = await asyncio.shield(task)
+        if isinstance(run, Run) and queued_behind_own(run):
+            gr.Info("Queued: your other request is using the model; this one starts when it ends or pauses.")
+        return run
     except asyncio.CancelledError:
         def orphan(t):
             if not t.cancelled() and t.exception() is None and isinstance(t.result(), Run):
                 t.result().cancel()
         task.add_done_callback(orphan)
         raise
+
+
+def queued_behind_own(run: Run) -> bool:
+    """Whether `run` waits for a run of its own client (a second click while the first one runs)."""
+    active = run.worker.active
+    return active is not None and active is not run and active.client == run.client and run.started is None
 
 
 def ended(batch):
@@ -59,6 +69,9 @@ def fail(e: BaseException, *, for_browser: bool = True):
     if isinstance(e, gr.Error):
         raise e
     message = describe_error(e)
+    if for_browser and isinstance(e, Busy):  # nothing was started or lost: information, not an error
+        gr.Warning(message.replace("<", "&lt;"))
+        return
     raise gr.Error(message.replace("<", "&lt;") if for_browser else message, print_exception=False) from None
 
 
