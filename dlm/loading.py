@@ -34,7 +34,8 @@ from .sampler_config import load_sampler_configs
 
 log = logging.getLogger(__name__)
 
-SUPPORTED_FAMILIES = ("gpt2", "llama", "qwen2", "mistral")
+SUPPORTED_FAMILIES = ("gpt2", "llama", "qwen2", "mistral", "qwen3", "gemma3_text")
+# + the released diffusion-LM layouts of `dlm.families` (Dream, LLaDA, SDAR), converted once into one of these
 _DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
            "half": torch.float16, "float32": torch.float32, "fp32": torch.float32, "float": torch.float32}
 _WRAPPER_PREFIX = "denoise_model."
@@ -320,12 +321,35 @@ def _convert_wrapper(directory: Path) -> Path:
     return _write_conversion(target, write)
 
 
+def _convert_family(family, src: _Source) -> Path:
+    """A released diffusion-LM layout (`dlm.families`: Dream, LLaDA, SDAR) as a plain transformers directory with its
+    dlm / sampler configs and tokenizer; converted once into the cache (weights hard-linked when no name changes)."""
+    from . import families
+    files = _weight_files(src.directory) + [src.directory / "config.json"]
+    stem = src.spec.name if src.spec is not None else src.directory.resolve().name
+    target = _conversion_target(family.name, stem, files)
+    if _converted(target) and families.is_conversion(target):
+        return target
+    counterpart = src.spec.ar_counterpart if src.spec is not None else None
+    try:
+        return _write_conversion(target, lambda out: families.write_conversion(
+            family, src.directory, out, ar_counterpart=counterpart, label=src.label))
+    except families.LayoutError as e:
+        raise LoadError(str(e)) from None
+
+
 def _normalize(src: _Source, allow_pickle: bool, trust_remote_code: bool) -> _Source:
-    """`src` as a plain Hugging Face model directory (converting a GGUF or the DiffuGPT wrapper layout)."""
+    """`src` as a plain Hugging Face model directory (converting a GGUF, the DiffuGPT wrapper layout or a released
+    diffusion-LM layout of `dlm.families`)."""
     if src.gguf_file:
         return _Source(_convert_gguf(src), None, src.spec, src.label)
     if not (src.directory / "config.json").is_file():
         raise LoadError(f"{src.directory} has no config.json (not a Hugging Face model directory)")
+    from . import families
+    family = families.detect(src.directory)   # its own modeling code is never run: mapped onto transformers' classes
+    if family is not None:
+        _check_weights_present(src.directory, allow_pickle)
+        return _Source(_convert_family(family, src), None, src.spec, src.label)
     from transformers import AutoConfig
     try:
         config = AutoConfig.from_pretrained(src.directory, trust_remote_code=trust_remote_code)
@@ -584,6 +608,9 @@ def load(source: Union[str, os.PathLike], *, mask_token_id: Optional[int] = None
     weights = _normalize(plan.weights, allow_pickle, trust_remote_code)
     if plan.src.gguf_file:   # the model *is* the GGUF: its tokenizer lives in the conversion
         plan.src = weights
+    elif plan.src is plan.weights and weights is not plan.weights and (weights.directory / DLM_CONFIG_NAME).is_file():
+        # a released diffusion-LM layout: its conversion holds the tokenizer, dlm_config and sampler_config
+        plan.src, plan.saved = weights, plan.saved or DLMConfig.load(weights.directory)
     base = _load_base(weights.directory, torch_dtype, dev, qconfig, attn, trust_remote_code, allow_pickle)
     fallback = plan.src.spec.ar_counterpart if plan.src.spec is not None else None
     own_tokenizer = not plan.adapters or (plan.src.directory / "tokenizer_config.json").is_file()

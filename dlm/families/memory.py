@@ -73,7 +73,7 @@ def parameter_counts(config: dict) -> dict[str, int]:
 
 
 def estimate_memory(config: dict) -> dict[str, float]:
-    """GiB of weights per precision: {"fp32", "bf16", "8bit", "4bit"} (+ "parameters", in billions)."""
+    """GiB of weights per precision: {"fp32", "bf16", "8bit", "4bit"} (+ "parameters", and in billions)."""
     n = parameter_counts(config)
     linear, other = n["linear"], n["other"]
     c = _hf(config)
@@ -85,7 +85,7 @@ def estimate_memory(config: dict) -> dict[str, float]:
         "8bit": (linear + 4 * rows + 2 * other) / GIB,
         "4bit": (linear * (0.5 + 0.127 / 8) + 2 * other) / GIB,
     }
-    return {k: round(v, 2) for k, v in out.items()}
+    return {"parameters": linear + other, **{k: round(v, 2) for k, v in out.items()}}
 
 
 def overhead_gib(weights_gib: float) -> float:
