@@ -290,7 +290,9 @@ def _spec_dict(spec) -> dict:
 
 def cmd_info(args, show_progress: bool) -> dict:
     from . import registry
+    from .families import memory_for
     out: dict = {"command": "info", "model": args.model, "registry": None}
+    out["memory_gib"] = memory_for(args.model)   # per precision, from the config, before anything loads
     if registry.is_registered(args.model):
         out["registry"] = _spec_dict(registry.get(args.model))
         out["available"] = registry.is_available(args.model)

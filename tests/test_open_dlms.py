@@ -490,3 +490,10 @@ def test_an_unsupported_variant_is_refused_with_the_key(layout, tmp_path):
     (bad / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(dlm.LoadError, match="include_bias"):
         dlm.load(bad, device="cpu")
+
+
+def test_dlm_info_shows_memory_before_loading(capsys):
+    from dlm.cli import main
+    assert main(["info", "--model", "sdar-8b-chat", "--json"]) in (0, None)   # a hub model: nothing is loaded
+    out = json.loads(capsys.readouterr().out)
+    assert out["memory_gib"]["bf16"] == 15.26 and out["memory_gib"]["4bit"] < 6
