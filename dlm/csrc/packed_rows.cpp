@@ -1,0 +1,312 @@
+// y = x @ dequant(W)^T + b for a few rows of x (fp32 activations) with weight-only packed int8 / int4 weights.
+//
+// Why: a decoding step on a CPU is memory-bound: every weight is read once per forward, so its time is the weight
+// bytes over the memory bandwidth. Packed weights read 8.5 (int8) or 5 (int4) bits per weight instead of 32, and
+// every weight block is unpacked once, in registers, for all (<= 4 per tile, any number per call) rows of x.
+// torch's own `_weight_int8pack_mm` / `_weight_int4pack_mm_for_cpu` take 17-40x their memory floor with fp32
+// activations on SmolLM2's shapes (bench/linear_kernels.py), so this file does it.
+//
+// Formats (both: blocks of 32 weights along K, one fp16 scale per group of `group` = 32 * j weights):
+//   int8: qweight int8 [N, K]; scales fp16 [N, K / group]; w = q * d                       (GGUF Q8_0 for group 32)
+//   int4: qweight uint8 [N, K / 2], byte j of block b holds q[32b + j] (low nibble) and q[32b + 16 + j] (high);
+//         scales fp16 [N, K / group, 2] = (d, m); w = q * d + m, q in 0..15                 (GGUF Q4_1 for group 32)
+// Paths: 0 = portable C++ (any CPU), 1 = AVX2 + FMA + F16C, 2 = AVX-512 (F, BW, VL); the caller picks (dlm/packed_linear.py:
+// torch's CPU capability, so ATEN_CPU_CAPABILITY=default / avx2 selects them as it does for torch's kernels).
+// Each output is one fixed-order sum per path whatever the number of rows, so a row does not depend on its batch-mates.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#define DLM_X86 1
+#include <immintrin.h>
+#endif
+
+namespace {
+
+constexpr int64_t kBlock = 32;   // weights per packed block (and the smallest group)
+constexpr int64_t kSlice = 64;   // weight rows per slice; each group of 4 input rows reuses it from cache
+
+// The scales of rows [n0, n0 + nb) as fp32, [nb][G * P] (P = 1 for int8, 2 for int4), for broadcast loads.
+inline void load_scales(const at::Half* sc, int64_t n0, int64_t nb, int64_t per_row, float* out) {
+  const at::Half* p = sc + n0 * per_row;
+  for (int64_t i = 0; i < nb * per_row; ++i) out[i] = static_cast<float>(p[i]);
+}
+
+// ----- portable path ----------------------------------------------------------------------------------------------
+template <bool I4>
+void rows_scalar(const float* x, int64_t M, int64_t K, const uint8_t* w, int64_t row_bytes, const at::Half* sc,
+                 int64_t G, int64_t group, float* y, int64_t ldy, const float* bias, int64_t n_begin, int64_t n_end) {
+  constexpr int64_t P = I4 ? 2 : 1;
+  std::vector<float> wf(K), s(G * P);
+  for (int64_t n = n_begin; n < n_end; ++n) {
+    load_scales(sc, n, 1, G * P, s.data());
+    const uint8_t* wr = w + n * row_bytes;
+    for (int64_t k = 0; k < K; ++k) {
+      const int64_t g = k / group;
+      if (I4) {
+        const int64_t b = k / kBlock, j = k % kBlock;
+        const uint8_t byte = wr[b * 16 + (j & 15)];
+        const int q = j < 16 ? (byte & 15) : (byte >> 4);
+        wf[k] = static_cast<float>(q) * s[2 * g] + s[2 * g + 1];
+      } else {
+        wf[k] = static_cast<float>(static_cast<int8_t>(wr[k])) * s[g];
+      }
+    }
+    for (int64_t m = 0; m < M; ++m) {
+      const float* xm = x + m * K;
+      float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};   // 8 interleaved partial sums (the SIMD paths' order, roughly)
+      for (int64_t k = 0; k < K; ++k) acc[k & 7] += wf[k] * xm[k];
+      float t = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+      y[m * ldy + n] = t + (bias ? bias[n] : 0.f);
+    }
+  }
+}
+
+#ifdef DLM_X86
+// ----- AVX2 + FMA + F16C ------------------------------------------------------------------------------------------
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+
+// load_scales with F16C, 8 at a time.
+inline void load_scales_f16c(const at::Half* sc, int64_t n0, int64_t nb, int64_t per_row, float* out) {
+  const uint16_t* p = reinterpret_cast<const uint16_t*>(sc + n0 * per_row);
+  const int64_t total = nb * per_row;
+  int64_t i = 0;
+  for (; i + 8 <= total; i += 8)
+    _mm256_storeu_ps(out + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + i))));
+  for (; i < total; ++i) out[i] = _cvtsh_ss(p[i]);
+}
+
+inline float hsum8(__m256 v) {
+  __m128 lo = _mm256_castps256_ps128(v), hi = _mm256_extractf128_ps(v, 1);
+  lo = _mm_add_ps(lo, hi);
+  lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
+  lo = _mm_add_ss(lo, _mm_shuffle_ps(lo, lo, 1));
+  return _mm_cvtss_f32(lo);
+}
+
+// The 32 weights of one block of one row as 4 x 8 fp32 (dequantized: q * d (+ m)).
+template <bool I4>
+inline void dequant_avx2(const uint8_t* blk, __m256 d, __m256 mn, __m256 out[4]) {
+  if (I4) {
+    const __m128i q = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk));
+    const __m128i mask = _mm_set1_epi8(15);
+    const __m128i lo = _mm_and_si128(q, mask), hi = _mm_and_si128(_mm_srli_epi16(q, 4), mask);
+    out[0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo)), d, mn);
+    out[1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_unpackhi_epi64(lo, lo))), d, mn);
+    out[2] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi)), d, mn);
+    out[3] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_unpackhi_epi64(hi, hi))), d, mn);
+  } else {
+#pragma GCC unroll 4
+    for (int v = 0; v < 4; ++v) {
+      const __m128i q = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(blk + 8 * v));
+      out[v] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)), d);
+    }
+  }
+}
+
+// y[m, n0 + b] for m < M, b < NB: NB x M accumulators; each block is unpacked once for the M rows.
+template <bool I4, int M, int NB>
+inline void tile_avx2(const float* x, int64_t K, const uint8_t* w, int64_t row_bytes, const float* s, int64_t G,
+                      int64_t group, float* y, int64_t ldy, int64_t n0, const float* bias) {
+  constexpr int64_t P = I4 ? 2 : 1, BB = I4 ? 16 : 32;
+  __m256 acc[NB][M];
+#pragma GCC unroll 16
+  for (int b = 0; b < NB; ++b)
+#pragma GCC unroll 16
+    for (int m = 0; m < M; ++m) acc[b][m] = _mm256_setzero_ps();
+  const int64_t per_group = group / kBlock;
+  for (int64_t g = 0, kb = 0; g < G; ++g)
+   for (int64_t kend = kb + per_group; kb < kend; ++kb) {
+#pragma GCC unroll 16
+    for (int b = 0; b < NB; ++b) {
+      const uint8_t* blk = w + (n0 + b) * row_bytes + kb * BB;
+      if ((kb & (64 / BB - 1)) == 0) _mm_prefetch(reinterpret_cast<const char*>(blk + 1024), _MM_HINT_T0);
+      const float* sb = s + b * G * P + g * P;
+      __m256 wv[4];
+      dequant_avx2<I4>(blk, _mm256_broadcast_ss(sb), I4 ? _mm256_broadcast_ss(sb + 1) : _mm256_setzero_ps(), wv);
+#pragma GCC unroll 4
+      for (int v = 0; v < 4; ++v)
+#pragma GCC unroll 16
+        for (int m = 0; m < M; ++m)
+          acc[b][m] = _mm256_fmadd_ps(wv[v], _mm256_loadu_ps(x + m * K + kb * kBlock + 8 * v), acc[b][m]);
+    }
+  }
+  for (int b = 0; b < NB; ++b)
+    for (int m = 0; m < M; ++m) y[m * ldy + n0 + b] = hsum8(acc[b][m]) + (bias ? bias[n0 + b] : 0.f);
+}
+
+template <bool I4, int M>
+void rows_avx2(const float* x, int64_t K, const uint8_t* w, int64_t row_bytes, const at::Half* sc, int64_t G,
+               int64_t group, float* y, int64_t ldy, const float* bias, int64_t n_begin, int64_t n_end, float* sbuf) {
+  constexpr int NB = M == 1 ? 4 : M == 2 ? 4 : M == 3 ? 3 : 2;
+  constexpr int64_t P = I4 ? 2 : 1;
+  int64_t n = n_begin;
+  for (; n + NB <= n_end; n += NB) {
+    load_scales_f16c(sc, n, NB, G * P, sbuf);
+    tile_avx2<I4, M, NB>(x, K, w, row_bytes, sbuf, G, group, y, ldy, n, bias);
+  }
+  for (; n < n_end; ++n) {
+    load_scales_f16c(sc, n, 1, G * P, sbuf);
+    tile_avx2<I4, M, 1>(x, K, w, row_bytes, sbuf, G, group, y, ldy, n, bias);
+  }
+}
+#pragma GCC pop_options
+
+// ----- AVX-512 (F, BW, VL) ----------------------------------------------------------------------------------------
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx2,fma,f16c")
+
+template <bool I4>
+inline void dequant_avx512(const uint8_t* blk, __m512 d, __m512 mn, __m512 out[2]) {
+  if (I4) {
+    const __m128i q = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk));
+    const __m128i mask = _mm_set1_epi8(15);
+    const __m128i lo = _mm_and_si128(q, mask), hi = _mm_and_si128(_mm_srli_epi16(q, 4), mask);
+    out[0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(lo)), d, mn);
+    out[1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(hi)), d, mn);
+  } else {
+    out[0] = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
+                               _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk)))), d);
+    out[1] = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
+                               _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 16)))), d);
+  }
+}
+
+template <bool I4, int M, int NB>
+inline void tile_avx512(const float* x, int64_t K, const uint8_t* w, int64_t row_bytes, const float* s, int64_t G,
+                        int64_t group, float* y, int64_t ldy, int64_t n0, const float* bias) {
+  constexpr int64_t P = I4 ? 2 : 1, BB = I4 ? 16 : 32;
+  __m512 acc[NB][M];
+#pragma GCC unroll 16
+  for (int b = 0; b < NB; ++b)
+#pragma GCC unroll 16
+    for (int m = 0; m < M; ++m) acc[b][m] = _mm512_setzero_ps();
+  const int64_t per_group = group / kBlock;
+  for (int64_t g = 0, kb = 0; g < G; ++g)
+   for (int64_t kend = kb + per_group; kb < kend; ++kb) {
+#pragma GCC unroll 16
+    for (int b = 0; b < NB; ++b) {
+      const uint8_t* blk = w + (n0 + b) * row_bytes + kb * BB;
+      if ((kb & (64 / BB - 1)) == 0) _mm_prefetch(reinterpret_cast<const char*>(blk + 1024), _MM_HINT_T0);
+      const float* sb = s + b * G * P + g * P;
+      __m512 wv[2];
+      dequant_avx512<I4>(blk, _mm512_set1_ps(sb[0]), I4 ? _mm512_set1_ps(sb[1]) : _mm512_setzero_ps(), wv);
+#pragma GCC unroll 2
+      for (int v = 0; v < 2; ++v)
+#pragma GCC unroll 16
+        for (int m = 0; m < M; ++m)
+          acc[b][m] = _mm512_fmadd_ps(wv[v], _mm512_loadu_ps(x + m * K + kb * kBlock + 16 * v), acc[b][m]);
+    }
+  }
+  for (int b = 0; b < NB; ++b)
+    for (int m = 0; m < M; ++m) y[m * ldy + n0 + b] = _mm512_reduce_add_ps(acc[b][m]) + (bias ? bias[n0 + b] : 0.f);
+}
+
+template <bool I4, int M>
+void rows_avx512(const float* x, int64_t K, const uint8_t* w, int64_t row_bytes, const at::Half* sc, int64_t G,
+                 int64_t group, float* y, int64_t ldy, const float* bias, int64_t n_begin, int64_t n_end,
+                 float* sbuf) {
+  constexpr int NB = M == 1 ? 8 : M == 2 ? 6 : M == 3 ? 5 : 4;
+  constexpr int64_t P = I4 ? 2 : 1;
+  int64_t n = n_begin;
+  for (; n + NB <= n_end; n += NB) {
+    load_scales_f16c(sc, n, NB, G * P, sbuf);
+    tile_avx512<I4, M, NB>(x, K, w, row_bytes, sbuf, G, group, y, ldy, n, bias);
+  }
+  for (; n < n_end; ++n) {
+    load_scales_f16c(sc, n, 1, G * P, sbuf);
+    tile_avx512<I4, M, 1>(x, K, w, row_bytes, sbuf, G, group, y, ldy, n, bias);
+  }
+}
+#pragma GCC pop_options
+#endif  // DLM_X86
+
+template <bool I4>
+void run(const float* xp, int64_t M, int64_t K, const uint8_t* wp, int64_t row_bytes, const at::Half* sp, int64_t G,
+         int64_t group, float* yp, int64_t N, const float* bp, int64_t path) {
+  constexpr int64_t P = I4 ? 2 : 1;
+  const int64_t grain = std::max<int64_t>(kSlice, (N / (4 * at::get_num_threads())) / 24 * 24);
+  at::parallel_for(0, (N + grain - 1) / grain, 1, [&](int64_t cb, int64_t ce) {
+    const int64_t nb = cb * grain, ne = std::min(N, ce * grain);
+    if (path == 0) {
+      rows_scalar<I4>(xp, M, K, wp, row_bytes, sp, G, group, yp, N, bp, nb, ne);
+      return;
+    }
+#ifdef DLM_X86
+    std::vector<float> sbuf(8 * G * P);
+    for (int64_t n0 = nb; n0 < ne; n0 += kSlice) {
+      const int64_t n1 = std::min(ne, n0 + kSlice);
+      for (int64_t m = 0; m < M; m += 4) {
+        const float* xm = xp + m * K;
+        float* ym = yp + m * N;
+        const int64_t mm = std::min<int64_t>(4, M - m);
+        if (path == 2) {
+          switch (mm) {
+            case 1: rows_avx512<I4, 1>(xm, K, wp, row_bytes, sp, G, group, ym, N, bp, n0, n1, sbuf.data()); break;
+            case 2: rows_avx512<I4, 2>(xm, K, wp, row_bytes, sp, G, group, ym, N, bp, n0, n1, sbuf.data()); break;
+            case 3: rows_avx512<I4, 3>(xm, K, wp, row_bytes, sp, G, group, ym, N, bp, n0, n1, sbuf.data()); break;
+            default: rows_avx512<I4, 4>(xm, K, wp, row_bytes, sp, G, group, ym, N, bp, n0, n1, sbuf.data()); break;
+          }
+        } else {
+          switch (mm) {
+            case 1: rows_avx2<I4, 1>(xm, K, wp, row_bytes, sp, G, group, ym, N, bp, n0, n1, sbuf.data()); break;
+            case 2: rows_avx2<I4, 2>(xm, K, wp, row_bytes, sp, G, group, ym, N, bp, n0, n1, sbuf.data()); break;
+            case 3: rows_avx2<I4, 3>(xm, K, wp, row_bytes, sp, G, group, ym, N, bp, n0, n1, sbuf.data()); break;
+            default: rows_avx2<I4, 4>(xm, K, wp, row_bytes, sp, G, group, ym, N, bp, n0, n1, sbuf.data()); break;
+          }
+        }
+      }
+    }
+#endif
+  });
+}
+
+at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                         const c10::optional<at::Tensor>& bias, int64_t bits, int64_t group, int64_t path) {
+  TORCH_CHECK(bits == 8 || bits == 4, "packed_linear: bits 8 or 4");
+  TORCH_CHECK(group >= kBlock && group % kBlock == 0, "packed_linear: group a multiple of 32");
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.device().is_cpu(), "packed_linear: x [M, K] fp32 CPU");
+  TORCH_CHECK(qweight.dim() == 2 && qweight.device().is_cpu() && qweight.element_size() == 1,
+              "packed_linear: qweight [N, K or K/2] of bytes");
+  TORCH_CHECK(scales.scalar_type() == at::kHalf, "packed_linear: fp16 scales");
+#ifndef DLM_X86
+  path = 0;
+#endif
+  TORCH_CHECK(path >= 0 && path <= 2, "packed_linear: path 0 (portable), 1 (avx2) or 2 (avx512)");
+  const at::Tensor xc = x.contiguous(), wc = qweight.contiguous(), sc = scales.contiguous();
+  const int64_t M = xc.size(0), K = xc.size(1), N = wc.size(0);
+  TORCH_CHECK(K % group == 0, "packed_linear: K (", K, ") a multiple of the group (", group, ")");
+  const int64_t row_bytes = bits == 8 ? K : K / 2, G = K / group;
+  TORCH_CHECK(wc.size(1) == row_bytes, "packed_linear: qweight has ", wc.size(1), " bytes a row, expected ", row_bytes);
+  TORCH_CHECK(sc.numel() == N * G * (bits == 4 ? 2 : 1), "packed_linear: scales [N, K / group", bits == 4 ? ", 2]" : "]");
+  const float* bp = nullptr;
+  at::Tensor bc;
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->numel() == N && bias->scalar_type() == at::kFloat, "packed_linear: bias [N] fp32");
+    bc = bias->contiguous();
+    bp = bc.data_ptr<float>();
+  }
+  at::Tensor y = at::empty({M, N}, xc.options());
+  if (M == 0 || N == 0) return y;
+  const uint8_t* wp = static_cast<const uint8_t*>(wc.data_ptr());
+  if (bits == 4)
+    run<true>(xc.data_ptr<float>(), M, K, wp, row_bytes, sc.data_ptr<at::Half>(), G, group, y.data_ptr<float>(), N, bp, path);
+  else
+    run<false>(xc.data_ptr<float>(), M, K, wp, row_bytes, sc.data_ptr<at::Half>(), G, group, y.data_ptr<float>(), N, bp, path);
+  return y;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(dlm_packed, m) {
+  m.def("packed_linear(Tensor x, Tensor qweight, Tensor scales, Tensor? bias, int bits, int group, int path) -> Tensor");
+}
+TORCH_LIBRARY_IMPL(dlm_packed, CPU, m) { m.impl("packed_linear", &packed_linear); }

@@ -1,0 +1,286 @@
+"""Weight-only int8 / int4 linears for CPUs: the weights read once per step in 8.5 or 5 bits instead of 32.
+
+A decoding step on a CPU is memory-bound: its floor is the weight bytes over the memory bandwidth, and a few rows
+(a DLM block, drafts to verify) cost about what one row does when every weight is unpacked once for all of them.
+`dlm.load(..., quantization="int8" | "int4")` swaps `PackedLinear` in for every linear layer of a CPU model, the
+output head included (a decoding step reads it for the rows it decides; the input embedding stays an fp32 lookup):
+
+  int8  blocks of 32 weights along the input dimension, one fp16 scale each: w = q * d, q in -127..127
+        (GGUF's Q8_0 layout; 8.5 bits a weight)
+  int4  blocks of 32 weights, an fp16 scale and minimum each: w = q * d + m, q in 0..15 (GGUF's Q4_1; 5 bits a
+        weight). The output head is stored as int8 (as the GGUF stores it): at 49k rows it is a quarter of
+        SmolLM2's weights, and its rounding moves every logit.
+
+The default model *is* a Q4_1 GGUF (int4 linears, Q8_0 embedding / head), dequantized to fp32 on load: packing it as
+int4 gives back exactly the GGUF's weights (same blocks, scales and minima), so int4 there costs no quality at all
+against fp32; int8 re-rounds those weights onto a finer grid (a small error). For other models both are lossy.
+
+Activations stay fp32: `y = x @ dequant(W)^T + b` up to the order of the fp32 sums. The matmul is
+`dlm/csrc/packed_rows.cpp` (compiled on first use like `dlm.cpu_kernel`): portable C++, AVX2 + FMA + F16C and
+AVX-512 paths, picked by torch's CPU capability (so `ATEN_CPU_CAPABILITY=default / avx2` selects them as it does
+torch's own). Every row of a call shares one unpacking of each weight block; up to `MAX_KERNEL_ROWS` rows go to the
+kernel, more (a long prefill) to torch's matmul on the dequantized weights, as does anything needing gradients
+(a LoRA trained on a packed base) and every call where the kernel cannot be built (no compiler: slow but right).
+
+torch's own `_weight_int8pack_mm` / `_weight_int4pack_mm_for_cpu` exist in torch 2.13 but took 17-40x their
+memory floor with fp32 activations on SmolLM2's shapes (2-core Xeon); `python -m bench.linear_kernels` times them.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+import time
+import warnings
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+FORMATS = ("int8", "int4")
+BITS = {"int8": 8, "int4": 4}
+BLOCK = 32                  # weights per packed block; a group (one scale) is a multiple of it
+DEFAULT_GROUP = 32          # GGUF's Q8_0 / Q4_1 block: packing the default model's GGUF weights is exact
+MAX_KERNEL_ROWS = 32        # more rows than this: torch's matmul on the dequantized weights (compute-bound there)
+PATHS = {"default": 0, "avx2": 1, "avx512": 2}
+SOURCE = Path(__file__).with_name("csrc") / "packed_rows.cpp"
+
+
+# ----- formats ------------------------------------------------------------------------------------------------------
+def quantize(weight: torch.Tensor, bits: int, group: int = DEFAULT_GROUP) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pack an fp weight [N, K] (K a multiple of `group`, `group` of 32): int8 -> (int8 [N, K], fp16 scales
+    [N, K / group]); int4 -> (uint8 [N, K / 2], fp16 [N, K / group, 2] = scale, minimum). Round to nearest with the
+    fp16-rounded scales, so `dequantize` gives each weight within half a step of its input."""
+    if bits not in (8, 4):
+        raise ValueError(f"bits must be 8 or 4, got {bits}")
+    if group % BLOCK or group <= 0:
+        raise ValueError(f"group must be a positive multiple of {BLOCK}, got {group}")
+    w = weight.detach().to(torch.float32)
+    n, k = w.shape
+    if k % group:
+        raise ValueError(f"in_features {k} is not a multiple of the group {group}")
+    wg = w.reshape(n, k // group, group)
+    if bits == 8:
+        d = (wg.abs().amax(-1) / 127).to(torch.float16)
+        df = d.float()
+        inv = torch.where(df > 0, 1.0 / df, torch.zeros_like(df))
+        q = torch.round(wg * inv[..., None]).clamp_(-127, 127).to(torch.int8)
+        return q.reshape(n, k).contiguous(), d.contiguous()
+    lo, hi = wg.amin(-1), wg.amax(-1)
+    m = lo.to(torch.float16)
+    d = ((hi - lo) / 15).to(torch.float16)
+    df, mf = d.float(), m.float()
+    inv = torch.where(df > 0, 1.0 / df, torch.zeros_like(df))
+    q = torch.round((wg - mf[..., None]) * inv[..., None]).clamp_(0, 15).to(torch.uint8)
+    q = q.reshape(n, k // BLOCK, BLOCK)
+    packed = (q[..., :16] | (q[..., 16:] << 4)).reshape(n, k // 2)
+    return packed.contiguous(), torch.stack([d, m], -1).contiguous()
+
+
+def dequantize(qweight: torch.Tensor, scales: torch.Tensor, bits: int, group: int = DEFAULT_GROUP) -> torch.Tensor:
+    """The fp32 weight [N, K] a packed weight stands for (the reference the kernel is tested against)."""
+    n = qweight.shape[0]
+    if bits == 8:
+        k = qweight.shape[1]
+        return (qweight.float().reshape(n, k // group, group) * scales.float()[..., None]).reshape(n, k)
+    k = qweight.shape[1] * 2
+    b = qweight.reshape(n, k // BLOCK, 16)
+    q = torch.cat([b & 15, b >> 4], -1).float().reshape(n, k // group, group)
+    s = scales.float()
+    return (q * s[..., 0, None] + s[..., 1, None]).reshape(n, k)
+
+
+def packed_bytes(bits: int, n: int, k: int, group: int = DEFAULT_GROUP) -> int:
+    return n * k * bits // 8 + n * (k // group) * 2 * (2 if bits == 4 else 1)
+
+
+# ----- the compiled kernel ------------------------------------------------------------------------------------------
+def build_directory() -> Path:
+    from .cpu_kernel import build_directory as small_rows_dir
+    return small_rows_dir().with_name(small_rows_dir().name.replace("small_rows", "packed_rows"))
+
+
+@functools.lru_cache(maxsize=1)
+def _build() -> Optional[str]:
+    """Compile and load the op once per process; None on success, else why it is unavailable."""
+    try:
+        from torch.utils.cpp_extension import load
+        if shutil.which("ninja") is None:
+            import ninja
+            os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+        directory = build_directory()
+        directory.mkdir(parents=True, exist_ok=True)
+        lock = directory / "lock"
+        if lock.exists() and time.time() - lock.stat().st_mtime > 600:
+            lock.unlink(missing_ok=True)
+        load(name="dlm_packed_rows", sources=[str(SOURCE)], is_python_module=False, verbose=False,
+             build_directory=str(directory), extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"])
+        torch.ops.dlm_packed.packed_linear   # noqa: B018  (raises if the library did not register)
+        return None
+    except Exception as e:  # no compiler / ninja / headers: torch's matmul on dequantized weights
+        return f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"[:300]
+
+
+def available() -> bool:
+    """Build (once) and say whether the packed kernel runs here; warns once with the reason when it cannot."""
+    if os.environ.get("DLM_CPU_KERNEL", "").strip().lower() == "off":
+        return False
+    reason = _build()
+    if reason is not None:
+        _warn_once(reason)
+    return reason is None
+
+
+@functools.lru_cache(maxsize=1)
+def _warn_once(reason: str) -> None:
+    warnings.warn(f"dlm: the packed int8/int4 CPU kernel could not be built ({reason}); packed layers run torch's "
+                  "matmul on dequantized weights (correct, several times slower)", RuntimeWarning, stacklevel=3)
+
+
+def kernel_path() -> str:
+    """The SIMD path for this process: torch's CPU capability (ATEN_CPU_CAPABILITY lowers it), F16C for AVX2."""
+    from .cpu_kernel import cpu_flags
+    cap = torch.backends.cpu.get_cpu_capability()
+    flags = cpu_flags()
+    if cap == "AVX512" and {"avx512f", "avx512bw", "avx512vl", "f16c", "fma"} <= flags:
+        return "avx512"
+    if cap in ("AVX2", "AVX512") and {"avx2", "fma", "f16c"} <= flags:
+        return "avx2"
+    return "default"
+
+
+@functools.lru_cache(maxsize=1)
+def _path_code() -> int:
+    return PATHS[kernel_path()]
+
+
+def packed_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias: Optional[torch.Tensor],
+                  bits: int, group: int = DEFAULT_GROUP, path: Optional[str] = None) -> torch.Tensor:
+    """x [..., K] @ dequant(W)^T + bias on the kernel (fp32 CPU x, no autograd); `path` forces a SIMD path."""
+    reason = _build()
+    if reason is not None:
+        raise RuntimeError(f"the packed kernel is unavailable: {reason}")
+    k = x.shape[-1]
+    code = _path_code() if path is None else PATHS[path]
+    y = torch.ops.dlm_packed.packed_linear(x.reshape(-1, k), qweight, scales, bias, bits, group, code)
+    return y.view(*x.shape[:-1], qweight.shape[0])
+
+
+# ----- the module ---------------------------------------------------------------------------------------------------
+class PackedLinear(nn.Module):
+    """A linear layer with packed int8 / int4 weights (buffers `qweight`, `scales`; `bias` fp32 when the layer has
+    one). Inference calls of up to MAX_KERNEL_ROWS fp32 rows run the packed kernel; anything else torch's linear on
+    the dequantized weights (autograd flows to the input, so a LoRA on top trains). Under a peft LoRA layer it is
+    the `base_layer` (peft finds its device in `qweight`)."""
+
+    def __init__(self, in_features: int, out_features: int, bits: int, group: int = DEFAULT_GROUP,
+                 bias: bool = False):
+        super().__init__()
+        self.in_features, self.out_features, self.bits, self.group = in_features, out_features, bits, group
+        rb = in_features if bits == 8 else in_features // 2
+        self.register_buffer("qweight", torch.zeros(out_features, rb, dtype=torch.int8 if bits == 8 else torch.uint8))
+        shape = (out_features, in_features // group) + ((2,) if bits == 4 else ())
+        self.register_buffer("scales", torch.zeros(shape, dtype=torch.float16))
+        self.register_buffer("bias", torch.zeros(out_features) if bias else None)
+
+    @classmethod
+    def from_weight(cls, weight: torch.Tensor, bias: Optional[torch.Tensor], bits: int,
+                    group: int = DEFAULT_GROUP) -> "PackedLinear":
+        """From an fp weight [out, in] (nn.Linear's layout) and an optional bias."""
+        out_f, in_f = weight.shape
+        layer = cls(in_f, out_f, bits, group, bias=bias is not None)
+        layer.qweight, layer.scales = quantize(weight, bits, group)
+        if bias is not None:
+            layer.bias = bias.detach().to(torch.float32).clone()
+        return layer
+
+    @property
+    def format(self) -> str:
+        return f"int{self.bits}"
+
+    def dequantize(self) -> torch.Tensor:
+        return dequantize(self.qweight, self.scales, self.bits, self.group)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dequantized fp32 weight (a new tensor each time: for inspection, not for the hot path)."""
+        return self.dequantize()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // max(1, x.shape[-1])
+        if (rows <= MAX_KERNEL_ROWS and x.dtype == torch.float32 and x.device.type == "cpu"
+                and not (torch.is_grad_enabled() and x.requires_grad) and available()):
+            return packed_matmul(x, self.qweight, self.scales, self.bias, self.bits, self.group)
+        w = self.dequantize().to(x.dtype)
+        return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, format=int{self.bits}, "
+                f"group={self.group}, bias={self.bias is not None}")
+
+
+# ----- converting a model -------------------------------------------------------------------------------------------
+def _linear_weight(module: nn.Module) -> Optional[tuple[torch.Tensor, Optional[torch.Tensor]]]:
+    """(weight [out, in], bias) of a plain fp linear layer (nn.Linear and its same-field subclasses such as
+    dlm.cpu_kernel.SmallRowLinear, GPT-2's Conv1D), else None."""
+    from .cpu_kernel import SmallRowLinear
+    if type(module) in (nn.Linear, SmallRowLinear):
+        return module.weight, module.bias
+    if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):   # transformers.pytorch_utils.Conv1D: [in, out]
+        return module.weight.t(), module.bias
+    return None
+
+
+def quantize_model(model: nn.Module, fmt: str, group: int = DEFAULT_GROUP, head_bits: Optional[int] = 8) -> int:
+    """Replace every fp linear layer of `model` (on the CPU) by a PackedLinear of `fmt` ("int8" / "int4"); returns
+    how many were replaced. The output head (`get_output_embeddings()`, tied to the input embedding or not) gets
+    `head_bits` (8 by default: see the module docstring; None = the format's own); the input embedding stays.
+    LoRA layers' own matrices (peft's lora_A / lora_B) stay fp32; their `base_layer` is packed. A layer whose
+    input width is not a multiple of `group` stays as it is."""
+    if fmt not in FORMATS:
+        raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    bits = BITS[fmt]
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    replace = []
+    for name, parent in model.named_modules():
+        if any(part.startswith("lora_") for part in name.split(".")):
+            continue
+        for child_name, child in parent.named_children():
+            if child_name.startswith("lora_"):
+                continue
+            wb = _linear_weight(child)
+            if wb is None or wb[0].device.type != "cpu" or not wb[0].is_floating_point():
+                continue
+            if wb[0].shape[1] % group:
+                continue
+            replace.append((parent, child_name, child, wb))
+    for parent, child_name, child, (w, b) in replace:
+        layer_bits = head_bits if (child is head and head_bits is not None) else bits
+        setattr(parent, child_name, PackedLinear.from_weight(w, b, layer_bits, group))
+    return len(replace)
+
+
+def packed_modules(model: nn.Module) -> dict[str, int]:
+    """{"PackedLinear(int4)": n, ...} for the packed layers of `model`."""
+    counts: dict[str, int] = {}
+    for m in model.modules():
+        if isinstance(m, PackedLinear):
+            key = f"PackedLinear(int{m.bits})"
+            counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
+def model_format(model: nn.Module) -> Optional[str]:
+    """"int8" / "int4" for a packed model (int4 when its linears are int4, whatever the head), else None."""
+    counts = packed_modules(model)
+    if not counts:
+        return None
+    return "int4" if counts.get("PackedLinear(int4)") else "int8"
+
+
+def status() -> dict:
+    """What this machine does with packed layers (builds the kernel): for `dlm kernel` / `dlm info`."""
+    reason = _build() if os.environ.get("DLM_CPU_KERNEL", "").strip().lower() != "off" else "DLM_CPU_KERNEL=off"
+    return {"packed_kernel_built": reason is None, "packed_kernel_path": kernel_path(), "packed_kernel_reason": reason}
