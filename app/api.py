@@ -579,4 +579,4 @@ def guard(blocks, launch_kwargs: dict):
                       limits=backend.bounds if backend is not None else (lambda: DEFAULT_BOUNDS),
                       hosts=Hosts(bound, getattr(blocks, "allowed_hosts", ()), bool(launch_kwargs.get("share"))),
                       proxies=Proxies(getattr(blocks, "trusted_proxies", ())),
-                      per_client_events=4 * (per_client + 1))
+                      per_client_events=2 * (per_client + 1))

@@ -146,8 +146,10 @@ class Backend:
         """Stop the session's running work now (before the next transformer layer); True if one was running."""
         return self.worker.stop(session)
 
-    def _checked(self):
-        """(the loaded model, a Checker of one request against it and this server's limits)."""
+    def _checked(self, session: Optional[str] = None):
+        """(the loaded model, a Checker of one request against it and this server's limits); a client already at
+        its bound of waiting requests is refused first, before anything is tokenized (`Worker.admit`)."""
+        self.worker.admit(session)
         model = self.require_model()
         return model, Checker(model, self.max_prompt_tokens, self.max_new_tokens)
 
@@ -156,7 +158,7 @@ class Backend:
                  ) -> Run:
         """Denoise a continuation of `prompt` (a one-message chat when `chat`; `pins` = {offset: word} held fixed,
         full decoder only). Lane "dlm": Frames, then the Generation."""
-        model, check = self._checked()
+        model, check = self._checked(session)
         pins = check.pins(pins, config)
         if pins:  # the steps of the shared slider count the positions left to generate
             config = cap_steps(config, config.max_new_tokens - len(pins))
@@ -175,7 +177,7 @@ class Backend:
                use_template: Optional[bool] = None, session: Optional[str] = None) -> Run:
         """Fill a `[MASK:n]` template, or prefix + `length` tokens + suffix (use_template None: a template when one
         is given). Steps above the masked tokens are capped. Lane "dlm": Frames, then the Generation."""
-        model, check = self._checked()
+        model, check = self._checked(session)
         r = check.infill(template, prefix, suffix, length, use_template)
         config = cap_steps(config, r.masked)
         cost = forwards(config.steps, r.fixed + r.masked, r.masked)
@@ -190,7 +192,7 @@ class Backend:
         a `Prompted`: a prompt and the generated ids, as the API gets them) and denoise only them, everything else
         identical. `edits`: [(start, end, new_length or None)] offsets into the generated tokens, end exclusive.
         Lane "dlm": Frames, then the Generation (whole canvas); `run.prompt_tokens` = the prompt's length."""
-        model, check = self._checked()
+        model, check = self._checked(session)
         if isinstance(tokens, Prompted):
             prompt_ids = check.prompt(tokens.prompt, tokens.chat).ids
             tokens, n_prompt = prompt_ids + check.fields(token_ids=tokens.token_ids)["token_ids"], len(prompt_ids)
@@ -205,7 +207,7 @@ class Backend:
                     ) -> Run:
         """The AR counterpart continuing `prompt` (for infilling: the prefix only, as in the paper's Table 1).
         Lane "ar": Frames, then the Generation."""
-        model, check = self._checked()
+        model, check = self._checked(session)
         ar = self.ar_model()
         n = check.fields(length=max_new_tokens)["length"] or config.max_new_tokens
         check.new_tokens(n, "length")
@@ -227,7 +229,7 @@ class Backend:
         are the values of `sweep_field` (None: the decoder's own, `requests.sweep_field`: steps for full /
         blocks, block_length for speculative), each checked with `config` before anything runs
         (`experiments.race_job`). Read its batches with `experiments.RaceState`."""
-        model, check = self._checked()
+        model, check = self._checked(session)
         ar = self.ar_model()
         field, values = check.sweep(sweep_steps, config, sweep_field)
         p = check.prompt(prompt, chat, new_tokens=config.max_new_tokens)
@@ -241,7 +243,7 @@ class Backend:
     def infill_sweep(self, config: SamplerConfig, lengths, *, template=None, prefix=None, suffix=None,
                      use_template: Optional[bool] = None, session: Optional[str] = None) -> Run:
         """Fill the same template with every span set to each n in `lengths` (`experiments.infill_sweep_job`)."""
-        model, check = self._checked()
+        model, check = self._checked(session)
         lengths = check.span_lengths(lengths)
         r = check.infill(template, prefix, suffix, None, use_template, lengths=lengths)
         cost = sum(forwards(min(config.steps or n * r.spans, n * r.spans), r.fixed + n * r.spans, n * r.spans)

@@ -326,6 +326,14 @@ class Worker:
         """Run `job` (a generator function of (lane, item) events that calls the model) in a worker thread, in
         the worker's fair order; `cost`: its estimated work in token-forwards (0 = unknown). Refused (`Busy`)
         when its client has `per_client` runs waiting already, or `max_waiting` wait in all."""
+        with self._cv:
+            self.admit(session)
+            return Run(self, job, session, display, cost)
+
+    def admit(self, session: Optional[str] = None) -> None:
+        """Raise `Busy` when a request of `session`'s client would be refused now (its client has `per_client`
+        runs waiting, or `max_waiting` wait in all): checked again by `start`, and first of all by the backend,
+        before a request is tokenized."""
         client = str(getattr(session, "address", None) or session or "")
         with self._cv:
             mine = self.waiting(client=client) if client else 0
@@ -337,7 +345,6 @@ class Worker:
             if self.max_waiting is not None and waiting >= self.max_waiting:
                 raise Busy(f"queue: the server is busy ({waiting} requests waiting, its limit "
                            f"(dlm-studio --queue-size)); try again in a moment")
-            return Run(self, job, session, display, cost)
 
     def stop(self, session: Optional[str]) -> bool:
         """Ask the session's work to stop now: its running run before the next transformer layer, its waiting
