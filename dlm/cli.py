@@ -90,7 +90,8 @@ def _model_flags() -> argparse.ArgumentParser:
     g.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:1, ...")
     g.add_argument("--dtype", default="auto", help="auto (default: bf16 on GPU, fp32 on CPU), bf16, fp16, fp32")
     g.add_argument("--quantization", choices=QUANTIZATIONS, default="none",
-                   help="bitsandbytes quantization (runs on CPU too, slower than bf16)")
+                   help="int8 / int4: dlm's packed weight-only CPU formats (fast on a CPU); 8bit / 4bit: "
+                        "bitsandbytes (CPU or CUDA; on a CPU slower than fp32)")
     g.add_argument("--adapter", default=None, metavar="DIR", help="a peft LoRA adapter directory to apply")
     g.add_argument("--attn-implementation", default="auto", choices=ATTN_IMPLEMENTATIONS)
     return p
@@ -306,7 +307,7 @@ def cmd_info(args, show_progress: bool) -> dict:
         "mask_token": tok.convert_ids_to_tokens(model.mask_token_id) if model.mask_token_id < len(tok) else None,
         "shift": model.shift, "adapted": model.config.adapted, "ar_counterpart": model.ar_counterpart,
         "eos_token_ids": model.eos_token_ids, "device": str(model.device), "dtype": str(model.dtype).split(".")[-1],
-        "attn_implementation": model.attn_implementation,
+        "attn_implementation": model.attn_implementation, "quantization": model.quantization,
     })
     return out
 
@@ -322,8 +323,8 @@ def cmd_models(args, show_progress: bool) -> dict:
 
 
 def cmd_kernel(args, show_progress: bool) -> dict:
-    from . import cpu_kernel
-    return {"command": "kernel", **cpu_kernel.status()}
+    from . import cpu_kernel, packed_linear
+    return {"command": "kernel", **cpu_kernel.status(), **packed_linear.status()}
 
 
 COMMANDS = {"generate": cmd_generate, "infill": cmd_infill, "fill": cmd_fill, "score": cmd_score,

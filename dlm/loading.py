@@ -26,7 +26,7 @@ import torch
 
 from . import registry
 from .cpu_kernel import POLICIES as KERNEL_POLICIES, install as install_small_rows
-from .load_options import ATTN_IMPLEMENTATIONS, QUANTIZATIONS
+from .load_options import ATTN_IMPLEMENTATIONS, PACKED_QUANTIZATIONS, QUANTIZATIONS
 from .attention import enable_packed_gqa
 from .fileio import atomic_directory, cache_dir
 from .model import DLM_CONFIG_NAME, DiffusionLM, DLMConfig
@@ -83,6 +83,14 @@ def quantization_config(quantization: Optional[str], dtype: torch.dtype, device:
         return None
     if quantization not in QUANTIZATIONS:
         raise LoadError(f"quantization must be one of {', '.join(QUANTIZATIONS)}, got {quantization!r}")
+    if quantization in PACKED_QUANTIZATIONS:   # dlm.packed_linear: packed after loading (see _place), not here
+        if device.type != "cpu":
+            raise LoadError(f"quantization {quantization} is dlm's packed CPU format; on {device.type} use 8bit / 4bit "
+                            "(bitsandbytes)")
+        if dtype != torch.float32:
+            raise LoadError(f"quantization {quantization} keeps fp32 activations: use dtype fp32 (or auto), not "
+                            f"{str(dtype).split('.')[-1]}")
+        return None
     if device.type not in ("cpu", "cuda"):
         raise LoadError(f"quantization {quantization} runs on cpu or cuda, not on device {device.type!r}")
     try:
@@ -110,6 +118,14 @@ def quantized_modules(model) -> dict[str, int]:
             name = type(module).__name__
             counts[name] = counts.get(name, 0) + 1
     return counts
+
+
+def _quantization_name(base, quantized: dict) -> str:
+    """"8bit" / "4bit" (bitsandbytes), "int8" / "int4" (dlm.packed_linear) or "none"."""
+    if quantized:
+        return "8bit" if "Linear8bitLt" in quantized else "4bit"
+    from .packed_linear import model_format
+    return model_format(base) or "none"
 
 
 def resolve_attn_implementation(name: Optional[str], device: torch.device) -> str:
@@ -485,6 +501,39 @@ def _apply_adapter(base, adapter: Union[str, os.PathLike], merge: bool):
     return model.merge_and_unload() if merge else model
 
 
+def _draft_adapter(plan: "_Plan") -> Optional[Path]:
+    """The row-gated draft adapter directory named by the model's dlm_config.json (`draft_adapter`), or None."""
+    name = plan.saved.draft_adapter if plan.saved is not None else None
+    if not name:
+        return None
+    path = (plan.src.directory / name).resolve()
+    if plan.src.directory.resolve() not in path.parents or not (path / "adapter_config.json").is_file():
+        raise LoadError(f"{plan.src.directory}: dlm_config.json draft_adapter {name!r} is not an adapter "
+                        "directory inside the model directory")
+    if not plan.adapters:
+        raise LoadError(f"{plan.src.directory}: a draft_adapter needs the directory's own adapter beside it")
+    return path
+
+
+def _routing(base, plan: "_Plan", draft: Optional[Path]):
+    """Adapter routing (`dlm.adapter_routing`) for a model with a draft adapter beside its own (two adapters: the
+    any-order one on every row of full-attention forwards, the draft one on the noisy rows of block forwards), or
+    with a row-gated adapter of its own; else None."""
+    from .adapter_routing import ANY_ORDER, DRAFT, AdapterRouting
+    if draft is not None:
+        with tempfile.TemporaryDirectory(prefix="dlm-adapter-") as tmp:
+            try:
+                base.load_adapter(str(_remap_adapter_dir(draft, Path(tmp))), adapter_name=DRAFT)
+            except Exception as e:
+                raise LoadError(f"draft adapter {draft} does not fit the base model: {type(e).__name__}: "
+                                f"{str(e).strip().splitlines()[-1] if str(e).strip() else ''}") from None
+        base.set_adapter(ANY_ORDER)
+        return AdapterRouting(base, gated=DRAFT, any_order=ANY_ORDER)
+    if plan.saved is not None and plan.saved.row_gated and plan.adapters:
+        return AdapterRouting(base, gated=ANY_ORDER)
+    return None
+
+
 # ----- public API ----------------------------------------------------------------------------------------------------
 class _Plan:
     """What a `load` call resolved to: where the model's own files are (`src`: its tokenizer, dlm / sampler config),
@@ -543,14 +592,19 @@ def _mask_token(plan: _Plan, base, tokenizer, mask_token_id: Optional[int]) -> t
     return mask_id, added
 
 
-def _place(base, device: torch.device, quantized: bool, cpu_kernel: Optional[str]):
+def _place(base, device: torch.device, quantized: bool, cpu_kernel: Optional[str], packed: Optional[str] = None):
     """Move to `device` (a quantized model is already there), eval mode, and the CPU decoding paths: packed GQA
-    attention for few-row masked queries, and the small-row kernel for fp32 linears on CPUs without AVX-512."""
+    attention for few-row masked queries, the packed int8 / int4 linears when `packed` names one
+    (dlm.packed_linear; after any merge, so merged LoRA weights are packed, and an unmerged LoRA's base_layer is),
+    and the small-row kernel for (the remaining) fp32 linears on CPUs without AVX-512."""
     if not quantized:
         base = base.to(device)
     base.eval()
     if device.type == "cpu":
         enable_packed_gqa(base)
+        if packed in PACKED_QUANTIZATIONS and not quantized:
+            from .packed_linear import quantize_model
+            quantize_model(base, packed)
         if not quantized:
             install_small_rows(base, cpu_kernel)   # a no-op where torch's linear is as fast (auto)
     return base
@@ -577,7 +631,7 @@ def load(source: Union[str, os.PathLike], *, mask_token_id: Optional[int] = None
          quantization: Optional[str] = None, adapter: Union[str, os.PathLike, None] = None,
          attn_implementation: str = "auto", shift: Optional[bool] = None, merge_adapter: bool = True,
          trust_remote_code: bool = False, allow_pickle: bool = False, revision: Optional[str] = None,
-         cpu_kernel: Optional[str] = None) -> DiffusionLM:
+         cpu_kernel: Optional[str] = None, draft_adapter: bool = True) -> DiffusionLM:
     """Load a diffusion LM (or an AR model to use as one).
 
     source:              registry name, local directory / .gguf file, or hub id (see the module docstring).
@@ -588,12 +642,18 @@ def load(source: Union[str, os.PathLike], *, mask_token_id: Optional[int] = None
     quantization:        None / "8bit" (LLM.int8) / "4bit" (NF4) through bitsandbytes, on CUDA or a CPU, for every
                          source: HF directories, the DiffuGPT wrapper layout, GGUF bases (dequantized once into the
                          cache, then quantized), adapter models (the LoRA stays unmerged in full precision on top).
+                         "int8" / "int4": dlm's packed weight-only CPU formats (dlm.packed_linear, fp32 activations,
+                         the fast ones on a CPU): every linear incl. the head, after a merged adapter is merged (an
+                         unmerged one stays fp32 on top of its packed base_layer).
     adapter:             a peft LoRA adapter directory to apply on top (also accepts `denoise_model.` prefixes).
     attn_implementation: "auto" (transformers' default, sdpa) / "sdpa" / "eager" / "flash_attention_2" (falls back
                          to sdpa with a warning without CUDA or the flash-attn package).
     shift:               override the shift flag (default: saved config, else True as in the paper).
     merge_adapter:       merge LoRA weights for inference speed (kept separate when quantized).
     trust_remote_code / allow_pickle: off by default; loading never runs remote code or unpickles otherwise.
+    draft_adapter:       load the model's row-gated draft adapter when its dlm_config.json names one (writing by
+                         self-speculation verified by the base model itself, `dlm.adapter_routing`); False = only
+                         its own adapter, merged as any other (training on top of it does this).
     cpu_kernel:          the small-row CPU kernel for 2-8 row fp32 linears (dlm.cpu_kernel): "auto" (where torch's
                          CPU path is AVX2), "on", "off"; default None = $DLM_CPU_KERNEL, else auto.
     """
@@ -620,9 +680,19 @@ def load(source: Union[str, os.PathLike], *, mask_token_id: Optional[int] = None
     if quantized and len(plan.adapters) > 1:
         raise LoadError("quantization: a stack of adapters (" + ", ".join(map(str, plan.adapters)) + ") needs "
                         "the inner ones merged, which a quantized base cannot take; load it unquantized")
+    draft = _draft_adapter(plan) if draft_adapter else None
+    if not draft_adapter and plan.saved is not None:
+        plan.saved.draft_adapter = None
+    if draft is not None and len(plan.adapters) > 1:
+        raise LoadError(f"{plan.src.directory}: a draft adapter needs the base unmerged, so it cannot sit on a "
+                        "stack of adapters (" + ", ".join(map(str, plan.adapters)) + ")")
+    keep_outer = draft is not None or bool(plan.saved and plan.saved.row_gated)   # routing needs it unmerged
     for i, a in enumerate(plan.adapters):   # all but the outermost merge, so the next one wraps a plain model
-        base = _apply_adapter(base, a, merge=(merge_adapter or i < len(plan.adapters) - 1) and not quantized)
-    base = _place(base, dev, quantized=bool(quantized), cpu_kernel=cpu_kernel)
+        outer = i == len(plan.adapters) - 1
+        base = _apply_adapter(base, a, merge=(merge_adapter and not (outer and keep_outer) or not outer)
+                              and not quantized)
+    routing = _routing(base, plan, draft)
+    base = _place(base, dev, quantized=bool(quantized), cpu_kernel=cpu_kernel, packed=quantization)
 
     cfg = _dlm_config(plan, base, mask_id, added, source, shift)
     name = plan.src.label if plan.src.spec is not None else Path(str(source)).name or str(source)
@@ -632,6 +702,7 @@ def load(source: Union[str, os.PathLike], *, mask_token_id: Optional[int] = None
             g, i = load_sampler_configs(directory)
             generate_cfg, infill_cfg = g or generate_cfg, i or infill_cfg
     model = DiffusionLM(base, tokenizer, cfg, name=name, sampler_config=generate_cfg, infill_config=infill_cfg)
+    model.routing = routing
     model.source = str(source)
-    model.quantization = "none" if not quantized else "8bit" if "Linear8bitLt" in quantized else "4bit"
+    model.quantization = _quantization_name(base, quantized)
     return model
