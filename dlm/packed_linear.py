@@ -43,7 +43,8 @@ FORMATS = ("int8", "int4")
 BITS = {"int8": 8, "int4": 4}
 BLOCK = 32                  # weights per packed block; a group (one scale) is a multiple of it
 DEFAULT_GROUP = 32          # GGUF's Q8_0 / Q4_1 block: packing the default model's GGUF weights is exact
-MAX_KERNEL_ROWS = 32        # more rows than this: torch's matmul on the dequantized weights (compute-bound there)
+MAX_KERNEL_ROWS = 32        # more rows than this: torch's matmul on the dequantized weights (compute-bound there;
+                            # the constant kMaxKernelRows in csrc/packed_rows.cpp)
 PATHS = {"default": 0, "avx2": 1, "avx512": 2}
 SOURCE = Path(__file__).with_name("csrc") / "packed_rows.cpp"
 
@@ -158,14 +159,24 @@ def _path_code() -> int:
 
 def packed_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias: Optional[torch.Tensor],
                   bits: int, group: int = DEFAULT_GROUP, path: Optional[str] = None) -> torch.Tensor:
-    """x [..., K] @ dequant(W)^T + bias on the kernel (fp32 CPU x, no autograd); `path` forces a SIMD path."""
+    """x [..., K] @ dequant(W)^T + bias on the kernel (fp32 CPU x, no autograd); `path` forces a SIMD path. More
+    than MAX_KERNEL_ROWS rows: torch's linear on the weight the kernel dequantizes."""
     reason = _build()
     if reason is not None:
         raise RuntimeError(f"the packed kernel is unavailable: {reason}")
-    k = x.shape[-1]
     code = _path_code() if path is None else PATHS[path]
-    y = torch.ops.dlm_packed.packed_linear(x.reshape(-1, k), qweight, scales, bias, bits, group, code)
-    return y.view(*x.shape[:-1], qweight.shape[0])
+    return torch.ops.dlm_packed.packed_linear.default(x, qweight, scales, bias, bits, group, code)
+
+
+_FAST: Optional[tuple] = None   # (the op, the path code) once the kernel is known to run here; () where it does not
+
+
+def _fast() -> tuple:
+    """The op and path for PackedLinear.forward, decided once per process (the hot path skips every other check)."""
+    global _FAST
+    if _FAST is None:
+        _FAST = (torch.ops.dlm_packed.packed_linear.default, _path_code()) if available() else ()
+    return _FAST
 
 
 # ----- the module ---------------------------------------------------------------------------------------------------
@@ -209,10 +220,9 @@ class PackedLinear(nn.Module):
         return self.dequantize()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.numel() // max(1, x.shape[-1])
-        if (rows <= MAX_KERNEL_ROWS and x.dtype == torch.float32 and x.device.type == "cpu"
-                and not (torch.is_grad_enabled() and x.requires_grad) and available()):
-            return packed_matmul(x, self.qweight, self.scales, self.bias, self.bits, self.group)
+        fast = _FAST if _FAST is not None else _fast()
+        if fast and not x.requires_grad and x.dtype == torch.float32 and x.device.type == "cpu":
+            return fast[0](x, self.qweight, self.scales, self.bias, self.bits, self.group, fast[1])
         w = self.dequantize().to(x.dtype)
         return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
 

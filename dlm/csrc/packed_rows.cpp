@@ -19,6 +19,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -164,14 +165,15 @@ void rows_avx2(const float* x, int64_t K, const uint8_t* w, int64_t row_bytes, c
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx2,fma,f16c")
 
+// The 32 weights of one block of one row as 2 x 16 fp32. int4: a 16-entry table per group, T[q] = q * d + m (one
+// FMA), indexed by each nibble with one permute (vpermps reads only an index's low 4 bits, so no mask is needed).
 template <bool I4>
 inline void dequant_avx512(const uint8_t* blk, __m512 d, __m512 mn, __m512 out[2]) {
   if (I4) {
-    const __m128i q = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk));
-    const __m128i mask = _mm_set1_epi8(15);
-    const __m128i lo = _mm_and_si128(q, mask), hi = _mm_and_si128(_mm_srli_epi16(q, 4), mask);
-    out[0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(lo)), d, mn);
-    out[1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(hi)), d, mn);
+    const __m512 table = _mm512_fmadd_ps(_mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), d, mn);
+    const __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk)));
+    out[0] = _mm512_permutexvar_ps(q, table);
+    out[1] = _mm512_permutexvar_ps(_mm512_srli_epi32(q, 4), table);
   } else {
     out[0] = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
                                _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk)))), d);
@@ -269,11 +271,41 @@ void run(const float* xp, int64_t M, int64_t K, const uint8_t* wp, int64_t row_b
   });
 }
 
+// The fp32 weight [N, K] a packed weight stands for (the large-M path: torch's GEMM is faster there).
+at::Tensor dequantize(const uint8_t* wp, int64_t row_bytes, const at::Half* sp, int64_t N, int64_t K, int64_t G,
+                      int64_t group, bool i4) {
+  at::Tensor w = at::empty({N, K}, at::kFloat);
+  float* out = w.data_ptr<float>();
+  const int64_t P = i4 ? 2 : 1;
+  at::parallel_for(0, N, 16, [&](int64_t nb, int64_t ne) {
+    for (int64_t n = nb; n < ne; ++n) {
+      const uint8_t* wr = wp + n * row_bytes;
+      for (int64_t k = 0; k < K; ++k) {
+        const int64_t g = k / group;
+        const float d = static_cast<float>(sp[(n * G + g) * P]);
+        if (i4) {
+          const int64_t j = k % kBlock;
+          const uint8_t byte = wr[(k / kBlock) * 16 + (j & 15)];
+          const int q = j < 16 ? (byte & 15) : (byte >> 4);
+          out[n * K + k] = std::fma(static_cast<float>(q), d, static_cast<float>(sp[(n * G + g) * P + 1]));
+        } else {
+          out[n * K + k] = static_cast<float>(static_cast<int8_t>(wr[k])) * d;
+        }
+      }
+    }
+  });
+  return w;
+}
+
+// x [..., K] -> [..., N]. Up to kMaxKernelRows rows run the packed kernel; more (a long prefill) torch's linear on the
+// dequantized weight.
+constexpr int64_t kMaxKernelRows = 32;
+
 at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                          const c10::optional<at::Tensor>& bias, int64_t bits, int64_t group, int64_t path) {
   TORCH_CHECK(bits == 8 || bits == 4, "packed_linear: bits 8 or 4");
   TORCH_CHECK(group >= kBlock && group % kBlock == 0, "packed_linear: group a multiple of 32");
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.device().is_cpu(), "packed_linear: x [M, K] fp32 CPU");
+  TORCH_CHECK(x.dim() >= 1 && x.scalar_type() == at::kFloat && x.device().is_cpu(), "packed_linear: x [..., K] fp32 CPU");
   TORCH_CHECK(qweight.dim() == 2 && qweight.device().is_cpu() && qweight.element_size() == 1,
               "packed_linear: qweight [N, K or K/2] of bytes");
   TORCH_CHECK(scales.scalar_type() == at::kHalf, "packed_linear: fp16 scales");
@@ -281,8 +313,9 @@ at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& qweight, const a
   path = 0;
 #endif
   TORCH_CHECK(path >= 0 && path <= 2, "packed_linear: path 0 (portable), 1 (avx2) or 2 (avx512)");
-  const at::Tensor xc = x.contiguous(), wc = qweight.contiguous(), sc = scales.contiguous();
-  const int64_t M = xc.size(0), K = xc.size(1), N = wc.size(0);
+  const int64_t K = x.size(-1), M = K ? x.numel() / K : 0;
+  const at::Tensor xc = x.reshape({M, K}).contiguous(), wc = qweight.contiguous(), sc = scales.contiguous();
+  const int64_t N = wc.size(0);
   TORCH_CHECK(K % group == 0, "packed_linear: K (", K, ") a multiple of the group (", group, ")");
   const int64_t row_bytes = bits == 8 ? K : K / 2, G = K / group;
   TORCH_CHECK(wc.size(1) == row_bytes, "packed_linear: qweight has ", wc.size(1), " bytes a row, expected ", row_bytes);
@@ -294,14 +327,20 @@ at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& qweight, const a
     bc = bias->contiguous();
     bp = bc.data_ptr<float>();
   }
-  at::Tensor y = at::empty({M, N}, xc.options());
-  if (M == 0 || N == 0) return y;
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = N;
   const uint8_t* wp = static_cast<const uint8_t*>(wc.data_ptr());
+  if (M > kMaxKernelRows) {
+    at::Tensor w = dequantize(wp, row_bytes, sc.data_ptr<at::Half>(), N, K, G, group, bits == 4);
+    return at::linear(xc, w, bc.defined() ? c10::optional<at::Tensor>(bc) : c10::nullopt).view(shape);
+  }
+  at::Tensor y = at::empty({M, N}, xc.options());
+  if (M == 0 || N == 0) return y.view(shape);
   if (bits == 4)
     run<true>(xc.data_ptr<float>(), M, K, wp, row_bytes, sc.data_ptr<at::Half>(), G, group, y.data_ptr<float>(), N, bp, path);
   else
     run<false>(xc.data_ptr<float>(), M, K, wp, row_bytes, sc.data_ptr<at::Half>(), G, group, y.data_ptr<float>(), N, bp, path);
-  return y;
+  return y.view(shape);
 }
 
 }  // namespace
