@@ -30,7 +30,7 @@ from typing import Optional, Sequence
 import torch
 
 from bench.load_args import add_load_args, load_kwargs
-from dlm.quality import corpus_ppl, distinct_n, has_loop, judge_nll
+from dlm.quality import corpus_ppl, distinct_n, has_loop, judge_nll, ppl_ratio_interval
 from dlm.sampling import cut_at_eos
 
 # The books DiffuSmol's training run holds out (the tail of its shuffled document order; see the model card).
@@ -108,6 +108,8 @@ def run(model, ar_model, judge, prompts: Sequence[str], new_tokens: int = 48, te
            "new_tokens": new_tokens, "samples": samples}
     out["speed"] = out["dlm"]["tokens_per_s"] / out["ar"]["tokens_per_s"]
     out["tokens_per_step"] = dlm_side.tokens / max(1, sum(s["dlm_nfe"] for s in samples))
+    out["ppl_ratio"] = ppl_ratio_interval(dlm_side.nlls, ar_side.nlls, seed=seed)   # paired by prompt
+    out["identical"] = sum(s["dlm"] == s["ar"] for s in samples)
     return out
 
 
@@ -144,7 +146,9 @@ def format_table(result: dict) -> str:
           "varied": d["distinct2"] >= 0.8 * a["distinct2"] and d["loops"] <= a["loops"] + 0.15,
           "fast": result["speed"] >= 1.0}
     lines.append("")
-    lines.append(f"ratios: judge-PPL {d['judge_ppl'] / a['judge_ppl']:.2f}x AR, distinct-2 "
+    r, lo, hi = result["ppl_ratio"]
+    lines.append(f"ratios: judge-PPL {r:.2f}x AR [paired 95% bootstrap {lo:.2f}, {hi:.2f}], "
+                 f"{result['identical']}/{result['n']} outputs identical to the AR's, distinct-2 "
                  f"{d['distinct2'] / a['distinct2']:.2f}x AR, loops {100 * (d['loops'] - a['loops']):+.0f} pts, "
                  f"speed {result['speed']:.2f}x AR ({result['tokens_per_step']:.2f} tokens per DLM step); "
                  f"n={result['n']} prompts x {result['new_tokens']} tokens")

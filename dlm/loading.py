@@ -501,6 +501,39 @@ def _apply_adapter(base, adapter: Union[str, os.PathLike], merge: bool):
     return model.merge_and_unload() if merge else model
 
 
+def _draft_adapter(plan: "_Plan") -> Optional[Path]:
+    """The row-gated draft adapter directory named by the model's dlm_config.json (`draft_adapter`), or None."""
+    name = plan.saved.draft_adapter if plan.saved is not None else None
+    if not name:
+        return None
+    path = (plan.src.directory / name).resolve()
+    if plan.src.directory.resolve() not in path.parents or not (path / "adapter_config.json").is_file():
+        raise LoadError(f"{plan.src.directory}: dlm_config.json draft_adapter {name!r} is not an adapter "
+                        "directory inside the model directory")
+    if not plan.adapters:
+        raise LoadError(f"{plan.src.directory}: a draft_adapter needs the directory's own adapter beside it")
+    return path
+
+
+def _routing(base, plan: "_Plan", draft: Optional[Path]):
+    """Adapter routing (`dlm.adapter_routing`) for a model with a draft adapter beside its own (two adapters: the
+    any-order one on every row of full-attention forwards, the draft one on the noisy rows of block forwards), or
+    with a row-gated adapter of its own; else None."""
+    from .adapter_routing import ANY_ORDER, DRAFT, AdapterRouting
+    if draft is not None:
+        with tempfile.TemporaryDirectory(prefix="dlm-adapter-") as tmp:
+            try:
+                base.load_adapter(str(_remap_adapter_dir(draft, Path(tmp))), adapter_name=DRAFT)
+            except Exception as e:
+                raise LoadError(f"draft adapter {draft} does not fit the base model: {type(e).__name__}: "
+                                f"{str(e).strip().splitlines()[-1] if str(e).strip() else ''}") from None
+        base.set_adapter(ANY_ORDER)
+        return AdapterRouting(base, gated=DRAFT, any_order=ANY_ORDER)
+    if plan.saved is not None and plan.saved.row_gated and plan.adapters:
+        return AdapterRouting(base, gated=ANY_ORDER)
+    return None
+
+
 # ----- public API ----------------------------------------------------------------------------------------------------
 class _Plan:
     """What a `load` call resolved to: where the model's own files are (`src`: its tokenizer, dlm / sampler config),
@@ -598,7 +631,7 @@ def load(source: Union[str, os.PathLike], *, mask_token_id: Optional[int] = None
          quantization: Optional[str] = None, adapter: Union[str, os.PathLike, None] = None,
          attn_implementation: str = "auto", shift: Optional[bool] = None, merge_adapter: bool = True,
          trust_remote_code: bool = False, allow_pickle: bool = False, revision: Optional[str] = None,
-         cpu_kernel: Optional[str] = None) -> DiffusionLM:
+         cpu_kernel: Optional[str] = None, draft_adapter: bool = True) -> DiffusionLM:
     """Load a diffusion LM (or an AR model to use as one).
 
     source:              registry name, local directory / .gguf file, or hub id (see the module docstring).
@@ -618,6 +651,9 @@ def load(source: Union[str, os.PathLike], *, mask_token_id: Optional[int] = None
     shift:               override the shift flag (default: saved config, else True as in the paper).
     merge_adapter:       merge LoRA weights for inference speed (kept separate when quantized).
     trust_remote_code / allow_pickle: off by default; loading never runs remote code or unpickles otherwise.
+    draft_adapter:       load the model's row-gated draft adapter when its dlm_config.json names one (writing by
+                         self-speculation verified by the base model itself, `dlm.adapter_routing`); False = only
+                         its own adapter, merged as any other (training on top of it does this).
     cpu_kernel:          the small-row CPU kernel for 2-8 row fp32 linears (dlm.cpu_kernel): "auto" (where torch's
                          CPU path is AVX2), "on", "off"; default None = $DLM_CPU_KERNEL, else auto.
     """
@@ -644,8 +680,18 @@ def load(source: Union[str, os.PathLike], *, mask_token_id: Optional[int] = None
     if quantized and len(plan.adapters) > 1:
         raise LoadError("quantization: a stack of adapters (" + ", ".join(map(str, plan.adapters)) + ") needs "
                         "the inner ones merged, which a quantized base cannot take; load it unquantized")
+    draft = _draft_adapter(plan) if draft_adapter else None
+    if not draft_adapter and plan.saved is not None:
+        plan.saved.draft_adapter = None
+    if draft is not None and len(plan.adapters) > 1:
+        raise LoadError(f"{plan.src.directory}: a draft adapter needs the base unmerged, so it cannot sit on a "
+                        "stack of adapters (" + ", ".join(map(str, plan.adapters)) + ")")
+    keep_outer = draft is not None or bool(plan.saved and plan.saved.row_gated)   # routing needs it unmerged
     for i, a in enumerate(plan.adapters):   # all but the outermost merge, so the next one wraps a plain model
-        base = _apply_adapter(base, a, merge=(merge_adapter or i < len(plan.adapters) - 1) and not quantized)
+        outer = i == len(plan.adapters) - 1
+        base = _apply_adapter(base, a, merge=(merge_adapter and not (outer and keep_outer) or not outer)
+                              and not quantized)
+    routing = _routing(base, plan, draft)
     base = _place(base, dev, quantized=bool(quantized), cpu_kernel=cpu_kernel, packed=quantization)
 
     cfg = _dlm_config(plan, base, mask_id, added, source, shift)
@@ -656,6 +702,7 @@ def load(source: Union[str, os.PathLike], *, mask_token_id: Optional[int] = None
             g, i = load_sampler_configs(directory)
             generate_cfg, infill_cfg = g or generate_cfg, i or infill_cfg
     model = DiffusionLM(base, tokenizer, cfg, name=name, sampler_config=generate_cfg, infill_config=infill_cfg)
+    model.routing = routing
     model.source = str(source)
     model.quantization = _quantization_name(base, quantized)
     return model

@@ -22,7 +22,9 @@ from torch import nn
 
 from . import infill as infill_mod
 from . import likelihood, sampling
+from .adapter_routing import route
 from .attention import anneal_attention_mask, bidirectional, block_ids, block_pattern, prepared_mask, staircase
+from .draft_objectives import DRAFT_LOSSES, acceptance, aligned_next_token, draft_token_loss, reach_weights
 from .fileio import atomic_directory
 from .noise import q_sample, sample_t
 from .sampler_config import SamplerConfig, save_sampler_configs
@@ -48,6 +50,10 @@ class DLMConfig:
     clean_attention:  block diffusion: how clean (known) tokens attend to each other, as trained: "causal" (token
                       by token: every clean row is an AR predictor, which the speculative decoder uses to verify
                       drafts) or "block" (bidirectional inside a clean block).
+    row_gated:        the (outermost) adapter is a draft adapter: in block forwards it runs on the noisy rows only,
+                      so the clean rows (the verifier) are the base model exactly (`dlm.adapter_routing`).
+    draft_adapter:    a subdirectory holding such a row-gated draft adapter for block forwards (writing), beside
+                      the directory's own adapter, which then serves full attention (infilling, any order, scores).
     """
 
     mask_token_id: int
@@ -59,6 +65,8 @@ class DLMConfig:
     base_model: Optional[str] = None
     training: dict = field(default_factory=dict)
     clean_attention: str = "causal"
+    row_gated: bool = False
+    draft_adapter: Optional[str] = None
     format_version: int = 1
 
     def save(self, directory: str | os.PathLike) -> None:
@@ -242,6 +250,7 @@ class DiffusionLM(nn.Module):
         self.sampler_config = sampler_config or SamplerConfig()
         self.infill_config = infill_config or SamplerConfig()
         self.name = name or getattr(getattr(base, "config", None), "_name_or_path", "") or "dlm"
+        self.routing = None   # an `AdapterRouting` when a row-gated draft adapter is loaded (`dlm.adapter_routing`)
         vocab = self.base.get_input_embeddings().weight.shape[0]
         if not 0 <= config.mask_token_id < vocab:
             raise ValueError(f"mask_token_id {config.mask_token_id} is outside the vocabulary (0..{vocab - 1})")
@@ -327,6 +336,10 @@ class DiffusionLM(nn.Module):
     def _base_logits(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor], ratio: float,
                      generator: Optional[torch.Generator] = None, **kwargs) -> torch.Tensor:
         """Raw base-model logits (row i predicts token i+1 when shift) under the chosen attention pattern."""
+        with route(self, "ar" if ratio <= 0.0 else "full"):
+            return self._full_forward(input_ids, attention_mask, ratio, generator, **kwargs)
+
+    def _full_forward(self, input_ids, attention_mask, ratio, generator, **kwargs) -> torch.Tensor:
         position_ids = kwargs.pop("position_ids", None)
         if position_ids is None:
             position_ids = padding_position_ids(attention_mask)
@@ -385,7 +398,7 @@ class DiffusionLM(nn.Module):
         positions = (mask.long().cumsum(-1) - 1).clamp(min=0) if mask is not None else \
             torch.arange(input_ids.shape[1], device=input_ids.device)[None].expand(input_ids.shape[0], -1)
         keep = {} if rows is None else {"logits_to_keep": rows - n - int(self.shift)}
-        with bidirectional(self.base.config):
+        with bidirectional(self.base.config), route(self, "full"):
             out = self.base(input_ids=input_ids[:, n:], attention_mask=mask, position_ids=positions[:, n:],
                             cache=prefix_cache.kv, use_cache=True, **keep)
         _truncate_cache(prefix_cache.kv, n)  # leave the cache as it was
@@ -406,7 +419,7 @@ class DiffusionLM(nn.Module):
         if not 0 < prefix_length <= L:
             raise ValueError(f"prefix_length must be in 1..{L}, got {prefix_length}")
         n = prefix_length - 1 if self.shift else prefix_length
-        with bidirectional(self.base.config):
+        with bidirectional(self.base.config), route(self, "full"):
             out = self.base(input_ids=input_ids, attention_mask=attention_mask,
                             position_ids=padding_position_ids(attention_mask), use_cache=True)
         kv = out.cache
@@ -415,8 +428,8 @@ class DiffusionLM(nn.Module):
         return PrefixCache(kv=kv, length=prefix_length, n_cached=n, attention_mask=attention_mask, logits=logits)
 
     def new_block_cache(self) -> BlockCache:
-        from transformers import DynamicCache
-        return BlockCache(kv=DynamicCache(config=self.base.config))
+        from .attention import full_length_cache
+        return BlockCache(kv=full_length_cache(self.base.config))
 
     def block_commit(self, cache: BlockCache, clean_ids: torch.Tensor, clean_blocks: Optional[torch.Tensor] = None,
                      clean_padding: Optional[torch.Tensor] = None) -> None:
@@ -487,8 +500,9 @@ class DiffusionLM(nn.Module):
             positions = torch.cat([positions[:, :c], positions[:, lay.noisy_at:lay.noisy_at + 1] +
                                    torch.arange(n, device=device)], dim=1)
         mask = prepared_mask(self.base.config, pattern, B, self.dtype, padding if has_pad else None)
-        out = self.base(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache.kv, use_cache=True,
-                        logits_to_keep=lay.keep)
+        with route(self, "block", lay.q_noisy):   # a draft adapter runs on the noisy rows only
+            out = self.base(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache.kv,
+                            use_cache=True, logits_to_keep=lay.keep)
         _truncate_cache(cache.kv, past + c)  # keep the clean tokens only: the noisy block is not final
         cache.length, cache.padding, cache.n_blocks = past + c, padding[:, :past + c], lay.n_blocks
         clean_rows, rows = out.logits[:, :lay.n_clean_rows], out.logits[:, lay.n_clean_rows:]
@@ -590,8 +604,10 @@ class DiffusionLM(nn.Module):
         else:
             pad, position_ids = None, positions[None].expand(B, -1)
         mask = prepared_mask(self.base.config, pattern, B, self.dtype, pad)
-        out = self.base(input_ids=torch.cat([x_t, x0], 1), attention_mask=mask, position_ids=position_ids,
-                        logits_to_keep=rows)
+        noisy_rows = torch.cat([torch.ones(L, device=x0.device), torch.zeros(L, device=x0.device)])
+        with route(self, "block", noisy_rows):   # a draft adapter runs on x_t's rows only
+            out = self.base(input_ids=torch.cat([x_t, x0], 1), attention_mask=mask, position_ids=position_ids,
+                            logits_to_keep=rows)
         return out.logits
 
     def block_diffusion_loss(self, input_ids: torch.Tensor, block_length: int, *, offset: Optional[int] = None,
@@ -599,7 +615,8 @@ class DiffusionLM(nn.Module):
                              attention_mask: Optional[torch.Tensor] = None, weighting: str = "inverse_t",
                              eps: float = 1e-3, generator: Optional[torch.Generator] = None,
                              ar_weight: float = 0.0, teacher_logits: Optional[torch.Tensor] = None,
-                             distill_weight: float = 0.0) -> DiffusionLossOutput:
+                             distill_weight: float = 0.0, draft_loss: str = "ce", reach: bool = False,
+                             full_mask: float = 0.0, accept_temperature: float = 1.0) -> DiffusionLossOutput:
         """Block-diffusion training (BD3-LM / Fast-dLLM v2) on a batch of clean sequences, every block in one pass.
 
         The forward runs over [x_t; x_0] (2L tokens) with the staircase pattern (`dlm.attention.staircase`): noisy
@@ -619,6 +636,13 @@ class DiffusionLM(nn.Module):
                       i + 1; e.g. the frozen base: the LoRA adapter disabled) and `distill_weight` > 0: adds
                       distill_weight x KL(teacher || student), the mean over masked tokens of x_t (the drafts) plus
                       the mean over the clean rows (the verifier): a whole distribution per token instead of one id.
+        draft_loss:   the masked tokens' loss (`dlm.draft_objectives`): "ce" (the data's token, 1/t-weighted), or
+                      against the verifier's distribution: "kd", "accept" (1 - acceptance rate at
+                      `accept_temperature`), "kd+accept". The verifier is the clean rows of this forward when the
+                      model has a row-gated draft adapter (then they are the base model), else `teacher_logits`.
+        reach:        weight each masked token by the chance that speculative decoding reaches it (the product of
+                      the acceptance rates of the masked tokens before it in its block, detached).
+        full_mask:    probability that a block is masked whole (t = 1): the speculative decoder's drafting case.
         """
         if weighting not in ("inverse_t", "none"):
             raise ValueError(f"weighting must be 'inverse_t' or 'none', got {weighting!r}")
@@ -631,20 +655,44 @@ class DiffusionLM(nn.Module):
         blk = block_ids(L, block_length, offset, device)
         n_blocks = int(blk[-1]) + 1
         maskable = self.default_maskable(input_ids, attention_mask, maskable)
+        if draft_loss not in DRAFT_LOSSES:
+            raise ValueError(f"draft_loss must be one of {', '.join(DRAFT_LOSSES)}, got {draft_loss!r}")
         if t is None:
             t = sample_t(B * n_blocks, eps, generator=generator, device=device).view(B, n_blocks)
+            if full_mask > 0:   # whole blocks masked: what the speculative decoder drafts
+                whole = torch.rand(B, n_blocks, generator=generator, device=device) < full_mask
+                t = torch.where(whole, torch.ones_like(t), t)
         t_tok = torch.as_tensor(t, dtype=torch.float32, device=device)[:, blk]                # [B, L]
         x_t, masked = q_sample(input_ids, t_tok, self.mask_token_id, maskable, generator=generator)
         distill = distill_weight > 0 and teacher_logits is not None
+        in_forward = self.routing is not None and (draft_loss != "ce" or reach)   # the clean rows are the base
+        if (draft_loss != "ce" or reach) and not in_forward and teacher_logits is None:
+            raise ValueError("draft_loss / reach need a verifier: a row-gated draft adapter or teacher_logits")
         logits = self.block_denoise_logits(x_t, input_ids, block_length, offset, attention_mask,
-                                           with_clean=ar_weight > 0 or distill)             # [B, L(+L), V]
+                                           with_clean=ar_weight > 0 or distill or in_forward)  # [B, L(+L), V]
         if not bool(masked.any()):
             zero = logits.sum() * 0.0
             return DiffusionLossOutput(zero, zero.detach())
         ce = F.cross_entropy(logits[:, :L][masked].float(), input_ids[masked], reduction="none")
         n = masked.sum()
-        weight = (1.0 / t_tok)[masked] if weighting == "inverse_t" else torch.ones_like(ce)
-        loss = (ce * weight).sum() / n
+        if draft_loss == "ce" and not reach:
+            weight = (1.0 / t_tok)[masked] if weighting == "inverse_t" else torch.ones_like(ce)
+            loss = (ce * weight).sum() / n
+        else:
+            verifier = aligned_next_token(logits[:, L:] if in_forward else teacher_logits)[masked].float()
+            student = logits[:, :L][masked].float()
+            if self.config.added_mask_token:   # no decoder ever draws the mask id
+                verifier[:, self.mask_token_id] = float("-inf")
+                student = student.clone()
+                student[:, self.mask_token_id] = float("-inf")
+            per_token, alpha = ((ce, acceptance(verifier, student, accept_temperature)) if draft_loss == "ce"
+                                else draft_token_loss(student, verifier, draft_loss, accept_temperature))
+            weight = torch.ones_like(per_token)
+            if reach:
+                full_alpha = torch.ones(B, L, device=device)
+                full_alpha[masked] = alpha
+                weight = reach_weights(full_alpha, blk)[masked]
+            loss = (per_token * weight).sum() / weight.sum().clamp(min=1e-6)
         if ar_weight > 0 or distill:  # clean rows with a next token to predict (the verifier's rows)
             target = self.default_maskable(input_ids, attention_mask)[:, 1:]
         if ar_weight > 0:  # the clean path as an AR model: next-token CE on every clean row (the verifier)

@@ -35,6 +35,27 @@ def corpus_ppl(nlls: list[tuple[float, int]]) -> float:
     return math.exp(sum(v for v, _ in nlls) / tokens) if tokens else float("nan")
 
 
+def ppl_ratio_interval(a: list[tuple[float, int]], b: list[tuple[float, int]], n_boot: int = 2000,
+                       seed: int = 0, level: float = 0.95) -> tuple[float, float, float]:
+    """corpus_ppl(a) / corpus_ppl(b) for texts paired by prompt (a[i] and b[i] continue the same prompt), with a
+    paired percentile bootstrap interval over prompts: (ratio, low, high)."""
+    import random
+    if len(a) != len(b) or not a:
+        raise ValueError("ppl_ratio_interval needs two equally long, non-empty lists paired by prompt")
+    rng, n = random.Random(seed), len(a)
+    ratios = []
+    for _ in range(n_boot):
+        idx = [rng.randrange(n) for _ in range(n)]
+        r = corpus_ppl([a[i] for i in idx]) / corpus_ppl([b[i] for i in idx])
+        if not math.isnan(r):
+            ratios.append(r)
+    if not ratios:
+        return float("nan"), float("nan"), float("nan")
+    ratios.sort()
+    lo, hi = ratios[int((1 - level) / 2 * len(ratios))], ratios[min(len(ratios) - 1, int((1 + level) / 2 * len(ratios)))]
+    return corpus_ppl(a) / corpus_ppl(b), lo, hi
+
+
 def distinct_n(text: str, n: int = 2) -> float:
     """Distinct-n of one text: unique word n-grams / all word n-grams (NaN when there are none)."""
     words = text.split()

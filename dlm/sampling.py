@@ -16,6 +16,7 @@ from typing import Callable, Iterator, Optional, Sequence, Union
 
 import torch
 
+from .adapter_routing import route
 from .decoders.registry import DECODERS
 from .decoders.run import DecodeRun, Step
 from .noise import seeded_generator
@@ -92,9 +93,12 @@ def frames_of(step: Step, canvas: torch.Tensor, starts: Sequence[int], pad_left:
     for b, row in enumerate(rows):
         pos = step.reveal[b].nonzero().squeeze(-1)
         p0 = pad_left[b]
+        speculation = {} if b else dict(   # a speculative decoder's drafts (one sequence per Step)
+            drafts=[[p - p0, t, q] for p, t, q in step.drafts], accepted=[p - p0 for p in step.accepted],
+            rejected=[[p - p0, t] for p, t in step.rejected])
         out.append(Frame(step=step.index, total_steps=step.total, tokens=row[p0:],
                          revealed=[p - p0 for p in pos.tolist()], confidence=step.confidence[b, pos].tolist(),
-                         start=starts[b] - p0))
+                         start=starts[b] - p0, **speculation))
     return out
 
 
@@ -313,7 +317,7 @@ def ar_stream(model, prompt: Optional[Prompt] = None, config: Optional[SamplerCo
     feed = torch.tensor([ids], device=device)
     for step in range(1, cfg.max_new_tokens + 1):
         t0 = time.perf_counter()
-        with torch.inference_mode():
+        with torch.inference_mode(), route(ar, "ar"):   # a DLM's AR side: without a draft adapter
             logits = ar.base(input_ids=feed, cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1].float()
             logits = suppress(None, logits)
             token = int(sample_tokens(logits, cfg.temperature, cfg.top_k, cfg.top_p, generator)[0])

@@ -19,6 +19,9 @@ class Frame:
     revealed:   canvas positions whose token was decided at this step.
     confidence: per entry of `revealed`, the untempered probability the model gave to the chosen token.
     start:      index into `tokens` of the first generated (non-fixed) position; positions < start are the prompt.
+    drafts:     self-speculative decoding: proposals of this step not decided yet, [position, token, probability]
+                (their positions are still masks in `tokens`); accepted: revealed positions whose token was a draft
+                the verifier kept; rejected: [position, draft token] drafts it rejected at this step.
     """
 
     step: int
@@ -27,6 +30,9 @@ class Frame:
     revealed: list[int]
     confidence: list[float]
     start: int = 0
+    drafts: list = field(default_factory=list)
+    accepted: list = field(default_factory=list)
+    rejected: list = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)

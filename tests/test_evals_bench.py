@@ -62,6 +62,20 @@ def test_continuation_table_compares_the_dlm_with_its_ar_twin(tiny_llama_dir):
     assert continuation.useful_tokens([5, 6, 2, 7], [2]) == 3 and continuation.useful_tokens([5, 6], [2]) == 2
 
 
+def test_the_paired_ppl_ratio_interval_covers_equal_models_and_excludes_a_worse_one():
+    from dlm.quality import ppl_ratio_interval
+    import random
+    rng = random.Random(0)
+    base = [(rng.uniform(20, 60), 20) for _ in range(24)]             # per-prompt NLL, 20 tokens each
+    same = ppl_ratio_interval(base, list(base))
+    assert same[0] == pytest.approx(1.0) and same[1] <= 1.0 <= same[2]
+    worse = [(nll + rng.uniform(4, 12), n) for nll, n in base]          # every prompt worse by 0.2-0.6 nats/token
+    r, lo, hi = ppl_ratio_interval(worse, base)
+    assert r > 1 and lo > 1.0 and lo <= r <= hi
+    with pytest.raises(ValueError):
+        ppl_ratio_interval(base, base[:3])
+
+
 def test_continuation_dev_prompts_are_disjoint_from_the_reported_ones(shared_data):
     """Settings are chosen on --dev prompts; the reported run must not have seen them."""
     from bench import continuation

@@ -77,6 +77,10 @@ class LoraConfigSection:
     init_from:           warm start: a LoRA adapter directory (or the registry name of a shipped adapter such as
                          smollm2-135m-dlm) whose weights the run continues training; its r / alpha / targets
                          replace the ones above. "" = fresh LoRA.
+    row_gate:            a draft adapter: in block forwards the adapter runs on the noisy rows only, so the clean
+                         rows stay the base model exactly and the speculative decoder's verifier is the AR base
+                         (`dlm.adapter_routing`; exported with dlm_config row_gated). Needs diffusion.attention
+                         blocks (full-attention steps would train the adapter on every row).
     """
 
     enabled: bool = False
@@ -88,6 +92,7 @@ class LoraConfigSection:
     trainable_token_ids: list = field(default_factory=list)
     modules_to_save: list = field(default_factory=list)
     init_from: str = ""
+    row_gate: bool = False
 
 
 @dataclass
@@ -115,6 +120,7 @@ class DataConfig:
     weights:        one positive weight per entry of `sources` (normalised): the sources are interleaved so each
                     one's share of the tokens follows its weight (`train.data.WeightedMixer`); [] = read them one
                     after another.
+    exclude:        file names (not paths) left out of `sources`, e.g. the books a benchmark holds out.
     """
 
     sources: list = field(default_factory=list)
@@ -131,6 +137,7 @@ class DataConfig:
     skip_blocks: int = 0
     cache_dir: str = ""
     weights: list = field(default_factory=list)
+    exclude: list = field(default_factory=list)
 
 
 @dataclass
@@ -180,6 +187,12 @@ class DiffusionConfig:
     distill_weight: block steps: weight of KL(base || student) at the masked tokens and the clean rows, the base's
                   next-token distributions from the frozen base (the LoRA adapter disabled, one extra forward
                   without gradients): a whole distribution per token instead of one id (needs lora.enabled).
+    draft_loss:   block steps: the masked tokens' loss (`dlm.draft_objectives`): ce (the data's token, Eq. 7),
+                  or toward the verifier's distribution: kd (KL), accept (1 - acceptance rate), kd+accept. The
+                  verifier is the base: the clean rows of the same forward with lora.row_gate, else the frozen base
+                  (one extra forward). reach: weight each masked token by the chance decoding reaches it.
+    full_mask:    block steps: share of blocks masked whole (t = 1), the speculative decoder's drafting case.
+    accept_temperature: the temperature of the acceptance rate in `accept` and `reach` (decoding's, e.g. 0.7).
     anneal_steps: attention-mask annealing length: ratio = min(1, step / anneal_steps); 0 = no annealing
                   (bidirectional from the first step: the "annealing off" ablation). Full-attention steps only.
     weighting:    inverse_t (Eq. 7's 1/t) or none (the "no 1/t weighting" ablation).
@@ -193,6 +206,10 @@ class DiffusionConfig:
     clean_attention: str = field(default="causal", metadata=_choices("causal", "block"))
     ar_weight: float = 0.0
     distill_weight: float = 0.0
+    draft_loss: str = field(default="ce", metadata=_choices("ce", "kd", "accept", "kd+accept"))
+    reach: bool = False
+    full_mask: float = 0.0
+    accept_temperature: float = 1.0
     anneal_steps: int = 0
     weighting: str = field(default="inverse_t", metadata=_choices("inverse_t", "none"))
     eps: float = 1e-3
@@ -517,6 +534,13 @@ def validate(cfg: TrainConfig, task: str = "pretrain") -> TrainConfig:
          "needs lora.enabled: the frozen base (the adapter disabled) is the teacher")
     need(dc.distill_weight == 0 or dc.attention != "full", "diffusion.distill_weight",
          "applies to block steps: needs diffusion.attention blocks or mixture")
+    need(0.0 <= dc.full_mask <= 1.0, "diffusion.full_mask", f"must be in [0, 1], got {dc.full_mask}")
+    need(0.0 < dc.accept_temperature <= 10.0, "diffusion.accept_temperature",
+         f"must be in (0, 10], got {dc.accept_temperature}")
+    need(not cfg.lora.row_gate or (cfg.lora.enabled and dc.attention == "blocks"), "lora.row_gate",
+         "needs lora.enabled and diffusion.attention blocks (a draft adapter trains on block steps only)")
+    need((dc.draft_loss == "ce" and not dc.reach) or cfg.lora.enabled, "diffusion.draft_loss",
+         "needs lora.enabled: the verifier is the base model (the adapter gated or disabled)")
     if dc.attention != "full":
         need(m.attn_implementation != "flash_attention_2", "diffusion.attention",
              "block attention needs sdpa/eager attention (flash_attention_2 takes no custom mask)")

@@ -341,6 +341,9 @@ def build_token_cache(data_cfg, tokenizer, *, progress: bool = False) -> TokenCa
                         "(one weight per source)")
     groups = [expand_sources([src]) for src in data_cfg.sources] if weights else []
     files = [f for g in groups for f in g] if weights else expand_sources(list(data_cfg.sources))
+    if data_cfg.exclude:   # e.g. the books a benchmark holds out
+        files = [f for f in files if Path(f).name not in set(data_cfg.exclude)]
+        groups = [[f for f in g if Path(f).name not in set(data_cfg.exclude)] for g in groups]
     eval_files = expand_sources(list(data_cfg.eval_sources)) if data_cfg.eval_sources else []
     if any(f.startswith("hf:") for f in files + eval_files) and data_cfg.max_tokens <= 0:
         raise DataError("streaming a Hugging Face dataset needs data.max_tokens > 0 (how many tokens to cache)")

@@ -10,6 +10,7 @@ from typing import Optional
 
 import torch
 
+from dlm.draft_objectives import expected_tokens_per_forward
 from dlm.likelihood import elbo_nll, masked_token_accuracy
 
 
@@ -46,6 +47,14 @@ def evaluate(model, eval_data, *, n_items: int, batch_size: int, mask_ratios, el
             out[f"eval/block_acc@{float(ratio):g}"] = masked_token_accuracy(
                 model, input_ids, float(ratio), seed=seed + i, maskable=maskable, attention_mask=attention_mask,
                 batch_size=batch_size, block_length=block_length)
+    if block_length is not None and block_length > 1 and getattr(model, "clean_causal", False):
+        # what the speculative decoder would get: teacher-forced expected tokens per forward at T 0.7 and greedy
+        tpf = [expected_tokens_per_forward(model, input_ids[i:i + batch_size], block_length, 0.7,
+                                           None if attention_mask is None else attention_mask[i:i + batch_size])
+               for i in range(0, n, batch_size)]
+        blocks = sum(t["blocks"] for t in tpf)
+        for key in ("tpf", "tpf_greedy", "alpha"):
+            out[f"eval/{key}@{block_length}"] = sum(t[key] * t["blocks"] for t in tpf) / max(blocks, 1)
     if elbo_samples > 0:
         nll = elbo_nll(model, input_ids, maskable=maskable, n_samples=elbo_samples, seed=seed + 100,
                        attention_mask=attention_mask, batch_size=batch_size)   # [B] nats per sequence

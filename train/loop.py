@@ -309,7 +309,9 @@ def setup(cfg: TrainConfig, task: str) -> RunState:
 def _prepare_optimization(cfg: TrainConfig, accelerator, model):
     """The loss module, AdamW (decay on matrices only) and the LR schedule, prepared by accelerate."""
     dc, o, run = cfg.diffusion, cfg.optim, cfg.run
-    objective = Objective(model, dc.objective, dc.weighting, dc.eps, dc.ar_weight, dc.distill_weight)
+    objective = Objective(model, dc.objective, dc.weighting, dc.eps, dc.ar_weight, dc.distill_weight,
+                          draft=dict(draft_loss=dc.draft_loss, reach=dc.reach, full_mask=dc.full_mask,
+                                     accept_temperature=dc.accept_temperature))
     optimizer = torch.optim.AdamW(_param_groups(objective, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2),
                                   eps=o.adam_eps)
     scheduler = make_scheduler(optimizer, o.warmup_steps, run.max_steps, o.schedule, o.min_lr_ratio)
@@ -521,7 +523,8 @@ def _training_record(state: RunState) -> dict:
     return {"task": state.task, "steps": state.step, "tokens_seen": state.tokens_seen, "world_size": state.world,
             "objective": dc.objective, "attention": dc.attention, "block_lengths": list(dc.block_lengths),
             "block_fraction": dc.block_fraction, "clean_attention": dc.clean_attention, "ar_weight": dc.ar_weight,
-            "distill_weight": dc.distill_weight, "anneal_steps": dc.anneal_steps, "weighting": dc.weighting,
+            "distill_weight": dc.distill_weight, "draft_loss": dc.draft_loss, "reach": dc.reach,
+            "full_mask": dc.full_mask, "row_gate": cfg.lora.row_gate, "anneal_steps": dc.anneal_steps, "weighting": dc.weighting,
             "shift": cfg.model.shift, "lora": cfg.lora.enabled,
             "base": cfg.model.source if not cfg.model.init else "random init", "seq_len": state.data_info["seq_len"],
             "data": [str(s) for s in cfg.data.sources], "skip_blocks": cfg.data.skip_blocks,

@@ -146,7 +146,7 @@ def build_model(cfg, init_dir: Path) -> "dlm.DiffusionLM":
     source = str(materialize_random_model(mc, init_dir, cfg.run.seed, cfg.data)) if mc.init else mc.source
     torch.manual_seed(cfg.run.seed)  # a newly added mask row is drawn from the global RNG (mean resizing)
     model = dlm.load(source, mask_token_id=mc.mask_token_id, device="cpu", dtype=mc.dtype,
-                     attn_implementation=mc.attn_implementation, shift=mc.shift)
+                     attn_implementation=mc.attn_implementation, shift=mc.shift, draft_adapter=False)
     model.source = source
     if mc.from_scratch:
         from transformers import AutoModelForCausalLM
@@ -162,6 +162,10 @@ def build_model(cfg, init_dir: Path) -> "dlm.DiffusionLM":
         model.base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.lora.enabled:
         add_lora(model, cfg.lora)
+        if cfg.lora.row_gate:   # a draft adapter: only the noisy rows of block forwards see it
+            from dlm.adapter_routing import ANY_ORDER, AdapterRouting
+            model.routing = AdapterRouting(model.base, gated=ANY_ORDER)
+            model.config.row_gated = True
     if cfg.run.compile:
         model.base.compile()  # in place: parameter names (and checkpoints) stay the same
     return model
@@ -221,11 +225,12 @@ class Objective(nn.Module):
     """
 
     def __init__(self, model, objective: str = "diffusion", weighting: str = "inverse_t", eps: float = 1e-3,
-                 ar_weight: float = 0.0, distill_weight: float = 0.0):
+                 ar_weight: float = 0.0, distill_weight: float = 0.0, draft: Optional[dict] = None):
         super().__init__()
         self.model = model
         self.objective, self.weighting, self.eps, self.ar_weight = objective, weighting, eps, ar_weight
         self.distill_weight = distill_weight
+        self.draft = dict(draft or {})   # block steps: draft_loss / reach / full_mask / accept_temperature
 
     def teacher_logits(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor]) -> torch.Tensor:
         """The frozen base's next-token logits (the adapter disabled; the mask id gets no mass)."""
@@ -247,11 +252,15 @@ class Objective(nn.Module):
             ce = F.cross_entropy(logits[:, :-1][keep].float(), targets[keep])
             return ce, ce.detach()
         if block_length is not None:
-            teacher = self.teacher_logits(input_ids, attention_mask) if self.distill_weight > 0 else None
+            verifier_needed = (self.draft.get("draft_loss", "ce") != "ce" or self.draft.get("reach")) \
+                and getattr(self.model, "routing", None) is None   # else the clean rows are the base already
+            teacher = (self.teacher_logits(input_ids, attention_mask)
+                       if self.distill_weight > 0 or verifier_needed else None)
             out = self.model.block_diffusion_loss(input_ids, block_length, maskable=maskable,
                                                   attention_mask=attention_mask, weighting=self.weighting,
                                                   eps=self.eps, generator=generator, ar_weight=self.ar_weight,
-                                                  teacher_logits=teacher, distill_weight=self.distill_weight)
+                                                  teacher_logits=teacher, distill_weight=self.distill_weight,
+                                                  **self.draft)
         else:
             out = self.model.diffusion_loss(input_ids, maskable=maskable, attention_mask=attention_mask,
                                             attention_mask_ratio=attention_mask_ratio, weighting=self.weighting,
@@ -271,6 +280,7 @@ def export(model, directory: Path, base_model: Optional[str], training_info: dic
     written from it instead of from the (sharded) live parameters.
     """
     model.config.training = dict(training_info)
+    model.config.draft_adapter = None   # an export holds one adapter (a draft one says row_gated)
     if training_info.get("objective", "diffusion") != "ar":
         model.config.adapted = True
     is_peft = hasattr(model.base, "peft_config")

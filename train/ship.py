@@ -2,6 +2,7 @@
 
     python -m train.ship runs/diffusmol-v2/final assets/smollm2-135m-dlm [--dtype bfloat16] [--max-mb 40] \
         [--generate decoder=speculative --generate block_length=4 ...] [--infill FIELD=VALUE ...]
+    python -m train.ship --draft runs/diffusmol-v3/final assets/smollm2-135m-dlm     (a draft adapter beside it)
 
 Keeps only what differs from the base model: the peft adapter (LoRA matrices + the trained [MASK] row), cast to
 `--dtype` (bf16 halves the size; `dlm.load` casts it back to the base dtype when it merges), the tokenizer (it
@@ -77,6 +78,38 @@ def ship(export_dir: Path, dest: Path, dtype: str = "bfloat16", max_mb: float = 
     return size
 
 
+def ship_draft(export_dir: Path, dest: Path, dtype: str = "bfloat16", max_mb: float = 40.0,
+               generate: Optional[dict] = None, name: str = "draft") -> int:
+    """Put a row-gated draft adapter export (`lora.row_gate`) beside the asset's own adapter, as `dest/name`, and
+    name it in the asset's dlm_config.json (`draft_adapter`): `dlm.load(dest)` then writes with the draft adapter
+    verified by the base model and keeps the asset's adapter for full attention. Returns the draft's size."""
+    export_dir, dest = Path(export_dir), Path(dest)
+    saved = json.loads((export_dir / "dlm_config.json").read_text()) if (export_dir / "dlm_config.json").is_file() \
+        else {}
+    if not saved.get("row_gated"):
+        raise ValueError(f"{export_dir} is not a row-gated draft adapter export (train with lora.row_gate=true)")
+    if not (dest / "adapter_config.json").is_file() or not (dest / "dlm_config.json").is_file():
+        raise ValueError(f"{dest} is not an adapter asset to put a draft adapter beside")
+    with atomic_directory(dest) as tmp:
+        for item in dest.iterdir():
+            if item.name != name:
+                (shutil.copytree if item.is_dir() else shutil.copy2)(item, tmp / item.name)
+        size = ship(export_dir, tmp / name, dtype, max_mb)
+        for extra in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                      "sampler_config.json", "README.md"):
+            (tmp / name / extra).unlink(missing_ok=True)   # the asset's own serve the model
+        cfg = json.loads((tmp / "dlm_config.json").read_text())
+        cfg["draft_adapter"] = name
+        cfg["draft_training"] = saved.get("training", {})
+        (tmp / "dlm_config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+        if generate is not None:
+            from dlm import SamplerConfig
+            from dlm.sampler_config import load_sampler_configs, save_sampler_configs
+            _, infill = load_sampler_configs(tmp)
+            save_sampler_configs(tmp, SamplerConfig.from_dict(generate), infill or SamplerConfig())
+    return size
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m train.ship", description=__doc__.split("\n\n")[0])
     p.add_argument("export_dir", type=Path, help="OUTPUT_DIR/final of a LoRA run")
@@ -87,12 +120,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                    help="recommended SamplerConfig for writing (repeatable), e.g. --generate decoder=speculative")
     p.add_argument("--infill", action="append", default=[], metavar="FIELD=VALUE",
                    help="recommended SamplerConfig for infilling (repeatable)")
+    p.add_argument("--draft", action="store_true",
+                   help="the export is a row-gated draft adapter: put it beside DEST's adapter (DEST/draft)")
     a = p.parse_args(argv)
     try:
         pairs = lambda items: dict(i.split("=", 1) for i in items) if items else None
         if any("=" not in i for i in a.generate + a.infill):
             raise ValueError("--generate / --infill take FIELD=VALUE")
-        size = ship(a.export_dir, a.dest, a.dtype, a.max_mb, pairs(a.generate), pairs(a.infill))
+        if a.draft:
+            if a.infill:
+                raise ValueError("--infill: a draft adapter does not infill (the asset's own adapter does)")
+            size = ship_draft(a.export_dir, a.dest, a.dtype, a.max_mb, pairs(a.generate))
+        else:
+            size = ship(a.export_dir, a.dest, a.dtype, a.max_mb, pairs(a.generate), pairs(a.infill))
     except (ValueError, OSError) as e:  # SamplerConfigError is a ValueError: it names the field
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -28,6 +28,11 @@ class Step:
     reveal:        [B, L] bool, canvas positions decided at this step.
     confidence:    [B, L] untempered probability of the chosen token (meaningful where revealed).
     end:           canvas positions [0, end) are in use (the blocks decoder appends blocks as it goes).
+    drafts:        speculative decoding, row 0: what this forward proposed and did not decide yet,
+                   ((position, token, probability), ...); the canvas still holds masks there.
+    accepted:      the revealed positions whose token was a draft the verifier kept.
+    rejected:      ((position, draft token), ...) drafts the verifier rejected at this forward (the revealed token
+                   at that position replaced them).
     """
 
     index: int
@@ -35,6 +40,9 @@ class Step:
     reveal: torch.Tensor
     confidence: torch.Tensor
     end: int
+    drafts: tuple = ()
+    accepted: tuple = ()
+    rejected: tuple = ()
 
 
 @dataclass

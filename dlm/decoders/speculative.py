@@ -69,6 +69,8 @@ class Speculation:
     kept/tried: drafts kept / verified so far, with a prior of 1 in 3 (decides where the next noisy block goes).
     done:       generation is over (a stop token written, or the canvas full).
     reveal / confidence: [1, L] what the current forward made final, with what probability (its `Step`).
+    accepted / rejected: positions of the drafts the current forward kept, (position, token) of the one it
+                rejected (its `Step`, for display).
     """
 
     cache: "BlockCache"
@@ -81,6 +83,8 @@ class Speculation:
     done: bool = False
     reveal: Optional[torch.Tensor] = None
     confidence: Optional[torch.Tensor] = None
+    accepted: list = field(default_factory=list)
+    rejected: list = field(default_factory=list)
 
     def write(self, canvas: torch.Tensor, token: int, confidence: float) -> None:
         """Make canvas[0, pos] final (`token`, drawn with probability `confidence`) and move on."""
@@ -116,7 +120,9 @@ def decode_speculative(run: DecodeRun) -> Iterator[Step]:
         _forward(run, s)
         step += 1
         run.end = s.pos
-        yield Step(step, L - P, s.reveal, s.confidence, s.pos)
+        yield Step(step, L - P, s.reveal, s.confidence, s.pos,
+                   drafts=tuple((s.pos + i, d.token, float(d.q[d.token])) for i, d in enumerate(s.drafts)),
+                   accepted=tuple(s.accepted), rejected=tuple(s.rejected))
 
 
 def _forward(run: DecodeRun, s: Speculation) -> None:
@@ -136,8 +142,11 @@ def _forward(run: DecodeRun, s: Speculation) -> None:
     verify = _probs(run, clean_logits[0])      # the AR distributions for positions pos .. pos + len(drafts)
     s.reveal = torch.zeros(canvas.shape, dtype=torch.bool, device=device)
     s.confidence = torch.zeros(canvas.shape, dtype=torch.float32, device=device)
+    first = s.pos
     accepted = _keep_drafts(run, s, verify)
     rejected = not s.done and accepted < len(s.drafts)
+    s.accepted = list(range(first, first + accepted))
+    s.rejected = [(s.pos, s.drafts[accepted].token)] if rejected else []
     s.tried, s.kept = s.tried + accepted + int(rejected), s.kept + accepted
     pending: list[Draft] = []
     if rejected:   # a draw from the residual; the drafts after it stay pending (none of them depends on it)
@@ -232,7 +241,8 @@ def _row_by_row(run: DecodeRun) -> Iterator[Step]:
             conf = torch.zeros(canvas.shape, dtype=step.confidence.dtype, device=canvas.device)
             conf[b, pad:] = step.confidence[0]
             canvas[b, pad:] = sub.canvas[0]
-            yield Step(step.index, step.total, reveal, conf, canvas.shape[1])
+            yield Step(step.index, step.total, reveal, conf, canvas.shape[1], drafts=step.drafts if b == 0 else (),
+                       accepted=step.accepted if b == 0 else (), rejected=step.rejected if b == 0 else ())
         filler = int((run.model.eos_token_ids or [run.model.mask_token_id])[0])
         row = sub.canvas[0].clone()
         row[sub.end:] = filler  # a row that stopped at EOS: its unused tail holds EOS, never a mask id

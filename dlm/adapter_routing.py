@@ -1,0 +1,99 @@
+"""Which LoRA adapter runs on which rows of a forward: the draft adapter on the noisy rows only.
+
+A DLM that writes by self-speculation (`dlm.decoders.speculative`) verifies its drafts with its clean rows. If the
+adapter also runs on the clean rows, the verifier is the adapted model, and what it writes is the adapter's text,
+not the base model's. Here the *draft adapter* is row-gated: in a block forward its LoRA update is added only on
+the rows of the noisy block (the masks being drafted); the clean rows, and so their keys and values in the cache,
+are the base model's own, bit for bit the AR model's computation. Exact speculative sampling then writes text
+distributed exactly as the AR base's sampling (greedy: the AR base's greedy text), at several tokens per forward
+when the drafts are accepted (cf. arXiv 2507.11851: a LoRA gated to mask positions leaves next-token behaviour
+unchanged).
+
+The gate is a forward hook on each LoRA layer's `lora_B` module of the gated adapter: its output (the low-rank
+update, [B, T, out]) is multiplied by a [T] or [B, T] row mask. The base layer's output is never touched, so the
+ungated rows are the base layer's result exactly (not base + 0 * update computed in a different order).
+
+A model may carry two adapters (`DLMConfig.draft_adapter`): the *any-order* adapter ("default", the paper's full
+attention: infilling, the `full` decoder, scoring) on every row, and the row-gated draft adapter ("draft") for
+block forwards. `AdapterRouting.use(mode)` switches between them only when the mode changes (peft's set_adapter
+walks every module):
+    "full":  the any-order adapter on every row (a draft-only model: its draft adapter on every row);
+    "block": the draft adapter on the noisy rows only (`rows`); without a gated adapter, the one adapter on all;
+    "ar":    no adapter (the base model).
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Optional
+
+import torch
+
+DRAFT = "draft"      # the draft adapter's peft name in a two-adapter model
+ANY_ORDER = "default"
+
+
+class AdapterRouting:
+    """Row gating and adapter switching for a peft-wrapped base (see the module docstring).
+
+    base:      the `PeftModel`.
+    gated:     the name of the row-gated (draft) adapter.
+    any_order: the name of the adapter used on every row in full-attention forwards; None = the gated one.
+    """
+
+    def __init__(self, base, gated: str, any_order: Optional[str] = None):
+        self.base, self.gated, self.any_order = base, gated, any_order
+        self.rows: Optional[torch.Tensor] = None     # the current gate; None = every row
+        self.mode: Optional[str] = None
+        self.handles = []
+        for module in base.modules():
+            lora_b = getattr(module, "lora_B", None)
+            if isinstance(lora_b, torch.nn.ModuleDict) and gated in lora_b:
+                self.handles.append(lora_b[gated].register_forward_hook(self._gate))
+        if not self.handles:
+            raise ValueError(f"adapter {gated!r} has no LoRA layers to gate")
+
+    def _gate(self, module, inputs, output):
+        rows = self.rows
+        if rows is None:
+            return output
+        rows = rows.to(device=output.device, dtype=output.dtype)
+        if rows.dim() == 1:                      # [T]: the same rows in every sequence
+            return output * rows[:, None]
+        return output * rows[..., None]          # [B, T]
+
+    def _switch(self, mode: str) -> None:
+        if mode == self.mode:
+            return
+        if mode == "ar":
+            self.base.base_model.disable_adapter_layers()
+        else:
+            if self.mode in (None, "ar"):
+                self.base.base_model.enable_adapter_layers()
+            name = self.gated if mode == "block" or self.any_order is None else self.any_order
+            if self.base.active_adapter != name:
+                self.base.set_adapter(name)
+        self.mode = mode
+
+    @contextlib.contextmanager
+    def use(self, mode: str, rows: Optional[torch.Tensor] = None):
+        """Run the enclosed forward in `mode` ("full", "block", "ar"); `rows` ([T] or [B, T], 1 = noisy row)
+        gates the draft adapter in "block" mode."""
+        if mode not in ("full", "block", "ar"):
+            raise ValueError(f"adapter routing mode must be full, block or ar, got {mode!r}")
+        self._switch(mode)
+        previous, self.rows = self.rows, (rows if mode == "block" else None)
+        try:
+            yield
+        finally:
+            self.rows = previous
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+
+def route(model, mode: str, rows: Optional[torch.Tensor] = None):
+    """`model.routing.use(mode, rows)` when the DiffusionLM has adapter routing, else a no-op context."""
+    routing = getattr(model, "routing", None)
+    return routing.use(mode, rows) if routing is not None else contextlib.nullcontext()
