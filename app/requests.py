@@ -205,6 +205,7 @@ class Bounds:
     prompt_tokens: int = MAX_PROMPT_TOKENS
     token_ids: int = MAX_PROMPT_TOKENS + MAX_NEW_TOKENS  # a canvas: prompt + new tokens (within the context)
     new_tokens: int = MAX_NEW_TOKENS  # tokens one request may generate or fill (within the context)
+    context: Optional[int] = None  # the loaded model's context (None: no model), for the messages
 
     def check(self, name: str, v) -> None:
         if name in TEXT_FIELDS and isinstance(v, str) and len(v) > CHARS_PER_TOKEN * self.prompt_tokens:
@@ -229,6 +230,8 @@ class Bounds:
         if limit is not None and isinstance(value, int) and value > limit:
             if limit == BIG_INT:
                 raise ValueError(f"{name}: {short(value)} is out of range; give at most {BIG_INT}")
+            if limit == self.context:
+                raise ValueError(f"{name}: {short(value)} is beyond the model's context of {limit} tokens")
             raise ValueError(f"{name}: {short(value)} is over this server's limit of {limit} new tokens per request "
                              f"(dlm-studio --max-new-tokens)")
 
@@ -461,7 +464,8 @@ class Checker:
         context = int(model.max_length)
         self.new_limit = min(max_new_tokens or context, context)  # tokens one request may generate or fill
         self.canvas = min(context, self.limit + self.new_limit)  # prompt + new tokens: what a forward covers
-        self.bounds = Bounds(prompt_tokens=self.limit, token_ids=self.canvas, new_tokens=self.new_limit)
+        self.bounds = Bounds(prompt_tokens=self.limit, token_ids=self.canvas, new_tokens=self.new_limit,
+                             context=context)
 
     def fields(self, **values) -> dict:
         """`check_fields` under this request's bounds."""
@@ -477,10 +481,10 @@ class Checker:
         canvas or block list is built)."""
         if n > self.new_limit:
             if self.new_limit == self.model.max_length:
-                raise ValueError(f"{what}: {short(n)} tokens is beyond the model's context of "
-                                 f"{self.model.max_length} tokens")
-            raise ValueError(f"{what}: {short(n)} tokens is over this server's limit of {self.new_limit} new "
-                             f"tokens per request (dlm-studio --max-new-tokens)")
+                raise ValueError(f"{what}: {short(n)} is beyond the model's context of {self.model.max_length} "
+                                 f"tokens")
+            raise ValueError(f"{what}: {short(n)} is over this server's limit of {self.new_limit} new tokens per "
+                             f"request (dlm-studio --max-new-tokens)")
 
     def spans(self, template: str) -> None:
         """Every `[MASK:n]` of a template within the new-token limit, read from its digits before any integer is
@@ -489,8 +493,10 @@ class Checker:
             digits = m.group(1)
             if len(digits) > 9 or int(digits) > self.new_limit:
                 shown = m.group(0) if len(m.group(0)) <= 20 else m.group(0)[:17] + "…"
-                raise ValueError(f"template: the span {shown}] at position {m.start()} asks for more tokens than "
-                                 f"this server fills per request ({self.new_limit}: dlm-studio --max-new-tokens)")
+                where = f"beyond the model's context of {self.new_limit} tokens" \
+                    if self.new_limit == self.model.max_length else \
+                    f"over this server's limit of {self.new_limit} new tokens per request (dlm-studio --max-new-tokens)"
+                raise ValueError(f"template: the span {shown}] at position {m.start()} is {where}")
 
     def prompt(self, prompt, chat=False, *, new_tokens: Optional[int] = None, what: str = "prompt") -> Prompt:
         """A prompt (a one-message chat when `chat`) within the limit; with `new_tokens`, prompt + new tokens

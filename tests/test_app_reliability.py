@@ -119,12 +119,12 @@ def test_the_length_is_bounded_by_the_server_before_any_block_list_or_canvas(tin
     fill = b.sampler(task="infill")
     with pytest.raises(ValueError, match=r"template: its spans hold 100 tokens, beyond this server's limit of 64"):
         b.infill(fill, template="a [MASK:40] b [MASK:60]")
-    with pytest.raises(ValueError, match=r"template: the span \[MASK:100\] at position 2 asks for more tokens than "
-                                         r"this server fills per request \(64"):
+    with pytest.raises(ValueError, match=r"template: the span \[MASK:100\] at position 2 is over this server's limit "
+                                         r"of 64 new tokens per request \(dlm-studio --max-new-tokens\)"):
         b.infill(fill, template="a [MASK:100] b")
-    with pytest.raises(ValueError, match=r"length: 100 tokens is over this server's limit of 64"):
+    with pytest.raises(ValueError, match=r"length: 100 is over this server's limit of 64"):
         b.infill(fill, prefix="a", suffix="b", length=100)
-    with pytest.raises(ValueError, match=r"span lengths: 65 tokens is over this server's limit of 64"):
+    with pytest.raises(ValueError, match=r"span lengths: 65 is over this server's limit of 64"):
         b.infill_sweep(fill, [2, 65], template="a [MASK] b")
     assert b.sampler(dict(max_new_tokens=64, steps=64)).max_new_tokens == 64  # the limit itself is allowed
 
