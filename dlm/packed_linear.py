@@ -253,6 +253,26 @@ def quantize_model(model: nn.Module, fmt: str, group: int = DEFAULT_GROUP, head_
         raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     bits = BITS[fmt]
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    n = 0
+    # peft's trainable-token rows on a Linear (the [MASK] row of a head tied to the embedding): the layer computes
+    # F.linear with the base weight's rows replaced (a copy of the whole head per call); packed, it is one layer of
+    # the weight with the active adapter's rows in it
+    for name, parent in list(model.named_modules()):
+        for child_name, child in list(parent.named_children()):
+            tok = getattr(child, "token_adapter", None)
+            if tok is None or _linear_weight(getattr(tok, "base_layer", None)) is None:
+                continue
+            w, b = _linear_weight(tok.base_layer)
+            if w.device.type != "cpu" or w.shape[1] % group:
+                continue
+            with torch.no_grad():
+                active = [a for a in tok.active_adapters if a in getattr(tok, "token_indices", {})]
+                if active and not tok.disable_adapters and not tok.merged:
+                    w = tok.get_merged_weights(active)
+            layer_bits = head_bits if (child is head and head_bits is not None) else bits
+            setattr(parent, child_name, PackedLinear.from_weight(w, b, layer_bits, group))
+            n += 1
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     replace = []
     for name, parent in model.named_modules():
         if any(part.startswith("lora_") for part in name.split(".")):
@@ -269,7 +289,7 @@ def quantize_model(model: nn.Module, fmt: str, group: int = DEFAULT_GROUP, head_
     for parent, child_name, child, (w, b) in replace:
         layer_bits = head_bits if (child is head and head_bits is not None) else bits
         setattr(parent, child_name, PackedLinear.from_weight(w, b, layer_bits, group))
-    return len(replace)
+    return n + len(replace)
 
 
 def packed_modules(model: nn.Module) -> dict[str, int]:

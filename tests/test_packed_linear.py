@@ -239,3 +239,24 @@ def test_default_model_int4_is_its_gguf(kernel):
         out = _logits(dlm.load("smollm2-135m", device="cpu", quantization=fmt), ids)
         assert ((out - ref).norm() / ref.norm()).item() < tol, fmt
         assert (out[0].argmax(-1) == ref[0].argmax(-1)).float().mean().item() >= (1.0 if fmt == "int4" else 0.9)
+
+
+def test_trainable_token_rows_of_a_tied_head(kernel, tiny_gpt2_dir, tmp_path):
+    """An unmerged adapter with trainable token rows (the shipped DLM's [MASK] row) on GPT-2's tied head: peft wraps
+    the head, whose packed form holds the adapter's row (it computed F.linear on a copy of the head with that row)."""
+    from peft import LoraConfig, get_peft_model
+    m = dlm.load(tiny_gpt2_dir, device="cpu")
+    m.base = get_peft_model(m.base, LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, target_modules=["c_attn"],
+                                               trainable_token_indices=[m.mask_token_id]))
+    with torch.no_grad():
+        for name, p in m.base.named_parameters():
+            if "trainable_tokens_delta" in name:
+                p.add_(torch.randn_like(p))   # make the row differ from the base's
+    m.save_pretrained(tmp_path / "adapter", base_model=str(tiny_gpt2_dir))
+    ref_model = dlm.load(tmp_path / "adapter", device="cpu", merge_adapter=False)
+    packed = dlm.load(tmp_path / "adapter", device="cpu", merge_adapter=False, quantization="int8")
+    assert isinstance(packed.base.get_output_embeddings(), pl.PackedLinear)
+    ref, out = _logits(ref_model), _logits(packed)
+    col = packed.mask_token_id
+    assert ((out - ref).norm() / ref.norm()).item() < REL_ERROR["int8"]
+    assert ((out[..., col] - ref[..., col]).norm() / ref[..., col].norm()).item() < REL_ERROR["int8"]
