@@ -8,25 +8,18 @@ Everything goes through the backend (validation, limits, cancellation), exactly 
 """
 from __future__ import annotations
 
-import asyncio
 import inspect
-import ipaddress
-import json
-import logging
-import os
-import re
-from typing import Callable, Iterable, Optional
+from typing import Optional
 
 import gradio as gr
 
 from app.backend import Backend, Prompted
 from app.experiments import RaceState
-from app.requests import DEFAULT_BOUNDS, Bounds, check_fields
-from app.tabs.common import MODEL, ended, fail, offload, session
+from app.events import MODEL, ended, fail, offload, session
+from app.requests import check_fields
 from dlm.sampler_config import SamplerConfig
 
 KNOBS = {d["name"]: d for d in SamplerConfig.describe() if d.get("ui", True)}
-ENDPOINTS = ("denoise", "infill", "compare", "race", "redenoise")
 
 
 def _knob_type(name: str):
@@ -66,19 +59,22 @@ def endpoint(name: str, impl, head: list, first_knobs: list[str], middle: list, 
     return api_fn
 
 
-def register(backend: Backend) -> dict[str, inspect.Signature]:
-    """Define the named endpoints inside the current gr.Blocks; returns each one's signature (what
-    `ApiGuard` below checks a named call against)."""
+class Endpoints:
+    """The five endpoints' work over one backend: each method is `impl(request, knobs, **fields)` for `endpoint`
+    (its docstring is the endpoint's API description)."""
 
-    async def denoise(request, knobs, prompt, chat, frames):
+    def __init__(self, backend: Backend):
+        self.backend = backend
+
+    async def denoise(self, request, knobs, prompt, chat, frames):
         """Continue `prompt` by iterative unmasking. Streams {"done": false, "step", "total_steps", "partial"}
         (masked tokens shown as '·'), then {"done": true, "text", "token_ids", "nfe", "seconds",
         "tokens_per_second", "steps", "prompt", "first_frame_seconds"} (+ "frames" when frames=true); a run stopped
         from elsewhere (the session's Stop) ends with {"done": false, "stopped": true, "step", "total_steps",
         "partial"}, one stopped by the time limit the same with "reason" (the message)."""
         f = check_fields(frames=frames)
-        run = await offload(lambda: backend.generate(prompt, backend.sampler(knobs), chat=chat,
-                                                     session=session(request)))
+        b = self.backend
+        run = await offload(lambda: b.generate(prompt, b.sampler(knobs), chat=chat, session=session(request)))
         trace = run.display.trace()
         async for batch in run.abatches():
             for fr in batch.frames():
@@ -100,33 +96,34 @@ def register(backend: Backend) -> dict[str, inspect.Signature]:
                 last = trace.frames[-1]
                 yield dict(done=False, step=last.step, total_steps=last.total_steps, partial=trace.partial())
 
-    async def infill(request, knobs, template, prefix, suffix, length):
+    async def infill(self, request, knobs, template, prefix, suffix, length):
         """Fill a template's [MASK] / [MASK:n] spans, or (template empty) `length` tokens between `prefix` and
         `suffix`, with the model's infilling config. Returns {"text", "spans", "nfe", "seconds"}; steps None =
         the config's (one token per step by default), more steps than masked tokens are capped."""
-        run = await offload(lambda: backend.infill(backend.sampler(knobs, task="infill"), template=template,
-                                                   prefix=prefix, suffix=suffix, length=length,
-                                                   session=session(request)))
+        b = self.backend
+        run = await offload(lambda: b.infill(b.sampler(knobs, task="infill"), template=template, prefix=prefix,
+                                             suffix=suffix, length=length, session=session(request)))
         done = await run.await_all()
         g = ended(done).result()
         yield dict(text=g.text, spans=g.spans or [], nfe=g.nfe, seconds=g.seconds) if g is not None else \
             dict(stopped=True)
 
-    async def race_states(request, knobs, prompt, chat, sweep_steps):
+    async def race_states(self, request, knobs, prompt, chat, sweep_steps):
         """The race's state after each batch (`RaceState`: the same reader as the race tab's)."""
-        run = await offload(lambda: backend.race(prompt, backend.sampler(knobs), chat=chat,
-                                                 sweep_steps=sweep_steps, session=session(request)))
+        b = self.backend
+        run = await offload(lambda: b.race(prompt, b.sampler(knobs), chat=chat, sweep_steps=sweep_steps,
+                                           session=session(request)))
         race = RaceState.of(run)
         async for batch in run.abatches():
             yield race.fold(batch)
 
-    async def compare(request, knobs, prompt, sweep_steps, chat):
+    async def compare(self, request, knobs, prompt, sweep_steps, chat):
         """The same prompt through the DLM and its AR counterpart (taking turns, see /race). Returns {"dlm": run,
         "ar": run, "winner", "sweep": [{"steps", "seconds", "nfe", "ppl", "text", "distinct_2"}]}, a run being
         {"text", "seconds" (model only), "tokens", "nfe", "tokens_per_second", "gen_ppl", "distinct_2"};
         `sweep_steps` ("4, 8, 16") adds DLM runs at those step counts."""
         state = None
-        async for state in race_states(request, knobs, prompt, chat, sweep_steps):
+        async for state in race_states(self, request, knobs, prompt, chat, sweep_steps):
             pass
         if state is not None and state.reason:
             raise ValueError(state.reason)
@@ -135,12 +132,12 @@ def register(backend: Backend) -> dict[str, inspect.Signature]:
             return
         yield dict(state.result(), **(dict(stopped=True) if state.cancelled else {}))
 
-    async def race(request, knobs, prompt, chat, sweep_steps):
+    async def race(self, request, knobs, prompt, chat, sweep_steps):
         """The DLM against the AR model, both streaming: {"done": false, "dlm": side, "ar": side} while running
         (side = {"step", "total_steps", "partial", "seconds"}: its own model-time clock), then {"done": true,
         "dlm": run, "ar": run, "winner", "sweep": [...]} as /compare."""
         state = None
-        async for state in race_states(request, knobs, prompt, chat, sweep_steps):
+        async for state in race_states(self, request, knobs, prompt, chat, sweep_steps):
             sides = dict(dlm=state.side("dlm"), ar=state.side("ar"))
             if state.cancelled:
                 yield dict(done=False, stopped=True, **sides, **(dict(reason=state.reason) if state.reason else {}))
@@ -149,14 +146,14 @@ def register(backend: Backend) -> dict[str, inspect.Signature]:
         if state is not None and state.summary is not None:
             yield dict(done=True, **state.result())
 
-    async def redenoise(request, knobs, prompt, token_ids, edits, chat):
+    async def redenoise(self, request, knobs, prompt, token_ids, edits, chat):
         """Edit a finished generation: remask `edits` ([[start, end, new_length or null]], offsets into
         `token_ids`, end exclusive) and denoise only those positions with the model's infilling config; every
         other token stays identical. Returns {"text", "token_ids" (the new generated tokens), "spans", "nfe",
         "seconds"}."""
-        run = await offload(lambda: backend.redenoise(Prompted(prompt, token_ids, chat), None, edits,
-                                                      backend.sampler(knobs, task="infill"),
-                                                      session=session(request)))
+        b = self.backend
+        run = await offload(lambda: b.redenoise(Prompted(prompt, token_ids, chat), None, edits,
+                                                b.sampler(knobs, task="infill"), session=session(request)))
         g = ended(await run.await_all()).result()
         if g is None:
             yield dict(stopped=True)
@@ -164,419 +161,32 @@ def register(backend: Backend) -> dict[str, inspect.Signature]:
         new = g.token_ids[run.prompt_tokens:]
         yield dict(text=run.display.text_of(new), token_ids=new, spans=g.spans or [], nfe=g.nfe, seconds=g.seconds)
 
-    fns = [
-        endpoint("denoise", denoise, [("prompt", str, inspect.Parameter.empty)],
-                 ["max_new_tokens", "steps", "block_length", "remasking", "temperature", "top_p", "top_k",
-                  "threshold", "seed"], [("chat", bool, False), ("frames", bool, False)]),
-        endpoint("infill", infill, [("template", str, ""), ("prefix", str, ""), ("suffix", str, ""),
-                                    ("length", int, 16)],
-                 ["steps", "remasking", "temperature", "seed"], [], exclude=("max_new_tokens",)),
-        endpoint("compare", compare, [("prompt", str, inspect.Parameter.empty)],
-                 ["max_new_tokens", "steps", "remasking", "temperature", "seed"],
-                 [("sweep_steps", str, ""), ("chat", bool, False)]),
-        endpoint("race", race, [("prompt", str, inspect.Parameter.empty)],
-                 ["max_new_tokens", "steps", "remasking", "temperature", "seed"],
-                 [("chat", bool, False), ("sweep_steps", str, "")]),
-        endpoint("redenoise", redenoise, [("prompt", str, inspect.Parameter.empty), ("token_ids", list[int], None),
-                                          ("edits", list, None)],
-                 ["steps", "remasking", "temperature", "seed"], [("chat", bool, False)],
-                 exclude=("max_new_tokens",)),
-    ]
+
+P = inspect.Parameter
+# Each endpoint's parameters, in their historical order: (head fields, the knobs that follow them, middle fields,
+# knobs left out); every other knob follows in SamplerConfig's order. Fields are (name, type, default) triples.
+SIGNATURES = {
+    "denoise": ([("prompt", str, P.empty)],
+                ["max_new_tokens", "steps", "block_length", "remasking", "temperature", "top_p", "top_k",
+                 "threshold", "seed"], [("chat", bool, False), ("frames", bool, False)], ()),
+    "infill": ([("template", str, ""), ("prefix", str, ""), ("suffix", str, ""), ("length", int, 16)],
+               ["steps", "remasking", "temperature", "seed"], [], ("max_new_tokens",)),
+    "compare": ([("prompt", str, P.empty)], ["max_new_tokens", "steps", "remasking", "temperature", "seed"],
+                [("sweep_steps", str, ""), ("chat", bool, False)], ()),
+    "race": ([("prompt", str, P.empty)], ["max_new_tokens", "steps", "remasking", "temperature", "seed"],
+             [("chat", bool, False), ("sweep_steps", str, "")], ()),
+    "redenoise": ([("prompt", str, P.empty), ("token_ids", list[int], None), ("edits", list, None)],
+                  ["steps", "remasking", "temperature", "seed"], [("chat", bool, False)], ("max_new_tokens",)),
+}
+ENDPOINTS = tuple(SIGNATURES)
+
+
+def register(backend: Backend) -> dict[str, inspect.Signature]:
+    """Define the named endpoints inside the current gr.Blocks; returns each one's signature (what
+    `app.http_guard.ApiGuard` checks a named call against)."""
+    impls = Endpoints(backend)
+    fns = [endpoint(name, getattr(impls, name), head, first, middle, exclude=exclude)
+           for name, (head, first, middle, exclude) in SIGNATURES.items()]
     for fn in fns:
         gr.api(fn, api_name=fn.__name__, **{**MODEL, "api_visibility": "public"})
     return {fn.__name__: fn.__signature__ for fn in fns}
-
-
-# ------------------------------------------------------------------------------------------------- the HTTP guard
-log = logging.getLogger("dlm.app")
-LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
-WILDCARDS = ("0.0.0.0", "::", "")
-
-
-def host_of(header: str) -> str:
-    """The name in a Host header: port, IPv6 brackets and a trailing dot removed, lower case."""
-    h = header.strip().lower()
-    if h.startswith("["):
-        h = h[1:h.find("]")] if "]" in h else h[1:]
-    elif h.count(":") == 1:
-        h = h.rsplit(":", 1)[0]
-    return h.rstrip(".")
-
-
-def is_ip(name: str) -> bool:
-    try:
-        ipaddress.ip_address(name)
-        return True
-    except ValueError:
-        return False
-
-
-class Hosts:
-    """The names this server answers to (the Host header of every request): the bound host, localhost,
-    127.0.0.1, ::1 and the names the operator adds (`dlm-studio --allowed-hosts`); bound to every interface
-    (0.0.0.0), any IP address too (a page cannot be same-origin with an address it was not loaded from), and with
-    --share the gradio.live tunnel's names. Anything else is a page that made its own name resolve here (DNS
-    rebinding) and is refused."""
-
-    def __init__(self, bound: Optional[str], extra: Iterable[str] = (), share: bool = False):
-        self.bound = (bound or "127.0.0.1").strip().lower()
-        self.names = {host_of(n) for n in (self.bound, *LOOPBACK_NAMES, *extra) if n and n.strip()}
-        self.any_ip = self.bound in WILDCARDS
-        self.share = share
-
-    def allows(self, header: Optional[str]) -> bool:
-        if header is None:  # HTTP/1.0 without a Host: no browser sends that
-            return True
-        name = host_of(header)
-        return name in self.names or (self.any_ip and is_ip(name)) or (self.share and name.endswith(".gradio.live"))
-
-
-class Proxies:
-    """The reverse proxies the operator trusts (`dlm-studio --trusted-proxies`, addresses or networks): a request
-    from one of them is the client named last in X-Forwarded-For that is not itself a trusted proxy; any other
-    request is its connection's address (a client cannot pick its own by sending the header)."""
-
-    def __init__(self, proxies: Iterable[str] = ()):
-        self.nets = [ipaddress.ip_network(p.strip(), strict=False) for p in proxies if p and p.strip()]
-
-    def trusted(self, address: Optional[str]) -> bool:
-        try:
-            ip = ipaddress.ip_address(address or "")
-        except ValueError:
-            return False
-        return any(ip in n for n in self.nets)
-
-    def client(self, scope) -> Optional[str]:
-        peer = (scope.get("client") or (None, None))[0]
-        if not self.nets or not self.trusted(peer):
-            return peer
-        header = b",".join(v for k, v in scope["headers"] if k == b"x-forwarded-for").decode("latin-1")
-        for hop in reversed([h.strip() for h in header.split(",") if h.strip()]):
-            if not self.trusted(hop):
-                return hop if is_ip(hop) else peer
-        return peer
-
-
-def json_shape(data, max_depth: int, max_items: int) -> str:
-    """What is wrong with the shape of a parsed JSON body ('' when nothing): nesting deeper than `max_depth`, a
-    list or object of more than `max_items` entries, more than 4 x max_items values in all. Iterative, and it
-    stops at the first problem: a million-item list costs one len()."""
-    stack, values = [(data, 1)], 0
-    while stack:
-        v, depth = stack.pop()
-        if isinstance(v, (list, dict)):
-            if depth > max_depth:
-                return f"request body: JSON nested deeper than {max_depth} levels; no request of this app needs that"
-            if len(v) > max_items:
-                return f"request body: a JSON {'list' if isinstance(v, list) else 'object'} of {len(v)} entries; " \
-                       f"this server takes at most {max_items} per list (a canvas of token ids)"
-            values += len(v)
-            if values > 4 * max_items:
-                return f"request body: more than {4 * max_items} JSON values; no request of this app needs that"
-            stack.extend((x, depth + 1) for x in (v.values() if isinstance(v, dict) else v))
-    return ""
-
-
-JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
-
-
-def json_prescan(body: bytes, max_depth: int, max_items: int) -> str:
-    """The shape of a JSON body from its bytes, before any parsing (a few ms a megabyte, where `json.loads` of a
-    million tiny lists holds the interpreter for 50-200 ms): strings blanked out, then the lists / objects and the
-    commas counted and a run of more than `max_depth` nested openings looked for. '' when it may be parsed."""
-    bare = JSON_STRING.sub(b'""', body)
-    if re.search(rb"[\[{](?:[^\[\]{}]*[\[{]){%d}" % max_depth, bare):
-        return f"request body: JSON nested deeper than {max_depth} levels; no request of this app needs that"
-    containers = bare.count(b"[") + bare.count(b"{")
-    if containers > max_items:
-        return f"request body: {containers} JSON lists / objects; no request of this app has more than {max_items}"
-    if bare.count(b",") > 4 * max_items:
-        return f"request body: more than {4 * max_items} JSON values; no request of this app needs that"
-    return ""
-
-
-def parse_json(body: bytes, max_depth: int, max_items: int):
-    """(the parsed body, '') or (None, a one-line problem): run in a thread, never on the event loop; a body
-    whose bytes already show a shape no request has (`json_prescan`) is not parsed at all."""
-    problem = json_prescan(body, max_depth, max_items)
-    if problem:
-        return None, problem
-    try:
-        data = json.loads(body or b"null")
-    except RecursionError:
-        return None, f"request body: JSON nested deeper than {max_depth} levels; no request of this app needs that"
-    except (ValueError, UnicodeDecodeError) as e:
-        return None, f"request body: not valid JSON ({str(e).splitlines()[0][:80]})"
-    return data, json_shape(data, max_depth, max_items)
-
-
-class ApiGuard:
-    """ASGI middleware in front of Gradio: what reaches Gradio is addressed to this server, bounded, and shaped
-    like a request of this app; what Gradio would answer with a 500 (and a traceback in the log) gets a 4xx with
-    one line. For every HTTP request:
-
-    - a Host header that is not one of this server's names (`Hosts`) -> 403 (DNS rebinding: a page of another
-      site that resolves its own name to 127.0.0.1 would otherwise be same-origin with the app);
-    - the client address: the connection's, or from a trusted proxy the forwarded one (`Proxies`); written into
-      the request, so Gradio's `request.client.host` and the worker's fairness see it;
-    - uploads (`/upload`): refused (403): the app takes no file, so no page can write into the temp directory;
-    - a request body over its route's cap -> 413, counted on the bytes read (chunked bodies too): the model
-      routes (`/call`, `/queue/join`, `/run`, `/api`) take the largest real request (`Bounds.body_bytes`: four
-      text fields at their bound), every other route 64 KB;
-    - a JSON body is parsed in a thread (never on the event loop) and refused when nested deeper than 16 levels,
-      with a list over `Bounds.list_items` entries, or too many values in all (422): so Gradio's own parsing
-      and validation, on the event loop, only ever see small, plain bodies;
-    - `/call/<name>` (and `/call/v2/<name>`, and the GET of its result), `/run/<name>`, `/api/<name>` for a name
-      the app does not have -> 404 naming the endpoints; an `fn_index` it does not have -> 404;
-    - Gradio's named form `/call/v2/<name>` with an unknown argument, a missing required one (the prompt) or a
-      body that is not a JSON object -> 422 naming the argument and what the endpoint takes;
-    - a dropdown's value outside its choices (the Model tab's loader called by `fn_index`) -> 422 naming the
-      field and its choices (Gradio would log a traceback each time);
-    - one client address with more than `per_client_events` events in Gradio's queue -> 429: new session ids
-      do not make a client many clients;
-    - `/cancel` ends only the event it names (Gradio's cancels every running event of that session on that
-      endpoint: cancelling a queued job killed the running one);
-    - anything else that would still raise -> 500 with one line, one line in the log.
-    Answers are JSON {"detail": one line}, as Gradio's own 4xx.
-    """
-
-    CALL = re.compile(r"/gradio_api/call/(v2/)?([^/]+)(/[^/]*)?/?")
-    RUN = re.compile(r"/gradio_api/(?:run|api)/([^/]+)/?")
-    UPLOAD = re.compile(r"(?:/gradio_api)?/upload/?")
-    JOIN = "/gradio_api/queue/join"
-    CANCEL = "/gradio_api/cancel"
-    SMALL_BODY = 64 << 10
-    MAX_DEPTH = 16
-
-    def __init__(self, app, endpoints: dict[str, inspect.Signature], blocks=None, *,
-                 limits: Callable[[], Bounds] = lambda: DEFAULT_BOUNDS, hosts: Optional[Hosts] = None,
-                 proxies: Optional[Proxies] = None, per_client_events: int = 20, fn_ids=None):
-        self.app, self.blocks, self.limits = app, blocks, limits
-        self.hosts, self.proxies = hosts or Hosts("127.0.0.1"), proxies or Proxies()
-        self.per_client_events = per_client_events
-        self.fn_ids = fn_ids or (lambda: set(blocks.fns) if blocks is not None else None)
-        self.params = {name: [p for p in sig.parameters.values() if p.name != "request"]
-                       for name, sig in endpoints.items()}
-        self._logged: set[str] = set()
-
-    # ---- the gate
-    async def __call__(self, scope, receive, send):
-        if scope["type"] not in ("http", "websocket"):
-            return await self.app(scope, receive, send)
-        headers = dict(scope["headers"])
-        host = headers.get(b"host")
-        if not self.hosts.allows(host.decode("latin-1") if host is not None else None):
-            if scope["type"] == "websocket":
-                return await send({"type": "websocket.close", "code": 1008})
-            name = host_of(host.decode("latin-1"))[:60]
-            return await self._answer(send, 403, f"host: {name!r} is not a name this server answers to (it answers "
-                                                 f"to {', '.join(sorted(self.hosts.names))}; the operator adds "
-                                                 f"one with dlm-studio --allowed-hosts NAME)")
-        client = self.proxies.client(scope)
-        if client != (scope.get("client") or (None,))[0]:
-            scope = dict(scope, client=(client, 0))
-        if scope["type"] == "websocket":
-            return await self.app(scope, receive, send)
-        try:
-            return await self._http(scope, receive, send, headers, client)
-        except Exception as e:  # noqa: BLE001  (the last guard: one line, never a traceback flood)
-            self._log(scope, e)
-            if not scope.get("dlm.started"):
-                return await self._answer(send, 500, f"internal error ({type(e).__name__}); the server is still "
-                                                     f"running")
-
-    async def _http(self, scope, receive, send, headers, client):
-        method, path = scope["method"], scope["path"]
-
-        async def tracked(message):
-            if message["type"] == "http.response.start":
-                scope["dlm.started"] = True
-            await send(message)
-
-        m = self.CALL.fullmatch(path)
-        if m is not None and m.group(2) not in self.params:
-            return await self._answer(send, 404, f"unknown endpoint /{m.group(2)[:60]}; the endpoints are "
-                                                 f"{', '.join('/' + n for n in self.params)}")
-        run = self.RUN.fullmatch(path)
-        if run is not None and run.group(1) != "predict" and run.group(1) not in self._api_names():
-            return await self._answer(send, 404, f"unknown endpoint /{run.group(1)[:60]}; the endpoints are "
-                                                 f"{', '.join('/' + n for n in self.params)}")
-        if method in ("GET", "HEAD", "OPTIONS"):
-            return await self.app(scope, receive, tracked)
-        if self.UPLOAD.fullmatch(path):
-            return await self._answer(send, 403, "uploads: this app takes no files, so this server accepts no "
-                                                 "uploads")
-        model_route = m is not None or run is not None or path.rstrip("/") == self.JOIN
-        bounds = self.limits()
-        cap = bounds.body_bytes if model_route else self.SMALL_BODY
-        size = headers.get(b"content-length", b"")
-        if size.isdigit() and int(size) > cap:
-            return await self._answer(send, 413, f"request body: {int(size)} bytes is over this server's limit of "
-                                                 f"{cap} bytes for {path[:60]}")
-        body = await self._body(receive, cap)
-        if body is None:
-            return await self._answer(send, 413, f"request body: over this server's limit of {cap} bytes for "
-                                                 f"{path[:60]}")
-        ctype = headers.get(b"content-type", b"").split(b";")[0].strip().lower()
-        data = None
-        if body and (not ctype or ctype.endswith(b"json")):
-            data, problem = await asyncio.to_thread(parse_json, body, self.MAX_DEPTH, bounds.list_items)
-            if problem:
-                return await self._answer(send, 400 if problem.startswith("request body: not valid") else 422,
-                                          problem)
-        if model_route or path.rstrip("/") == self.CANCEL:
-            status, problem = self._check(path, m, data)
-            if problem:
-                return await self._answer(send, status, problem)
-        if path.rstrip("/") == self.CANCEL and isinstance(data, dict):
-            body = await self._cancel_one(data, body)
-        if model_route and client:
-            busy = self._busy(client)
-            if busy:
-                return await self._answer(send, 429, busy)
-        sent = False
-
-        async def replay():
-            nonlocal sent
-            if not sent:
-                sent = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()
-        return await self.app(scope, replay, tracked)
-
-    # ---- the checks
-    def _check(self, path: str, m, data) -> tuple[int, str]:
-        if m is not None:
-            return (422, self._check_named(m.group(2), data)) if m.group(1) and not m.group(3) else (0, "")
-        if path.rstrip("/") == self.CANCEL:
-            return 0, ""
-        return self._check_event(data)
-
-    def _api_names(self) -> set[str]:
-        fns = getattr(self.blocks, "fns", None) or {}
-        return {fn.api_name for fn in fns.values() if getattr(fn, "api_name", None)}
-
-    def _check_named(self, name: str, data) -> str:
-        params = self.params[name]
-        if data is None:
-            data = {}
-        if not isinstance(data, dict):
-            return f"/{name}: the body must be a JSON object of arguments such as {{\"prompt\": \"Hello\"}}"
-        names = [p.name for p in params]
-        unknown = [k for k in data if k not in names and k != "oauth_token"]  # Gradio drops that one
-        if unknown:
-            return f"/{name}: unknown argument {str(unknown[0])[:40]!r}; the arguments are {', '.join(names)}"
-        missing = [p.name for p in params if p.default is inspect.Parameter.empty and p.name not in data]
-        if missing:
-            return f"{missing[0]}: missing; /{name} needs it (e.g. {{\"{missing[0]}\": \"Hello\"}})"
-        return ""
-
-    def _check_event(self, data) -> tuple[int, str]:
-        """/queue/join, /run/predict: an fn_index the app does not have (404), a dropdown value outside its
-        choices (422); (0, '') when fine or for Gradio to refuse."""
-        if not isinstance(data, dict):
-            return 0, ""
-        index = data.get("fn_index")
-        known = self.fn_ids()
-        if index is None or known is None:
-            return 0, ""
-        if not isinstance(index, int) or isinstance(index, bool) or index not in known:
-            return 404, f"fn_index: {str(index)[:20]} is not an event of this app"
-        values = data.get("data")
-        fn = self.blocks.fns.get(index) if self.blocks is not None else None
-        if fn is None or not isinstance(values, list):
-            return 0, ""
-        for component, value in zip(fn.inputs, values):
-            problem = self._check_choice(component, value)
-            if problem:
-                return 422, problem
-        return 0, ""
-
-    @staticmethod
-    def _check_choice(component, value) -> str:
-        if not isinstance(component, (gr.Dropdown, gr.Radio)) or getattr(component, "allow_custom_value", False) \
-                or value is None:
-            return ""
-        choices = [c[1] if isinstance(c, (list, tuple)) else c for c in component.choices or []]
-        given = value if getattr(component, "multiselect", False) and isinstance(value, list) else [value]
-        for v in given:
-            if v not in choices:
-                shown = ", ".join(repr(c) for c in choices[:8]) + (", …" if len(choices) > 8 else "")
-                label = component.label or "value"
-                return f"{label}: {str(v)[:40]!r} is not one of its choices ({shown})"
-        return ""
-
-    def _busy(self, client: str) -> str:
-        """'' unless the client already has `per_client_events` events in Gradio's queue (waiting or running)."""
-        queue = getattr(self.blocks, "_queue", None)
-        events = getattr(queue, "event_ids_to_events", None)
-        if not events:
-            return ""
-        mine = 0
-        for event in list(events.values()):
-            request = getattr(event, "request", None)
-            peer = getattr(getattr(request, "client", None), "host", None)
-            mine += peer == client
-        if mine >= self.per_client_events:
-            return f"queue: {mine} requests from your address are waiting or running (this server takes at most " \
-                   f"{self.per_client_events} per client: dlm-studio --queue-per-client); send more when they finish"
-        return ""
-
-    async def _cancel_one(self, data: dict, body: bytes) -> bytes:
-        """Cancel the one event named (its task), then let Gradio finish the cancel (the completion message, the
-        queue, the iterator) with an fn_index that matches no other task."""
-        name = f"{data.get('session_hash')}_{data.get('fn_index')}<gradio-sep>{data.get('event_id')}"
-        tasks = [t for t in asyncio.all_tasks() if t.get_name() == name]
-        for t in tasks:
-            t.cancel()
-        if tasks:
-            await asyncio.gather(*tasks, return_exceptions=True)
-        return json.dumps(dict(data, fn_index=-1)).encode()
-
-    @staticmethod
-    async def _body(receive, cap: int) -> Optional[bytes]:
-        """The whole request body, or None once more than `cap` bytes have arrived (Content-Length or chunked)."""
-        chunks, n = [], 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return None
-            chunk = message.get("body", b"")
-            n += len(chunk)
-            if n > cap:
-                return None
-            chunks.append(chunk)
-            if not message.get("more_body"):
-                return b"".join(chunks)
-
-    def _log(self, scope, e: BaseException) -> None:
-        key = f"{type(e).__name__}:{scope.get('path', '')[:40]}"
-        if key in self._logged:
-            log.warning("internal error on %s %s: %s", scope.get("method"), scope.get("path", "")[:80],
-                        type(e).__name__)
-        else:  # the first of its kind with the traceback, then one line each
-            self._logged.add(key)
-            log.error("internal error on %s %s", scope.get("method"), scope.get("path", "")[:80], exc_info=e)
-
-    @staticmethod
-    async def _answer(send, status: int, detail: str) -> None:
-        body = json.dumps({"detail": detail}).encode()
-        await send({"type": "http.response.start", "status": status,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
-        await send({"type": "http.response.body", "body": body})
-
-
-def guard(blocks, launch_kwargs: dict):
-    """The `ApiGuard` middleware for `blocks` (the playground) as `launch` is about to serve it: the bound host,
-    the operator's extra names and trusted proxies (`blocks.allowed_hosts`, `blocks.trusted_proxies`, set by the
-    launcher), the request limits of its backend, and its queue."""
-    from starlette.middleware import Middleware
-    backend = getattr(blocks, "backend", None)
-    bound = launch_kwargs.get("server_name") or os.environ.get("GRADIO_SERVER_NAME") or "127.0.0.1"
-    worker = getattr(backend, "worker", None)
-    per_client = getattr(worker, "per_client", 4)
-    return Middleware(ApiGuard, endpoints=blocks.api_signatures, blocks=blocks,
-                      limits=backend.bounds if backend is not None else (lambda: DEFAULT_BOUNDS),
-                      hosts=Hosts(bound, getattr(blocks, "allowed_hosts", ()), bool(launch_kwargs.get("share"))),
-                      proxies=Proxies(getattr(blocks, "trusted_proxies", ())),
-                      per_client_events=2 * (per_client + 1))

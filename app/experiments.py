@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
-from app.examples import answer_of, run_example
+from dlm.fewshot import answer_of, run_example
 from app.render import Trace, finite
 from app.requests import Infill, Prompt, cap_steps, masked_tokens, with_span_length
 from dlm.infill import attach_spaces, split_template
@@ -140,7 +140,7 @@ def infill_sweep_job(model, request: Infill, config: SamplerConfig, lengths: lis
 
 def scoreboard_job(model, ar, examples: list, base: SamplerConfig):
     """Every example (with an expected answer) through the DLM (`base` with the example's length and steps) and
-    the AR model `ar` (`app.examples.run_example`, as `dlm-eval --tasks incontext`). Lane "row": {name, title,
+    the AR model `ar` (`dlm.fewshot.run_example`, as `dlm-eval --tasks incontext`). Lane "row": {name, title,
     expected, dlm, dlm_ok, ar, ar_ok} per example."""
     def job():
         for e in examples:

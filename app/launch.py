@@ -160,7 +160,7 @@ def main(argv=None) -> None:
     notice = demo.backend.notice()
     if notice:
         print(f"NOTE: {notice}", file=sys.stderr, flush=True)
-    demo.allowed_hosts, demo.trusted_proxies = args.allowed_hosts, args.trusted_proxies  # for app.api.guard
+    demo.allowed_hosts, demo.trusted_proxies = args.allowed_hosts, args.trusted_proxies  # for app.http_guard.guard
     demo.launch(server_name=args.host, server_port=args.port, share=args.share, show_error=True,
                 auth=tuple(args.auth.split(":", 1)) if args.auth else None, max_file_size=args.max_file_size)
 

@@ -21,7 +21,7 @@ from app import MAX_NEW_TOKENS, MAX_PROMPT_TOKENS
 from dlm.decoders import DECODERS
 from dlm.reveal import block_count
 from dlm.infill import edit_canvas, pair_canvas, split_template, template_canvas
-from dlm.sampler_config import SamplerConfig, _coerce, _number, _short as short
+from dlm.sampler_config import SamplerConfig, _coerce, _number, read_by, _short as short
 from dlm.sampling import check_length, encode_prompt
 
 log = logging.getLogger("dlm.app")
@@ -237,7 +237,7 @@ class Bounds:
 
     @property
     def body_bytes(self) -> int:
-        """The largest real HTTP request body (`app.api.ApiGuard`'s cap for the model routes): four text fields
+        """The largest real HTTP request body (`app.http_guard.ApiGuard`'s cap for the model routes): four text fields
         at their bound, each character escaped as JSON's 6-byte \\uXXXX, a canvas of token ids, 64 KB for the
         rest (the other fields, the knobs, Gradio's envelope)."""
         return 4 * 6 * CHARS_PER_TOKEN * self.prompt_tokens + 8 * self.token_ids + (64 << 10)
@@ -265,12 +265,6 @@ def check_fields(bounds: Bounds = DEFAULT_BOUNDS, **values) -> dict:
 PER_DECODER = {d["name"] for d in SamplerConfig.describe() if d.get("per_decoder")}
 DECODER_FIELD = next(f for f in dataclasses.fields(SamplerConfig) if f.name == "decoder")
 KNOB_FIELDS = {f.name: f for f in dataclasses.fields(SamplerConfig)}
-
-
-def read_by(decoder: str, values: dict) -> dict:
-    """`values` without the per-decoder settings `decoder` does not read (by its declaration)."""
-    uses = DECODERS[decoder].uses
-    return {k: v for k, v in values.items() if k not in PER_DECODER or k in uses}
 
 
 def sampler_config(values: dict, base: SamplerConfig, *, infill: bool = False, bounds: Bounds = DEFAULT_BOUNDS

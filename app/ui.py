@@ -8,7 +8,7 @@ from typing import Optional
 
 import gradio as gr
 
-from app import api
+from app import api, http_guard
 from app import MAX_NEW_TOKENS, MAX_PROMPT_TOKENS, TIME_LIMIT_S
 from app.backend import Backend
 from app.models import SwitchPolicy
@@ -28,14 +28,14 @@ class Playground(gr.Blocks):
     """gr.Blocks whose named API endpoints take any leading part of their arguments over raw REST as well (the
     rest get their defaults), as they do through gradio_client — instead of Gradio's "didn't receive enough input
     values" message full of component reprs; and whose `launch` bounds uploads (`max_file_size`) and puts
-    `api.ApiGuard` in front (request bodies bounded, 4xx with a message where Gradio would answer 500)."""
+    `http_guard.ApiGuard` in front (request bodies bounded, 4xx with a message where Gradio would answer 500)."""
 
     api_signatures: dict = {}
 
     def launch(self, *args, **kwargs):
         kwargs.setdefault("max_file_size", MAX_FILE_SIZE)
         app_kwargs = dict(kwargs.get("app_kwargs") or {})
-        app_kwargs["middleware"] = [*app_kwargs.get("middleware", []), api.guard(self, kwargs)]
+        app_kwargs["middleware"] = [*app_kwargs.get("middleware", []), http_guard.guard(self, kwargs)]
         kwargs["app_kwargs"] = app_kwargs
         return super().launch(*args, **kwargs)
 

@@ -83,7 +83,7 @@ class Caller(str):
 
 
 def caller(request) -> Optional[str]:
-    """The `Caller` of a Gradio request (its session id and its client's address; `app.api.ApiGuard` has already
+    """The `Caller` of a Gradio request (its session id and its client's address; `app.http_guard.ApiGuard` has already
     put the forwarded address there when the connection comes from a proxy the operator trusts); None without a
     request, the bare session id without an address."""
     session = getattr(request, "session_hash", None) if request is not None else None

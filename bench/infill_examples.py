@@ -1,4 +1,4 @@
-"""Every shipped Infill example (`app/examples/infill/`) filled by the model, and scored: which ones it does well.
+"""Every shipped Infill example (`dlm/examples/infill/`) filled by the model, and scored: which ones it does well.
 
 Per example, with the model's own infilling config and `--seeds` seeds (one fill when that config is greedy):
 
@@ -55,7 +55,7 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
     add_load_args(p, device="cpu")
     args = p.parse_args(argv)
     import dlm
-    from app.examples import INFILL_EXAMPLES_DIR, load_examples
+    from dlm.fewshot import INFILL_EXAMPLES_DIR, load_examples
     model = dlm.load(args.model, **load_kwargs(args))
     judge = dlm.load(args.judge or model.ar_counterpart or args.model, device=model.device, dtype="float32")
     rows = []
@@ -64,7 +64,7 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
         good = sum(1 for run in r["runs"] if run["ratio"] <= args.max_ratio and not run["loop"])
         r["good"], r["verdict"] = good, "well" if good * 2 > len(r["runs"]) else "hard"
         rows.append(r)
-    print(f"# {args.model}: app/examples/infill, its infilling config ({len(rows[0]['runs']) if rows else 0} fill(s) "
+    print(f"# {args.model}: dlm/examples/infill, its infilling config ({len(rows[0]['runs']) if rows else 0} fill(s) "
           f"each); judge-PPL ratio to the reference fill (good <= {args.max_ratio})")
     print("| example | judge x (median) | ROUGE-1 | good seeds | verdict | first fill |")
     print("|---|---|---|---|---|---|")

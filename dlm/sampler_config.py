@@ -210,6 +210,14 @@ class SamplerConfig:
         return out
 
 
+def read_by(decoder: str, values: dict) -> dict:
+    """`values` (sampler settings by name) without the per-decoder settings `decoder` does not read (by its
+    declaration): what a UI sends for every widget, reduced to what this decoder can use."""
+    uses = DECODERS[decoder].uses
+    per_decoder = {f.name for f in fields(SamplerConfig) if f.metadata.get("per_decoder")}
+    return {k: v for k, v in values.items() if k not in per_decoder or k in uses}
+
+
 # ----- sampler_config.json: the one reader and writer ---------------------------------------------------------------
 def save_sampler_configs(directory: Union[str, os.PathLike], generate: SamplerConfig, infill: SamplerConfig) -> Path:
     """Write a model directory's `sampler_config.json`: {"generate": the recommended config for writing

@@ -127,14 +127,14 @@ class LastWordExample:
 
 @dataclass
 class ICLExample:
-    """One of the playground's In-context examples (`app.examples.Example`, with an expected answer)."""
+    """One of the playground's In-context examples (`dlm.fewshot.Example`, with an expected answer)."""
     id: int
     example: object
 
 
 def load_incontext() -> list[ICLExample]:
     """The In-context tab's shipped examples that have an expected answer (their files' hashes are recorded)."""
-    from app.examples import EXAMPLES_DIR, load_examples
+    from dlm.fewshot import EXAMPLES_DIR, load_examples
     for path in sorted(EXAMPLES_DIR.glob("*.txt")):
         _note_file(path)
     return [ICLExample(i, e) for i, e in enumerate(e for e in load_examples() if e.expected)]

@@ -4,7 +4,8 @@
 - `first_answer_span`: the part of a generated answer before the first newline / period / comma (lm-eval's
   TriviaQA stop strings).
 - `rouge_scores`: ROUGE-1/2/L F-measure x 100 with `rouge-score` (ROCStories infilling, as the paper).
-- `gsm8k_gold` / `gsm8k_prediction` / `numbers_equal`: GSM8K final-answer parsing.
+- `gsm8k_gold` / `gsm8k_prediction` / `numbers_equal`: GSM8K final-answer parsing (the symbolic solution form
+  training shares: `dlm.formats`).
 - `mean_stderr`: mean and standard error of per-example values (accuracy, ROUGE, pass@1 ...).
 - `wilson_interval` / `bootstrap_interval`: 95% intervals: Wilson score for a proportion (accuracy, exact match,
   pass@1), seeded percentile bootstrap for a mean or any statistic of the examples (ROUGE, perplexity ...).
@@ -17,6 +18,8 @@ import re
 import string
 from functools import lru_cache
 from typing import Iterable, Optional, Sequence
+
+from dlm.formats import GSM8K_FORMATS, gsm8k_symbolic  # noqa: F401  (shared with training; re-exported)
 
 
 # ----- exact match (TriviaQA) ----------------------------------------------------------------------------------
@@ -84,21 +87,6 @@ def gsm8k_gold(answer: str) -> str:
     tail = answer.split("####")[-1].strip()
     cleaned = _clean_number(tail)
     return cleaned if cleaned is not None else tail
-
-
-_EQUATION = re.compile(r"<<([^<>]*)>>")
-
-
-def gsm8k_symbolic(solution: str) -> str:
-    """A GSM8K solution in the symbolic form the paper fine-tunes on: only its `<<...>>` calculator equations,
-    then `#### answer` ("Natalia sold 48/2 = <<48/2=24>>24 clips ... #### 72" -> "<<48/2=24>> <<48+24=72>> ####
-    72"). Short targets a small model can learn; a solution without equations becomes "#### answer"."""
-    equations = " ".join(f"<<{e.strip()}>>" for e in _EQUATION.findall(solution))
-    answer = solution.split("####")[-1].strip()
-    return f"{equations} #### {answer}" if equations else f"#### {answer}"
-
-
-GSM8K_FORMATS = {"full": lambda solution: solution, "symbolic": gsm8k_symbolic}
 
 
 GSM8K_STOP = "Question:"   # lm-eval's stop for GSM8K too

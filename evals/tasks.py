@@ -188,10 +188,10 @@ def rescore_gsm8k(record: dict) -> dict:
 # ----- the playground's In-context examples -------------------------------------------------------------------------------
 def eval_incontext(b: EvalModel, ex: D.ICLExample) -> dict:
     """The In-context tab's scoreboard as an evaluation: the example's own length and steps over the model's
-    writing config (+ --sampler), scored by `app.examples.run_example`, the function the scoreboard calls (the
+    writing config (+ --sampler), scored by `dlm.fewshot.run_example`, the function the scoreboard calls (the
     answer = the output's first line, right when the expected answer is a whole word of it). The config's
     temperature stands (the shipped one samples); the seed is the example's."""
-    from app.examples import answer_of, run_example
+    from dlm.fewshot import answer_of, run_example
     e = ex.example
     base = b.model.sampler_config.replace(**b.s.sampler)
     text, ok = run_example(b.model, e, base, b.kind, seed=example_seed(b.s.seed, ex.id))

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from app.examples import answer_of, load_examples, matches
+from dlm.fewshot import answer_of, load_examples, matches
 
 # Examples the AR base gets wrong, with the answer a person checked (and why the witness is not enough).
 REVIEWED = {

@@ -217,7 +217,7 @@ def test_new_session_ids_do_not_make_one_address_many_clients(server):
 
 
 def test_a_trusted_proxy_s_forwarded_address_is_the_client():
-    from app.api import Proxies
+    from app.http_guard import Proxies
 
     def scope(peer, forwarded=None):
         return {"client": (peer, 1234), "headers": [(b"x-forwarded-for", forwarded.encode())] if forwarded else []}
@@ -245,7 +245,7 @@ def test_requests_for_another_host_name_are_refused(server):
             assert r.status_code == 403 and "'evil.example' is not a name this server answers to" in r.text
         for name in ("127.0.0.1", "localhost", "LOCALHOST."):
             assert h.get(f"{url}config", headers={"Host": f"{name}:{port}"}).status_code == 200
-    from app.api import Hosts
+    from app.http_guard import Hosts
     hosts = Hosts("127.0.0.1", ["studio.lan"])
     assert hosts.allows("studio.lan:7860") and hosts.allows("[::1]:7860") and not hosts.allows("evil.example")
     assert not hosts.allows("192.168.1.5:7860")
@@ -410,7 +410,7 @@ def test_a_queued_request_is_information_and_a_flood_is_refused_as_a_warning(tin
     import gradio as gr
 
     from app.backend import Backend
-    from app.tabs import common
+    from app import events
     from app.worker import Busy, Caller
     shown = []
     monkeypatch.setattr(gr, "Info", lambda m, *a, **k: shown.append(("info", m)))
@@ -421,14 +421,14 @@ def test_a_queued_request_is_information_and_a_flood_is_refused_as_a_warning(tin
     with slow_model(b, 0.02):
         first = b.generate("A long story:", cfg, session=Caller("tab1", "127.0.0.9"))
         wait_until(lambda: b.worker.active is first)
-        second = asyncio.run(common.offload(b.generate, "Hi", cfg, session=Caller("tab2", "127.0.0.9")))
+        second = asyncio.run(events.offload(b.generate, "Hi", cfg, session=Caller("tab2", "127.0.0.9")))
         assert shown and shown[-1][0] == "info" and "Queued" in shown[-1][1]
         with pytest.raises(Busy):
             b.generate("Hi", cfg, session=Caller("tab3", "127.0.0.9"))
         try:
             b.generate("Hi", cfg, session=Caller("tab3", "127.0.0.9"))
         except Busy as e:
-            assert common.fail(e) is None  # no gr.Error raised
+            assert events.fail(e) is None  # no gr.Error raised
         assert shown[-1][0] == "warning" and "queue: not started" in shown[-1][1]
         b.stop("tab1"), b.stop("tab2")
     first.wait(), second.wait()

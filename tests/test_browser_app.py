@@ -322,7 +322,7 @@ def test_export_gives_a_gif_and_an_offline_html_replay(page, app_url, tmp_path):
 
 
 def test_scoreboard_fills_the_table(page, app_url):
-    from app.examples import load_examples
+    from dlm.fewshot import load_examples
     fresh(page, app_url, "In-context")
     scored = [e for e in load_examples() if e.expected]
     page.click("#icl-run-all")

@@ -46,7 +46,7 @@ def test_gsm8k_shots_come_from_the_train_split():
 def test_gsm8k_symbolic_form_in_shots_and_oracle_length(shared_data):
     """--gsm8k-format symbolic: solutions (the shots, the oracle length) are only the <<...>> equations and
     #### answer, the form the gsm8k-sft presets train on; the gold answer is the same number."""
-    from evals.metrics import gsm8k_symbolic
+    from dlm.formats import gsm8k_symbolic
     assert gsm8k_symbolic("Half is 48/2 = <<48/2=24>>24.\nSo 48+24 = <<48+24=72>>72 in all.\n#### 72") == \
         "<<48/2=24>> <<48+24=72>> #### 72"
     assert gsm8k_symbolic("No calculator here.\n#### 5") == "#### 5"

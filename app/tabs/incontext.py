@@ -1,4 +1,4 @@
-"""In-context: the few-shot prompts shipped in `app/examples/`. One click loads and runs an example with the DLM
+"""In-context: the few-shot prompts shipped in `dlm/examples/`. One click loads and runs an example with the DLM
 (animated) and then the AR model, side by side, each marked against the expected answer; "Run all" fills a
 scoreboard of every example and the accuracy of each model."""
 from __future__ import annotations
@@ -7,8 +7,8 @@ import gradio as gr
 
 from app import render
 from app.backend import Backend
-from app.examples import Example, answer_of, load_examples, matches
-from app.requests import read_by
+from dlm.fewshot import Example, answer_of, load_examples, matches
+from dlm.sampler_config import read_by
 from app.tabs.common import LIGHT, MODEL, SamplerControls, StreamView, ended, fail, offload, session
 
 
@@ -25,7 +25,7 @@ class InContextTab:
         # the tab opens on an example the shipped model does well (the hard ones stay, marked as such)
         first = next((e for e in self.examples if not e.hard), self.examples[0] if self.examples else None)
         with gr.Tab("In-context", id="icl"):
-            gr.Markdown("Few-shot prompts written for this project (`app/examples/`). Click one to load and run it "
+            gr.Markdown("Few-shot prompts written for this project (`dlm/examples/`). Click one to load and run it "
                         "with both models; edit the prompt and press *Run* to try your own. *Run all* scores every "
                         "example against its expected answer (the answer = the first line of the output).")
             self.pick = gr.Dataset(components=[gr.Textbox(visible=False)], type="index", label="Examples",

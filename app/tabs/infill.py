@@ -8,11 +8,11 @@ import gradio as gr
 
 from app import render
 from app.backend import Backend
-from app.examples import INFILL_EXAMPLES_DIR, load_examples
+from dlm.fewshot import INFILL_EXAMPLES_DIR, load_examples
 from app.tabs.common import LIGHT, MODEL, SamplerControls, StreamView, ended, fail, offload, session
 from dlm.infill import attach_spaces, split_template
 
-# The shipped templates (`app/examples/infill/`, scored by `python -m bench.infill_examples`): the tab opens on
+# The shipped templates (`dlm/examples/infill/`, scored by `python -m bench.infill_examples`): the tab opens on
 # the first one the shipped model does well; the hard ones stay in the list, marked.
 EXAMPLES = load_examples(INFILL_EXAMPLES_DIR)
 TEMPLATE = next((e.prompt for e in EXAMPLES if not e.hard), EXAMPLES[0].prompt if EXAMPLES else "")
