@@ -41,6 +41,9 @@ TOKEN_CSS = """
 .tokview .old { background: #e6edf7; color: #22324a; }
 .tokview .new { color: #111; font-weight: 600; box-shadow: 0 0 0 1px rgba(0,0,0,.25); }
 .tokview .sp { color: #b0b4bb; font-size: 11px; }
+.tokview .dr { color: #3b4a63; background: #eef3fb; border: 1px dashed #9db3d6; }
+.tokview .acc { text-decoration: underline 2px #2e8b57; }
+.tokview .rj { color: #b23a3a; text-decoration: line-through 2px #b23a3a; font-size: 12px; margin-right: 1px; }
 .tokview .ell { color: #9aa0aa; }
 .tokview .legend { font-family: system-ui, sans-serif; font-size: 12px; color: #555; margin-bottom: 6px; }
 .tokview .legend span { padding: 1px 6px; margin-right: 8px; border-radius: 4px; }
@@ -93,7 +96,8 @@ class Trace:
 
     def add(self, frame: Frame, decode: Callable[[list[int]], dict[int, str]]) -> None:
         """Append one frame; `decode(ids)` returns the display text of token ids not seen before."""
-        missing = sorted({t for t in frame.tokens if t not in self.pieces and t != self.mask_id})
+        shown = [*frame.tokens, *(int(d[1]) for d in frame.drafts), *(int(r[1]) for r in frame.rejected)]
+        missing = sorted({t for t in shown if t not in self.pieces and t != self.mask_id})
         if missing:
             self.pieces.update(decode(missing))
         self.frames.append(frame)
@@ -110,7 +114,9 @@ class Trace:
 
         Masked positions are grey boxes, tokens revealed at that very step are coloured by their confidence,
         tokens revealed earlier are a calm blue, prompt tokens grey, other fixed tokens (infill suffix / template
-        text) plain and dotted-underlined.
+        text) plain and dotted-underlined. A speculative decoder's step also shows its drafts: the proposals not
+        decided yet faint in dashed boxes (the fainter, the less probable), the drafts its verifier kept
+        underlined green, a rejected draft struck through in red before the token that replaced it.
         """
         if not self.frames:
             return '<div class="tokview"><span class="ell">(nothing generated yet)</span></div>'
@@ -123,17 +129,31 @@ class Trace:
                 '<div class="legend"><span class="m">masked</span>'
                 f'<span style="background:{confidence_colour(0.2)}">new, low p</span>'
                 f'<span style="background:{confidence_colour(0.95)}">new, high p</span>'
-                '<span class="old">earlier</span><span class="fx">fixed</span></div>'
+                '<span class="old">earlier</span><span class="fx">fixed</span>'
+                + ('<span class="dr">draft</span><span class="acc">draft kept</span>'
+                   '<span class="rj">rejected</span>' if any(f.drafts or f.rejected for f in self.frames) else "")
+                + '</div>'
             )
+        drafts = {int(p): (int(t), float(q)) for p, t, q in frame.drafts}
+        rejected = {int(p): int(t) for p, t in frame.rejected}
+        accepted = set(frame.accepted)
         prompt_end = frame.start if self.prompt_end is None else self.prompt_end
         first = max(0, prompt_end - PROMPT_TOKENS_SHOWN)
         if first > 0:
             out.append(f'<span class="ell">… ({first} prompt tokens) </span>')
         for pos in range(first, len(frame.tokens)):
             tok = frame.tokens[pos]
+            if tok == self.mask_id and pos in drafts:
+                d, q = drafts[pos]
+                out.append(f'<span class="t dr" style="opacity:{0.35 + 0.65 * min(max(q, 0.0), 1.0):.2f}" '
+                           f'title="pos {pos}: draft, q={q:.2f}">{_display(self.pieces.get(d, "?"))}</span>')
+                continue
             if tok == self.mask_id:
                 out.append(f'<span class="t m" title="pos {pos}: masked">·</span>')
                 continue
+            if pos in rejected:
+                out.append(f'<span class="t rj" title="pos {pos}: draft rejected">'
+                           f'{_display(self.pieces.get(rejected[pos], "?"))}</span>')
             text = self.pieces.get(tok, "?")
             text = f'<span class="sp">{html.escape(text)}</span>' if tok in self.special else _display(text)
             if pos < prompt_end:
@@ -144,9 +164,10 @@ class Trace:
                 out.append(f'<span class="t fx" title="pos {pos}: fixed">{text}</span>')
             elif rs == step:
                 conf = self.reveal_conf[pos]
+                kept = " acc" if pos in accepted else ""
                 out.append(
-                    f'<span class="t new" style="background:{confidence_colour(conf)}" '
-                    f'title="pos {pos}: step {rs}, p={conf:.2f}">{text}</span>'
+                    f'<span class="t new{kept}" style="background:{confidence_colour(conf)}" '
+                    f'title="pos {pos}: step {rs}, p={conf:.2f}{", draft kept" if kept else ""}">{text}</span>'
                 )
             else:
                 out.append(
@@ -162,7 +183,12 @@ class Trace:
         f = self.frames[k]
         masked = sum(1 for t in f.tokens[f.start:] if t == self.mask_id)
         state = " · running…" if running else ""
-        return (f"**step {f.step} / {f.total_steps}** · revealed {len(f.revealed)} this step · "
+        speculation = ""
+        if any(x.drafts or x.rejected or x.accepted for x in self.frames[:k + 1]):
+            done = sum(len(x.revealed) for x in self.frames[:k + 1])
+            speculation = (f" · {len(f.accepted)} draft(s) kept, {len(f.rejected)} rejected, {len(f.drafts)} "
+                           f"new · **{done / (k + 1):.2f} tokens per forward**")
+        return (f"**step {f.step} / {f.total_steps}** · revealed {len(f.revealed)} this step{speculation} · "
                 f"{masked} still masked{state}")
 
     def partial(self) -> str:
@@ -183,7 +209,8 @@ class Trace:
         f = self.frames[-1]
         rate = self.revealed() / seconds if seconds > 0 else 0.0
         return (f"**step {f.step} / {f.total_steps}** · model time **{seconds:.2f} s** · {rate:.1f} tokens/s · "
-                f"{len(self.frames)} NFE" + (" · running…" if running else ""))
+                f"{len(self.frames)} NFE · {self.revealed() / len(self.frames):.2f} tokens per forward"
+                + (" · running…" if running else ""))
 
     # ---- plots (built once at the end of a run: sending a figure per step stalls the browser) ------------------
     def reveal_heatmap(self) -> go.Figure:

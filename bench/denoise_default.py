@@ -7,6 +7,7 @@ Per setting, over the same prompts and seeds (temperature 0.7, top-p 0.95, as `b
   distinct-2    unique word bigrams / bigrams, mean over outputs (higher = more varied)
   tok/step      useful tokens per denoising step (> 1: tokens revealed in parallel)
   out of order  share of revealed tokens decided while an earlier generated position was still masked
+  in parallel   share of tokens decided at a step that decided two or more (several tokens per forward)
   tok/s         useful tokens per second of model time
 The AR twin is one reference row.
 
@@ -32,6 +33,8 @@ from dlm.types import Frame, Generation
 # model's own default, the others the candidates for the first screen.
 CANDIDATES = {
     "speculative (writing default)": {},
+    "speculative, blocks of 4": dict(decoder="speculative", block_length=4, threshold=None),
+    "speculative, blocks of 8": dict(decoder="speculative", block_length=8, threshold=None),
     "full, one block, 2 tok/step": dict(decoder="full", block_length=None, steps="{half}", threshold=None),
     "full, blocks of 8, 2 tok/step": dict(decoder="full", block_length=8, steps="{half}", threshold=None),
     "blocks of 8, 2 tok/step": dict(decoder="blocks", block_length=8, steps="{half}", threshold=None),
@@ -51,8 +54,13 @@ def out_of_order(frames: list[Frame], mask_id: int) -> tuple[int, int]:
     return late, total
 
 
+def in_parallel(frames: list[Frame]) -> int:
+    """Tokens decided at a step that decided two or more."""
+    return sum(len(f.revealed) for f in frames if len(f.revealed) >= 2)
+
+
 def measure(model, judge, prompts: Sequence[str], cfg, seed: int) -> dict:
-    side, steps, late, revealed = Side(cfg.decoder, [], []), 0, 0, 0
+    side, steps, late, revealed, parallel = Side(cfg.decoder, [], []), 0, 0, 0, 0
     for i, prompt in enumerate(prompts):
         frames, g = [], None
         for item in model.stream(prompt, cfg.replace(seed=seed * 1_000_003 + i)):
@@ -61,11 +69,11 @@ def measure(model, judge, prompts: Sequence[str], cfg, seed: int) -> dict:
             else:
                 frames.append(item)
         a, b = out_of_order(frames, model.mask_token_id)
-        late, revealed = late + a, revealed + b
+        late, revealed, parallel = late + a, revealed + b, parallel + in_parallel(frames)
         add(side, judge, prompt, g, model)
         steps += g.nfe
     return dict(side.summary(), tokens_per_step=side.tokens / max(1, steps), out_of_order=late / max(1, revealed),
-                samples=side.texts)
+                in_parallel=parallel / max(1, revealed), samples=side.texts)
 
 
 def add(side: Side, judge, prompt: str, g: Generation, model) -> None:
@@ -77,10 +85,12 @@ def add(side: Side, judge, prompt: str, g: Generation, model) -> None:
 
 
 def format_table(rows: dict) -> str:
-    lines = ["| setting | judge-PPL | distinct-2 | tok/step | out of order | tok/s |", "|---|---|---|---|---|---|"]
+    lines = ["| setting | judge-PPL | distinct-2 | tok/step | in parallel | out of order | tok/s |",
+             "|---|---|---|---|---|---|---|"]
     for name, r in rows.items():
         lines.append(f"| {name} | {r['judge_ppl']:.1f} | {r['distinct2']:.3f} | {r['tokens_per_step']:.2f} | "
-                     f"{100 * r['out_of_order']:.0f}% | {r['tokens_per_s']:.1f} |")
+                     f"{100 * r.get('in_parallel', 0.0):.0f}% | {100 * r['out_of_order']:.0f}% | "
+                     f"{r['tokens_per_s']:.1f} |")
     return "\n".join(lines)
 
 
@@ -124,7 +134,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     for i, prompt in enumerate(prompts):
         add(ar_side, ar, prompt, model.ar_generate(prompt, base.replace(seed=args.seed * 1_000_003 + i), ar_model=ar),
             ar)
-    rows[f"AR twin ({ar.name})"] = dict(ar_side.summary(), tokens_per_step=1.0, out_of_order=0.0,
+    rows[f"AR twin ({ar.name})"] = dict(ar_side.summary(), tokens_per_step=1.0, out_of_order=0.0, in_parallel=0.0,
                                         samples=ar_side.texts)
     print(format_table(rows))
     if args.out:

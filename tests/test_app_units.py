@@ -55,6 +55,26 @@ def test_counter_reports_the_step_and_masked_count():
     assert "0 still masked" in t.counter() and "running" in t.counter(running=True)
 
 
+def test_a_speculative_step_shows_its_drafts_kept_rejected_and_new():
+    """Forward 1 writes pos 2 and drafts pos 3 and 4; forward 2 keeps the draft at 3, rejects the one at 4 (14)
+    and writes 12 there, and drafts pos 5 faintly."""
+    frames = [Frame(step=1, total_steps=4, tokens=[1, 2, 12, M, M, M], revealed=[2], confidence=[0.9], start=2,
+                    drafts=[[3, 13, 0.8], [4, 14, 0.3]]),
+              Frame(step=2, total_steps=4, tokens=[1, 2, 12, 13, 12, M], revealed=[3, 4], confidence=[0.8, 0.5],
+                    start=2, accepted=[3], rejected=[[4, 14]], drafts=[[5, 13, 0.1]])]
+    t = _trace(frames)
+    first, second = t.html(0), t.html(1)
+    assert first.count('class="t dr"') == 2 and 'title="pos 3: draft, q=0.80"' in first
+    assert 'opacity:0.87' in first and 'opacity:0.54' in first            # fainter for a less probable draft
+    assert first.count('class="t m"') == 1                                 # pos 5: nothing drafted yet
+    assert second.count('class="t new acc"') == 1 and second.count('class="t rj"') == 1
+    assert second.count('class="t dr"') == 1 and "draft kept" in second
+    assert "1 draft(s) kept, 1 rejected, 1 new" in t.counter(1) and "1.50 tokens per forward" in t.counter(1)
+    assert "1.50 tokens per forward" in t.race_counter(1.0)
+    plain = _trace()                                                       # other decoders: no draft legend
+    assert "rejected" not in plain.html() and "tokens per forward" not in plain.counter()
+
+
 def test_fixed_tokens_inside_the_generated_region_are_drawn_as_fixed():
     frames = [Frame(step=1, total_steps=1, tokens=[1, 12, 7, 13], revealed=[1, 3], confidence=[0.4, 0.6], start=1)]
     html = _trace(frames).html()

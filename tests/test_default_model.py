@@ -34,7 +34,33 @@ def test_asset_is_small_and_only_what_differs_from_the_base():
     files = {p.name for p in ASSET.iterdir()}
     assert {"adapter_model.safetensors", "adapter_config.json", "dlm_config.json", "README.md"} <= files
     assert "model.safetensors" not in files
-    assert sum(p.stat().st_size for p in ASSET.iterdir()) < 40 * 2**20
+    assert sum(p.stat().st_size for p in ASSET.rglob("*") if p.is_file()) < 40 * 2**20
+
+
+# Prompts of several kinds (story, instruction-like, list, code, dialogue), none tuned on.
+GREEDY_PROMPTS = [
+    "Once upon a time, in a small village by the sea,", "The capital of France is", "Here is a recipe for bread:",
+    "def fibonacci(n):", "Q: What is the boiling point of water?\nA:", "The three primary colours are",
+    "She opened the letter and read:", "In 1905, Albert Einstein", "The best way to learn a language is",
+    "Monday, Tuesday, Wednesday,", "The old fisherman walked down to the", "My favourite book is",
+    "Photosynthesis is the process by which", "To be or not to be,", "The weather today is",
+    "He looked at the map and said,", "A good night's sleep", "The following is a list of fruits:",
+    "Dear Sir, I am writing to", "The train left the station at",
+]
+
+
+def test_the_shipped_model_writes_the_ar_bases_greedy_text(adapted, smollm2):
+    """Writing mode's verifier is the AR base itself (the draft adapter runs on the draft rows only): greedy
+    speculative decoding gives the base's greedy text token for token, in fewer forwards."""
+    assert adapted.routing is not None, "the shipped model has no draft adapter"
+    forwards = tokens = 0
+    for prompt in GREEDY_PROMPTS:
+        spec = adapted.generate(prompt, max_new_tokens=24, decoder="speculative", block_length=4, temperature=0.0,
+                                suppress_eos=True)
+        ar = smollm2.ar_generate(prompt, max_new_tokens=24, temperature=0.0, suppress_eos=True)
+        assert spec.token_ids == ar.token_ids, prompt
+        forwards, tokens = forwards + spec.nfe, tokens + len(spec.token_ids)
+    assert tokens / forwards > 1.0            # drafts were accepted: more than one token per forward
 
 
 def test_adapted_default_loads_offline_and_beats_the_unadapted_base(adapted, smollm2):

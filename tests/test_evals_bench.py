@@ -94,3 +94,13 @@ def test_cpu_step_bench_on_a_tiny_model(tiny_llama_dir, capsys):
     assert rows["bf16"]["weights_mb"] == pytest.approx(rows["fp32"]["weights_mb"] / 2, rel=1e-3)
     assert all(r["floor_ms"] > 0 and r["ms_1row"] > 0 and 0.0 <= r["top1_agree"] <= 1.0 for r in rows.values())
     assert "| fp32 |" in capsys.readouterr().out
+
+
+def test_denoise_default_counts_tokens_decided_in_parallel_and_out_of_order():
+    from bench.denoise_default import in_parallel, out_of_order
+    from dlm.types import Frame
+    M = 99
+    frames = [Frame(step=1, total_steps=3, tokens=[1, M, 5, M], revealed=[2], confidence=[0.5], start=1),
+              Frame(step=2, total_steps=3, tokens=[1, 4, 5, 6], revealed=[1, 3], confidence=[0.5, 0.5], start=1)]
+    assert in_parallel(frames) == 2                 # only step 2 decided two at once
+    assert out_of_order(frames, M) == (1, 3)        # pos 2 was decided while pos 1 was masked

@@ -8,6 +8,7 @@ model: the wrappers hook `forward`, so the loss must be computed inside it, not 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import shutil
 from pathlib import Path
@@ -184,6 +185,9 @@ def add_lora(model, lora_cfg) -> None:
                 path = registry.get(lora_cfg.init_from).local_path()
             except (FileNotFoundError, ValueError) as e:
                 raise ConfigError(f"lora.init_from: {e}") from None
+        if lora_cfg.row_gate and (path / "dlm_config.json").is_file():   # a draft adapter continues its own
+            draft = json.loads((path / "dlm_config.json").read_text()).get("draft_adapter")
+            path = path / draft if draft else path
         if not (path / "adapter_config.json").is_file():
             raise ConfigError(f"lora.init_from: {lora_cfg.init_from!r} is not a LoRA adapter directory "
                               "(no adapter_config.json)")
