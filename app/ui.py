@@ -12,12 +12,8 @@ from app import api, http_guard
 from app import MAX_NEW_TOKENS, MAX_PROMPT_TOKENS, TIME_LIMIT_S
 from app.backend import Backend
 from app.models import SwitchPolicy
+from app.tabs import TABS
 from app.tabs.common import BANNER_CSS, LIGHT, banner
-from app.tabs.denoise import DenoiseTab
-from app.tabs.incontext import InContextTab
-from app.tabs.infill import InfillTab
-from app.tabs.model import ModelTab
-from app.tabs.race import RaceTab
 
 
 MAX_FILE_SIZE = "1mb"  # uploads (Gradio's /upload route: the app itself takes no file)
@@ -68,13 +64,10 @@ def build(backend: Optional[Backend] = None, *, model: Optional[str] = None, ar_
                     "An autoregressive LM adapted into a masked-diffusion LM (Gong et al. 2024): it writes by "
                     "un-masking tokens in any order over a fixed number of steps.")
         banner_html = gr.HTML(banner(backend.notice()), css_template=BANNER_CSS, elem_id="banner", js_on_load=None)
-        with gr.Tabs():
-            denoise = DenoiseTab(backend)
-            infill = InfillTab(backend)
-            incontext = InContextTab(backend)
-            race = RaceTab(backend)
-            model_tab = ModelTab(backend, [denoise.controls, infill.controls, incontext.controls, race.controls],
-                                 banner_html)
+        with gr.Tabs():  # in `app.tabs.TABS` order; the model tab (config None) last, seeing the others' widgets
+            runs = [spec.load()(backend) for spec in TABS if spec.config is not None]
+            (model_spec,) = [spec for spec in TABS if spec.config is None]
+            model_tab = model_spec.load()(backend, [tab.controls for tab in runs], banner_html)
 
         # Stop: the session's running work ends before the next transformer layer and its handler shows what it
         # has ("Stopped after k steps"). (No `cancels=`: cancelling the handler would lose that last update; a
@@ -82,7 +75,7 @@ def build(backend: Optional[Backend] = None, *, model: Optional[str] = None, ar_
         def stop(request: gr.Request):
             backend.stop(getattr(request, "session_hash", None))
 
-        for tab in (denoise, infill, incontext, race):
+        for tab in runs:
             tab.stop.click(stop, None, None, queue=False, **LIGHT)
         demo.load(model_tab.page_load, None, model_tab.load_outputs, **LIGHT)
         demo.api_signatures = api.register(backend)

@@ -229,16 +229,18 @@ def _show_notes(cfg) -> None:
 
 
 def cmd_generate(args, show_progress: bool) -> dict:
+    overrides = _sampler_overrides(args)
+    if args.ar:  # checked before loading: a flag left-to-right generation does not read is an error, not ignored
+        from .sampler_config import ar_settings
+        ignored = [f"--{k.replace('_', '-')}" for k in overrides if k not in ar_settings()]
+        if ignored:
+            raise CliError(f"{', '.join(ignored)}: not read by --ar (left-to-right) generation; it reads "
+                           f"{', '.join('--' + k.replace('_', '-') for k in ar_settings())}")
     model = _load(args)
     prompt, messages = args.prompt, None
     if args.chat:
         prompt, messages = None, [{"role": "user", "content": args.prompt}]
-    overrides = _sampler_overrides(args)
     if args.ar:
-        ignored = [f"--{k.replace('_', '-')}" for k in overrides
-                   if k in ("steps", "block_length", "threshold", "use_cache", "decoder", "remasking")]
-        if ignored:
-            raise CliError(f"{', '.join(ignored)} do not apply to --ar (left-to-right) generation")
         if args.animation:
             gen = _run_stream(model.ar_stream(prompt, messages=messages, **overrides), show_progress, keep=True)
         else:

@@ -48,7 +48,7 @@ class IgnoredSettingWarning(UserWarning):
 
 
 def knob(default, help: str, *, label: str = "", minimum=None, maximum=None, step=None, off=None,
-         choices: Optional[str] = None, per_decoder: bool = False, ui: bool = True):
+         choices: Optional[str] = None, per_decoder: bool = False, ar: bool = False, ui: bool = True):
     """A SamplerConfig field with what the CLI and the UI need to present it.
 
     minimum / maximum: the allowed range (maximum None = unbounded; the UI picks a slider range itself).
@@ -56,10 +56,12 @@ def knob(default, help: str, *, label: str = "", minimum=None, maximum=None, ste
     choices:     the name of the registry whose keys are the allowed values ("decoders", "reveal_rules").
     per_decoder: only the decoders that declare it in their `uses` read it; the others ignore it (and a config
                  that changes it for one of them gets a note). False = every decoder reads it.
+    ar:          left-to-right generation (`model.ar_generate` / `ar_stream`, the AR baseline) reads it too; the
+                 CLI refuses the others with --ar, evaluations leave the others out of an AR run's settings.
     ui:          False for knobs the playground does not show.
     """
     return field(default=default, metadata=dict(help=help, label=label, minimum=minimum, maximum=maximum, step=step,
-                                                off=off, choices=choices, per_decoder=per_decoder, ui=ui))
+                                                off=off, choices=choices, per_decoder=per_decoder, ar=ar, ui=ui))
 
 
 REGISTRIES = {"decoders": DECODERS, "reveal_rules": REVEAL_RULES}
@@ -99,7 +101,7 @@ class SamplerConfig:
 
     decoder: str = knob("full", "decoding algorithm", label="Decoder", choices="decoders")
     max_new_tokens: int = knob(64, "tokens to generate after the prompt", label="Length (new tokens)", minimum=1,
-                               maximum=None, step=1)
+                               maximum=None, step=1, ar=True)
     steps: Optional[int] = knob(None, "denoising steps for all new tokens, 1 .. the number of tokens (default: one "
                                       "token per step)", label="Steps (1 … length)", minimum=1, step=1,
                                 per_decoder=True)
@@ -112,17 +114,18 @@ class SamplerConfig:
                                             "threshold (in (0, 1])", label="Parallel-decoding threshold (0 = off)",
                                       minimum=0.0, maximum=1.0, step=0.05, off=0.0, per_decoder=True)
     temperature: float = knob(0.0, "0 = greedy; > 0 samples", label="Temperature (0 = greedy)", minimum=0.0,
-                              maximum=None, step=0.05)
+                              maximum=None, step=0.05, ar=True)
     top_p: float = knob(1.0, "nucleus sampling mass in (0, 1] (1 = off)", label="Top-p", minimum=0.0, maximum=1.0,
-                        step=0.05)
-    top_k: int = knob(0, "top-k sampling (0 = off)", label="Top-k (0 = off)", minimum=0, step=1)
-    suppress_eos: bool = knob(False, "never generate an end-of-sequence token", label="Suppress EOS")
+                        step=0.05, ar=True)
+    top_k: int = knob(0, "top-k sampling (0 = off)", label="Top-k (0 = off)", minimum=0, step=1, ar=True)
+    suppress_eos: bool = knob(False, "never generate an end-of-sequence token", label="Suppress EOS", ar=True)
     stop_at_eos: bool = knob(True, "blocks decoder: stop after the first block holding an EOS",
                              label="Stop at EOS (blocks)", per_decoder=True)
     use_cache: bool = knob(False, "full decoder: approximate prefix KV cache at block starts (Fast-dLLM)",
                            label="Prefix cache (full)", per_decoder=True)
     seed: Optional[int] = knob(None, "seed for reproducible sampling (an integer in 0..2**63-1)",
-                               label="Seed (-1 = random)", minimum=0, maximum=MAX_SEED, step=1, off=-1)
+                               label="Seed (-1 = random)", minimum=0, maximum=MAX_SEED, step=1, off=-1,
+                               ar=True)
 
     def __post_init__(self):
         self.validate()
@@ -208,6 +211,11 @@ class SamplerConfig:
                                                 for name, spec in registry.items())
             out.append(dict(name=f.name, type=_base_type(f), optional=_optional(f), default=f.default, **meta))
         return out
+
+
+def ar_settings() -> list[str]:
+    """The settings left-to-right generation reads (`ar` in their metadata), in field order."""
+    return [f.name for f in fields(SamplerConfig) if f.metadata.get("ar")]
 
 
 def read_by(decoder: str, values: dict) -> dict:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Optional
 
 from dlm.cli import non_negative_int, positive_int
+from dlm.sampler_config import ar_settings
 
 from .backends import KINDS, SCORE_METHODS, EvalSettings, default_kind
 from .metrics import GSM8K_FORMATS
@@ -138,8 +139,7 @@ def run(args: argparse.Namespace) -> int:
     kind = args.kind or default_kind(model, args.model)
     if kind == "ar":  # DLM-only knobs do not change AR predictions: keep them out of the resume check
         common.update({name: getattr(EvalSettings, name) for name in _DLM_ONLY}, infill_sampler={})
-        common["sampler"] = {k: v for k, v in common["sampler"].items()
-                             if k in ("temperature", "top_p", "top_k", "suppress_eos")}
+        common["sampler"] = {k: v for k, v in common["sampler"].items() if k in ar_settings()}
     book = heldout_book_of(model) if args.heldout_book is None else None
     if book:  # the checkpoint says which book its training held out: evaluate perplexity / prompts on that one
         common["heldout_book"] = book

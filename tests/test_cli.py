@@ -161,3 +161,27 @@ def test_settings_the_decoder_ignores_are_one_note_each_on_stderr(tiny_llama_dir
     notes = [line for line in proc.stderr.splitlines() if line.startswith("dlm: note: ")]
     assert len(notes) == 1 and "stop_at_eos=False" in notes[0] and "full decoder" in notes[0], proc.stderr
     assert out["nfe"] == 4
+
+
+def _flag_for(knob: dict) -> list[str]:
+    """A valid command-line setting of one SamplerConfig knob."""
+    flag = "--" + knob["name"].replace("_", "-")
+    if knob["type"] is bool:
+        return [flag if not knob["default"] else "--no-" + flag[2:]]
+    value = knob["default"] if knob["default"] is not None else (0.5 if knob["type"] is float else 2)
+    return [flag, str(value)]
+
+
+@pytest.mark.parametrize("knob", [d for d in __import__("dlm").SamplerConfig.describe()], ids=lambda d: d["name"])
+def test_ar_refuses_every_knob_left_to_right_generation_does_not_read(knob, monkeypatch, capsys):
+    """`--ar` with a knob whose metadata does not say `ar` is an error naming the flag, before anything loads
+    (`--ar --no-stop-at-eos` was silently ignored); an `ar` knob goes through to loading."""
+    def no_load(args):
+        raise RuntimeError("would load")
+    monkeypatch.setattr(cli, "_load", no_load)
+    assert cli.main(["generate", "--model", "x", "--prompt", "hi", "--ar", *_flag_for(knob)]) == 1
+    err = capsys.readouterr().err
+    if knob.get("ar"):
+        assert "would load" in err, err
+    else:
+        assert "not read by --ar" in err and "--" + knob["name"].replace("_", "-") in err, err

@@ -6,8 +6,14 @@ import torch
 
 import dlm
 from dlm.attention import block_pattern, prepared_mask
+from dlm.loading import SUPPORTED_FAMILIES
 
-FAMILIES = ["gpt2", "llama", "qwen2", "mistral", "qwen3", "gemma3_text"]
+FAMILIES = list(SUPPORTED_FAMILIES)   # every supported family; each has its tiny config in conftest.FAMILY_CONFIGS
+
+
+def test_every_supported_family_has_a_tiny_config():
+    from conftest import FAMILY_CONFIGS
+    assert set(FAMILY_CONFIGS) == set(SUPPORTED_FAMILIES)
 
 
 @pytest.fixture(params=FAMILIES)

@@ -10,6 +10,7 @@ from app.backend import Backend
 from dlm.fewshot import Example, answer_of, load_examples, matches
 from dlm.sampler_config import read_by
 from app.tabs.common import LIGHT, MODEL, SamplerControls, StreamView, ended, fail, offload, session
+from app.tabs import TAB
 
 
 def mark(expected: str, output: str) -> str:
@@ -24,7 +25,7 @@ class InContextTab:
         self.examples = load_examples() if examples is None else examples
         # the tab opens on an example the shipped model does well (the hard ones stay, marked as such)
         first = next((e for e in self.examples if not e.hard), self.examples[0] if self.examples else None)
-        with gr.Tab("In-context", id="icl"):
+        with gr.Tab(TAB["icl"].title, id="icl"):
             gr.Markdown("Few-shot prompts written for this project (`dlm/examples/`). Click one to load and run it "
                         "with both models; edit the prompt and press *Run* to try your own. *Run all* scores every "
                         "example against its expected answer (the answer = the first line of the output).")

@@ -10,6 +10,7 @@ from app import render
 from app.backend import Backend
 from dlm.fewshot import INFILL_EXAMPLES_DIR, load_examples
 from app.tabs.common import LIGHT, MODEL, SamplerControls, StreamView, ended, fail, offload, session
+from app.tabs import TAB
 from dlm.infill import attach_spaces, split_template
 
 # The shipped templates (`dlm/examples/infill/`, scored by `python -m bench.infill_examples`): the tab opens on
@@ -21,7 +22,7 @@ TEMPLATE = next((e.prompt for e in EXAMPLES if not e.hard), EXAMPLES[0].prompt i
 class InfillTab:
     def __init__(self, backend: Backend):
         self.backend = backend
-        with gr.Tab("Infill", id="infill"):
+        with gr.Tab(TAB["infill"].title, id="infill"):
             self.pick = gr.Dataset(components=[gr.Textbox(visible=False)], type="index", label="Examples",
                                    samples=[[e.label] for e in EXAMPLES], elem_id="infill-examples")
             self.mode = gr.Radio(["template", "prefix + suffix"], value="template", label="Input",

@@ -12,6 +12,7 @@ from app.backend import Backend
 from app.models import DEVICES, DTYPES, QUANTIZATIONS
 from app.requests import describe_error
 from app.tabs.common import LIGHT, MODEL, SamplerControls, banner
+from app.tabs import TAB
 from dlm import registry
 
 
@@ -22,7 +23,7 @@ class ModelTab:
         source = backend.info.source
         policy = backend.switching
         on = dict(interactive=policy.allowed)
-        with gr.Tab("Model", id="model"):
+        with gr.Tab(TAB["model"].title, id="model"):
             self.status = gr.Markdown(backend.status_markdown(), elem_id="model-status")
             gr.Markdown(self._policy_note(policy), elem_id="model-policy")
             with gr.Row():
