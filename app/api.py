@@ -123,7 +123,7 @@ class Endpoints:
         {"text", "seconds" (model only), "tokens", "nfe", "tokens_per_second", "gen_ppl", "distinct_2"};
         `sweep_steps` ("4, 8, 16") adds DLM runs at those step counts."""
         state = None
-        async for state in race_states(self, request, knobs, prompt, chat, sweep_steps):
+        async for state in self.race_states(request, knobs, prompt, chat, sweep_steps):
             pass
         if state is not None and state.reason:
             raise ValueError(state.reason)
@@ -137,7 +137,7 @@ class Endpoints:
         (side = {"step", "total_steps", "partial", "seconds"}: its own model-time clock), then {"done": true,
         "dlm": run, "ar": run, "winner", "sweep": [...]} as /compare."""
         state = None
-        async for state in race_states(self, request, knobs, prompt, chat, sweep_steps):
+        async for state in self.race_states(request, knobs, prompt, chat, sweep_steps):
             sides = dict(dlm=state.side("dlm"), ar=state.side("ar"))
             if state.cancelled:
                 yield dict(done=False, stopped=True, **sides, **(dict(reason=state.reason) if state.reason else {}))
