@@ -10,6 +10,7 @@ weights it multiplies, over this machine's read bandwidth (measured here, same t
   8bit      LLM.int8 through bitsandbytes (`dlm.load(quantization="8bit")`)
   int8      dlm's packed int8 (`quantization="int8"`: blocks of 32, fp16 scales, GGUF Q8_0's layout)
   int4      dlm's packed int4 (`quantization="int4"`: blocks of 32, fp16 scale + minimum, GGUF Q4_1's; head int8)
+  int4-lora int4 with an adapter model's LoRA kept unmerged (fp32, on top of the packed base; int8-lora alike)
   int8-wo   int8 weight-only through torchao (`Int8WeightOnlyConfig`), when torchao is installed
   compile   fp32 under `torch.compile(dynamic=True)` (only with --compile: it compiles for minutes on a CPU)
 
@@ -30,7 +31,9 @@ from typing import Optional, Sequence
 import torch
 
 VARIANTS = {"fp32": {}, "bf16": {"dtype": "bfloat16"}, "8bit": {"quantization": "8bit"},
-            "int8": {"quantization": "int8"}, "int4": {"quantization": "int4"}, "int8-wo": {"torchao": True},
+            "int8": {"quantization": "int8"}, "int4": {"quantization": "int4"},
+            "int8-lora": {"quantization": "int8", "merge_adapter": False},
+            "int4-lora": {"quantization": "int4", "merge_adapter": False}, "int8-wo": {"torchao": True},
             "compile": {"compile": True}}
 
 
@@ -70,6 +73,9 @@ def weight_bytes(model) -> int:
     return total
 
 
+CLOCK = time.perf_counter   # --clock thread: this thread's CPU time (one thread only; ignores time the OS gave others)
+
+
 def time_steps(model, prompt: torch.Tensor, rows: int, steps: int, forced: Optional[list] = None):
     """Per-step seconds of `steps` cached forwards of `rows` new rows, the 1-row greedy tokens (or, with `forced`,
     the model's top-1 at each forced position) and the last-position logits of each 1-row step."""
@@ -86,9 +92,9 @@ def time_steps(model, prompt: torch.Tensor, rows: int, steps: int, forced: Optio
             feed = nxt if forced is None else torch.tensor([[forced[i]]])
             if rows > 1:
                 feed = feed.expand(1, rows).clone()
-            t0 = time.perf_counter()
+            t0 = CLOCK()
             out = base(input_ids=feed, cache=cache, use_cache=True)
-            times.append(time.perf_counter() - t0)
+            times.append(CLOCK() - t0)
             if rows > 1:
                 _truncate_cache(cache, prompt.shape[1] + i)   # keep the cache as a 1-row decode would
                 out = base(input_ids=feed[:, :1], cache=cache, use_cache=True)
@@ -110,7 +116,13 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
     p.add_argument("--variants", default="fp32,bf16,8bit,int8,int4,int8-wo",
                    help=f"comma-separated, of {', '.join(VARIANTS)}")
     p.add_argument("--compile", action="store_true", help="also time torch.compile (minutes of compiling)")
+    p.add_argument("--clock", choices=("wall", "thread"), default="wall", help="thread: the step's CPU time in this "
+                   "thread (with --threads 1: steadier on a machine shared with other jobs)")
     args = p.parse_args(argv)
+    global CLOCK
+    CLOCK = time.thread_time if args.clock == "thread" else time.perf_counter
+    if args.clock == "thread" and args.threads != 1:
+        p.error("--clock thread needs --threads 1")
     torch.set_num_threads(args.threads)
     import dlm
     gbs = read_bandwidth_gbs()
@@ -131,6 +143,8 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
         kw = {"device": "cpu", "dtype": opts.get("dtype", "float32")}
         if "quantization" in opts:
             kw["quantization"] = opts["quantization"]
+        if "merge_adapter" in opts:
+            kw["merge_adapter"] = opts["merge_adapter"]
         if opts.get("torchao"):
             try:
                 import torchao  # noqa: F401
@@ -184,7 +198,7 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
     for row in rows:
         row["vs_fp32"] = row["ms_1row"] / rows[0]["ms_1row"]
     print(f"# {args.model}: cached forward after a 40-token prompt, median of {args.steps} steps in {args.rounds} "
-          f"interleaved rounds, threads {args.threads}; read bandwidth {gbs:.1f} GB/s; CPU capability "
+          f"interleaved rounds, threads {args.threads}, {args.clock} clock; read bandwidth {gbs:.1f} GB/s; CPU capability "
           f"{torch.backends.cpu.get_cpu_capability()}")
     cols = " | ".join(f"ms, {r} rows (x floor)" for r in multi)
     print(f"| variant | weights MB | ms, 1 row (x floor) | {cols} | floor ms | vs fp32 | top-1 agree | logit err | "
