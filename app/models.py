@@ -49,6 +49,7 @@ class ModelInfo:
     ar_load_seconds: float = 0.0
     ar_error: str = ""  # the AR counterpart could not be loaded: AR vs DLM is off, this says why
     attn_implementation: str = ""  # what the model runs ("sdpa", ...), and what was asked for when it differs
+    verifier: str = ""  # who verifies the speculative decoder's drafts: "the AR base" with a draft adapter
     notice: str = ""
 
     def to_dict(self) -> dict:
@@ -162,12 +163,22 @@ DENOISE_TOKENS_PER_STEP = 2
 DENOISE_MAX_TOKENS = 32
 
 
-def denoise_config(write: SamplerConfig) -> SamplerConfig:
+# A model whose drafts are verified by its AR base (a draft adapter, `dlm.adapter_routing`) opens on its own
+# speculative writing with blocks of at least DENOISE_DRAFT_BLOCK: each forward's drafts appear together (faint),
+# then the kept ones turn solid and a rejected one is struck, and the text is the AR base's. Chosen by
+# `python -m bench.denoise_default` (docs/app.md).
+DENOISE_DRAFT_BLOCK = 4
+
+
+def denoise_config(write: SamplerConfig, drafts_verified_by_base: bool = False) -> SamplerConfig:
     """The Denoise tab's config: `write` itself when its decoder is not block-wise (it already shows any-order
-    reveals), else `write` with DENOISE_CHANGES, at most DENOISE_MAX_TOKENS tokens, DENOISE_TOKENS_PER_STEP tokens
-    per step."""
+    reveals); with `drafts_verified_by_base` and the speculative decoder, `write` with blocks of at least
+    DENOISE_DRAFT_BLOCK (parallel drafts, the base's text); else `write` with DENOISE_CHANGES, at most
+    DENOISE_MAX_TOKENS tokens, DENOISE_TOKENS_PER_STEP tokens per step."""
     if not DECODERS[write.decoder].block_mode:
         return write
+    if drafts_verified_by_base and write.decoder == "speculative":
+        return write.replace(block_length=max(int(write.block_length or 0), DENOISE_DRAFT_BLOCK))
     n = min(write.max_new_tokens, DENOISE_MAX_TOKENS)
     return write.replace(**DENOISE_CHANGES, max_new_tokens=n, steps=max(1, n // DENOISE_TOKENS_PER_STEP))
 
@@ -296,6 +307,8 @@ class Models:
             mask_token_id=int(model.mask_token_id), max_length=int(model.max_length),
             ar_name=self.ar_source or "", ar_load_seconds=ar_seconds, ar_error=ar_error,
             attn_implementation=attn if asked in ("auto", attn) else f"{attn} (asked for {asked})",
+            verifier=("the AR base itself (a row-gated draft adapter drafts)" if model.routing is not None else
+                      "the model's own causal rows" if model.clean_causal else ""),
             notice=" ".join(n for n in (notice, ar_error) if n),
         )
 
@@ -354,6 +367,6 @@ class Models:
         (`denoise_config`)."""
         model = self.require()
         if task == "denoise":
-            return denoise_config(model.sampler_config or SamplerConfig())
+            return denoise_config(model.sampler_config or SamplerConfig(), model.routing is not None)
         cfg = model.infill_config if task == "infill" else model.sampler_config
         return cfg or SamplerConfig()

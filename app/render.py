@@ -450,6 +450,7 @@ def model_status(i, *, prompt_limit: int, time_limit: Optional[float], memory: s
         f"**AR counterpart:** {i.ar_error}" if i.ar_error else
         f"**AR counterpart:** `{ar}`" + (f" (loaded in {i.ar_load_seconds:.1f} s)" if i.ar_load_seconds else ""),
         f"**Memory in use:** {memory}",
+        *([f"**Writing:** the speculative decoder's drafts are verified by {i.verifier}"] if i.verifier else []),
         f"**Limits per request:** {prompt_limit} prompt tokens · "
         + (f"{time_limit:g} s of model time" if time_limit else "no time limit"),
         modes,
@@ -466,15 +467,17 @@ def decoding_modes(write: SamplerConfig, infill: SamplerConfig, denoise: Optiona
     if denoise is None or denoise == write:
         return (f"**Decoding modes:** Denoise, In-context and AR vs DLM use the writing config — "
                 f"{config_summary(write)}; Infill and edits use the infilling config — {config_summary(infill)}.")
-    return (f"**Decoding modes:** Denoise opens on {config_summary(denoise)} (tokens in parallel and out of order); "
+    shows = ("each forward's drafts, kept or rejected" if denoise.decoder == "speculative"
+             else "tokens in parallel and out of order")
+    return (f"**Decoding modes:** Denoise opens on {config_summary(denoise)} ({shows}); "
             f"In-context and AR vs DLM use the writing config — {config_summary(write)}; Infill and edits use the "
             f"infilling config — {config_summary(infill)}.")
 
 
 CONFIG_ORIGINS = {"write": "the model's recommended writing config",
                   "infill": "the model's recommended infilling config",
-                  "denoise": "the playground's Denoise config (the model's writing config, decoded with full "
-                             "attention so the tokens appear in parallel and out of order)"}
+                  "denoise": "the playground's Denoise config (the model's writing config, set to show tokens "
+                             "decided in parallel: drafts verified in one pass, or full attention out of order)"}
 
 
 def config_origin(task: str) -> str:

@@ -28,6 +28,7 @@ BENCHMARKS = {
     "infill-forward": ("bench.infill_forward", ["--repeats", "3"]),
     "infill-examples": ("bench.infill_examples", []),
     "cpu-step": ("bench.cpu_step", ["--steps", "8"]),
+    "draft-acceptance": ("bench.draft_acceptance", ["--rows", "8", "--blocks", "2,4"]),
 }
 
 

@@ -690,6 +690,8 @@ def test_the_denoise_tab_opens_on_any_order_reveals_for_a_block_wise_model():
     assert shown.temperature == 0.7 and shown.top_p == write.top_p  # the rest is the model's
     full = SamplerConfig(max_new_tokens=24)
     assert denoise_config(full) == full  # already any order: unchanged
+    drafted = denoise_config(write, drafts_verified_by_base=True)   # a draft adapter: its own parallel drafts
+    assert drafted.decoder == "speculative" and drafted.block_length == 4 and drafted.temperature == 0.7
     from app.tabs.denoise import fast_mode_note
 
     class B:

@@ -106,7 +106,8 @@ def _chi2_pvalue(counts: dict, joint: dict, n: int) -> float:
     cells = sorted(joint)
     observed = [counts.get(c, 0) for c in cells]
     assert sum(observed) == n, "a sample outside the AR support"
-    expected = [joint[c] * n for c in cells]
+    total = sum(joint[c] for c in cells)
+    expected = [joint[c] / total * n for c in cells]
     return float(chisquare(observed, expected).pvalue)
 
 

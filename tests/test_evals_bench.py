@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 
 import pytest
+import torch
 
 
 def test_decode_quick_rows_and_chart(tmp_path, tiny_llama_dir, capsys):
@@ -104,3 +105,16 @@ def test_denoise_default_counts_tokens_decided_in_parallel_and_out_of_order():
               Frame(step=2, total_steps=3, tokens=[1, 4, 5, 6], revealed=[1, 3], confidence=[0.5, 0.5], start=1)]
     assert in_parallel(frames) == 2                 # only step 2 decided two at once
     assert out_of_order(frames, M) == (1, 3)        # pos 2 was decided while pos 1 was masked
+
+
+def test_draft_acceptance_bench_on_a_tiny_model(tiny_llama_dir):
+    """Tokens per forward lie in [1, B]; greedy drafts that equal the verifier's argmax would give B."""
+    import dlm
+    from bench.draft_acceptance import measure
+    model = dlm.load(tiny_llama_dir, device="cpu", dtype="float32")
+    rows = torch.randint(3, 500, (4, 32), generator=torch.Generator().manual_seed(0))
+    result = measure(model, rows, [2, 4], temperature=0.7, batch=2)
+    for r in result:
+        assert r["blocks"] == 4 * (32 // r["block_length"]) - 4      # block 0 holds position 0 (never a target)
+        assert 1.0 <= r["tpf"] <= r["block_length"] and 1.0 <= r["tpf_greedy"] <= r["block_length"]
+        assert 0.0 <= r["alpha_first"] <= 1.0

@@ -45,11 +45,21 @@ def _status(history) -> str:
 def fast_mode_note(backend: Backend) -> str:
     """One line saying what the model's faster writing mode is, when the tab opens on another one ("" if not)."""
     write, shown = backend.base_config("write"), backend.base_config("denoise")
+    if shown.decoder == "speculative":
+        return ("Each forward pass drafts the next tokens at once (faint, in dashed boxes) and the AR base verifies "
+                "them in the same pass: kept drafts turn solid and underlined, a rejected one is struck through "
+                "and replaced. The text is distributed exactly as the AR base's sampling.")
     if write == shown:
         return ""
     return (f"This tab opens on the **{shown.decoder}** decoder so you can watch tokens appear in parallel and out "
             f"of order. The model writes faster with its own mode — the **{write.decoder}** decoder "
             f"({DECODERS[write.decoder].description}) — which reveals a few tokens at a time, left to right.")
+
+
+def fast_mode_differs(backend: Backend) -> bool:
+    """Whether the tab opens on another decoder than the model's writing one (then a button switches to it)."""
+    return backend.model is not None and \
+        backend.base_config("write").decoder != backend.base_config("denoise").decoder
 
 
 def pins_usage(decoder: str) -> dict:
@@ -77,7 +87,7 @@ class DenoiseTab:
                                    **pins_usage(backend.base_config("denoise").decoder))
             self.fast_note = gr.Markdown(fast_mode_note(backend), elem_id="denoise-fast-note")
             self.fast = gr.Button("Use the fast writing mode", size="sm", elem_id="denoise-fast",
-                                  visible=bool(fast_mode_note(backend)))
+                                  visible=fast_mode_differs(backend))
             self.controls = SamplerControls("denoise", backend.base_config("denoise"), task="denoise", open_=True)
             self.history = gr.State(None)
             self.chips = gr.HTML(render.chips_html([], 0, {}), css_template=render.TOKEN_CSS,
@@ -125,7 +135,7 @@ class DenoiseTab:
 
         def note():  # another model loaded (its configs reset the settings and their summary): its own line
             text = fast_mode_note(backend) if backend.model is not None else ""
-            return text, gr.update(visible=bool(text))
+            return text, gr.update(visible=bool(text) and fast_mode_differs(backend))
 
         controls.summary.change(note, None, [self.fast_note, self.fast], **LIGHT)
         if controls.decoder is not None:
