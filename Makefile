@@ -13,7 +13,7 @@ PORT       ?= 7860
 ARGS       ?=
 PYTEST_ARGS ?=
 
-.PHONY: setup setup-gpu run test test-fast test-kernels test-gpu gpu-prepare gpu-dry-run bench clean-venv
+.PHONY: setup setup-gpu run test lint test-fast test-kernels test-gpu gpu-prepare gpu-dry-run bench clean-venv
 
 $(STAMP): pyproject.toml requirements.txt Makefile
 	test -x $(PY) || $(PY_SYS) -m venv $(VENV)
@@ -35,10 +35,16 @@ setup-gpu: $(STAMP)
 run: $(STAMP)
 	$(VENV)/bin/dlm-studio --host $(HOST) --port $(PORT) $(ARGS)
 
+# ruff first (configured in pyproject.toml): a lint finding fails the run in seconds, before the tests.
 test: $(STAMP)
+	$(PY) -m ruff check .
 	HF_HUB_OFFLINE=1 GRADIO_ANALYTICS_ENABLED=False $(PY) -m pytest -q $(PYTEST_ARGS)
 
+lint: $(STAMP)
+	$(PY) -m ruff check .
+
 test-fast: $(STAMP)
+	$(PY) -m ruff check .
 	HF_HUB_OFFLINE=1 GRADIO_ANALYTICS_ENABLED=False $(PY) -m pytest -q -m "not slow and not browser" $(PYTEST_ARGS)
 
 # The numeric tests again under other CPU kernel paths than this machine's best (scalar `default`; `avx2` too where

@@ -14,8 +14,8 @@ from typing import Optional
 import gradio as gr
 
 from app.backend import Backend, Prompted
-from app.experiments import RaceState
 from app.events import MODEL, ended, fail, offload, session
+from app.experiments import RaceState
 from app.requests import check_fields
 from dlm.sampler_config import SamplerConfig
 

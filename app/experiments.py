@@ -12,9 +12,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
-from dlm.fewshot import answer_of, run_example
 from app.render import Trace, finite
 from app.requests import Infill, Prompt, cap_steps, masked_tokens, with_span_length
+from dlm.fewshot import answer_of, run_example
 from dlm.infill import attach_spaces, split_template
 from dlm.quality import distinct_n, judge_ppl
 from dlm.sampler_config import SamplerConfig

@@ -5,8 +5,8 @@ project's adapted default (smollm2-135m-dlm), or, while that is missing, the un-
 
 Security (docs/app.md, "Security and limits"): users cannot switch models unless --allow-model-switch (then registry
 names and folders under --model-dir only); the hub is offline (HF_HUB_OFFLINE=1) unless --online, so no request
-starts a download; requests to another host name are refused and the upload route is closed; --auth user:pass guards a server reachable beyond this machine, and binding
-beyond 127.0.0.1 without it prints a warning.
+starts a download; requests to another host name are refused and the upload route is closed; --auth user:pass
+guards a server reachable beyond this machine, and binding beyond 127.0.0.1 without it prints a warning.
 """
 from __future__ import annotations
 

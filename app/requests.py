@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import re
 from dataclasses import dataclass
 from types import SimpleNamespace
@@ -19,9 +18,10 @@ from typing import Any, Callable, Optional
 import dlm
 from app import MAX_NEW_TOKENS, MAX_PROMPT_TOKENS
 from dlm.decoders import DECODERS
-from dlm.reveal import block_count
 from dlm.infill import edit_canvas, pair_canvas, split_template, template_canvas
-from dlm.sampler_config import SamplerConfig, _coerce, _number, read_by, _short as short
+from dlm.reveal import block_count
+from dlm.sampler_config import SamplerConfig, _coerce, _number, read_by
+from dlm.sampler_config import _short as short
 from dlm.sampling import check_length, encode_prompt
 
 log = logging.getLogger("dlm.app")

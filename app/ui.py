@@ -8,13 +8,11 @@ from typing import Optional
 
 import gradio as gr
 
-from app import api, http_guard
-from app import MAX_NEW_TOKENS, MAX_PROMPT_TOKENS, TIME_LIMIT_S
+from app import MAX_NEW_TOKENS, MAX_PROMPT_TOKENS, TIME_LIMIT_S, api, http_guard
 from app.backend import Backend
 from app.models import SwitchPolicy
 from app.tabs import TABS
 from app.tabs.common import BANNER_CSS, LIGHT, banner
-
 
 MAX_FILE_SIZE = "1mb"  # uploads (Gradio's /upload route: the app itself takes no file)
 CACHE_CLEANUP = (600, 3600)  # Gradio's file cache (exports served): every 10 min, files older than an hour

@@ -198,8 +198,9 @@ def main(argv: Optional[Sequence[str]] = None) -> list[Row]:
     p.add_argument("--quick", action="store_true", help="lengths 16,32, methods T=L/2 and thr0.9 only")
     args = p.parse_args(argv)
 
-    import dlm
     from transformers.utils import logging as hf_logging
+
+    import dlm
     hf_logging.set_verbosity_error()
     model_name = args.model or _default_model()
     model = dlm.load(model_name, **load_kwargs(args))

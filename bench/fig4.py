@@ -48,6 +48,7 @@ def _peak_gb(device: torch.device) -> Optional[float]:
 def build(shape: str, device: torch.device, dtype: torch.dtype, attn: str = "sdpa"):
     """A random-weight DiffusionLM of `shape` with the shipped tokenizer (mask token added, as dlm.load does)."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
     from dlm.model import DiffusionLM, DLMConfig
     from dlm.registry import asset_dir
     tokenizer = AutoTokenizer.from_pretrained(asset_dir("smollm2-135m-dlm"))
@@ -102,7 +103,8 @@ def forward_rows(model, cache_len: int, queries: Sequence[int], repeats: int, de
                 _sync(device)
                 times.append(time.perf_counter() - t0)
                 cache.crop(-q)   # drop the q rows just appended (transformers 5: a negative count)
-            rows.append({"row": "rows", "q": q, "cache": cache_len, "ms": 1000 * sorted(times[1:])[len(times[1:]) // 2]})
+            median = sorted(times[1:])[len(times[1:]) // 2]
+            rows.append({"row": "rows", "q": q, "cache": cache_len, "ms": 1000 * median})
             print(json.dumps(rows[-1]), flush=True)
     return rows
 
@@ -158,8 +160,9 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
     p.add_argument("--budget-s", type=float, default=120.0, help="stop starting new rows after this long")
     p.add_argument("--out", type=Path, default=None, help="write every row as JSON")
     args = p.parse_args(argv)
-    from dlm.loading import resolve_device, resolve_dtype
     from transformers.utils import logging as hf_logging
+
+    from dlm.loading import resolve_device, resolve_dtype
     hf_logging.set_verbosity_error()
     deadline = time.monotonic() + args.budget_s
     device = resolve_device(args.device)

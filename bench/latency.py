@@ -58,6 +58,7 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
     from gradio_client import Client
+
     from app import ui
 
     demo = ui.build(model=args.model, device=args.device, time_limit=args.time_limit, queue_size=64)

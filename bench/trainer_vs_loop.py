@@ -27,6 +27,7 @@ def loop_tokens_per_s(cfg) -> float:
 def trainer_tokens_per_s(cfg, workdir: Path) -> float:
     """The same objective through transformers.Trainer: a Trainer subclass whose compute_loss is the Objective."""
     from transformers import Trainer, TrainerCallback, TrainingArguments
+
     from train.loop import setup
     state = setup(cfg, "pretrain")             # the same model, data and objective the loop builds
     objective = state.accelerator.unwrap_model(state.objective)
@@ -90,7 +91,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                                            "run.tensorboard=false", "diffusion.anneal_steps=0",
                                            f"run.log_every={args.steps}", f"run.output_dir={out}"])
                 tok_s = loop_tokens_per_s(cfg) if side == "loop" else trainer_tokens_per_s(cfg, out)
-                from accelerate.state import AcceleratorState   # each run builds its own Accelerator
+                from accelerate.state import AcceleratorState  # each run builds its own Accelerator
                 AcceleratorState._reset_state(reset_partial_state=True)
                 best[side] = max(best[side], tok_s)
                 print(f"run {r} {side}: {tok_s:,.0f} tokens/s", flush=True)

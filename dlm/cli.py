@@ -185,6 +185,7 @@ def _run_stream(stream, show_progress: bool, keep: bool = False):
     """Drive a `stream` generator (Frames, then the Generation) with a tqdm bar over the denoising steps; the
     Generation keeps the frames only when `keep`."""
     from tqdm import tqdm
+
     from .types import Generation
     bar, result, frames = None, None, []
     try:

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 EXAMPLES_DIR = Path(str(importlib.resources.files("dlm") / "examples"))
-INFILL_EXAMPLES_DIR = EXAMPLES_DIR / "infill"   # the playground's Infill templates (`expected`: the spans, " | "-separated)
+INFILL_EXAMPLES_DIR = EXAMPLES_DIR / "infill"   # the playground's Infill templates (`expected`: the spans, "|"-split)
 
 
 @dataclass

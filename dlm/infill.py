@@ -199,8 +199,8 @@ def _stream_canvas(model, ic: InfillCanvas, prompt: str, config: SamplerConfig, 
     decode = model.tokenizer.decode
     span_texts = [ic.span_text(k, decode(tokens[a:b], skip_special_tokens=True, clean_up_tokenization_spaces=False))
                   for k, (a, b) in enumerate(ic.spans)]
-    yield Generation(text=join_pieces(ic.pieces, span_texts), token_ids=tokens, frames=frames, nfe=run.nfe, seconds=run.seconds,
-                     spans=span_texts, prompt=prompt)
+    yield Generation(text=join_pieces(ic.pieces, span_texts), token_ids=tokens, frames=frames, nfe=run.nfe,
+                     seconds=run.seconds, spans=span_texts, prompt=prompt)
 
 
 def join_pieces(pieces: list[Union[str, int]], span_texts) -> str:

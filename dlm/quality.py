@@ -52,7 +52,8 @@ def ppl_ratio_interval(a: list[tuple[float, int]], b: list[tuple[float, int]], n
     if not ratios:
         return float("nan"), float("nan"), float("nan")
     ratios.sort()
-    lo, hi = ratios[int((1 - level) / 2 * len(ratios))], ratios[min(len(ratios) - 1, int((1 + level) / 2 * len(ratios)))]
+    lo = ratios[int((1 - level) / 2 * len(ratios))]
+    hi = ratios[min(len(ratios) - 1, int((1 + level) / 2 * len(ratios)))]
     return corpus_ppl(a) / corpus_ppl(b), lo, hi
 
 

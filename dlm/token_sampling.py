@@ -44,7 +44,7 @@ def nucleus_warper(top_p: float):
 
 @functools.lru_cache(maxsize=1)
 def _nucleus_class():
-    from transformers import TopPLogitsWarper   # (transformers is imported lazily throughout dlm)
+    from transformers import TopPLogitsWarper  # (transformers is imported lazily throughout dlm)
 
     class NucleusWarper(TopPLogitsWarper):
         CANDIDATES = 1024   # SmolLM2 at T 0.7 / top-p 0.95: the full sort is needed for ~2% of calls (256: 12%)

@@ -20,8 +20,8 @@ from dlm.cli import non_negative_int, positive_int
 from dlm.sampler_config import ar_settings
 
 from .backends import KINDS, SCORE_METHODS, EvalSettings, default_kind
-from .metrics import GSM8K_FORMATS
 from .data import MissingDataError, default_data_dir, file_fingerprints, recording_files
+from .metrics import GSM8K_FORMATS
 from .report import comparison_table, table_from_dirs
 from .runner import eprint, evaluate, rescore
 from .tasks import GENPPL, TASKS, get_task, mc_file_spec
@@ -83,7 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--gen-top-p", type=float, default=1.0)
     g.add_argument("--gen-prompt-words", type=int, default=0, help="0 = unconditional samples")
     g.add_argument("--ppl-max-tokens", type=positive_int, default=128)
-    g.add_argument("--heldout-book", default=None, help="Gutenberg file under gutenberg/ (default: the book the checkpoint's training held out, "
+    g.add_argument("--heldout-book", default=None,
+                   help="Gutenberg file under gutenberg/ (default: the book the checkpoint's training held out, "
                         "from dlm_config training.heldout_books, else pg1661.txt.gz)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -122,10 +123,12 @@ def run(args: argparse.Namespace) -> int:
         get_task(n)  # unknown names fail before anything is loaded
     data_dir = args.data_dir or default_data_dir()
     common = dict(n_samples=args.n_samples, score_method=args.score_method, sampler=_pairs(args.sampler, "--sampler"),
-                  infill_sampler=_pairs(args.infill_sampler, "--infill-sampler"), oracle_length=args.oracle_length, max_new_tokens=args.max_new_tokens, seed=args.seed,
+                  infill_sampler=_pairs(args.infill_sampler, "--infill-sampler"), oracle_length=args.oracle_length,
+                  max_new_tokens=args.max_new_tokens, seed=args.seed,
                   gen_length=args.gen_length, gen_temperature=args.gen_temperature, gen_top_p=args.gen_top_p,
                   gen_prompt_words=args.gen_prompt_words, judge=args.judge, ppl_max_tokens=args.ppl_max_tokens,
-                  heldout_book=args.heldout_book, chat=args.chat, gsm8k_format=args.gsm8k_format, exec_timeout=args.exec_timeout,
+                  heldout_book=args.heldout_book, chat=args.chat, gsm8k_format=args.gsm8k_format,
+                  exec_timeout=args.exec_timeout,
                   shots=args.shots, samples=args.samples, sample_temperature=args.sample_temperature)
     provisional = EvalSettings(kind=args.kind or "ar", **common)
     files: dict = {}

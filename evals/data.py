@@ -303,7 +303,7 @@ def load_lambada_paper(data_dir: Path) -> list[LastWordExample]:
     return out
 
 
-# ----- TriviaQA --------------------------------------------------------------------------------------------------------
+# ----- TriviaQA -------------------------------------------------------------------------------------------------------
 def load_triviaqa(data_dir: Path) -> list[QAExample]:
     """llm-foundry's TriviaQA subsample (3000; prompt "Question: ...\\nAnswer:", answers <= 10 tokens)."""
     rows = _jsonl(require(data_dir, "triviaqa/triviaqa_sm_sub.jsonl", "triviaqa"))
@@ -323,7 +323,7 @@ def load_triviaqa_full(data_dir: Path) -> list[QAExample]:
     return out
 
 
-# ----- infilling -------------------------------------------------------------------------------------------------------
+# ----- infilling ------------------------------------------------------------------------------------------------------
 def load_rocstories(data_dir: Path) -> list[InfillExample]:
     """ROCStories (Story Cloze val, 1871 stories = sentences 1-4 + the right ending): infill sentence 3 between
     sentences 1-2 and 4-5 (the paper's setting). The middle carries its leading space."""
@@ -346,7 +346,7 @@ def load_humaneval_infill(data_dir: Path) -> list[InfillExample]:
             for i, d in enumerate(rows)]
 
 
-# ----- GSM8K --------------------------------------------------------------------------------------------------------------
+# ----- GSM8K ----------------------------------------------------------------------------------------------------------
 def load_gsm8k(data_dir: Path, split: str = "test", form: str = "full") -> list[MathExample]:
     """GSM8K `split` with each solution in `form` (`metrics.GSM8K_FORMATS`: full, symbolic)."""
     from .metrics import GSM8K_FORMATS, gsm8k_gold
@@ -355,7 +355,7 @@ def load_gsm8k(data_dir: Path, split: str = "test", form: str = "full") -> list[
             for i, d in enumerate(rows)]
 
 
-# ----- few-shot prompts ---------------------------------------------------------------------------------------------------
+# ----- few-shot prompts -----------------------------------------------------------------------------------------------
 def gsm8k_shot(ex: MathExample) -> str:
     return f"Question: {ex.question}\nAnswer: {ex.solution}"
 
@@ -392,7 +392,7 @@ def with_gsm8k_shots(examples: list[MathExample], train: list[MathExample], k: i
                                 for j in shot_indices(len(train), k, seed, ex.id, False))) for ex in examples]
 
 
-# ----- held-out text (Gutenberg) ------------------------------------------------------------------------------------------
+# ----- held-out text (Gutenberg) --------------------------------------------------------------------------------------
 # Books the training corpus must leave out; evaluation reads the first one. Keep in sync with train/'s held-out list.
 HELDOUT_BOOKS = ("pg1661.txt.gz",)
 

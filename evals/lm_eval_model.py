@@ -99,6 +99,7 @@ class DLMHarnessLM(LM):
 def main(argv=None) -> None:
     """`python -m evals.lm_eval_model ARGS`: lm-eval's own CLI with the `dlm` model registered."""
     import sys
+
     from lm_eval.__main__ import cli_evaluate
     if argv is not None:
         sys.argv = [sys.argv[0], *argv]

@@ -21,7 +21,6 @@ from typing import Iterable, Optional, Sequence
 
 from dlm.formats import GSM8K_FORMATS, gsm8k_symbolic  # noqa: F401  (shared with training; re-exported)
 
-
 # ----- exact match (TriviaQA) ----------------------------------------------------------------------------------
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCT = set(string.punctuation)

@@ -61,7 +61,8 @@ def prepare_out_dir(out: Path, config: dict, overwrite: bool = False) -> None:
     if (not same or changed) and not overwrite:
         before, after = old.get("settings", {}), config.get("settings", {})
         diff = [f"{k}: {before.get(k)!r} -> {v!r}" for k, v in after.items() if before.get(k) != v]
-        diff[:0] = [f"{k}: {old.get(k)!r} -> {config.get(k)!r}" for k in ("model", "dtype") if old.get(k) != config.get(k)]
+        diff[:0] = [f"{k}: {old.get(k)!r} -> {config.get(k)!r}" for k in ("model", "dtype")
+                    if old.get(k) != config.get(k)]
         raise ConfigMismatch(f"{out} holds predictions made with other settings or data ({'; '.join(diff + changed)}); "
                              "use another --out, or --overwrite to discard them")
     if old is not None and not overwrite:  # keep the hashes, example ranges and commands of the earlier runs

@@ -10,20 +10,31 @@ seeded percentile bootstrap over examples for everything else (ROUGE, perplexiti
 from __future__ import annotations
 
 import math
-from collections import Counter
 import re
+from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Optional
 
-from . import data as D
 from dlm.quality import judge_nll
 
+from . import data as D
 from .backends import EvalModel, example_seed
 from .execution import humaneval_program, run_program, single_line
-from .metrics import (BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, bootstrap_interval, distinct_n, exact_match,
-                      first_answer_span, gsm8k_prediction, mean_stderr, normalize_answer, numbers_equal,
-                      rouge_scores, wilson_interval)
+from .metrics import (
+    BOOTSTRAP_RESAMPLES,
+    BOOTSTRAP_SEED,
+    bootstrap_interval,
+    distinct_n,
+    exact_match,
+    first_answer_span,
+    gsm8k_prediction,
+    mean_stderr,
+    normalize_answer,
+    numbers_equal,
+    rouge_scores,
+    wilson_interval,
+)
 
 # Per-example 0/1 metrics: their mean is a proportion, shown in % with a Wilson interval.
 PROPORTION_METRICS = frozenset({"acc", "acc_norm", "em", "pass@1"})
@@ -45,7 +56,7 @@ class TaskSpec:
     extra: dict = field(default_factory=dict)
 
 
-# ----- multiple choice -------------------------------------------------------------------------------------------------
+# ----- multiple choice ------------------------------------------------------------------------------------------------
 def eval_mc(b: EvalModel, ex: D.MCExample) -> dict:
     """acc: argmax of the summed log-likelihood; acc_norm: of log-likelihood per UTF-8 byte of the choice (lm-eval).
     Under the DLM 'paper' estimator the score is already a per-token mean, so acc_norm is not computed."""
@@ -63,7 +74,7 @@ def eval_mc(b: EvalModel, ex: D.MCExample) -> dict:
     return rec
 
 
-# ----- LAMBADA -------------------------------------------------------------------------------------------------------------
+# ----- LAMBADA --------------------------------------------------------------------------------------------------------
 _WORD_EDGE_PUNCT = re.compile(r"^[\W_]+|[\W_]+$")
 
 
@@ -104,7 +115,7 @@ def aggregate_lastword(records: list[dict], main: str) -> dict:
     return out
 
 
-# ----- TriviaQA ---------------------------------------------------------------------------------------------------------------
+# ----- TriviaQA -------------------------------------------------------------------------------------------------------
 def answers(b: EvalModel, prompt, n: int, seed: int, extract, messages=None) -> tuple[Optional[str], list[str]]:
     """The answer to `prompt` -> (answer, raw texts): one greedy generation, or with `samples` > 1 the paper's
     self-consistency: that many sampled generations (temperature `sample_temperature`, top-p 0.95, seeds
@@ -137,7 +148,7 @@ def eval_qa(b: EvalModel, ex: D.QAExample) -> dict:
             "em": exact_match(pred, ex.aliases)}
 
 
-# ----- ROCStories --------------------------------------------------------------------------------------------------------------
+# ----- ROCStories -----------------------------------------------------------------------------------------------------
 def eval_story_infill(b: EvalModel, ex: D.InfillExample) -> dict:
     """Sentence 3 from sentences 1-2 and 4-5 (DLM) or from 1-2 only (AR); ROUGE-1/2/L F1 x 100 against the
     reference. Oracle: the reference's number of tokens; else `max_new_tokens` (default 24). The prediction is
@@ -148,7 +159,7 @@ def eval_story_infill(b: EvalModel, ex: D.InfillExample) -> dict:
     return {"id": ex.id, "pred": pred, "target": ex.target.strip(), **rouge_scores(pred, ex.target.strip())}
 
 
-# ----- HumanEval single-line infilling -------------------------------------------------------------------------------------------
+# ----- HumanEval single-line infilling --------------------------------------------------------------------------------
 def eval_code_infill(b: EvalModel, ex: D.InfillExample) -> dict:
     """Middle line from prefix + suffix (DLM) or the prefix alone (AR), cut after its first newline, then the
     task's unit tests run in a sandboxed subprocess (`evals.execution`): pass@1 with one greedy sample.
@@ -161,7 +172,7 @@ def eval_code_infill(b: EvalModel, ex: D.InfillExample) -> dict:
             "detail": result.detail, "pass@1": float(result.passed)}
 
 
-# ----- GSM8K ---------------------------------------------------------------------------------------------------------------------
+# ----- GSM8K ----------------------------------------------------------------------------------------------------------
 def eval_gsm8k(b: EvalModel, ex: D.MathExample) -> dict:
     """The prompt "Question: ...\\nAnswer:" (or the chat template with `chat`) after `shots` solved train
     questions, greedy or `samples` for self-consistency; the final answer is the number after '####' in the output,
@@ -185,7 +196,7 @@ def rescore_gsm8k(record: dict) -> dict:
     return {**record, "pred": pred, "acc": float(numbers_equal(pred, record["answer"]))}
 
 
-# ----- the playground's In-context examples -------------------------------------------------------------------------------
+# ----- the playground's In-context examples ---------------------------------------------------------------------------
 def eval_incontext(b: EvalModel, ex: D.ICLExample) -> dict:
     """The In-context tab's scoreboard as an evaluation: the example's own length and steps over the model's
     writing config (+ --sampler), scored by `dlm.fewshot.run_example`, the function the scoreboard calls (the
@@ -199,7 +210,7 @@ def eval_incontext(b: EvalModel, ex: D.ICLExample) -> dict:
             "hard": bool(e.hard), "acc": float(ok)}
 
 
-# ----- held-out perplexity -----------------------------------------------------------------------------------------------------
+# ----- held-out perplexity --------------------------------------------------------------------------------------------
 def load_ppl(data_dir: Path, s) -> list[D.TextExample]:
     return D.heldout_paragraphs(data_dir, s.heldout_book)
 
@@ -228,7 +239,7 @@ def _corpus_ppl(rows) -> float:
     return math.exp(rows[:, 0].sum() / rows[:, 1].sum())
 
 
-# ----- generation quality -------------------------------------------------------------------------------------------------------
+# ----- generation quality ---------------------------------------------------------------------------------------------
 def load_genppl(data_dir: Path, s) -> list[D.TextExample]:
     return D.heldout_paragraphs(data_dir, s.heldout_book)
 
@@ -266,7 +277,7 @@ def aggregate_genppl(records: list[dict], main: str) -> dict:
             "empty": len(records) - len(scored)}
 
 
-# ----- aggregation ----------------------------------------------------------------------------------------------------------------
+# ----- aggregation ----------------------------------------------------------------------------------------------------
 def aggregate_mean(records: list[dict], metrics, main: str) -> dict:
     """Mean, stderr and 95% interval of each per-example metric (Wilson for `PROPORTION_METRICS`, else the seeded
     bootstrap); "stderr" / "ci" are the main metric's; "n" the number of records."""
@@ -293,7 +304,7 @@ def aggregate(spec: TaskSpec, records: list[dict]) -> dict:
     return aggregate_mean(records, spec.metrics, spec.main)
 
 
-# ----- registry --------------------------------------------------------------------------------------------------------------------
+# ----- registry -------------------------------------------------------------------------------------------------------
 def _data(loader):
     return lambda data_dir, s: loader(data_dir)
 

@@ -105,7 +105,7 @@ def _trim_wheel(wheel: Path, keep) -> None:
 def payload_files(data_dir: Path, dry: bool) -> dict[str, Path]:
     """archive name -> file: the base GGUF, the training books (never bench.continuation's held-out ones), and the
     eval data (held-out books, ROCStories). The dry run carries a stand-in base and the repo's tiny corpus."""
-    from bench.continuation import HELDOUT_BOOKS   # the prompts' books: never trained on
+    from bench.continuation import HELDOUT_BOOKS  # the prompts' books: never trained on
     files: dict[str, Path] = {}
     if dry:
         from dlm.registry import asset_dir

@@ -112,7 +112,8 @@ def family_dir(tmp_path_factory, tiny_tokenizer):
         if family not in built:
             cfg_name, model_name, kw = FAMILY_CONFIGS[family]
             torch.manual_seed(0)
-            cfg = getattr(transformers, cfg_name)(vocab_size=len(tiny_tokenizer), bos_token_id=tiny_tokenizer.bos_token_id,
+            cfg = getattr(transformers, cfg_name)(vocab_size=len(tiny_tokenizer),
+                                                  bos_token_id=tiny_tokenizer.bos_token_id,
                                                   eos_token_id=tiny_tokenizer.eos_token_id, **kw)
             built[family] = _save_tiny(getattr(transformers, model_name)(cfg), tiny_tokenizer,
                                        tmp_path_factory.mktemp(f"tiny-{family}"))
@@ -151,6 +152,7 @@ def tiny_gpt2_dir(family_dir) -> Path:
 def wrapper_gpt2_dir(tiny_gpt2_dir, tmp_path_factory) -> Path:
     """The tiny GPT-2 rewritten in the released DiffuGPT wrapper layout (`embed_tokens.weight`, `denoise_model.*`)."""
     import shutil
+
     from safetensors.torch import load_file, save_file
     out = tmp_path_factory.mktemp("wrapper-gpt2")
     wrapped = {}

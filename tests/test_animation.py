@@ -55,6 +55,7 @@ def test_gif_frames_show_the_masks_going_away(run):
 
 def test_long_runs_are_downsampled_keeping_first_and_last(tiny_llama_dir):
     from PIL import Image
+
     from dlm.loading import load_tokenizer
     tok = load_tokenizer(tiny_llama_dir)
     n = MAX_GIF_FRAMES + 40

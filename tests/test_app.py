@@ -143,6 +143,7 @@ def test_redenoise_changes_only_the_edited_span(client):
 def test_model_recommended_config_is_the_api_default(server, client, tiny_llama_dir, tmp_path):
     """Knobs left out follow the loaded model's sampler_config.json (writing) and its infill config."""
     import shutil
+
     from dlm import SamplerConfig
     from dlm.sampler_config import save_sampler_configs
     demo, _ = server
@@ -394,6 +395,7 @@ def test_tokenizing_never_blocks_the_event_loop(server, monkeypatch):
     """A request's checks (tokenizing included) run off the event loop: pages and Stop keep answering (before, a
     5 MB template froze every request for 20 s)."""
     import httpx
+
     import app.requests as rq
     real = rq.encode_prompt
 

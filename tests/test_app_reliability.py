@@ -409,8 +409,8 @@ def test_a_queued_request_is_information_and_a_flood_is_refused_as_a_warning(tin
 
     import gradio as gr
 
-    from app.backend import Backend
     from app import events
+    from app.backend import Backend
     from app.worker import Busy, Caller
     shown = []
     monkeypatch.setattr(gr, "Info", lambda m, *a, **k: shown.append(("info", m)))

@@ -266,6 +266,7 @@ def test_packed_gqa_attention_equals_transformers_sdpa(tiny_llama_dir, monkeypat
     other models keep it, and training (grad on) falls through to it."""
     from transformers import AttentionInterface
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
     from dlm import attention
     m = dlm.load(tiny_llama_dir, device="cpu", dtype="float32")
     assert m.base.config._attn_implementation == attention.PACKED_SDPA

@@ -15,8 +15,13 @@ import torch
 
 import dlm
 from dlm.decoders.registry import DECODERS, REVEAL_RULES, DecoderSpec, declarations, decoder
-from dlm.sampler_config import (IgnoredSettingWarning, SamplerConfig, SamplerConfigError, load_sampler_configs,
-                                save_sampler_configs)
+from dlm.sampler_config import (
+    IgnoredSettingWarning,
+    SamplerConfig,
+    SamplerConfigError,
+    load_sampler_configs,
+    save_sampler_configs,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -195,8 +200,10 @@ def test_the_package_exports_resolve_lazily():
 
 def test_version_is_the_packages():
     """dlm.__version__ comes from the installed distribution (pyproject.toml), not a second copy."""
-    import tomllib
     from pathlib import Path
+
+    import tomllib
+
     import dlm
     project = tomllib.loads((Path(__file__).resolve().parent.parent / "pyproject.toml").read_text())["project"]
     assert dlm.__version__ == project["version"]

@@ -16,8 +16,17 @@ from evals import data as D
 from evals.backends import EvalModel, EvalSettings, default_kind
 from evals.cli import main as evals_main
 from evals.execution import humaneval_program, run_program, single_line
-from evals.metrics import (distinct_n, exact_match, first_answer_span, gsm8k_gold, gsm8k_prediction, mean_stderr,
-                           normalize_answer, numbers_equal, rouge_scores)
+from evals.metrics import (
+    distinct_n,
+    exact_match,
+    first_answer_span,
+    gsm8k_gold,
+    gsm8k_prediction,
+    mean_stderr,
+    normalize_answer,
+    numbers_equal,
+    rouge_scores,
+)
 from evals.report import format_cell, markdown_table
 from evals.runner import run_task
 from evals.store import ConfigMismatch, PredictionStore, prepare_out_dir
@@ -255,7 +264,7 @@ def test_dlm_scores_reproducible_per_seed(tiny_dlm):
     assert all(x.greedy is None and x.stderr > 0 for x in a)
 
 
-# ----- output directory: resumable, settings-checked ---------------------------------------------------------------------
+# ----- output directory: resumable, settings-checked ------------------------------------------------------------------
 def test_resume_skips_finished_examples(tmp_path, tiny_dlm, data_dir):
     calls = []
     base = TASKS["piqa"]
@@ -274,7 +283,7 @@ def test_resume_skips_finished_examples(tmp_path, tiny_dlm, data_dir):
         f.write('{"id": 2, "gold"')  # a record torn by a crash: that example runs again
     full = run_task(backend, spec, examples, PredictionStore(path), progress=False)
     assert calls == [0, 1, 2] and full["n"] == 3
-    assert [json.loads(l)["id"] for l in path.read_text().splitlines()] == [0, 1, 2]
+    assert [json.loads(line)["id"] for line in path.read_text().splitlines()] == [0, 1, 2]
     again = run_task(backend, spec, examples, PredictionStore(path), progress=False)
     assert calls == [0, 1, 2] and again == full
 
@@ -310,7 +319,7 @@ def test_aggregate_and_table_cells():
     assert row_a == "| a (AR) | – | 75.0 [30.1, 95.4] |" and row_b == "| b (DLM) | 75.0 [30.1, 95.4] | – |"
 
 
-# ----- the CLI end to end on a tiny random model -----------------------------------------------------------------------------
+# ----- the CLI end to end on a tiny random model ----------------------------------------------------------------------
 ALL_TASKS = "piqa,siqa,winogrande,lambada,triviaqa,rocstories,humaneval_infill,gsm8k,elbo_ppl,genppl8"
 
 
@@ -331,7 +340,7 @@ def test_cli_writes_results_schema(tmp_path, tiny_llama_dir, data_dir, kind, cap
         assert res["n"] == (1 if task in ("winogrande", "triviaqa", "rocstories", "humaneval_infill", "gsm8k",
                                           "custom_mc") else 2), task
     assert 0.0 <= results["piqa"]["acc"] <= 1.0 and results["elbo_ppl"]["ppl"] > 1.0
-    preds = [json.loads(l) for l in (out / "predictions" / "humaneval_infill.jsonl").read_text().splitlines()]
+    preds = [json.loads(line) for line in (out / "predictions" / "humaneval_infill.jsonl").read_text().splitlines()]
     assert preds[0]["status"] in ("passed", "failed", "timeout") and preds[0]["completion"].endswith("\n")
     table = (out / "table.md").read_text()
     assert f"({kind.upper()})" in table and "ROCStories (R1/R2/RL)" in table
@@ -349,7 +358,7 @@ def test_cli_writes_results_schema(tmp_path, tiny_llama_dir, data_dir, kind, cap
     assert (out / "predictions" / "piqa.jsonl").read_text() == before
     capsys.readouterr()
     assert evals_main(["table", str(out), str(out), "--out", str(tmp_path / "t.md")]) == 0
-    rows = [l for l in (tmp_path / "t.md").read_text().splitlines() if l.startswith(f"| {tiny_llama_dir}")]
+    rows = [line for line in (tmp_path / "t.md").read_text().splitlines() if line.startswith(f"| {tiny_llama_dir}")]
     assert len(rows) == 2 and "| PIQA |" in capsys.readouterr().out
 
 
@@ -385,7 +394,8 @@ def test_skip_gives_a_dev_slice_disjoint_from_the_reported_examples(data_dir):
 
 def test_heldout_book_comes_from_the_checkpoint_training_record():
     from evals.cli import heldout_book_of
-    model = SimpleNamespace(config=SimpleNamespace(training={"heldout_books": ["../shared/data/gutenberg/46-0.txt.gz"]}))
+    training = {"heldout_books": ["../shared/data/gutenberg/46-0.txt.gz"]}
+    model = SimpleNamespace(config=SimpleNamespace(training=training))
     assert heldout_book_of(model) == "46-0.txt.gz"
     assert heldout_book_of(SimpleNamespace(config=SimpleNamespace(training={}))) is None
 

@@ -8,8 +8,8 @@ import pytest
 
 from evals import data as D
 from evals.backends import EvalModel, EvalSettings
-from evals.tasks import answers, eval_gsm8k, eval_qa, get_task
 from evals.metrics import first_answer_span
+from evals.tasks import answers, eval_gsm8k, eval_qa, get_task
 
 
 def _qa(n=6):

@@ -175,7 +175,7 @@ def test_hellaswag_end_to_end_on_a_tiny_model(tmp_path, tiny_llama_dir, kind):
     table = (out / "table.md").read_text()
     assert "| HellaS. (acc_norm) |" in table and f"| {100 * res['acc_norm']:.1f} [" in table
     assert "data sha256 hellaswag/hellaswag_val.jsonl " + D.sha256_file(HELLASWAG)[:12] in table
-    records = [json.loads(l) for l in (out / "predictions" / "hellaswag.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (out / "predictions" / "hellaswag.jsonl").read_text().splitlines()]
     assert [len(r["logprobs"]) for r in records] == [4, 4, 4]
 
 
@@ -252,6 +252,7 @@ def test_evals_compare_pairs_two_runs_by_example_id(tmp_path):
 
 def test_paired_proportion_interval_covers_and_agrees_with_mcnemar_when_few_examples_differ():
     import numpy as np
+
     from evals.metrics import mcnemar_exact, paired_proportion_interval
     # B wrong on 4 of 1,033 problems that A passes, never the other way: the bootstrap's interval excluded 0 here,
     # while McNemar's p is 0.125; the score interval holds 0 too

@@ -36,6 +36,7 @@ ROWS = [
 def test_simple_evaluate_on_a_local_task(tmp_path, tiny_dlm, kind, monkeypatch):
     import lm_eval
     from lm_eval.tasks import TaskManager
+
     from evals.lm_eval_model import DLMHarnessLM
 
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
@@ -56,8 +57,9 @@ def test_simple_evaluate_on_a_local_task(tmp_path, tiny_dlm, kind, monkeypatch):
 
 def test_direct_calls_match_backend(tiny_dlm):
     from lm_eval.api.instance import Instance
-    from evals.lm_eval_model import DLMHarnessLM
+
     from evals.backends import EvalModel, EvalSettings
+    from evals.lm_eval_model import DLMHarnessLM
 
     lm = DLMHarnessLM(model=tiny_dlm, kind="ar")
     req = Instance(request_type="loglikelihood", doc={}, arguments=("The sky is", " blue"), idx=0)

@@ -26,7 +26,7 @@ def test_piqa_20_items_real_smollm2(smollm2, shared_data, tmp_path, kind):
     print(f"\nSmolLM2-135M {kind.upper()} PIQA n={res['n']}: acc {res['acc']:.3f} ± {res['stderr']:.3f}, "
           f"acc_norm {res.get('acc_norm', float('nan')):.3f}")
     assert res["n"] == 20 and 0.0 <= res["acc"] <= 1.0
-    records = [json.loads(l) for l in (tmp_path / "predictions" / "piqa.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (tmp_path / "predictions" / "piqa.jsonl").read_text().splitlines()]
     assert len(records) == 20
     for r in records:
         assert len(r["logprobs"]) == 2 and all(math.isfinite(x) and x < 0 for x in r["logprobs"])

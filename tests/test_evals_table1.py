@@ -45,7 +45,7 @@ def test_generation_tasks_end_to_end_on_real_data(shared_data, tmp_path, tiny_ll
         res = results[task]
         assert res["n"] == 2 and res[metric] in (0.0, 0.5, 1.0), task
         assert res["ci_method"][metric] == "wilson" and 0.0 <= res["ci"][0] <= res[metric] <= res["ci"][1] <= 1.0
-    code = [json.loads(l) for l in (out / "predictions" / "humaneval_infill.jsonl").read_text().splitlines()]
+    code = [json.loads(line) for line in (out / "predictions" / "humaneval_infill.jsonl").read_text().splitlines()]
     assert [r["task_id"] for r in code] == ["SingleLineInfilling/HumanEval/0/L0", "SingleLineInfilling/HumanEval/0/L1"]
     assert all(r["status"] in ("passed", "failed", "timeout") and r["completion"].endswith("\n") for r in code)
     config = json.loads((out / "config.json").read_text())

@@ -113,7 +113,8 @@ def test_sliding_windows_reach_every_pattern(family_dir, tmp_path):
     attention, the block staircase and the annealed pattern, a token far away changes nothing, a near one does; the
     masks come per layer kind, and the full layer of the mixed model sees everything."""
     import transformers
-    from dlm.attention import anneal_attention_mask, sliding_windows
+
+    from dlm.attention import sliding_windows
     torch.manual_seed(0)
     src = dlm.load(family_dir("gemma3_text"), device="cpu", dtype="float32")
     cfg = transformers.Gemma3TextConfig(**{**src.base.config.to_dict(), "sliding_window": 2,

@@ -148,7 +148,8 @@ def test_training_steps_with_bf16_autocast(tmp_path, attention):
 
 
 def _launch(config: str, out: Path, cache: Path, *extra: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "train" / "accelerate" / config),
+    cmd = [sys.executable, "-m", "accelerate.commands.launch",
+           "--config_file", str(REPO / "train" / "accelerate" / config),
            "--num_processes", "1", "--main_process_port", "29517", "-m", "train", "pretrain", "--config", "tiny-cpu",
            *[f"{o}" for o in _train_overrides(out, cache, *extra)]]
     env = {**os.environ, "PYTHONPATH": str(REPO)}

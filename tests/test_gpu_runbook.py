@@ -8,7 +8,6 @@ import zipfile
 from pathlib import Path
 
 import pytest
-import torch
 
 from bench.continuation import HELDOUT_BOOKS
 from gpu import runbook

@@ -115,7 +115,7 @@ def test_annealing_between_causal_and_bidirectional(family_dlm):
 def test_loss_finite_ignores_unmasked_and_scales_with_inverse_t(tiny_dlm):
     x = _ids(tiny_dlm, n=16, batch=3)
     t = torch.tensor([0.3, 0.3, 0.3])
-    g = lambda: torch.Generator().manual_seed(7)
+    g = lambda: torch.Generator().manual_seed(7)  # noqa: E731
     out = tiny_dlm.diffusion_loss(x, t=t, generator=g())
     assert torch.isfinite(out.loss) and out.loss > 0
     # 1/t weighting: with a constant t the weighted loss is exactly masked_ce / t

@@ -146,7 +146,8 @@ def test_without_bitsandbytes_the_message_says_how(monkeypatch, tiny_llama_dir):
 def test_cli_generates_quantized(tiny_llama_dir, capsys):
     from dlm.cli import main
     assert main(["generate", "--model", str(tiny_llama_dir), "--device", "cpu", "--quantization", "4bit",
-                 "--prompt", "the", "--max-new-tokens", "4", "--decoder", "full", "--steps", "2", "--json"]) in (0, None)
+                 "--prompt", "the", "--max-new-tokens", "4", "--decoder", "full", "--steps", "2",
+                 "--json"]) in (0, None)
     assert '"text"' in capsys.readouterr().out
 
 

@@ -12,9 +12,17 @@ import torch
 
 import dlm
 from dlm import REVEAL_RULES, sampling
+from dlm.reveal import (
+    block_sizes,
+    confidence_certainty,
+    entropy_certainty,
+    margin_certainty,
+    reveal_random,
+    reveal_schedule,
+    reveal_top_k,
+    split_steps,
+)
 from dlm.token_sampling import sample_tokens
-from dlm.reveal import (block_sizes, confidence_certainty, entropy_certainty, margin_certainty, reveal_random,
-                        reveal_schedule, reveal_top_k, split_steps)
 
 PROMPT = "The quick brown fox"
 
@@ -137,6 +145,7 @@ def test_nucleus_warper_keeps_exactly_what_transformers_top_p_keeps(top_p, min_k
     flat rows (the nucleus reaches past them: the full sort), banned (-inf) tokens, a vocabulary smaller than the
     candidates."""
     from transformers import TopPLogitsWarper
+
     from dlm.token_sampling import nucleus_warper
     g = torch.Generator().manual_seed(int(top_p * 1000) + min_keep)
     peaked = torch.randn(48, 5000, generator=g) * torch.linspace(0.5, 8.0, 48)[:, None]
@@ -232,7 +241,8 @@ def test_steps_and_schedule_are_respected(tiny_tokenizer):
 def test_certainty_rules_reveal_most_certain_first_from_untempered_probs(tiny_tokenizer, rule, temperature):
     m = fake(tiny_tokenizer, seed=1)
     prompt = [5, 6]
-    g = sampling.generate(m, prompt, frames=True, max_new_tokens=12, steps=6, remasking=rule, temperature=temperature, seed=0)
+    g = sampling.generate(m, prompt, frames=True, max_new_tokens=12, steps=6, remasking=rule,
+                          temperature=temperature, seed=0)
     probs = m.table.clone()
     probs[:, m.MASK] = float("-inf")
     probs = probs.softmax(-1)  # untempered
@@ -318,8 +328,8 @@ def test_generate_plain_decoding(model):
 
 @pytest.mark.parametrize("rule", sorted(REVEAL_RULES))
 def test_every_remasking_rule_fills_the_canvas(model, rule):
-    g = model.generate(PROMPT, frames=True, max_new_tokens=8, steps=4, remasking=rule, temperature=0.7, top_p=0.9, top_k=50,
-                       seed=1)
+    g = model.generate(PROMPT, frames=True, max_new_tokens=8, steps=4, remasking=rule, temperature=0.7, top_p=0.9,
+                       top_k=50, seed=1)
     check_frames(g, model.tokenizer(PROMPT)["input_ids"], model.mask_token_id)
     # random (Algorithm 2) may reveal everything before the last step and then stop early
     assert g.nfe == len(g.frames) == 4 if rule != "random" else 1 <= g.nfe == len(g.frames) <= 4
@@ -343,7 +353,8 @@ def test_seeds_reproduce_and_differ(model):
 
 
 def test_greedy_is_deterministic_without_seed(model):
-    a, b = model.generate(PROMPT, frames=True, max_new_tokens=8, steps=4), model.generate(PROMPT, max_new_tokens=8, steps=4)
+    a = model.generate(PROMPT, frames=True, max_new_tokens=8, steps=4)
+    b = model.generate(PROMPT, max_new_tokens=8, steps=4)
     assert a.token_ids == b.token_ids
 
 

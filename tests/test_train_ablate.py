@@ -24,7 +24,8 @@ def test_ablation_runs_each_switch_on_the_same_tokens_and_tabulates(tmp_path, mo
             f"data.cache_dir={tmp_path / 'cache'}"]
     assert ablate.main(args) == 0
 
-    summaries = {v: json.loads((out / v / "run_summary.json").read_text()) for v in ("adapted", "no-anneal", "no-shift")}
+    summaries = {v: json.loads((out / v / "run_summary.json").read_text())
+                 for v in ("adapted", "no-anneal", "no-shift")}
     assert summaries["adapted"]["anneal_steps"] == 10 and summaries["adapted"]["shift"] is True
     assert summaries["no-anneal"]["anneal_steps"] == 0 and summaries["no-anneal"]["shift"] is True
     assert summaries["no-shift"]["shift"] is False and summaries["no-shift"]["anneal_steps"] == 10

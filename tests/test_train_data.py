@@ -54,7 +54,7 @@ def test_gutenberg_clean_on_the_real_books(shared_data):
     assert 0.8 * len(raw) < len(out) < len(raw)
 
 
-# ----- sources and errors -----------------------------------------------------------------------------------------------
+# ----- sources and errors ---------------------------------------------------------------------------------------------
 def test_source_errors_name_the_source(tmp_path):
     with pytest.raises(D.DataError, match="nope.txt"):
         D.expand_sources([str(tmp_path / "nope.txt")])
@@ -89,7 +89,7 @@ def test_hf_dataset_offline_gives_a_clear_error(tmp_path, tok, monkeypatch):
         D.build_token_cache(_cfg(tmp_path, ["hf:someone/some-corpus"], max_tokens=1000), tok)
 
 
-# ----- the token cache -----------------------------------------------------------------------------------------------------
+# ----- the token cache ------------------------------------------------------------------------------------------------
 def test_documents_are_joined_with_eos_and_every_format_reads(tmp_path, tok):
     (tmp_path / "a.txt").write_text("first document")
     with gzip.open(tmp_path / "b.txt.gz", "wt") as f:
@@ -162,7 +162,7 @@ def test_explicit_eval_sources(tmp_path, tok):
     assert "delta" not in tok.decode(cache.train_tokens().tolist())
 
 
-# ----- blocks and their order ------------------------------------------------------------------------------------------------
+# ----- blocks and their order -----------------------------------------------------------------------------------------
 def test_packed_blocks_cut_the_stream():
     tokens = np.arange(103, dtype=np.uint16)
     blocks = D.PackedBlocks(tokens, 10)

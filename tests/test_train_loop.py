@@ -45,7 +45,7 @@ def _cli(args: list[str], **kw) -> subprocess.Popen:
                             stderr=subprocess.STDOUT, text=True, **kw)
 
 
-# ----- schedules --------------------------------------------------------------------------------------------------------
+# ----- schedules ------------------------------------------------------------------------------------------------------
 def test_anneal_ratio_follows_the_schedule():
     assert [anneal_ratio(s, 4) for s in range(7)] == [0.0, 0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
     assert anneal_ratio(0, 0) == 1.0 and anneal_ratio(123, 0) == 1.0  # annealing off: bidirectional at once
@@ -68,7 +68,7 @@ def test_lr_warmup_then_cosine():
     assert factors("constant")[4:] == pytest.approx([1.0] * 11)
 
 
-# ----- learning and export ------------------------------------------------------------------------------------------------
+# ----- learning and export --------------------------------------------------------------------------------------------
 def test_loss_falls_and_the_export_is_the_trained_model(tmp_path, cache_dir):
     out = tmp_path / "run"
     summary = _run(out, cache_dir, "run.max_steps=30", "run.save_every=30", "run.eval_every=0",
@@ -80,7 +80,8 @@ def test_loss_falls_and_the_export_is_the_trained_model(tmp_path, cache_dir):
     assert {"eval/acc@0.15", "eval/acc@0.9", "eval/elbo_ppl"} <= set(evals[-1])
     assert summary["steps"] == 30 and summary["tokens_seen"] == 30 * 8 * 64 and summary["tokens_per_s"] > 0
 
-    from train.curve import main as curve_main, markdown, read_metrics
+    from train.curve import main as curve_main
+    from train.curve import markdown, read_metrics
     ev, tr = read_metrics(out)
     table = markdown(ev).splitlines()
     assert table[0].startswith("| step | tokens | acc@0.15 | acc@0.5 | acc@0.9 | elbo_ppl")
@@ -141,7 +142,7 @@ def test_a_fresh_run_refuses_an_output_dir_with_checkpoints(tmp_path, cache_dir)
         _run(out, cache_dir, "run.max_steps=4", "run.eval_batches=0")
 
 
-# ----- faults ---------------------------------------------------------------------------------------------------------------
+# ----- faults ---------------------------------------------------------------------------------------------------------
 def _final_weights(out: Path) -> dict:
     return load_file(str(out / "final" / "model.safetensors"))
 
@@ -187,7 +188,7 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path, cache_dir):
     assert resumed.returncode == 0, log
     assert "resumed from step" in log
     _assert_same_weights(_final_weights(tmp_path / "ref"), _final_weights(out))
-    strip = lambda ms: [{k: v for k, v in m.items() if k not in ("time", "tokens_per_s")} for m in ms]
+    strip = lambda ms: [{k: v for k, v in m.items() if k not in ("time", "tokens_per_s")} for m in ms]  # noqa: E731
     assert strip(_metrics(out)) == strip(_metrics(tmp_path / "ref"))  # the curve has no duplicated steps
 
 
@@ -214,7 +215,7 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, cach
     _assert_same_weights(_final_weights(ref), _final_weights(out))
 
 
-# ----- LoRA ----------------------------------------------------------------------------------------------------------------
+# ----- LoRA -----------------------------------------------------------------------------------------------------------
 def test_lora_trains_the_mask_row_and_exports_an_adapter_dlm_load_accepts(tmp_path, cache_dir):
     import dlm
     out = tmp_path / "lora"
@@ -278,7 +279,7 @@ def test_lora_trains_the_mask_row_and_exports_an_adapter_dlm_load_accepts(tmp_pa
     _assert_same_weights(expected, load_file(str(final / "adapter_model.safetensors")))
 
 
-# ----- data parallel ----------------------------------------------------------------------------------------------------------
+# ----- data parallel --------------------------------------------------------------------------------------------------
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -323,10 +324,11 @@ def test_snapshots_and_an_adapter_over_an_adapter_dlm(tmp_path, cache_dir):
         assert not torch.allclose(load(first / "exports" / "step-2").denoise_logits(x), l_first)
 
     def stage(out, source, *extra):   # the tiny-cpu run's data and shapes, starting from `source`
-        return train(load_config(None, _overrides(out, cache_dir, *lora, f"model.source={source}", "model.dtype=float32",
-                                                  "data.sources=[train/data/tiny_corpus.txt]", "data.block_size=64",
-                                                  "run.batch_size=8", "run.threads=1", "optim.warmup_steps=1",
-                                                  "diffusion.anneal_steps=0", *extra)), "pretrain")
+        return train(load_config(None, _overrides(out, cache_dir, *lora, f"model.source={source}",
+                                                  "model.dtype=float32", "data.sources=[train/data/tiny_corpus.txt]",
+                                                  "data.block_size=64", "run.batch_size=8", "run.threads=1",
+                                                  "optim.warmup_steps=1", "diffusion.anneal_steps=0", *extra)),
+                     "pretrain")
 
     second = tmp_path / "second"
     stage(second, first / "final", "run.max_steps=3")

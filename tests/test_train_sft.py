@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from train.config import DataConfig, SFTConfig
 from train import sft as S
+from train.config import DataConfig, SFTConfig
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -47,6 +47,7 @@ def test_ignored_padding_cut_changes_no_loss(tmp_path, tok):
     changes no loss: the AR objective (exact) and the diffusion ELBO at fixed t give the same value on the cut and
     on the full 128-token canvas."""
     from transformers import LlamaConfig, LlamaForCausalLM
+
     import dlm
     from train.modeling import Objective
     torch.manual_seed(0)
@@ -57,17 +58,21 @@ def test_ignored_padding_cut_changes_no_loss(tmp_path, tok):
     data = DataConfig(sources=[str(_records(tmp_path, 8))], cache_dir=str(tmp_path / "cache"))
     arrays = S.build_sft_cache(data, SFTConfig(max_length=128, padding="ignore"), tok)
     ids = torch.from_numpy(arrays.ids[:4].astype("int64"))
-    p, c = torch.from_numpy(arrays.prompt_len[:4].astype("int64")), torch.from_numpy(arrays.content_len[:4].astype("int64"))
+    p = torch.from_numpy(arrays.prompt_len[:4].astype("int64"))
+    c = torch.from_numpy(arrays.content_len[:4].astype("int64"))
     cut = S.sft_batch(ids, p, c, "ignore")
     assert cut["input_ids"].shape[1] == int(c.max()) < 128
     pos = torch.arange(128)[None]
-    full = {"input_ids": ids, "maskable": (pos >= p[:, None]) & (pos < c[:, None]), "attention_mask": (pos < c[:, None]).long()}
+    full = {"input_ids": ids, "maskable": (pos >= p[:, None]) & (pos < c[:, None]),
+            "attention_mask": (pos < c[:, None]).long()}
     with torch.no_grad():
         ar = Objective(model, objective="ar")
         assert torch.allclose(ar(**cut)[0], ar(**full)[0], rtol=1e-5, atol=1e-6)
         # t = 1 masks every response token: the same noise on both shapes
-        a = model.diffusion_loss(cut["input_ids"], t=torch.ones(4), maskable=cut["maskable"], attention_mask=cut["attention_mask"])
-        b = model.diffusion_loss(full["input_ids"], t=torch.ones(4), maskable=full["maskable"], attention_mask=full["attention_mask"])
+        a = model.diffusion_loss(cut["input_ids"], t=torch.ones(4), maskable=cut["maskable"],
+                                 attention_mask=cut["attention_mask"])
+        b = model.diffusion_loss(full["input_ids"], t=torch.ones(4), maskable=full["maskable"],
+                                 attention_mask=full["attention_mask"])
         assert torch.allclose(a.loss, b.loss, rtol=1e-5, atol=1e-6)
 
 
@@ -75,7 +80,8 @@ def test_gsm8k_symbolic_records(tmp_path, tok):
     """sft.record_format=gsm8k_symbolic: the response is only the <<...>> equations and #### answer."""
     path = tmp_path / "g.jsonl"
     path.write_text(json.dumps({"question": "Tom has 3 bags of 4 apples and eats 2. How many are left?",
-                                "answer": "He has 3*4 = <<3*4=12>>12 apples.\nThen 12-2 = <<12-2=10>>10.\n#### 10"}) + "\n")
+                                "answer": "He has 3*4 = <<3*4=12>>12 apples.\nThen 12-2 = <<12-2=10>>10.\n#### 10"})
+                    + "\n")
     data = DataConfig(sources=[str(path)], cache_dir=str(tmp_path / "cache"))
     cfg = SFTConfig(max_length=128, record_format="gsm8k_symbolic", prompt_template="Question: {question}\nAnswer:",
                     response_template=" {answer}")
@@ -127,6 +133,7 @@ def test_sft_loss_never_noises_the_prompt(tmp_path, tok, monkeypatch):
     """End to end through the training objective: x_t handed to the denoiser keeps every prompt token, at every
     noise level including t = 1, while response tokens do get masked."""
     from transformers import LlamaConfig, LlamaForCausalLM
+
     import dlm
     from train.modeling import Objective
     torch.manual_seed(0)

@@ -7,10 +7,10 @@ import gradio as gr
 
 from app import render
 from app.backend import Backend
+from app.tabs import TAB
+from app.tabs.common import LIGHT, MODEL, SamplerControls, StreamView, ended, fail, offload, session
 from dlm.fewshot import Example, answer_of, load_examples, matches
 from dlm.sampler_config import read_by
-from app.tabs.common import LIGHT, MODEL, SamplerControls, StreamView, ended, fail, offload, session
-from app.tabs import TAB
 
 
 def mark(expected: str, output: str) -> str:

@@ -8,9 +8,9 @@ import gradio as gr
 
 from app import render
 from app.backend import Backend
-from dlm.fewshot import INFILL_EXAMPLES_DIR, load_examples
-from app.tabs.common import LIGHT, MODEL, SamplerControls, StreamView, ended, fail, offload, session
 from app.tabs import TAB
+from app.tabs.common import LIGHT, MODEL, SamplerControls, StreamView, ended, fail, offload, session
+from dlm.fewshot import INFILL_EXAMPLES_DIR, load_examples
 from dlm.infill import attach_spaces, split_template
 
 # The shipped templates (`dlm/examples/infill/`, scored by `python -m bench.infill_examples`): the tab opens on

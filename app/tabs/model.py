@@ -11,8 +11,8 @@ import gradio as gr
 from app.backend import Backend
 from app.models import DEVICES, DTYPES, QUANTIZATIONS
 from app.requests import describe_error
-from app.tabs.common import LIGHT, MODEL, SamplerControls, banner
 from app.tabs import TAB
+from app.tabs.common import LIGHT, MODEL, SamplerControls, banner
 from dlm import registry
 
 
