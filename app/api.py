@@ -14,9 +14,9 @@ from typing import Optional
 import gradio as gr
 
 from app.backend import Backend, Prompted
+from app.checks import check_fields
 from app.events import MODEL, ended, fail, offload, session
 from app.experiments import RaceState
-from app.requests import check_fields
 from dlm.sampler_config import SamplerConfig
 
 KNOBS = {d["name"]: d for d in SamplerConfig.describe() if d.get("ui", True)}

@@ -1,6 +1,6 @@
 """The playground's one road to a model, for the UI and the named API alike: a thin facade that composes
 
-    app/requests.py     request checking (fields, sampler knobs, prompt limits, templates, edits) and messages
+    app/checks.py     request checking (fields, sampler knobs, prompt limits, templates, edits) and messages
     app/worker.py       Run: the worker thread, cancellation, the time limit, throttled delivery
     app/models.py       load / switch / free the DLM and its AR counterpart; Display (how a model's tokens show)
     app/experiments.py  the race (+ RaceState, its one reader), the span-length sweep, the scoreboard, first frame
@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Optional
 
 from app import MAX_NEW_TOKENS, MAX_PROMPT_TOKENS, TIME_LIMIT_S, experiments, render
+from app.checks import DEFAULT_BOUNDS, Bounds, Checker, cap_steps, prompt_limit, sampler_config
 from app.models import Display, ModelInfo, Models, SwitchPolicy, process_memory
-from app.requests import DEFAULT_BOUNDS, Bounds, Checker, cap_steps, prompt_limit, sampler_config
 from app.worker import Run, Worker, lane
 from dlm.quality import judge_ppl
 from dlm.sampler_config import SamplerConfig

@@ -8,7 +8,7 @@ from typing import Callable, Optional
 
 import gradio as gr
 
-from app.requests import describe_error
+from app.checks import describe_error
 from app.worker import Busy, Run, caller
 
 # Every event using a model. Its handler starts at once: the worker (app/worker.py) queues the model work in its fair

@@ -15,7 +15,7 @@ from typing import Callable, Iterable, Optional
 
 import gradio as gr
 
-from app.requests import DEFAULT_BOUNDS, Bounds
+from app.checks import DEFAULT_BOUNDS, Bounds
 
 log = logging.getLogger("dlm.app")
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")

@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import dlm
-from app.requests import as_text, as_whole, describe_error
-from dlm import registry
+from app.checks import as_text, as_whole, describe_error
+from dlm import model_registry
 from dlm.decoders import DECODERS
 from dlm.load_options import QUANTIZATIONS
 from dlm.sampler_config import SamplerConfig
@@ -138,7 +138,7 @@ class SwitchPolicy:
         if not self.allowed:
             raise ValueError("model switching is off on this server (the operator enables it with dlm-studio "
                              "--allow-model-switch)")
-        if registry.is_registered(source):
+        if model_registry.is_registered(source):
             return
         try:
             path = Path(source).expanduser().resolve()
@@ -278,7 +278,7 @@ class Models:
             raise ValueError(f"mask token id: the tokenizer has {n_tokens} tokens but the model's embedding only "
                              f"{model.vocab_size} rows with mask token id {model.mask_token_id}; leave the mask "
                              f"token id at -1 (automatic)")
-        spec = registry.get(source) if registry.is_registered(source) else None
+        spec = model_registry.get(source) if model_registry.is_registered(source) else None
         if not notice and spec is not None and spec.kind == "ar" and adapter is None:
             notice = (f"{source} is an autoregressive model used as a diffusion LM without adaptation — "
                       f"{NOT_ADAPTED}.")
@@ -321,7 +321,7 @@ class Models:
             return self.load(model, adapter=adapter, quantization=quantization, device=device, dtype=dtype,
                              ar_source=ar_model)
         reason = ""
-        if registry.is_available(DEFAULT_DLM):
+        if model_registry.is_available(DEFAULT_DLM):
             try:
                 return self.load(DEFAULT_DLM, adapter=adapter, quantization=quantization, device=device,
                                  dtype=dtype, ar_source=ar_model)

@@ -71,7 +71,8 @@ def load_prompts(data_dir: Path, n: int, words: int = 32, dev: bool = False) -> 
     stories = [f"{s.prefix}".strip() for s in D.load_rocstories(data_dir)]
     half = n // 2
     shift = 0.5 if dev else 0.0
-    pick = lambda items, k: [items[int((i + shift) * len(items) / k)] for i in range(k)] if k and items else []
+    def pick(items, k):
+        return [items[int((i + shift) * len(items) / k)] for i in range(k)] if k and items else []
     gutenberg = [" ".join(p.split()[:words]) for p in pick(paras, n - half)]
     return gutenberg + pick(stories, half)
 
@@ -188,9 +189,10 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     p.add_argument("--out", type=Path, default=None, help="write the result (with every sample) as JSON")
     args = p.parse_args(argv)
 
+    from transformers.utils import logging as hf_logging
+
     import dlm
     from evals.data import default_data_dir
-    from transformers.utils import logging as hf_logging
     hf_logging.set_verbosity_error()
     data_dir = args.data_dir or default_data_dir()
     model = dlm.load(args.model, **load_kwargs(args))

@@ -175,8 +175,8 @@ def write_chart(rows: Sequence[Row], path: Path, title: str) -> Path:
 
 
 def _default_model() -> str:
-    from dlm import registry
-    return "smollm2-135m-dlm" if registry.is_available("smollm2-135m-dlm") else "smollm2-135m"
+    from dlm import model_registry
+    return "smollm2-135m-dlm" if model_registry.is_available("smollm2-135m-dlm") else "smollm2-135m"
 
 
 def main(argv: Optional[Sequence[str]] = None) -> list[Row]:

@@ -40,7 +40,8 @@ def measure(model, rows: torch.Tensor, blocks: Sequence[int], temperature: float
         parts = [expected_tokens_per_forward(model, rows[i:i + batch].to(model.device), b, temperature)
                  for i in range(0, len(rows), batch)]
         n = sum(p["blocks"] for p in parts)
-        mean = lambda key: sum(p[key] * p["blocks"] for p in parts) / max(n, 1)
+        def mean(key):
+            return sum(p[key] * p["blocks"] for p in parts) / max(n, 1)
         out.append({"block_length": b, "blocks": n, "tpf": mean("tpf"), "tpf_greedy": mean("tpf_greedy"),
                     "alpha_first": mean("alpha")})
     return out

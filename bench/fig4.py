@@ -50,7 +50,7 @@ def build(shape: str, device: torch.device, dtype: torch.dtype, attn: str = "sdp
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     from dlm.model import DiffusionLM, DLMConfig
-    from dlm.registry import asset_dir
+    from dlm.model_registry import asset_dir
     tokenizer = AutoTokenizer.from_pretrained(asset_dir("smollm2-135m-dlm"))
     mask_id = tokenizer.convert_tokens_to_ids(tokenizer.mask_token) if tokenizer.mask_token else len(tokenizer) - 1
     config = LlamaConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,

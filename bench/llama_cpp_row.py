@@ -17,8 +17,8 @@ from typing import Optional, Sequence
 
 
 def gguf_path(model: str = "smollm2-135m") -> Path:
-    from dlm import registry
-    return registry.get(model).local_path()
+    from dlm import model_registry
+    return model_registry.get(model).local_path()
 
 
 def run(prompts: Sequence[str], gguf: Path, threads: int, new_tokens: int, temperature: float, top_p: float,

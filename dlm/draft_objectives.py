@@ -20,7 +20,6 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
 DRAFT_LOSSES = ("ce", "kd", "accept", "kd+accept")
 

@@ -25,10 +25,11 @@ from typing import Optional, Union
 import torch
 
 from . import registry
-from .cpu_kernel import POLICIES as KERNEL_POLICIES, install as install_small_rows
-from .load_options import ATTN_IMPLEMENTATIONS, PACKED_QUANTIZATIONS, QUANTIZATIONS
 from .attention import enable_packed_gqa
+from .cpu_kernel import POLICIES as KERNEL_POLICIES
+from .cpu_kernel import install as install_small_rows
 from .fileio import atomic_directory, cache_dir
+from .load_options import ATTN_IMPLEMENTATIONS, PACKED_QUANTIZATIONS, QUANTIZATIONS
 from .model import DLM_CONFIG_NAME, DiffusionLM, DLMConfig
 from .sampler_config import load_sampler_configs
 

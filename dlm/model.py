@@ -27,8 +27,11 @@ from .attention import anneal_attention_mask, bidirectional, block_ids, block_pa
 from .draft_objectives import DRAFT_LOSSES, acceptance, aligned_next_token, draft_token_loss, reach_weights
 from .fileio import atomic_directory
 from .noise import q_sample, sample_t
-from .sampler_config import SamplerConfig, save_sampler_configs
-from .sampler_config import load_sampler_configs  # noqa: F401  (dlm.loading imports it from here)
+from .sampler_config import (
+    SamplerConfig,
+    load_sampler_configs,  # noqa: F401  (dlm.loading imports it from here)
+    save_sampler_configs,
+)
 from .tokens import start_token_id
 from .types import Generation, Score
 
@@ -728,7 +731,7 @@ class DiffusionLM(nn.Module):
             cfg.save(tmp)
             save_sampler_configs(tmp, self.sampler_config, self.infill_config)
 
-    # ----- algorithms: the public call style (the code lives in one module per job) ------------------------------------
+    # ----- algorithms: the public call style (the code lives in one module per job) -----------------------------------
     def generate(self, prompt=None, config: Optional[SamplerConfig] = None, **kwargs) -> Generation:
         """Diffusion generation after a prompt (`dlm.sampling.generate`: config + keyword overrides)."""
         return sampling.generate(self, prompt, config, **kwargs)

@@ -85,7 +85,7 @@ def cut_at_eos(ids: Sequence[int], eos_ids: Sequence[int]) -> list[int]:
     return list(ids)
 
 
-# ----- the driver: decoder steps -> frames -> generation ---------------------------------------------------------------
+# ----- the driver: decoder steps -> frames -> generation --------------------------------------------------------------
 def frames_of(step: Step, canvas: torch.Tensor, starts: Sequence[int], pad_left: Sequence[int]) -> list[Frame]:
     """One `Frame` per row for a decoder `Step` (canvas up to `step.end`, each row's left padding stripped)."""
     rows = canvas[:, : step.end].tolist()

@@ -7,7 +7,7 @@ Modules: data (task files -> examples), metrics (pure scoring functions), execut
 backends (AR vs DLM calls), tasks (per-task evaluation + aggregation), store (resumable output directory),
 report (Table-1 Markdown), runner (run tasks into a directory), cli, lm_eval_model (lm-evaluation-harness adapter).
 """
-from .backends import EvalModel, EvalSettings, default_kind
+from .eval_model import EvalModel, EvalSettings, default_kind
 from .runner import evaluate, run_task
 from .tasks import TASKS, get_task
 

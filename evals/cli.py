@@ -19,8 +19,8 @@ from typing import Optional
 from dlm.cli import non_negative_int, positive_int
 from dlm.sampler_config import ar_settings
 
-from .backends import KINDS, SCORE_METHODS, EvalSettings, default_kind
 from .data import MissingDataError, default_data_dir, file_fingerprints, recording_files
+from .eval_model import KINDS, SCORE_METHODS, EvalSettings, default_kind
 from .metrics import GSM8K_FORMATS
 from .report import comparison_table, table_from_dirs
 from .runner import eprint, evaluate, rescore

@@ -22,16 +22,16 @@ from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 from tqdm.auto import tqdm
 
-from .backends import EvalModel, EvalSettings, default_kind
+from .eval_model import EvalModel, EvalSettings, default_kind
 
 
 @register_model("dlm", "dlm-studio")
 class DLMHarnessLM(LM):
-    """lm-eval model class over `evals.backends.EvalModel`.
+    """lm-eval model class over `evals.eval_model.EvalModel`.
 
     pretrained:    registry name / path / hub id for `dlm.load` (or pass a loaded `model=` from Python).
     kind:          "dlm" / "ar"; default from the checkpoint (adapted -> dlm).
-    n_samples, score_method, seed: as in `evals.backends.EvalSettings`; any other key that is a dlm.SamplerConfig
+    n_samples, score_method, seed: as in `evals.eval_model.EvalSettings`; any other key that is a dlm.SamplerConfig
                    field (steps, block_length, remasking, threshold, decoder, ...) overrides the model's
                    recommended generation config (lm-eval passes --model_args values as strings: coerced).
     max_gen_toks:  default generation length when a task gives none (128).

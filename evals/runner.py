@@ -9,7 +9,7 @@ from typing import Optional, Sequence
 
 from tqdm.auto import tqdm
 
-from .backends import EvalModel, EvalSettings
+from .eval_model import EvalModel, EvalSettings
 from .report import markdown_table
 from .store import PredictionStore, prepare_out_dir, read_json, write_json
 from .tasks import TaskSpec, aggregate

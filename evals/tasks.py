@@ -19,7 +19,7 @@ from typing import Callable, Optional
 from dlm.quality import judge_nll
 
 from . import data as D
-from .backends import EvalModel, example_seed
+from .eval_model import EvalModel, example_seed
 from .execution import humaneval_program, run_program, single_line
 from .metrics import (
     BOOTSTRAP_RESAMPLES,

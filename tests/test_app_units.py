@@ -11,9 +11,17 @@ import pytest
 from app import models as models_mod
 from app import render
 from app.backend import Backend
-from app.requests import (cap_steps, check_fields, describe_error, parse_int_list, sampler_config, ui_edit, ui_value,
-                          with_span_length)
 from app.examples import answer_of, load_examples, matches, parse_example
+from app.requests import (
+    cap_steps,
+    check_fields,
+    describe_error,
+    parse_int_list,
+    sampler_config,
+    ui_edit,
+    ui_value,
+    with_span_length,
+)
 from dlm import SamplerConfig, SamplerConfigError
 from dlm.quality import distinct_n
 from dlm.types import Frame, Generation
@@ -589,6 +597,7 @@ def test_sampler_widgets_are_built_from_describe(tiny_llama_dir):
     """Every UI field of SamplerConfig.describe() becomes a widget (so a new knob needs no app change), starting
     from the model's config; range checks are left to sampler_config (its messages name the field)."""
     import gradio as gr
+
     from app.tabs.common import KnobSlider, SamplerControls
     cfg = SamplerConfig(decoder="full", max_new_tokens=24, threshold=0.9)
     with gr.Blocks():
@@ -607,6 +616,7 @@ def test_sampler_widgets_are_built_from_describe(tiny_llama_dir):
 def test_a_single_frame_run_keeps_the_scrub_slider_valid():
     """A one-step run (steps = 1, a single [MASK], Stop in the first step) must not send minimum == maximum."""
     import gradio as gr
+
     from app.tabs.common import StreamView
     with gr.Blocks():
         view = StreamView("t", plots=False, export=False)
@@ -663,6 +673,7 @@ def test_an_invalid_combination_is_refused_before_any_work_naming_the_field():
 
 def test_widgets_a_decoder_ignores_are_disabled_with_a_word_why():
     import gradio as gr
+
     from app.tabs.common import SamplerControls
     from dlm.decoders import DECODERS
     with gr.Blocks():
@@ -714,6 +725,7 @@ def test_a_race_of_the_speculative_decoder_sweeps_its_block_length(loaded):
 
 def test_hard_examples_stay_marked_and_the_tab_opens_on_one_the_model_does_well():
     import gradio as gr
+
     from app.tabs.incontext import InContextTab
     e = parse_example("title: T\nexpected: x\nhard: missed 3 of 3\n---\nprompt", "t")
     assert e.hard == "missed 3 of 3" and e.label == "T (hard for the shipped model)"

@@ -490,8 +490,8 @@ def default_page(browser):
     """A browser page on the playground as `make run` serves it (no --model: the shipped default), on CPU."""
     from app import ui
     from app.models import DEFAULT_DLM
-    from dlm import registry
-    if not registry.is_available(DEFAULT_DLM):
+    from dlm import model_registry
+    if not model_registry.is_available(DEFAULT_DLM):
         pytest.skip(f"the shipped default {DEFAULT_DLM} is not available here")
     demo = ui.build(device="cpu")
     assert demo.backend.info.source == DEFAULT_DLM, demo.backend.info.notice

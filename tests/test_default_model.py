@@ -8,11 +8,11 @@ import pytest
 import torch
 
 import dlm
-from dlm import registry
+from dlm import model_registry
 from dlm.likelihood import elbo_nll, masked_token_accuracy
 
 pytestmark = pytest.mark.slow
-ASSET = registry.asset_dir("smollm2-135m-dlm")
+ASSET = model_registry.asset_dir("smollm2-135m-dlm")
 TEXT = Path(__file__).resolve().parent.parent / "train" / "data" / "tiny_corpus.txt"
 
 

@@ -13,8 +13,8 @@ from types import SimpleNamespace
 import pytest
 
 from evals import data as D
-from evals.backends import EvalModel, EvalSettings, default_kind
 from evals.cli import main as evals_main
+from evals.eval_model import EvalModel, EvalSettings, default_kind
 from evals.execution import humaneval_program, run_program, single_line
 from evals.metrics import (
     distinct_n,

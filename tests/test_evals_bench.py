@@ -64,8 +64,9 @@ def test_continuation_table_compares_the_dlm_with_its_ar_twin(tiny_llama_dir):
 
 
 def test_the_paired_ppl_ratio_interval_covers_equal_models_and_excludes_a_worse_one():
-    from dlm.quality import ppl_ratio_interval
     import random
+
+    from dlm.quality import ppl_ratio_interval
     rng = random.Random(0)
     base = [(rng.uniform(20, 60), 20) for _ in range(24)]             # per-prompt NLL, 20 tokens each
     same = ppl_ratio_interval(base, list(base))

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pytest
 
 from evals import data as D
-from evals.backends import EvalModel, EvalSettings
+from evals.eval_model import EvalModel, EvalSettings
 from evals.metrics import first_answer_span
 from evals.tasks import answers, eval_gsm8k, eval_qa, get_task
 

@@ -58,7 +58,7 @@ def test_simple_evaluate_on_a_local_task(tmp_path, tiny_dlm, kind, monkeypatch):
 def test_direct_calls_match_backend(tiny_dlm):
     from lm_eval.api.instance import Instance
 
-    from evals.backends import EvalModel, EvalSettings
+    from evals.eval_model import EvalModel, EvalSettings
     from evals.lm_eval_model import DLMHarnessLM
 
     lm = DLMHarnessLM(model=tiny_dlm, kind="ar")

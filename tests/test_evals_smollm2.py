@@ -11,7 +11,7 @@ import math
 import pytest
 
 from evals import data as D
-from evals.backends import EvalSettings
+from evals.eval_model import EvalSettings
 from evals.runner import evaluate
 from evals.tasks import TASKS
 

@@ -455,17 +455,17 @@ def test_app_backend_serves_each(family, layout):
 
 
 def test_registry_entries_name_hub_ids_counterparts_and_memory():
-    from dlm import registry
+    from dlm import model_registry
     for name, hub, family in [("dream-v0-base-7b", "Dream-org/Dream-v0-Base-7B", "dream"),
                               ("dream-v0-instruct-7b", "Dream-org/Dream-v0-Instruct-7B", "dream"),
                               ("llada-8b-base", "GSAI-ML/LLaDA-8B-Base", "llada"),
                               ("llada-8b-instruct", "GSAI-ML/LLaDA-8B-Instruct", "llada"),
                               ("sdar-4b-chat", "JetLM/SDAR-4B-Chat", "sdar"),
                               ("sdar-8b-chat", "JetLM/SDAR-8B-Chat", "sdar")]:
-        spec = registry.get(name)
+        spec = model_registry.get(name)
         assert spec.source == hub and spec.family == family and spec.kind == "dlm"
         assert spec.mask_token_id == families.get(family).mask_token_id
-        assert registry.get(spec.ar_counterpart).kind == "ar"
+        assert model_registry.get(spec.ar_counterpart).kind == "ar"
         mem = families.memory_for(name)
         assert mem["4bit"] < mem["8bit"] < mem["bf16"] < mem["fp32"]
         assert mem["4bit"] + mem["overhead_gib"] < 24          # sized for a 24 GB GPU in 4-bit

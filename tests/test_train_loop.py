@@ -309,7 +309,7 @@ def test_snapshots_and_an_adapter_over_an_adapter_dlm(tmp_path, cache_dir):
     DLM) exports an adapter whose base_model is that DLM, and dlm.load follows the chain; an AR-objective stage
     exports a model that loads as AR."""
     import dlm
-    from evals.backends import default_kind
+    from evals.eval_model import default_kind
     from train.ship import FROZEN_COPY
     lora = ("lora.enabled=true", "lora.r=4", "run.save_every=0", "run.eval_batches=0", "optim.lr=1e-2")
     first = tmp_path / "first"

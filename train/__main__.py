@@ -67,6 +67,7 @@ def main(argv=None) -> int:
 def _tokenize(cfg) -> int:
     """Build the token cache with exactly the tokenizer training will use (the model's, mask token included)."""
     from pathlib import Path
+
     from .data import build_token_cache
     from .modeling import build_model
     model = build_model(cfg, Path(cfg.run.output_dir) / "init-model")

@@ -44,7 +44,7 @@ class DataError(ValueError):
     """Missing, empty or unreadable training data; the message names the source."""
 
 
-# ----- cleaning hooks --------------------------------------------------------------------------------------------------
+# ----- cleaning hooks -------------------------------------------------------------------------------------------------
 _START = re.compile(r"\*\*\*\s*START OF", re.IGNORECASE)
 _END = re.compile(r"\*\*\*\s*END OF", re.IGNORECASE)
 
@@ -71,7 +71,7 @@ CLEANERS: dict[str, Callable[[str], str]] = {
 }
 
 
-# ----- sources -> documents ----------------------------------------------------------------------------------------------
+# ----- sources -> documents -------------------------------------------------------------------------------------------
 def _is_text_file(path: Path) -> bool:
     return path.name.endswith(TEXT_SUFFIXES)
 
@@ -168,7 +168,7 @@ def iter_documents(source: str, text_field: str = "text", hf_split: str = "train
         raise DataError(f"{source}: unreadable ({type(e).__name__}: {e})") from None
 
 
-# ----- weighted mixture of sources -------------------------------------------------------------------------------------
+# ----- weighted mixture of sources ------------------------------------------------------------------------------------
 class WeightedMixer:
     """Interleave the documents of several sources so that each source's share of the TOKENS follows its weight
     (DiffuLLaMA's SlimPajama ~70% + StarCoder ~30%, TinyLlama's token-weighted mix), deterministic for a seed and
@@ -238,7 +238,7 @@ class WeightedMixer:
         return [t / total if total else 0.0 for t in self.tokens]
 
 
-# ----- tokenizing into the cache ---------------------------------------------------------------------------------------
+# ----- tokenizing into the cache --------------------------------------------------------------------------------------
 def tokenizer_fingerprint(tokenizer) -> str:
     """Hash of everything that decides token ids: the backend vocabulary/merges + added tokens + EOS."""
     h = hashlib.sha256()
@@ -477,7 +477,7 @@ def _progress(items, enabled: bool):
     return tqdm(items, desc="tokenizing", unit="file")
 
 
-# ----- packed blocks and their order ------------------------------------------------------------------------------------
+# ----- packed blocks and their order ----------------------------------------------------------------------------------
 class PackedBlocks:
     """A 1-D token array cut into non-overlapping `block_size` blocks (the ragged tail is dropped)."""
 

@@ -26,7 +26,6 @@ from __future__ import annotations
 import gc
 import json
 import logging
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,8 +34,7 @@ from typing import Any, Optional, Sequence
 import torch
 from accelerate.tracking import GeneralTracker
 
-from .checkpoint import (clean_stale_temp, list_checkpoints, load_checkpoint, resolve_candidates,
-                         save_checkpoint)
+from .checkpoint import clean_stale_temp, list_checkpoints, load_checkpoint, resolve_candidates, save_checkpoint
 from .config import ConfigError, TrainConfig, validate
 from .data import BlockSampler, DataError, PackedBlocks, build_token_cache, expand_sources
 from .evaluate import evaluate
@@ -45,7 +43,7 @@ from .modeling import Objective, build_model, export, trainable_summary
 log = logging.getLogger("train")
 
 
-# ----- schedules -------------------------------------------------------------------------------------------------------
+# ----- schedules ------------------------------------------------------------------------------------------------------
 def anneal_ratio(step: int, anneal_steps: int) -> float:
     """Attention-mask annealing ratio for optimizer step `step` (0-based): min(1, step / anneal_steps).
 
@@ -78,7 +76,7 @@ def step_mode(step: int, seed: int, attention: str, block_lengths, block_fractio
     return int(rng.choice(list(block_lengths)))
 
 
-# ----- small helpers ----------------------------------------------------------------------------------------------------
+# ----- small helpers --------------------------------------------------------------------------------------------------
 def resolve_mixed_precision(value: str) -> str:
     if value != "auto":
         return value
@@ -200,7 +198,7 @@ def build_datasets(cfg: TrainConfig, task: str, tokenizer, progress: bool, max_l
                          "train_tokens": cache.split, "seq_len": cfg.data.block_size}
 
 
-# ----- the loop: set-up, resume, step, finish (nanoGPT's shape) ------------------------------------------------------------
+# ----- the loop: set-up, resume, step, finish (nanoGPT's shape) -------------------------------------------------------
 @dataclass
 class RunState:
     """One training run: what `setup` builds, `resume` restores, `train_step` advances, `checkpoint` saves and
@@ -524,7 +522,8 @@ def _training_record(state: RunState) -> dict:
             "objective": dc.objective, "attention": dc.attention, "block_lengths": list(dc.block_lengths),
             "block_fraction": dc.block_fraction, "clean_attention": dc.clean_attention, "ar_weight": dc.ar_weight,
             "distill_weight": dc.distill_weight, "draft_loss": dc.draft_loss, "reach": dc.reach,
-            "full_mask": dc.full_mask, "row_gate": cfg.lora.row_gate, "anneal_steps": dc.anneal_steps, "weighting": dc.weighting,
+            "full_mask": dc.full_mask, "row_gate": cfg.lora.row_gate, "anneal_steps": dc.anneal_steps,
+            "weighting": dc.weighting,
             "shift": cfg.model.shift, "lora": cfg.lora.enabled,
             "base": cfg.model.source if not cfg.model.init else "random init", "seq_len": state.data_info["seq_len"],
             "data": [str(s) for s in cfg.data.sources], "skip_blocks": cfg.data.skip_blocks,

@@ -63,6 +63,7 @@ def train_bpe_tokenizer(vocab_size: int, data_cfg):
     Deterministic for the same text. Special tokens: <|endoftext|> (EOS, id 0) and <|mask|> (id 1)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
+
     from .data import CLEANERS, expand_sources
     clean = CLEANERS[data_cfg.clean]
     files = [f for f in expand_sources(list(data_cfg.sources)) if not f.startswith("hf:")]

@@ -124,7 +124,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                    help="the export is a row-gated draft adapter: put it beside DEST's adapter (DEST/draft)")
     a = p.parse_args(argv)
     try:
-        pairs = lambda items: dict(i.split("=", 1) for i in items) if items else None
+        def pairs(items):
+            return dict(i.split("=", 1) for i in items) if items else None
         if any("=" not in i for i in a.generate + a.infill):
             raise ValueError("--generate / --infill take FIELD=VALUE")
         if a.draft:

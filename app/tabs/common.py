@@ -9,8 +9,8 @@ from typing import Callable, Optional
 import gradio as gr
 
 from app import render
+from app.checks import ui_value
 from app.events import LIGHT, MODEL, ended, fail, offload, session  # noqa: F401  (the tabs' one import)
-from app.requests import ui_value
 from app.worker import Run
 from dlm.decoders import DECODERS
 from dlm.sampler_config import SamplerConfig
@@ -33,7 +33,7 @@ BANNER_CSS = """
 # --------------------------------------------------------------------------------------------- sampler widgets
 class KnobSlider(gr.Slider):
     """A slider that hands its value over as sent: ranges and types are checked in one place, by
-    `app.requests.sampler_config` (SamplerConfig's messages name the field; Gradio's own range check would not)."""
+    `app.checks.sampler_config` (SamplerConfig's messages name the field; Gradio's own range check would not)."""
 
     is_template = True  # drawn by the frontend's Slider (gr.Blocks.get_block_name uses the base class)
 

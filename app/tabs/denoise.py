@@ -8,8 +8,8 @@ import gradio as gr
 from app import render
 from app.backend import Backend
 from app.requests import ui_edit
-from dlm.decoders import DECODERS
 from app.tabs.common import LIGHT, MODEL, SamplerControls, StreamView, fail, offload, session
+from dlm.decoders import DECODERS
 
 PROMPT = "The capital of France is"
 

@@ -9,17 +9,17 @@ from __future__ import annotations
 import gradio as gr
 
 from app.backend import Backend
+from app.checks import describe_error
 from app.models import DEVICES, DTYPES, QUANTIZATIONS
-from app.requests import describe_error
 from app.tabs import TAB
 from app.tabs.common import LIGHT, MODEL, SamplerControls, banner
-from dlm import registry
+from dlm import model_registry
 
 
 class ModelTab:
     def __init__(self, backend: Backend, controls: list[SamplerControls], banner_html: gr.HTML):
         self.backend, self.controls, self.banner = backend, controls, banner_html
-        specs = registry.list_models()
+        specs = model_registry.list_models()
         source = backend.info.source
         policy = backend.switching
         on = dict(interactive=policy.allowed)
@@ -28,9 +28,9 @@ class ModelTab:
             gr.Markdown(self._policy_note(policy), elem_id="model-policy")
             with gr.Row():
                 self.name = gr.Dropdown([(f"{s.name} ({s.kind}, {s.params})", s.name) for s in specs],
-                                        value=source if registry.is_registered(source) else None,
+                                        value=source if model_registry.is_registered(source) else None,
                                         label="Registry model", scale=2, elem_id="model-name", **on)
-                self.path = gr.Textbox("" if registry.is_registered(source) else "", scale=3,
+                self.path = gr.Textbox("" if model_registry.is_registered(source) else "", scale=3,
                                        label="…or a local path in an allowed folder (overrides the registry choice)",
                                        elem_id="model-path", **on)
             self.notes = gr.Markdown()
@@ -60,10 +60,10 @@ class ModelTab:
         backend = self.backend
 
         def show_notes(name):
-            if not name or not registry.is_registered(name):
+            if not name or not model_registry.is_registered(name):
                 return ""
-            s = registry.get(name)
-            where = "available offline" if registry.is_available(name) else \
+            s = model_registry.get(name)
+            where = "available offline" if model_registry.is_available(name) else \
                 "not available offline (needs the network once, or its files)"
             return f"*{s.notes}* — {where}."
 

@@ -11,8 +11,8 @@ from app import render
 from app.backend import Backend
 from app.experiments import LANES, RaceState
 from app.requests import check_sweep, default_sweep, sweep_field, sweep_fields
-from dlm.decoders import DECODERS
 from app.tabs.common import LIGHT, MODEL, SamplerControls, fail, offload, session
+from dlm.decoders import DECODERS
 
 
 def format_sweep(values) -> str:

@@ -5,6 +5,11 @@ non-fixed positions of `run.canvas` in place, calling the model only through `ru
 and model time), and yields one `Step` (plain tensors: what was revealed, with what confidence) after each
 evaluation. It never builds display records: the caller turns steps into `Frame`s only when it streams or asks.
 
+Reading order: registry.py (what a decoder declares), run.py (the state and the step they share), full.py (the
+paper's sampler, the simplest loop), blocks.py (the same over an exact cache), speculative.py (blocks that draft for
+themselves). Around them: `dlm.reveal` (which proposals a step keeps), `dlm.token_sampling` (logits -> tokens),
+`dlm.sampling` (prompt -> canvas -> a decoder -> Generation: the front end `model.generate` calls).
+
     full.py         the paper's sampler (Algorithm 2 and its certainty-ordered variants) over the whole canvas with
                     full attention: any order, any fixed positions (infilling), LLaDA-style semi-autoregressive
                     blocks, Fast-dLLM's approximate prefix cache.

@@ -97,10 +97,10 @@ def _config_of(name_or_path: str) -> Optional[dict]:
     path = Path(name_or_path).expanduser()
     if path.is_dir() and (path / "config.json").is_file():
         return json.loads((path / "config.json").read_text())
-    from .. import registry
-    if not registry.is_registered(name_or_path):
+    from .. import model_registry
+    if not model_registry.is_registered(name_or_path):
         return None
-    spec = registry.get(name_or_path)
+    spec = model_registry.get(name_or_path)
     kind, where = spec.origin
     if kind != "hub":
         return None
