@@ -20,7 +20,8 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Optional
 
 from app import MAX_NEW_TOKENS, MAX_PROMPT_TOKENS, TIME_LIMIT_S, experiments, render
-from app.checks import DEFAULT_BOUNDS, Bounds, Checker, cap_steps, prompt_limit, sampler_config
+from app.checker import Checker, prompt_limit
+from app.checks import DEFAULT_BOUNDS, Bounds, cap_steps, sampler_config
 from app.models import Display, ModelInfo, Models, SwitchPolicy, process_memory
 from app.worker import Run, Worker, lane
 from dlm.quality import judge_ppl

@@ -1,7 +1,7 @@
 """Composed experiments: work made of several model calls, run as one request in the worker: the race of the DLM
 against its AR counterpart (+ a steps sweep), the span-length sweep, the In-context scoreboard, and the time to the
 first frame. Each `*_job` returns a job for `Worker.start` (a generator function of `(lane, item)` events); the
-request is checked before (`app.checks.Checker`).
+request is checked before (`app.checker.Checker`).
 
 `RaceState` is the one reader of the race's events: the race tab and the /race, /compare endpoints fold a run's
 batches into it and draw or serialise what it holds.
@@ -12,7 +12,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
-from app.checks import Infill, Prompt, cap_steps, masked_tokens, with_span_length
+from app.checker import Infill, Prompt
+from app.checks import cap_steps, masked_tokens, with_span_length
 from app.render import Trace, finite
 from dlm.fewshot import answer_of, run_example
 from dlm.infill import attach_spaces, split_template

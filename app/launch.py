@@ -28,7 +28,7 @@ from app import MAX_NEW_TOKENS, MAX_PROMPT_TOKENS, TIME_LIMIT_S  # noqa: E402  (
 from dlm.load_options import ATTN_IMPLEMENTATIONS, QUANTIZATIONS  # noqa: E402  (no torch either)
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dlm-studio", description="dlm-studio: diffusion LM playground (Gradio)")
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1; 0.0.0.0 = LAN)")
     p.add_argument("--port", type=int, default=7860, help="port (default 7860)")
@@ -75,6 +75,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-file-size", default="1mb",
                    help="largest upload Gradio accepts (default 1mb; the app takes no file, its upload route is "
                         "closed)")
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """The flags, with the lists split and --trusted-proxies / --auth checked (a usage error names the flag)."""
+    p = build_parser()
     args = p.parse_args(argv)
     args.trusted_proxies = [a.strip() for a in args.trusted_proxies.split(",") if a.strip()]
     args.allowed_hosts = [a.strip() for a in args.allowed_hosts.split(",") if a.strip()]

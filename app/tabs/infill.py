@@ -19,6 +19,16 @@ EXAMPLES = load_examples(INFILL_EXAMPLES_DIR)
 TEMPLATE = next((e.prompt for e in EXAMPLES if not e.hard), EXAMPLES[0].prompt if EXAMPLES else "")
 
 
+def ar_side(mode: str, template, prefix, length) -> tuple[str, int]:
+    """What the AR model gets for an infilling request: the text before the first span and the tokens to write
+    (all the spans hold, in total): the paper's Table 1 setting, the AR model sees the prefix only."""
+    if mode != "template":
+        return prefix or "", length
+    parts = attach_spaces(split_template(template or ""))[0]   # the space goes to the words
+    first = parts[0][1] if parts and isinstance(parts[0][1], str) else ""
+    return first, sum(p for _, p in parts if isinstance(p, int))
+
+
 class InfillTab:
     def __init__(self, backend: Backend):
         self.backend = backend
@@ -79,12 +89,7 @@ class InfillTab:
             if not with_ar:
                 return ""
             try:
-                if mode == "template":
-                    parts = attach_spaces(split_template(template or ""))[0]   # the space goes to the words
-                    ar_prefix = parts[0][1] if parts and isinstance(parts[0][1], str) else ""
-                    n_new = sum(p for _, p in parts if isinstance(p, int))
-                else:
-                    ar_prefix, n_new = prefix or "", length
+                ar_prefix, n_new = ar_side(mode, template, prefix, length)
                 if not ar_prefix.strip():
                     return "(no text before the first span: nothing for the AR model to continue)"
                 cfg = backend.sampler(controls.values(knobs), task="infill")
