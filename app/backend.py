@@ -274,3 +274,13 @@ class Backend:
     def time_to_first_frame(self, prompt: str, config: Optional[SamplerConfig] = None, **overrides) -> float:
         """Seconds until the first animated frame (for bench/: `experiments.time_to_first_frame`)."""
         return experiments.time_to_first_frame(self, prompt, config, **overrides)
+
+
+# The tabs import this facade (with app.events, app.render and app.tabs.common) and nothing else of app/: what they
+# need from behind it is re-exported here (load options, the race's lanes and reader, sweeps, edits, widget values).
+from app.checks import check_sweep, default_sweep, sweep_field, sweep_fields, ui_edit, ui_value  # noqa: E402, I001
+from app.experiments import LANES, RaceState  # noqa: E402
+from app.models import DEVICES, DTYPES, QUANTIZATIONS  # noqa: E402
+
+__all__ = ["Backend", "Prompted", "forwards", "check_sweep", "default_sweep", "sweep_field", "sweep_fields", "ui_edit",
+           "ui_value", "LANES", "RaceState", "DEVICES", "DTYPES", "QUANTIZATIONS", "Run"]

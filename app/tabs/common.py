@@ -9,9 +9,8 @@ from typing import Callable, Optional
 import gradio as gr
 
 from app import render
-from app.checks import ui_value
+from app.backend import Run, ui_value
 from app.events import LIGHT, MODEL, ended, fail, offload, session  # noqa: F401  (the tabs' one import)
-from app.worker import Run
 from dlm.decoders import DECODERS
 from dlm.sampler_config import SamplerConfig
 

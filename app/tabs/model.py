@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import gradio as gr
 
-from app.backend import Backend
-from app.checks import describe_error
-from app.models import DEVICES, DTYPES, QUANTIZATIONS
+from app.backend import DEVICES, DTYPES, QUANTIZATIONS, Backend
+from app.events import describe_error
 from app.tabs import TAB
 from app.tabs.common import LIGHT, MODEL, SamplerControls, banner
 from dlm import model_registry
