@@ -52,7 +52,8 @@ def test_the_declarations_read_from_source_are_the_decorators():
     assert dict(REVEAL_RULES.items()) == rules and {"confidence", "margin", "entropy", "random"} <= set(rules)
     assert not REVEAL_RULES["random"].uses_threshold and REVEAL_RULES["margin"].uses_threshold
     per_decoder = {f.name for f in fields(SamplerConfig) if f.metadata.get("per_decoder")}
-    assert per_decoder == {"steps", "block_length", "remasking", "threshold", "stop_at_eos", "use_cache"}
+    assert {"steps", "block_length", "remasking", "threshold", "stop_at_eos", "use_cache"} <= per_decoder
+    assert per_decoder == {k for spec in DECODERS.values() for k in spec.uses}   # each read by some decoder
     for spec in DECODERS.values():
         assert set(spec.uses) <= per_decoder and spec.description, spec
     assert DECODERS["full"].fixed_positions and not DECODERS["blocks"].fixed_positions
