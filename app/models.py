@@ -22,6 +22,7 @@ from dlm.load_options import QUANTIZATIONS
 from dlm.sampler_config import SamplerConfig
 from dlm.sampling import cut_at_eos
 
+registry = model_registry  # the old name (the same module): tests/test_app_units.py still patches it there
 DEFAULT_DLM = "smollm2-135m-dlm"
 FALLBACK_DLM = "smollm2-135m"  # the un-adapted base, used as a DLM when the adapted model is missing
 DEVICES = ["auto", "cpu", "cuda", "mps"]
