@@ -396,7 +396,7 @@ def test_tokenizing_never_blocks_the_event_loop(server, monkeypatch):
     5 MB template froze every request for 20 s)."""
     import httpx
 
-    import app.checks as rq
+    import app.checker as rq
     real = rq.encode_prompt
 
     def slow_encode(*a, **k):
