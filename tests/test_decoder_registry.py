@@ -118,8 +118,9 @@ def test_a_new_decoder_is_one_definition(tiny_dlm):
         notes = cfg.ignored_settings()
         assert [n.split("=")[0] for n in notes] == ["steps", "threshold"]
         assert all("test-left-to-right decoder" in n for n in notes)
+        keeping = ", ".join(name for name, spec in DECODERS.items() if spec.fixed_positions)
         with pytest.raises(ValueError, match=r"infilling needs the full-attention decoder or another that keeps "
-                                             r"fixed positions \(full; "):
+                                             rf"fixed positions \({keeping}; "):
             tiny_dlm.fill("The [MASK:2] dog", decoder="test-left-to-right")
         with pytest.raises(ValueError, match="pins: pinned words need the full-attention decoder"):
             tiny_dlm.generate("Hi", max_new_tokens=4, pins={1: 5}, decoder="test-left-to-right")
