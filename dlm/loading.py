@@ -516,6 +516,15 @@ def _draft_adapter(plan: "_Plan") -> Optional[Path]:
     return path
 
 
+def _adapters_to(base, dtype: torch.dtype) -> None:
+    """Cast an unmerged peft adapter's floating parameters (LoRA matrices, trained token rows) to `dtype`."""
+    if not hasattr(base, "peft_config"):
+        return
+    for name, p in base.named_parameters():
+        if p.is_floating_point() and p.dtype != dtype and ("lora_" in name or "token_adapter" in name):
+            p.data = p.data.to(dtype)
+
+
 def _routing(base, plan: "_Plan", draft: Optional[Path]):
     """Adapter routing (`dlm.adapter_routing`) for a model with a draft adapter beside its own (two adapters: the
     any-order one on every row of full-attention forwards, the draft one on the noisy rows of block forwards), or
@@ -693,6 +702,8 @@ def load(source: Union[str, os.PathLike], *, mask_token_id: Optional[int] = None
         base = _apply_adapter(base, a, merge=(merge_adapter and not (outer and keep_outer) or not outer)
                               and not quantized)
     routing = _routing(base, plan, draft)
+    if not quantized:   # unmerged adapters in the base's dtype (a bf16 asset would cast every LoRA call's input)
+        _adapters_to(base, torch_dtype)
     base = _place(base, dev, quantized=bool(quantized), cpu_kernel=cpu_kernel, packed=quantization)
 
     cfg = _dlm_config(plan, base, mask_id, added, source, shift)

@@ -228,6 +228,14 @@ def _kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Ten
     return F.kl_div(student_logits.float().log_softmax(-1), teacher, log_target=True, reduction="batchmean")
 
 
+def _embedding_table(base) -> torch.Tensor:
+    """The input embedding's weight without materialising it: peft's trainable-token wrapper answers `.weight` by
+    rebuilding the whole table with the adapter's rows (a 113 MB copy for SmolLM2) on every access."""
+    emb = base.get_input_embeddings()
+    inner = getattr(getattr(emb, "token_adapter", None), "base_layer", None)
+    return (inner if inner is not None else emb).weight
+
+
 def padding_position_ids(attention_mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     """Left padding must not shift positions: position = number of real tokens before it."""
     if attention_mask is None or bool(attention_mask.bool().all()):
@@ -301,11 +309,11 @@ class DiffusionLM(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.base.get_input_embeddings().weight.dtype
+        return _embedding_table(self.base).dtype
 
     @property
     def vocab_size(self) -> int:
-        return self.base.get_input_embeddings().weight.shape[0]
+        return _embedding_table(self.base).shape[0]
 
     @property
     def max_length(self) -> int:

@@ -51,7 +51,7 @@ def read_records(files: list[str], fields: list[str]) -> list[dict]:
 def format_record(record: dict, record_format: str) -> dict:
     """The record as the templates see it (`sft.record_format`)."""
     if record_format == "gsm8k_symbolic":
-        from evals.metrics import gsm8k_symbolic
+        from dlm.formats import gsm8k_symbolic
         return {**record, "answer": gsm8k_symbolic(record["answer"])}
     return record
 

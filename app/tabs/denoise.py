@@ -6,8 +6,7 @@ from __future__ import annotations
 import gradio as gr
 
 from app import render
-from app.backend import Backend
-from app.requests import ui_edit
+from app.backend import Backend, ui_edit
 from app.tabs.common import LIGHT, MODEL, SamplerControls, StreamView, fail, offload, session
 from dlm.decoders import DECODERS
 

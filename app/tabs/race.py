@@ -8,9 +8,7 @@ from __future__ import annotations
 import gradio as gr
 
 from app import render
-from app.backend import Backend
-from app.experiments import LANES, RaceState
-from app.requests import check_sweep, default_sweep, sweep_field, sweep_fields
+from app.backend import LANES, Backend, RaceState, check_sweep, default_sweep, sweep_field, sweep_fields
 from app.tabs.common import LIGHT, MODEL, SamplerControls, fail, offload, session
 from dlm.decoders import DECODERS
 
