@@ -505,12 +505,14 @@ class DiffusionLM(nn.Module):
             pad_new[:, :c] = clean_padding.to(device)
         padding = pad_new if cache.padding is None else torch.cat([cache.padding.to(device), pad_new], dim=1)
         has_pad = not bool(padding.bool().all())
-        positions = ((padding.long().cumsum(-1) - 1).clamp(min=0) if has_pad else
-                     torch.arange(past + c + n, device=device)[None].expand(B, -1))[:, past:]
+        every = ((padding.long().cumsum(-1) - 1).clamp(min=0) if has_pad else
+                 torch.arange(past + c + n, device=device)[None].expand(B, -1))
+        positions = every[:, past:]
         if lay.noisy_at != c:  # a sibling block starts where clean token `noisy_at` is
             positions = torch.cat([positions[:, :c], positions[:, lay.noisy_at:lay.noisy_at + 1] +
                                    torch.arange(n, device=device)], dim=1)
-        mask = prepared_mask(self.base.config, pattern, B, self.dtype, padding if has_pad else None)
+        key_positions = torch.cat([every[0, :past], positions[0]])   # sliding windows count positions, not order
+        mask = prepared_mask(self.base.config, pattern, B, self.dtype, padding if has_pad else None, key_positions)
         with route(self, "block", lay.q_noisy):   # a draft adapter runs on the noisy rows only
             out = self.base(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache.kv,
                             use_cache=True, logits_to_keep=lay.keep)
@@ -614,7 +616,7 @@ class DiffusionLM(nn.Module):
             position_ids = torch.cat([half, half], 1)
         else:
             pad, position_ids = None, positions[None].expand(B, -1)
-        mask = prepared_mask(self.base.config, pattern, B, self.dtype, pad)
+        mask = prepared_mask(self.base.config, pattern, B, self.dtype, pad, position_ids[0])   # staircase positions
         noisy_rows = torch.cat([torch.ones(L, device=x0.device), torch.zeros(L, device=x0.device)])
         with route(self, "block", noisy_rows):   # a draft adapter runs on x_t's rows only
             out = self.base(input_ids=torch.cat([x_t, x0], 1), attention_mask=mask, position_ids=position_ids,

@@ -34,7 +34,7 @@ def test_asset_is_small_and_only_what_differs_from_the_base():
     files = {p.name for p in ASSET.iterdir()}
     assert {"adapter_model.safetensors", "adapter_config.json", "dlm_config.json", "README.md"} <= files
     assert "model.safetensors" not in files
-    assert sum(p.stat().st_size for p in ASSET.rglob("*") if p.is_file()) < 40 * 2**20
+    assert sum(p.stat().st_size for p in ASSET.rglob("*") if p.is_file()) < 48 * 2**20   # two bf16 adapters
 
 
 # Prompts of several kinds (story, instruction-like, list, code, dialogue), none tuned on.

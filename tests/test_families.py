@@ -77,9 +77,8 @@ def _needs_full_length_cache(model):
     `DynamicCache(config=...)` keeps only the window of a sliding layer, which the block decoders' masks and crops
     do not expect (`dlm.attention.full_length_cache` is the cache that fits)."""
     cache = model.new_block_cache().kv
-    if any(getattr(layer, "is_sliding", False) for layer in getattr(cache, "layers", [])):
-        pytest.xfail("DiffusionLM.new_block_cache must use dlm.attention.full_length_cache for sliding-window "
-                     "models (dlm/model.py)")
+    assert not any(getattr(layer, "is_sliding", False) for layer in getattr(cache, "layers", [])), \
+        "DiffusionLM.new_block_cache must keep every token (dlm.attention.full_length_cache)"
 
 
 def test_block_cache_equals_one_uncached_forward(model):

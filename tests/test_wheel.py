@@ -27,7 +27,8 @@ def wheel(tmp_path_factory) -> Path:
 def test_wheel_holds_the_package_data(wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
     for needed in ("dlm/assets/smollm2-135m-dlm/adapter_model.safetensors",
-                   "dlm/assets/smollm2-135m-dlm/dlm_config.json", "dlm/examples/analogies.txt",
+                   "dlm/assets/smollm2-135m-dlm/dlm_config.json",
+                   "dlm/assets/smollm2-135m-dlm/draft/adapter_model.safetensors", "dlm/examples/analogies.txt",
                    "dlm/examples/infill/01-fisherman.txt",
                    "train/configs/tiny-cpu.yaml", "train/accelerate/cpu-2proc.yaml", "train/data/tiny_corpus.txt",
                    "dlm/csrc/small_rows.cpp"):

@@ -1,9 +1,10 @@
 """Self-speculative block decoding: block diffusion drafting for itself, verified by its own clean (AR) rows.
 
 Needs token-causal clean attention (`clean_attention` "causal" in the model's dlm_config.json): every clean row is
-then a next-token (AR) prediction of the same weights. Every forward (`DiffusionLM.block_verify`) commits the
-newest final token and the pending drafts as clean tokens and denoises one noisy block after (or beside) them, over
-the exact cache:
+then a next-token (AR) prediction of the same weights; with a row-gated draft adapter (`dlm.adapter_routing`) the
+clean rows are the base model itself, so the output is the AR base's. Every forward (`DiffusionLM.block_verify`)
+commits the newest final token and the pending drafts as clean tokens and denoises one noisy block after (or
+beside) them, over the exact cache:
 
 - The drafts are verified left to right by speculative sampling: a draft x is kept with probability
   min(1, p(x) / q(x)) (p the AR distribution, q the distribution it was drafted from; at temperature 0: kept iff
@@ -94,8 +95,8 @@ class Speculation:
         self.done = token in self.stop_ids or self.pos >= canvas.shape[1]
 
 
-@decoder("speculative", description="block drafts verified by the model's own AR rows: exact speculative "
-                                    "sampling, stops at EOS",
+@decoder("speculative", description="block drafts verified by the model's AR rows (the AR base itself with a "
+                                    "draft adapter): exact speculative sampling, stops at EOS",
          uses=("block_length", "threshold", "stop_at_eos"), block_mode=True)
 def decode_speculative(run: DecodeRun) -> Iterator[Step]:
     """Continue a prompt with block drafts verified by the clean rows of the same weights (see the module
