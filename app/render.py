@@ -141,8 +141,9 @@ class Trace:
         first = max(0, prompt_end - PROMPT_TOKENS_SHOWN)
         if first > 0:
             out.append(f'<span class="ell">… ({first} prompt tokens) </span>')
-        for pos in range(first, len(frame.tokens)):
-            tok = frame.tokens[pos]
+        end = max(len(frame.tokens), 1 + max(drafts, default=-1))   # drafts may lie past the decided canvas
+        for pos in range(first, end):
+            tok = frame.tokens[pos] if pos < len(frame.tokens) else self.mask_id
             if tok == self.mask_id and pos in drafts:
                 d, q = drafts[pos]
                 out.append(f'<span class="t dr" style="opacity:{0.35 + 0.65 * min(max(q, 0.0), 1.0):.2f}" '

@@ -79,6 +79,9 @@ def test_a_speculative_step_shows_its_drafts_kept_rejected_and_new():
     assert second.count('class="t dr"') == 1 and "draft kept" in second
     assert "1 draft(s) kept, 1 rejected, 1 new" in t.counter(1) and "1.50 tokens per forward" in t.counter(1)
     assert "1.50 tokens per forward" in t.race_counter(1.0)
+    past_end = _trace([Frame(step=1, total_steps=4, tokens=[1, 2, 12], revealed=[2], confidence=[0.9], start=2,
+                             drafts=[[3, 13, 0.8], [4, 14, 0.3]])])          # the decoder cuts the canvas at its end
+    assert past_end.html().count('class="t dr"') == 2
     plain = _trace()                                                       # other decoders: no draft legend
     assert "rejected" not in plain.html() and "tokens per forward" not in plain.counter()
 

@@ -453,7 +453,7 @@ def test_ar_generate_greedy_seeded_and_timed(model):
     (dict(block_length=2, steps=3), "steps=3 is fewer than the 4 blocks"),
     (dict(threshold=1.5), r"threshold: must be in \(0, 1\]"),
     (dict(threshold=0.9, remasking="random"), "threshold: needs a certainty-based remasking"),
-    (dict(temperature=-1.0), "temperature: must be a number >= 0"),
+    (dict(temperature=-1.0), "temperature: must be 0 \\(greedy\\) or between"),
     (dict(temperature=float("nan")), "temperature: must be a finite number"),
     (dict(top_p=0.0), r"top_p: must be in \(0, 1\]"),
     (dict(top_k=-1), "top_k: must be an integer >= 0"),
