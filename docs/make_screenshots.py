@@ -24,6 +24,10 @@ TABS = {"Denoise": ("denoise-generate", 60), "Infill": ("infill-generate", 60), 
         "AR vs DLM": ("compare-run", 120), "Model": (None, 2)}
 
 
+# the Denoise step also saved on its own (denoise-step.png): early enough that most of the canvas is still ahead
+STEP_SHOWN = 6
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -75,6 +79,15 @@ def main(names: list[str]) -> None:
                 path = OUT / f"{tab.lower().replace(' ', '-')}.png"
                 page.screenshot(path=str(path), full_page=True)
                 print(path)
+                if tab == "Denoise":   # also one step of the run: what a step shows (drafts kept and rejected)
+                    slider = page.locator("#denoise-scrub input[type=number]")
+                    if slider.count():
+                        slider.fill(str(STEP_SHOWN))
+                        slider.press("Enter")
+                        page.wait_for_timeout(2000)
+                        step = OUT / "denoise-step.png"
+                        page.locator("#denoise-view").screenshot(path=str(step))
+                        print(step)
             browser.close()
     finally:
         app.terminate()
