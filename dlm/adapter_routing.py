@@ -43,26 +43,26 @@ class AdapterRouting:
     def __init__(self, base, gated: str, any_order: Optional[str] = None):
         self.base, self.gated, self.any_order = base, gated, any_order
         self.rows: Optional[torch.Tensor] = None     # the current gate; None = every row
+        self._gates: dict = {}                       # `rows` converted for the layers' outputs (device, dtype)
         self.mode: Optional[str] = None
-        self.handles = []
-        for module in base.modules():
-            lora_b = getattr(module, "lora_B", None)
-            if isinstance(lora_b, torch.nn.ModuleDict) and gated in lora_b:
-                self.handles.append(lora_b[gated].register_forward_hook(self._gate))
-        if not self.handles:
+        gated_layers = [m.lora_B[gated] for m in base.modules()
+                        if isinstance(getattr(m, "lora_B", None), torch.nn.ModuleDict) and gated in m.lora_B]
+        for layer in gated_layers:
+            layer.register_forward_hook(self._gate)
+        if not gated_layers:
             raise ValueError(f"adapter {gated!r} has no LoRA layers to gate")
         from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
         self.token_layers = [m for m in base.modules() if isinstance(m, TrainableTokensLayer)]
         self.merged_tokens: Optional[str] = None
 
     def _gate(self, module, inputs, output):
-        rows = self.rows
-        if rows is None:
+        if self.rows is None:
             return output
-        rows = rows.to(device=output.device, dtype=output.dtype)
-        if rows.dim() == 1:                      # [T]: the same rows in every sequence
-            return output * rows[:, None]
-        return output * rows[..., None]          # [B, T]
+        key = (output.device, output.dtype)
+        gate = self._gates.get(key)
+        if gate is None:   # once per forward and dtype, not once per layer: [T] -> [T, 1], [B, T] -> [B, T, 1]
+            gate = self._gates[key] = self.rows.to(device=output.device, dtype=output.dtype)[..., None]
+        return output * gate
 
     def _merge_tokens(self, name: Optional[str]) -> None:
         """Write adapter `name`'s trained token rows (the [MASK] row) into the base embedding, or none. peft's
@@ -81,21 +81,19 @@ class AdapterRouting:
         self.merged_tokens = name
 
     def _switch(self, mode: str) -> None:
-        training = self.base.training and torch.is_grad_enabled()
-        name = None if mode == "ar" or training else (
-            self.gated if mode == "block" or self.any_order is None else self.any_order)
+        adapter = None if mode == "ar" else self.gated if mode == "block" or self.any_order is None else self.any_order
         if self.token_layers:
-            self._merge_tokens(name)
+            training = self.base.training and torch.is_grad_enabled()
+            self._merge_tokens(None if training else adapter)
         if mode == self.mode:
             return
-        if mode == "ar":
+        if adapter is None:
             self.base.base_model.disable_adapter_layers()
         else:
             if self.mode in (None, "ar"):
                 self.base.base_model.enable_adapter_layers()
-            name = self.gated if mode == "block" or self.any_order is None else self.any_order
-            if self.base.active_adapter != name:
-                self.base.set_adapter(name)
+            if self.base.active_adapter != adapter:
+                self.base.set_adapter(adapter)
         self.mode = mode
 
     @contextlib.contextmanager
@@ -105,16 +103,12 @@ class AdapterRouting:
         if mode not in ("full", "block", "ar"):
             raise ValueError(f"adapter routing mode must be full, block or ar, got {mode!r}")
         self._switch(mode)
-        previous, self.rows = self.rows, (rows if mode == "block" else None)
+        previous, self.rows = (self.rows, self._gates), (rows if mode == "block" else None)
+        self._gates = {}
         try:
             yield
         finally:
-            self.rows = previous
-
-    def remove(self) -> None:
-        for h in self.handles:
-            h.remove()
-        self.handles = []
+            self.rows, self._gates = previous
 
 
 def route(model, mode: str, rows: Optional[torch.Tensor] = None):

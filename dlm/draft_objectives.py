@@ -29,6 +29,14 @@ def aligned_next_token(logits: torch.Tensor) -> torch.Tensor:
     return torch.cat([torch.zeros_like(logits[:, :1]), logits[:, :-1]], dim=1)
 
 
+def without_mask_id(model, logits: torch.Tensor) -> torch.Tensor:
+    """`logits` [..., V] in float32 with an added [MASK] id's logit at -inf (no decoder ever draws it), as a copy."""
+    logits = logits.float().clone()
+    if model.config.added_mask_token:
+        logits[..., model.mask_token_id] = float("-inf")
+    return logits
+
+
 def acceptance(p_logits: torch.Tensor, q_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """[N] sum_x min(p(x), q(x)) for rows of logits at `temperature` (0 = greedy: argmax q == argmax p).
     -inf logits (banned ids) carry no mass."""
@@ -82,10 +90,7 @@ def expected_tokens_per_forward(model, input_ids: torch.Tensor, block_length: in
     maskable = model.default_maskable(x0, attention_mask)
     x_t = torch.where(maskable, torch.full_like(x0, int(model.mask_token_id)), x0)
     logits = model.block_denoise_logits(x_t, x0, block_length, 0, attention_mask, with_clean=True)
-    student, teacher = logits[:, :L].float(), aligned_next_token(logits[:, L:]).float()
-    if model.config.added_mask_token:   # the decoders never draw the mask id
-        student[..., model.mask_token_id] = float("-inf")
-        teacher[..., model.mask_token_id] = float("-inf")
+    student, teacher = without_mask_id(model, logits[:, :L]), without_mask_id(model, aligned_next_token(logits[:, L:]))
     n_blocks = L // block_length
     out = {}
     for name, temp in (("tpf", temperature), ("tpf_greedy", 0.0)):

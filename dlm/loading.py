@@ -702,7 +702,8 @@ def load(source: Union[str, os.PathLike], *, mask_token_id: Optional[int] = None
         base = _apply_adapter(base, a, merge=(merge_adapter and not (outer and keep_outer) or not outer)
                               and not quantized)
     routing = _routing(base, plan, draft)
-    if not quantized:   # unmerged adapters in the base's dtype (a bf16 asset would cast every LoRA call's input)
+    if not quantized:   # unmerged adapters in the base's dtype (peft keeps them fp32: on a bf16 base every LoRA
+        # call would cast its input and output)
         _adapters_to(base, torch_dtype)
     base = _place(base, dev, quantized=bool(quantized), cpu_kernel=cpu_kernel, packed=quantization)
 

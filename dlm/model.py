@@ -24,7 +24,14 @@ from . import infill as infill_mod
 from . import likelihood, sampling
 from .adapter_routing import route
 from .attention import anneal_attention_mask, bidirectional, block_ids, block_pattern, prepared_mask, staircase
-from .draft_objectives import DRAFT_LOSSES, acceptance, aligned_next_token, draft_token_loss, reach_weights
+from .draft_objectives import (
+    DRAFT_LOSSES,
+    acceptance,
+    aligned_next_token,
+    draft_token_loss,
+    reach_weights,
+    without_mask_id,
+)
 from .fileio import atomic_directory
 from .noise import q_sample, sample_t
 from .sampler_config import (
@@ -262,7 +269,7 @@ class DiffusionLM(nn.Module):
         self.infill_config = infill_config or SamplerConfig()
         self.name = name or getattr(getattr(base, "config", None), "_name_or_path", "") or "dlm"
         self.routing = None   # an `AdapterRouting` when a row-gated draft adapter is loaded (`dlm.adapter_routing`)
-        vocab = self.base.get_input_embeddings().weight.shape[0]
+        vocab = self.vocab_size
         if not 0 <= config.mask_token_id < vocab:
             raise ValueError(f"mask_token_id {config.mask_token_id} is outside the vocabulary (0..{vocab - 1})")
 
@@ -692,12 +699,9 @@ class DiffusionLM(nn.Module):
             weight = (1.0 / t_tok)[masked] if weighting == "inverse_t" else torch.ones_like(ce)
             loss = (ce * weight).sum() / n
         else:
-            verifier = aligned_next_token(logits[:, L:] if in_forward else teacher_logits)[masked].float()
-            student = logits[:, :L][masked].float()
-            if self.config.added_mask_token:   # no decoder ever draws the mask id
-                verifier[:, self.mask_token_id] = float("-inf")
-                student = student.clone()
-                student[:, self.mask_token_id] = float("-inf")
+            next_token = logits[:, L:] if in_forward else teacher_logits   # the verifier's AR rows
+            verifier = without_mask_id(self, aligned_next_token(next_token)[masked])
+            student = without_mask_id(self, logits[:, :L][masked])
             per_token, alpha = ((ce, acceptance(verifier, student, accept_temperature)) if draft_loss == "ce"
                                 else draft_token_loss(student, verifier, draft_loss, accept_temperature))
             weight = torch.ones_like(per_token)
