@@ -36,8 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="DLM: registry name, local directory / .gguf, or hub id (default: smollm2-135m-dlm)")
     p.add_argument("--ar-model", default=None, help="AR model to compare with (default: the registered counterpart)")
     p.add_argument("--adapter", default=None, help="optional LoRA adapter directory applied on top of --model")
-    p.add_argument("--quantization", choices=QUANTIZATIONS, default="none",
-                   help="bitsandbytes quantization (default none; on CPU it saves memory but is slower)")
+    p.add_argument("--quantization", choices=QUANTIZATIONS, default="auto",
+                   help="auto (default): int4 on a CPU where it is exact (the embedded default), else none; int8 / "
+                        "int4: dlm's packed CPU formats; 8bit / 4bit: bitsandbytes; none: full precision")
     p.add_argument("--device", default="auto", help="auto (GPU if present) / cpu / cuda / mps (default auto)")
     p.add_argument("--dtype", default="auto", help="auto / float32 / bfloat16 / float16 (default auto)")
     p.add_argument("--queue-size", type=int, default=16, help="max requests waiting in the queue (default 16)")

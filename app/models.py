@@ -210,13 +210,14 @@ class Models:
         self.policy.check("AR model", as_text("AR model", ar_source).strip())
         return self.load(source, adapter=adapter, ar_source=ar_source, **kwargs)
 
-    def load(self, source: str, *, adapter: Optional[str] = None, quantization: Optional[str] = "none",
+    def load(self, source: str, *, adapter: Optional[str] = None, quantization: Optional[str] = "auto",
              device: str = "auto", dtype: str = "auto", mask_token_id: Optional[int] = None,
              ar_source: Optional[str] = None, notice: str = "") -> ModelInfo:
         """Load `source` (registry name, local path or hub id) as the DLM, freeing the current models first.
 
         adapter:      optional peft LoRA directory applied on top.
-        quantization: none / 8bit / 4bit (bitsandbytes; on CPU it saves memory but runs slower than float32).
+        quantization: auto (int4 on a CPU where it is exact, as for the embedded default; else none) / none /
+                      int8 / int4 (dlm's packed CPU formats, fast on a CPU) / 8bit / 4bit (bitsandbytes).
         device/dtype: as for `dlm.load` ("auto" = GPU with bf16 when there is one, else CPU float32).
         ar_source:    the AR model to compare with; None = the DLM's registered counterpart, and when that is
                       the DLM's own base (or unknown) the same weights are run causally (no second copy). It is
@@ -228,10 +229,10 @@ class Models:
         if not source:
             raise ValueError("model: choose a registry model or type a local model path")
         adapter = as_text("adapter", adapter).strip() or None
-        quantization = as_text("quantization", quantization).strip().lower() or "none"
+        quantization = as_text("quantization", quantization).strip().lower() or "auto"
         if quantization not in QUANTIZATIONS:
             raise ValueError(f"quantization: must be one of {', '.join(QUANTIZATIONS)}, got {quantization!r}")
-        if quantization != "none" and not bitsandbytes_available():
+        if quantization in ("8bit", "4bit") and not bitsandbytes_available():
             raise ValueError(f"quantization: {quantization} needs the optional package bitsandbytes "
                              "(pip install bitsandbytes). Note: on a CPU it only saves memory; it runs slower "
                              "than float32 / bfloat16.")
@@ -303,7 +304,7 @@ class Models:
         asked = self.attn_implementation
         self.info = ModelInfo(
             name=model.name, source=source, kind=spec.kind if spec else "", adapter=adapter or "",
-            quantization=quantization, device=str(model.device), dtype=str(model.dtype).replace("torch.", ""),
+            quantization=model.quantization, device=str(model.device), dtype=str(model.dtype).replace("torch.", ""),
             parameters=model.num_parameters(), weights_mb=memory_mb(model), load_seconds=seconds,
             mask_token_id=int(model.mask_token_id), max_length=int(model.max_length),
             ar_name=self.ar_source or "", ar_load_seconds=ar_seconds, ar_error=ar_error,

@@ -205,7 +205,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     if not ar_name:
         p.error("the model names no AR counterpart: pass --ar-model")
     ar_model = dlm.load(ar_name, **load_kwargs(args))
-    judge = ar_model if args.judge in (None, ar_name) and args.quantization == "none" else \
+    judge = ar_model if args.judge in (None, ar_name) and ar_model.quantization == "none" else \
         dlm.load(args.judge or ar_name, **load_kwargs(args, judge=True))
     prompts = load_prompts(data_dir, args.n, dev=args.dev)
     print(f"# {args.model} ({model.sampler_config.decoder} decoder) vs {ar_name}: {len(prompts)} prompts x "

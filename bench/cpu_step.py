@@ -5,12 +5,12 @@ DLM's speculative draft), a few for a DLM block. Its floor is reading every weig
 weights it multiplies, over this machine's read bandwidth (measured here, same threads). Per variant, after a
 40-token prompt, the median of `--steps` steps for 1 row and for each of `--rows`:
 
-  fp32      the default load (`dlm.load`, fp32, the CPU paths it installs)
+  fp32      full precision (`dlm.load(quantization=None)`, fp32, the CPU paths it installs)
   bf16      bf16 weights (half the bytes; only pays where the CPU's bf16 matmul is fast for a few rows)
   8bit      LLM.int8 through bitsandbytes (`dlm.load(quantization="8bit")`)
   int8      dlm's packed int8 (`quantization="int8"`: blocks of 32, fp16 scales, GGUF Q8_0's layout)
   int4      dlm's packed int4 (`quantization="int4"`: blocks of 32, fp16 scale + minimum, GGUF Q4_1's; head int8)
-  int4-lora int4 with an adapter model's LoRA kept unmerged (fp32, on top of the packed base; int8-lora alike)
+            (an adapter model's LoRA stays unmerged on the packed base, fp32, in int8 and int4 alike)
   int8-wo   int8 weight-only through torchao (`Int8WeightOnlyConfig`), when torchao is installed
   compile   fp32 under `torch.compile(dynamic=True)` (only with --compile: it compiles for minutes on a CPU)
 
@@ -32,8 +32,7 @@ import torch
 
 VARIANTS = {"fp32": {}, "bf16": {"dtype": "bfloat16"}, "8bit": {"quantization": "8bit"},
             "int8": {"quantization": "int8"}, "int4": {"quantization": "int4"},
-            "int8-lora": {"quantization": "int8", "merge_adapter": False},
-            "int4-lora": {"quantization": "int4", "merge_adapter": False}, "int8-wo": {"torchao": True},
+            "int8-wo": {"torchao": True},
             "compile": {"compile": True}}
 
 
@@ -140,11 +139,7 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
     models, prompt = {}, None
     for name in names:
         opts = VARIANTS[name]
-        kw = {"device": "cpu", "dtype": opts.get("dtype", "float32")}
-        if "quantization" in opts:
-            kw["quantization"] = opts["quantization"]
-        if "merge_adapter" in opts:
-            kw["merge_adapter"] = opts["merge_adapter"]
+        kw = {"device": "cpu", "dtype": opts.get("dtype", "float32"), "quantization": opts.get("quantization")}
         if opts.get("torchao"):
             try:
                 import torchao  # noqa: F401

@@ -223,7 +223,7 @@ def main(argv: Optional[Sequence[str]] = None) -> list[Row]:
         ar_model, ar_source = dlm.load(ar_name, **load_kwargs(args)), ar_name
     else:
         ar_model, ar_source, ar_name = model, model_name, f"{model_name} (same weights, causal)"
-    judge = ar_model if args.judge in (None, ar_name) and args.quantization == "none" else \
+    judge = ar_model if args.judge in (None, ar_name) and ar_model.quantization == "none" else \
         dlm.load(args.judge or ar_source, **load_kwargs(args, judge=True))
     note = "" if getattr(model.config, "adapted", False) else \
         "  [note: not diffusion-adapted: DLM rows are the un-adapted baseline; expect poor quality]"

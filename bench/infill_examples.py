@@ -57,7 +57,8 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
     import dlm
     from dlm.fewshot import INFILL_EXAMPLES_DIR, load_examples
     model = dlm.load(args.model, **load_kwargs(args))
-    judge = dlm.load(args.judge or model.ar_counterpart or args.model, device=model.device, dtype="float32")
+    judge = dlm.load(args.judge or model.ar_counterpart or args.model, device=model.device, dtype="float32",
+                     quantization=None)
     rows = []
     for ex in load_examples(INFILL_EXAMPLES_DIR):
         r = score_example(model, judge, ex, args.seeds)

@@ -3,8 +3,8 @@
 For the AR base (`smollm2-135m`: next-token logits at every position of each prompt) and the DLM
 (`smollm2-135m-dlm`: `denoise_logits` of each prompt with its second half masked), against the same model in fp32:
 relative logit error ||l - l_fp32|| / ||l_fp32||, top-1 agreement and mean KL(fp32 || format) over the positions.
-The DLM is measured merged (the default: the LoRA merged into fp32 weights, then packed) and unmerged
-(`merge_adapter=False`: the base packed, the LoRA fp32 on top).
+A DLM's LoRA stays unmerged on a packed base (the base packed, the LoRA fp32 on top): merging it first would move
+the weights off the grid of the base's GGUF and round them again.
 
     python -m bench.packed_quality --n 8
 """
@@ -57,16 +57,13 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
         prompts = FALLBACK_PROMPTS[:args.n]
     rows = []
     for name in [m.strip() for m in args.models.split(",") if m.strip()]:
-        ref_model = dlm.load(name, device="cpu")
+        ref_model = dlm.load(name, device="cpu", quantization=None)
         dlm_mode = ref_model.config.adapted
         ids = [ref_model.tokenizer(t, return_tensors="pt").input_ids[:, :48] for t in prompts]
         ref = [_logits(ref_model, i, dlm_mode) for i in ids]
-        variants = [(f, {}) for f in args.formats.split(",")]
-        if dlm_mode:
-            variants += [(f + " (LoRA unmerged)", {"merge_adapter": False}) for f in args.formats.split(",")]
-        for label, kw in variants:
-            fmt = label.split()[0]
-            model = dlm.load(name, device="cpu", quantization=fmt, **kw)
+        for fmt in args.formats.split(","):
+            model = dlm.load(name, device="cpu", quantization=fmt)
+            label = fmt + (" (LoRA unmerged)" if dlm_mode else "")
             rows.append({"model": name, "format": label, **compare(ref, [_logits(model, i, dlm_mode) for i in ids])})
             del model
     print(f"# logits vs fp32, {len(prompts)} prompts (<= 48 tokens; the DLM's second half masked)")

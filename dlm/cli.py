@@ -89,9 +89,10 @@ def _model_flags() -> argparse.ArgumentParser:
     g.add_argument("--mask-token-id", type=non_negative_int, default=None, help="override the [MASK] token id")
     g.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:1, ...")
     g.add_argument("--dtype", default="auto", help="auto (default: bf16 on GPU, fp32 on CPU), bf16, fp16, fp32")
-    g.add_argument("--quantization", choices=QUANTIZATIONS, default="none",
-                   help="int8 / int4: dlm's packed weight-only CPU formats (fast on a CPU); 8bit / 4bit: "
-                        "bitsandbytes (CPU or CUDA; on a CPU slower than fp32)")
+    g.add_argument("--quantization", choices=QUANTIZATIONS, default="auto",
+                   help="auto (default): int4 on a CPU where it is exact (a Q4_1 GGUF base, the embedded default), "
+                        "else none; none: full precision; int8 / int4: dlm's packed weight-only CPU formats; "
+                        "8bit / 4bit: bitsandbytes (CPU or CUDA; on a CPU slower than fp32)")
     g.add_argument("--adapter", default=None, metavar="DIR", help="a peft LoRA adapter directory to apply")
     g.add_argument("--attn-implementation", default="auto", choices=ATTN_IMPLEMENTATIONS)
     return p

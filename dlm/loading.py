@@ -80,7 +80,7 @@ def quantization_config(quantization: Optional[str], dtype: torch.dtype, device:
     shrink). Both run on CUDA and, through bitsandbytes' CPU backend, on a CPU. The embeddings and the output head
     stay unquantized (transformers' rule), so the added [MASK] row and a LoRA adapter's token rows still fit.
     """
-    if quantization in (None, "none", ""):
+    if quantization in (None, "none", "", "auto"):   # auto resolves to none or int4 (resolve_auto_quantization)
         return None
     if quantization not in QUANTIZATIONS:
         raise LoadError(f"quantization must be one of {', '.join(QUANTIZATIONS)}, got {quantization!r}")
@@ -104,6 +104,18 @@ def quantization_config(quantization: Optional[str], dtype: torch.dtype, device:
         return BitsAndBytesConfig(load_in_8bit=True)
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                               bnb_4bit_compute_dtype=dtype)
+
+
+def resolve_auto_quantization(base, dtype: torch.dtype, device: torch.device) -> Optional[str]:
+    """What `quantization="auto"` means for this base: "int4" on a CPU in fp32 when packing every linear layer as
+    int4 reproduces its weights exactly (a base read from a Q4_1 GGUF, as the embedded default is: the packed
+    model is the GGUF's own model and reads 5 bits a weight instead of 32), else None (full precision). A GPU, a
+    half-precision dtype or any other base keeps its weights: "auto" never changes what a model computes beyond
+    the order of fp32 sums."""
+    if device.type != "cpu" or dtype != torch.float32:
+        return None
+    from .packed_linear import int4_exact
+    return "int4" if int4_exact(base) else None
 
 
 def quantized_modules(model) -> dict[str, int]:
@@ -638,7 +650,7 @@ def _dlm_config(plan: _Plan, base, mask_id: int, added: bool, source, shift: Opt
 
 
 def load(source: Union[str, os.PathLike], *, mask_token_id: Optional[int] = None, device="auto", dtype="auto",
-         quantization: Optional[str] = None, adapter: Union[str, os.PathLike, None] = None,
+         quantization: Optional[str] = "auto", adapter: Union[str, os.PathLike, None] = None,
          attn_implementation: str = "auto", shift: Optional[bool] = None, merge_adapter: bool = True,
          trust_remote_code: bool = False, allow_pickle: bool = False, revision: Optional[str] = None,
          cpu_kernel: Optional[str] = None, draft_adapter: bool = True) -> DiffusionLM:
@@ -649,12 +661,15 @@ def load(source: Union[str, os.PathLike], *, mask_token_id: Optional[int] = None
                          `<|mask|>` token added to the vocabulary.
     device:              "auto" (cuda if available) / "cpu" / "cuda[:i]".
     dtype:               "auto" (bf16 on GPU, fp32 on CPU) / "bf16" / "fp16" / "fp32" / a torch dtype.
-    quantization:        None / "8bit" (LLM.int8) / "4bit" (NF4) through bitsandbytes, on CUDA or a CPU, for every
+    quantization:        "auto" (default): "int4" on a CPU in fp32 where it is exact (a base read from a Q4_1
+                         GGUF, the embedded default), else full precision (`resolve_auto_quantization`).
+                         None / "none": full precision.
+                         "8bit" (LLM.int8) / "4bit" (NF4) through bitsandbytes, on CUDA or a CPU, for every
                          source: HF directories, the DiffuGPT wrapper layout, GGUF bases (dequantized once into the
                          cache, then quantized), adapter models (the LoRA stays unmerged in full precision on top).
                          "int8" / "int4": dlm's packed weight-only CPU formats (dlm.packed_linear, fp32 activations,
-                         the fast ones on a CPU): every linear incl. the head, after a merged adapter is merged (an
-                         unmerged one stays fp32 on top of its packed base_layer).
+                         the fast ones on a CPU): every linear incl. the head; an adapter stays unmerged, fp32 on
+                         top of its packed base_layer.
     adapter:             a peft LoRA adapter directory to apply on top (also accepts `denoise_model.` prefixes).
     attn_implementation: "auto" (transformers' default, sdpa) / "sdpa" / "eager" / "flash_attention_2" (falls back
                          to sdpa with a warning without CUDA or the flash-attn package).
@@ -682,6 +697,8 @@ def load(source: Union[str, os.PathLike], *, mask_token_id: Optional[int] = None
         # a released diffusion-LM layout: its conversion holds the tokenizer, dlm_config and sampler_config
         plan.src, plan.saved = weights, plan.saved or DLMConfig.load(weights.directory)
     base = _load_base(weights.directory, torch_dtype, dev, qconfig, attn, trust_remote_code, allow_pickle)
+    if quantization == "auto":
+        quantization = resolve_auto_quantization(base, torch_dtype, dev)
     fallback = plan.src.spec.ar_counterpart if plan.src.spec is not None else None
     own_tokenizer = not plan.adapters or (plan.src.directory / "tokenizer_config.json").is_file()
     tokenizer = load_tokenizer(plan.src if own_tokenizer else weights, fallback=fallback)
@@ -696,7 +713,9 @@ def load(source: Union[str, os.PathLike], *, mask_token_id: Optional[int] = None
     if draft is not None and len(plan.adapters) > 1:
         raise LoadError(f"{plan.src.directory}: a draft adapter needs the base unmerged, so it cannot sit on a "
                         "stack of adapters (" + ", ".join(map(str, plan.adapters)) + ")")
-    keep_outer = draft is not None or bool(plan.saved and plan.saved.row_gated)   # routing needs it unmerged
+    # routing needs the adapter unmerged; so does a packed base (a merged LoRA moves the weights off the int4 grid:
+    # rounding them again cost a third of the top-1 choices), where it runs on top of the packed layers
+    keep_outer = draft is not None or bool(plan.saved and plan.saved.row_gated) or quantization in PACKED_QUANTIZATIONS
     for i, a in enumerate(plan.adapters):   # all but the outermost merge, so the next one wraps a plain model
         outer = i == len(plan.adapters) - 1
         base = _apply_adapter(base, a, merge=(merge_adapter and not (outer and keep_outer) or not outer)
@@ -706,6 +725,9 @@ def load(source: Union[str, os.PathLike], *, mask_token_id: Optional[int] = None
         # call would cast its input and output)
         _adapters_to(base, torch_dtype)
     base = _place(base, dev, quantized=bool(quantized), cpu_kernel=cpu_kernel, packed=quantization)
+    if hasattr(base, "peft_config"):   # an unmerged adapter: four torch calls a layer at inference, not peft's dozen
+        from .adapter_routing import install_inference_forward
+        install_inference_forward(base, routing)
 
     cfg = _dlm_config(plan, base, mask_id, added, source, shift)
     name = plan.src.label if plan.src.spec is not None else Path(str(source)).name or str(source)

@@ -292,6 +292,25 @@ def quantize_model(model: nn.Module, fmt: str, group: int = DEFAULT_GROUP, head_
     return n + len(replace)
 
 
+def int4_exact(model: nn.Module, rows: int = 16) -> bool:
+    """Whether packing `model` as `quantize_model(model, "int4")` does gives back its weights exactly: every linear
+    layer on the int4 grid and the output head on int8's, as in a model read from a Q4_1 GGUF with a Q8_0
+    embedding (the blocks, scales and minima are the formats' own). Checked on `rows` rows of every layer (GGUF
+    types are per tensor, so a layer of another type fails on any row); a model with no such layer is not."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    checked = 0
+    for module in model.modules():
+        wb = _linear_weight(module)
+        if wb is None or not wb[0].is_floating_point() or wb[0].shape[1] % DEFAULT_GROUP:
+            continue
+        bits = 8 if module is head else 4
+        w = wb[0].detach()[:rows].to(torch.float32)
+        if not torch.equal(dequantize(*quantize(w, bits), bits), w):
+            return False
+        checked += 1
+    return checked > 0
+
+
 def packed_modules(model: nn.Module) -> dict[str, int]:
     """{"PackedLinear(int4)": n, ...} for the packed layers of `model`."""
     counts: dict[str, int] = {}

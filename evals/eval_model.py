@@ -239,5 +239,5 @@ class EvalModel:
                 self._judge = self.model
             else:
                 import dlm
-                self._judge = dlm.load(self.s.judge, device=self.model.device)
+                self._judge = dlm.load(self.s.judge, device=self.model.device, quantization=None)
         return self._judge

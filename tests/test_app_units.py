@@ -387,7 +387,7 @@ def test_launcher_defaults_bind_localhost_and_disable_analytics(monkeypatch):
     importlib.reload(app.launch)  # importing the launcher (as app.py does) is what sets the environment
     spec.loader.exec_module(mod)
     args = mod.parse_args([])
-    assert (args.host, args.port, args.model, args.quantization, args.share) == ("127.0.0.1", 7860, None, "none",
+    assert (args.host, args.port, args.model, args.quantization, args.share) == ("127.0.0.1", 7860, None, "auto",
                                                                               False)
     assert (args.max_prompt_tokens, args.time_limit) == (1024, 120.0)  # the limits per request
     args = mod.parse_args(["--max-prompt-tokens", "64", "--time-limit", "5"])

@@ -53,6 +53,7 @@ def test_the_shipped_model_writes_the_ar_bases_greedy_text(adapted, smollm2):
     """Writing mode's verifier is the AR base itself (the draft adapter runs on the draft rows only): greedy
     speculative decoding gives the base's greedy text token for token, in fewer forwards."""
     assert adapted.routing is not None, "the shipped model has no draft adapter"
+    assert adapted.quantization == smollm2.quantization == "int4"   # the CPU default: exact on the GGUF's grid
     forwards = tokens = 0
     for prompt in GREEDY_PROMPTS:
         spec = adapted.generate(prompt, max_new_tokens=24, decoder="speculative", block_length=4, temperature=0.0,

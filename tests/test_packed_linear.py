@@ -157,7 +157,7 @@ def _dequantized_reference(model, bits, head_bits=8):
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_load_packs_every_linear(kernel, family, fmt, family_dir):
     directory = family_dir(family)
-    fp32 = dlm.load(directory, device="cpu")
+    fp32 = dlm.load(directory, device="cpu", quantization=None)
     packed = dlm.load(directory, device="cpu", quantization=fmt)
     assert packed.quantization == fmt and fp32.quantization == "none"
     counts = pl.packed_modules(packed.base)
@@ -188,10 +188,10 @@ def _adapter(tiny_llama_dir, tmp_path):
 
 @pytest.mark.parametrize("fmt", ["int8", "int4"])
 def test_lora_on_top_of_a_packed_base(kernel, fmt, tiny_llama_dir, tmp_path):
-    """merge_adapter=False: the LoRA stays fp32 on top, its base_layer is packed; the default merges first, then
-    packs (one packed layer, no LoRA work per step)."""
+    """The LoRA stays fp32 and unmerged on top, its base_layer is packed (merging first would move the weights off
+    the base's grid); the lean inference forward computes what peft's does."""
     adapter = _adapter(tiny_llama_dir, tmp_path)
-    unmerged = dlm.load(adapter, device="cpu", quantization=fmt, merge_adapter=False)
+    unmerged = dlm.load(adapter, device="cpu", quantization=fmt)
     assert hasattr(unmerged.base, "peft_config")
     lora = [mod for name, mod in unmerged.base.named_modules() if name.endswith("q_proj")][0]
     assert isinstance(lora.base_layer, pl.PackedLinear)
@@ -200,11 +200,41 @@ def test_lora_on_top_of_a_packed_base(kernel, fmt, tiny_llama_dir, tmp_path):
     ref = _logits(_dequantized_reference(dlm.load(adapter, device="cpu", merge_adapter=False), pl.BITS[fmt]))
     out = _logits(unmerged)
     assert ((out - ref).norm() / ref.norm()).item() < 1e-5
-    merged = dlm.load(adapter, device="cpu", quantization=fmt)
-    assert not hasattr(merged.base, "peft_config") and merged.quantization == fmt
+    assert unmerged.quantization == fmt
+    with torch.enable_grad():   # grad mode takes peft's own forward: the same sums up to their order
+        ids = _ids()
+        peft_out = unmerged.denoise_logits(ids).detach().double()
+    assert ((out - peft_out).norm() / peft_out.norm()).item() < 1e-5
     full = _logits(dlm.load(adapter, device="cpu"))
-    for m in (merged, unmerged):
-        assert ((_logits(m) - full).norm() / full.norm()).item() < REL_ERROR[fmt]
+    assert ((out - full).norm() / full.norm()).item() < REL_ERROR[fmt]
+
+
+def _on_int4_grid(directory, tmp_path):
+    """A copy of a tiny model whose linear weights lie on the int4 grid and its head on int8's (as a Q4_1 GGUF's
+    with a Q8_0 embedding do)."""
+    m = dlm.load(directory, device="cpu", quantization=None)
+    head = m.base.get_output_embeddings()
+    with torch.no_grad():
+        for mod in m.base.modules():
+            if isinstance(mod, torch.nn.Linear):
+                bits = 8 if mod is head else 4
+                mod.weight.copy_(pl.dequantize(*pl.quantize(mod.weight, bits), bits))
+    m.save_pretrained(tmp_path / "grid")
+    return tmp_path / "grid"
+
+
+def test_auto_packs_int4_only_where_it_is_exact(kernel, tiny_llama_dir, tmp_path):
+    """quantization="auto" (the default): int4 when packing gives back the weights exactly (a Q4_1 GGUF base),
+    full precision for any other model, on a GPU or in another dtype; None keeps full precision."""
+    assert dlm.load(tiny_llama_dir, device="cpu").quantization == "none"
+    grid = _on_int4_grid(tiny_llama_dir, tmp_path)
+    auto = dlm.load(grid, device="cpu")
+    assert auto.quantization == "int4"
+    assert dlm.load(grid, device="cpu", quantization=None).quantization == "none"
+    assert dlm.load(grid, device="cpu", dtype="bf16").quantization == "none"
+    ref = _logits(dlm.load(grid, device="cpu", quantization=None))
+    out = _logits(auto)
+    assert ((out - ref).norm() / ref.norm()).item() < 1e-5   # the same weights: only the sums' order differs
 
 
 def test_bad_combinations_name_themselves():
@@ -229,7 +259,7 @@ def test_default_model_int4_is_its_gguf(kernel):
     """SmolLM2-135M ships as a Q4_1 GGUF (Q8_0 embedding): packed as int4 (head int8) its weights come back bit for
     bit, so the logits match fp32 up to the order of the sums; int8 re-rounds them (close, not equal)."""
     try:
-        fp32 = dlm.load("smollm2-135m", device="cpu")
+        fp32 = dlm.load("smollm2-135m", device="cpu", quantization=None)
     except LoadError as e:
         pytest.skip(str(e))
     ids = fp32.tokenizer("The old fisherman walked down to the sea every morning before sunrise, and",

@@ -123,7 +123,7 @@ def test_a_saved_quantized_model_loads_quantized(q, tiny_llama_dir, tmp_path):
 
 
 def test_unsupported_combinations_name_themselves(tiny_llama_dir):
-    with pytest.raises(LoadError, match="quantization must be one of none, 8bit, 4bit"):
+    with pytest.raises(LoadError, match="quantization must be one of auto, none, 8bit, 4bit"):
         dlm.load(tiny_llama_dir, device="cpu", quantization="3bit")
     with pytest.raises(LoadError, match="not on device 'mps'"):
         quantization_config("4bit", torch.float32, torch.device("mps"))
@@ -166,7 +166,7 @@ def test_app_backend_serves_quantized(tiny_llama_dir):
 def test_shipped_default_gguf_base_with_adapter(q):
     """The shipped default: a GGUF base (dequantized into the cache, then quantized) + the LoRA adapter."""
     try:
-        reference = dlm.load("smollm2-135m-dlm", device="cpu")
+        reference = dlm.load("smollm2-135m-dlm", device="cpu", quantization=None)
     except LoadError as e:
         pytest.skip(str(e))
     quantized = dlm.load("smollm2-135m-dlm", device="cpu", quantization=q)

@@ -147,7 +147,7 @@ def build_model(cfg, init_dir: Path) -> "dlm.DiffusionLM":
     mc = cfg.model
     source = str(materialize_random_model(mc, init_dir, cfg.run.seed, cfg.data)) if mc.init else mc.source
     torch.manual_seed(cfg.run.seed)  # a newly added mask row is drawn from the global RNG (mean resizing)
-    model = dlm.load(source, mask_token_id=mc.mask_token_id, device="cpu", dtype=mc.dtype,
+    model = dlm.load(source, mask_token_id=mc.mask_token_id, device="cpu", dtype=mc.dtype, quantization=None,
                      attn_implementation=mc.attn_implementation, shift=mc.shift, draft_adapter=False)
     model.source = source
     if mc.from_scratch:

@@ -38,8 +38,9 @@ class ModelTab:
                 self.ar = gr.Textbox("", label="AR counterpart (empty = the registered one)", **on)
                 self.mask = gr.Number(-1, label="Mask token id (-1 = automatic)", **on)
             with gr.Row():
-                self.quant = gr.Radio(list(QUANTIZATIONS), value=backend.info.quantization or "none",
-                                      label="Quantization (bitsandbytes; on CPU it saves memory but is slower)", **on)
+                self.quant = gr.Radio(list(QUANTIZATIONS), value="auto",
+                                      label="Quantization (auto: int4 on a CPU where exact; int8 / int4 packed for "
+                                            "CPUs; 8bit / 4bit bitsandbytes)", **on)
                 self.device = gr.Dropdown(DEVICES, value="auto", label="Device", **on)
                 self.dtype = gr.Dropdown(DTYPES, value="auto", label="Dtype", **on)
             self.go = gr.Button("Load (frees the current model)", variant="primary", elem_id="model-load", **on)
