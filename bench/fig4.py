@@ -49,7 +49,8 @@ def build(shape: str, device: torch.device, dtype: torch.dtype, attn: str = "sdp
     """A random-weight DiffusionLM of `shape` with the shipped tokenizer (mask token added, as dlm.load does)."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from dlm.model import DiffusionLM, DLMConfig
+    from dlm.dlm_config import DLMConfig
+    from dlm.model import DiffusionLM
     from dlm.model_registry import asset_dir
     tokenizer = AutoTokenizer.from_pretrained(asset_dir("smollm2-135m-dlm"))
     mask_id = tokenizer.convert_tokens_to_ids(tokenizer.mask_token) if tokenizer.mask_token else len(tokenizer) - 1

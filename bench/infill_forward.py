@@ -24,7 +24,7 @@ import torch
 
 from bench.load_args import add_load_args, load_kwargs
 from dlm.attention import bidirectional
-from dlm.model import _truncate_cache
+from dlm.kv_cache import truncate_cache
 
 
 def median_ms(fn, repeats: int) -> float:
@@ -88,7 +88,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
 
         def one():
             model.base(input_ids=ids[:, -1:], past_key_values=past, use_cache=True)
-            _truncate_cache(past, L - 1)
+            truncate_cache(past, L - 1)
         rows["1-token cached"] = median_ms(one, args.repeats)
     print(f"# {args.model}: the Infill tab's example, a {L}-token canvas, {n_forwards} forwards; "
           f"threads {torch.get_num_threads()}")

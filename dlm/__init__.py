@@ -30,8 +30,8 @@ __version__ = _version()
 # public name -> the submodule that defines it
 _EXPORTS = {
     "load": "loading", "load_tokenizer": "loading", "LoadError": "loading",
-    "BlockCache": "model", "DiffusionLM": "model", "DiffusionLossOutput": "model", "DLMConfig": "model",
-    "PrefixCache": "model",
+    "DiffusionLM": "model", "DLMConfig": "dlm_config", "DiffusionLossOutput": "losses",
+    "BlockCache": "kv_cache", "PrefixCache": "kv_cache",
     "q_sample": "noise", "sample_t": "noise",
     "anneal_attention_mask": "attention",
     "SamplerConfig": "sampler_config", "SamplerConfigError": "sampler_config",
@@ -63,8 +63,11 @@ if TYPE_CHECKING:  # what the names are, for type checkers and editors
     from . import model_registry
     from .attention import anneal_attention_mask
     from .decoders.registry import DECODERS, REVEAL_RULES, decoder, reveal_rule
+    from .dlm_config import DLMConfig
+    from .kv_cache import BlockCache, PrefixCache
     from .loading import LoadError, load, load_tokenizer
-    from .model import BlockCache, DiffusionLM, DiffusionLossOutput, DLMConfig, PrefixCache
+    from .losses import DiffusionLossOutput
+    from .model import DiffusionLM
     from .noise import q_sample, sample_t
     from .sampler_config import IgnoredSettingWarning, SamplerConfig, SamplerConfigError
     from .types import Frame, Generation, Score

@@ -28,9 +28,10 @@ from . import registry
 from .attention import enable_packed_gqa
 from .cpu_kernel import POLICIES as KERNEL_POLICIES
 from .cpu_kernel import install as install_small_rows
+from .dlm_config import DLM_CONFIG_NAME, DLMConfig
 from .fileio import atomic_directory, cache_dir
 from .load_options import ATTN_IMPLEMENTATIONS, PACKED_QUANTIZATIONS, QUANTIZATIONS
-from .model import DLM_CONFIG_NAME, DiffusionLM, DLMConfig
+from .model import DiffusionLM
 from .sampler_config import load_sampler_configs
 
 log = logging.getLogger(__name__)

@@ -6,233 +6,30 @@ The paper's recipe (Gong et al. 2024, §3):
   token at position i is read from row i-1. This class is the only place that knows about it: `denoise_logits`
   returns *position-aligned* logits (row i predicts token i), so samplers, losses and scores never shift;
 - absorbing [MASK] noise with no time embedding (`dlm.noise`);
-- loss (Eq. 7): L = E_t [ 1/t * sum_{i masked} -log p_theta(x0_i | x_t) ], normalised by the number of masked tokens.
+- loss (Eq. 7): L = E_t [ 1/t * sum_{i masked} -log p_theta(x0_i | x_t) ], normalised by the number of masked tokens
+  (`dlm.losses`).
+The KV caches its decoders carry live in `dlm.kv_cache`, its saved config in `dlm.dlm_config`.
 """
 from __future__ import annotations
 
-import json
 import os
-from dataclasses import asdict, dataclass, field, fields
-from pathlib import Path
-from typing import NamedTuple, Optional
+from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from . import infill as infill_mod
-from . import likelihood, sampling
+from . import likelihood, losses, sampling
 from .adapter_routing import route
-from .attention import anneal_attention_mask, bidirectional, block_ids, block_pattern, prepared_mask, staircase
-from .draft_objectives import (
-    DRAFT_LOSSES,
-    acceptance,
-    aligned_next_token,
-    draft_token_loss,
-    reach_weights,
-    without_mask_id,
-)
+from .attention import anneal_attention_mask, bidirectional, block_pattern, prepared_mask, staircase
+from .dlm_config import DLM_CONFIG_NAME, DLMConfig  # noqa: F401  (re-exported: callers import them from here)
 from .fileio import atomic_directory
-from .noise import q_sample, sample_t
-from .sampler_config import (
-    SamplerConfig,
-    load_sampler_configs,  # noqa: F401  (dlm.loading imports it from here)
-    save_sampler_configs,
-)
+from .kv_cache import BlockCache, BlockLayout, BlockLogits, PrefixCache, block_layout  # noqa: F401  (re-exported)
+from .kv_cache import truncate_cache as _truncate_cache  # the benchmarks import it from here
+from .losses import DiffusionLossOutput
+from .sampler_config import SamplerConfig, save_sampler_configs
 from .tokens import start_token_id
 from .types import Generation, Score
-
-DLM_CONFIG_NAME = "dlm_config.json"
-
-
-@dataclass
-class DLMConfig:
-    """What turns a causal LM into a DLM; saved as `dlm_config.json` next to the weights.
-
-    mask_token_id:    id of [MASK] (absorbing state).
-    shift:            hidden state i predicts token i+1 (True for DiffuGPT / DiffuLLaMA).
-    base_family:      transformers model_type of the base (gpt2, llama, qwen2, ...).
-    ar_counterpart:   registry name / path of the AR model to compare with (side-by-side, eval).
-    adapted:          True when the weights were trained with the diffusion objective.
-    added_mask_token: the mask token was added to the base vocabulary (its AR logit is suppressed).
-    base_model:       for adapter-only saves: the registry name / path of the base weights.
-    training:         free-form record of how the weights were made (recipe, tokens seen).
-    clean_attention:  block diffusion: how clean (known) tokens attend to each other, as trained: "causal" (token
-                      by token: every clean row is an AR predictor, which the speculative decoder uses to verify
-                      drafts) or "block" (bidirectional inside a clean block).
-    row_gated:        the (outermost) adapter is a draft adapter: in block forwards it runs on the noisy rows only,
-                      so the clean rows (the verifier) are the base model exactly (`dlm.adapter_routing`).
-    draft_adapter:    a subdirectory holding such a row-gated draft adapter for block forwards (writing), beside
-                      the directory's own adapter, which then serves full attention (infilling, any order, scores).
-    """
-
-    mask_token_id: int
-    shift: bool = True
-    base_family: str = ""
-    ar_counterpart: Optional[str] = None
-    adapted: bool = False
-    added_mask_token: bool = False
-    base_model: Optional[str] = None
-    training: dict = field(default_factory=dict)
-    clean_attention: str = "causal"
-    row_gated: bool = False
-    draft_adapter: Optional[str] = None
-    format_version: int = 1
-
-    def save(self, directory: str | os.PathLike) -> None:
-        Path(directory, DLM_CONFIG_NAME).write_text(json.dumps(asdict(self), indent=2) + "\n")
-
-    @classmethod
-    def load(cls, directory: str | os.PathLike) -> "DLMConfig":
-        path = Path(directory, DLM_CONFIG_NAME)
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path} is not valid JSON: {e}") from None
-        known = {f.name for f in fields(cls)}
-        if "mask_token_id" not in data:
-            raise ValueError(f"{path} has no mask_token_id")
-        return cls(**{k: v for k, v in data.items() if k in known})
-
-
-class DiffusionLossOutput(NamedTuple):
-    loss: torch.Tensor       # Eq. 7: (1/t)-weighted masked CE, normalised by the masked-token count
-    masked_ce: torch.Tensor  # the same CE without the 1/t weight (a readable training signal)
-
-
-@dataclass
-class PrefixCache:
-    """KV of the first `length` canvas positions (Fast-dLLM-style approximate prefix cache).
-
-    With the shift, the prediction for position `length` is read from row `length - 1`, so the cache holds the
-    first `length - 1` positions and the forward re-feeds position `length - 1`.
-    `logits`: position-aligned logits for positions >= length from the forward that built the cache
-    ([B, L - length, V]); a sampler may use them for its first step instead of a second forward.
-    """
-
-    kv: object
-    length: int
-    n_cached: int
-    attention_mask: Optional[torch.Tensor]
-    logits: Optional[torch.Tensor] = None
-
-
-@dataclass
-class BlockCache:
-    """Exact KV cache of the clean tokens for block-diffusion decoding (`DiffusionLM.block_denoise`).
-
-    kv:          the transformers cache of every clean token so far (prompt + finished blocks).
-    length:      number of clean tokens in it (including left padding, which is never attended to).
-    n_blocks:    clean blocks so far (the next noisy block gets id `n_blocks`).
-    padding:     [B, length] 1 = token, 0 = left padding; None = no padding.
-    next_logits: [B, V] the prediction for the token right after the clean tokens, read from the last clean row
-                 (the shift): the first token of the next block. It never changes while that block is denoised.
-    """
-
-    kv: object
-    length: int = 0
-    n_blocks: int = 0
-    padding: Optional[torch.Tensor] = None
-    next_logits: Optional[torch.Tensor] = None
-
-
-class BlockLogits(NamedTuple):
-    """What `DiffusionLM.block_verify` returns."""
-    noisy: Optional[torch.Tensor]   # [B, n(+1), V] position-aligned logits of the noisy block, or None without one
-    clean: torch.Tensor             # [B, c - clean_from, V] the clean rows (next-token predictions) from clean_from
-
-
-@dataclass(frozen=True)
-class BlockLayout:
-    """Where the tokens of one block forward sit and which rows it reads (see `block_layout`).
-
-    q_noisy / q_block: [c + n] per new token (c clean, then n noisy): noisy?, and its id for `block_pattern`.
-    k_noisy / k_block: [past + c + n] the same per key: the cached tokens (clean, id -1), then the new ones.
-    noisy_at:     the noisy block takes the position of new clean token `noisy_at` (c: right after all of them).
-    keep:         rows of the new tokens whose logits are computed (the base model's `logits_to_keep`).
-    n_clean_rows: how many of the kept rows are clean rows (they come first; the noisy rows follow).
-    lead:         with the shift, the kept clean row that predicts the noisy block's first token; None = the
-                  cache's `next_logits` (the last clean token's row, of this call or an earlier one).
-    n_blocks:     the cache's clean block count after the call.
-    """
-
-    q_noisy: torch.Tensor
-    q_block: torch.Tensor
-    k_noisy: torch.Tensor
-    k_block: torch.Tensor
-    noisy_at: int
-    keep: torch.Tensor
-    n_clean_rows: int
-    lead: Optional[int]
-    n_blocks: int
-
-
-def block_layout(past: int, n_blocks: int, n_clean: int, n_noisy: int, *, shift: bool, clean_causal: bool,
-                 clean_blocks: Optional[torch.Tensor] = None, noisy_from: Optional[int] = None,
-                 clean_from: Optional[int] = None, predict_after: bool = False, device=None) -> BlockLayout:
-    """The index arithmetic of one block forward (`DiffusionLM.block_denoise` / `block_verify`), without a model.
-
-    past / n_blocks: the cache's length and clean block count before the call.
-    n_clean (c) / n_noisy (n): the new clean tokens, and the noisy block after them (0 = commit only).
-    shift / clean_causal: the model's (`DiffusionLM.shift`, `DiffusionLM.clean_causal`). Token-causal clean tokens
-                  are each their own block (id = position) and the noisy block's id is the position it starts at.
-    clean_blocks: [c] relative block of each clean token (default one block), for block-wise clean attention.
-    noisy_from:   the noisy block sees only the first `noisy_from` new clean tokens and sits at that token's
-                  position (a sibling; needs the shift, token-causal clean attention and a noisy block); None = c.
-    clean_from:   verify: the clean rows wanted, from this new clean token on; None = none (denoise / commit).
-    predict_after: the row after the noisy block is wanted (needs the shift).
-    Rows computed: the wanted clean rows, else only those read: with the shift the clean row before the noisy block
-    (its first token's prediction) and the last clean row (the next call's), then the noisy rows. An impossible
-    request raises ValueError naming the argument.
-    """
-    c, n = n_clean, n_noisy
-    anchor = c if noisy_from is None else int(noisy_from)   # the noisy block sees new clean tokens [0, anchor)
-    if anchor != c and not (clean_causal and shift and 1 <= anchor <= c and n):
-        raise ValueError(f"noisy_from must be in 1..{c} and needs a noisy block, the shift and token-causal "
-                         f"clean attention, got {noisy_from}")
-    if predict_after and not shift:
-        raise ValueError("predict_after needs the shift (without it no row predicts past the block)")
-    if clean_from is not None and not 0 <= clean_from <= max(c - 1, 0):
-        raise ValueError(f"clean_from must be in 0..{max(c - 1, 0)}, got {clean_from}")
-    if clean_from is not None and anchor != c and clean_from > anchor - 1:
-        raise ValueError(f"clean_from must be <= noisy_from - 1 = {anchor - 1} (that row predicts the noisy "
-                         f"block's first token), got {clean_from}")
-    cb = torch.zeros(c, dtype=torch.long, device=device) if clean_blocks is None else clean_blocks.to(device)
-    if clean_causal:
-        q_block = torch.cat([torch.arange(past, past + c, device=device),
-                             torch.full((n,), past + anchor, dtype=torch.long, device=device)])
-    else:
-        noisy_block = int(cb.max()) + n_blocks + 1 if c else n_blocks
-        q_block = torch.cat([cb + n_blocks, torch.full((n,), noisy_block, dtype=torch.long, device=device)])
-    q_noisy = torch.cat([torch.zeros(c, dtype=torch.bool, device=device),
-                         torch.ones(n, dtype=torch.bool, device=device)])
-    k_noisy = torch.cat([torch.zeros(past, dtype=torch.bool, device=device), q_noisy])
-    k_block = torch.cat([torch.full((past,), -1, dtype=torch.long, device=device), q_block])
-    if clean_from is not None:
-        first = clean_from
-    elif shift and c:   # the clean row before the noisy block (or the sibling's), at least the last clean row
-        first = max(min(c - 1, anchor - 1), 0) if n else c - 1
-    else:               # the noisy rows (commit only without the shift: no row is read, the last is computed)
-        first = c if n else c - 1
-    return BlockLayout(q_noisy=q_noisy, q_block=q_block, k_noisy=k_noisy, k_block=k_block, noisy_at=anchor,
-                       keep=torch.arange(first, c + n, device=device), n_clean_rows=max(c - first, 0),
-                       lead=anchor - 1 - first if (shift and c and anchor != c) else None,
-                       n_blocks=n_blocks + int(cb.max()) + 1 if c else n_blocks)
-
-
-def _truncate_cache(cache, length: int) -> None:
-    extra = cache.get_seq_length() - length
-    if extra > 0:
-        cache.crop(-extra)  # negative = number of tokens to drop (transformers >= 4.4x and 5.x)
-
-
-def _kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
-    """Mean KL(teacher || student) over rows of [N, V] logits (0 for no rows); -inf teacher logits (a banned id)
-    carry no mass."""
-    if teacher_logits.shape[0] == 0:
-        return student_logits.sum() * 0.0
-    teacher = teacher_logits.float().log_softmax(-1).clamp(min=-1e4)   # exp(-1e4) = 0: no mass, no nan
-    return F.kl_div(student_logits.float().log_softmax(-1), teacher, log_target=True, reduction="batchmean")
 
 
 def _embedding_table(base) -> torch.Tensor:
@@ -574,37 +371,6 @@ class DiffusionLM(nn.Module):
         out[:, : self.first_predictable] = False
         return out
 
-    def diffusion_loss(self, input_ids: torch.Tensor, t: Optional[torch.Tensor] = None,
-                       maskable: Optional[torch.Tensor] = None, attention_mask: Optional[torch.Tensor] = None,
-                       attention_mask_ratio: float = 1.0, weighting: str = "inverse_t", eps: float = 1e-3,
-                       generator: Optional[torch.Generator] = None) -> DiffusionLossOutput:
-        """Eq. 7 on a batch of clean sequences.
-
-        input_ids: [B, L] clean tokens x0.
-        t:         [B] noise levels; default t ~ U(eps, 1) per sequence.
-        maskable:  [B, L] bool, positions that may be noised (SFT: the response only). Default: every real token
-                   except position 0 under the shift. Position 0 is never maskable under the shift.
-        attention_mask_ratio: annealing ratio for this step (1 = bidirectional).
-        weighting: "inverse_t" (Eq. 7) or "none" (ablation: plain masked CE).
-        Returns (loss, masked_ce): both normalised by the number of masked tokens.
-        """
-        if weighting not in ("inverse_t", "none"):
-            raise ValueError(f"weighting must be 'inverse_t' or 'none', got {weighting!r}")
-        B = input_ids.shape[0]
-        maskable = self.default_maskable(input_ids, attention_mask, maskable)
-        if t is None:
-            t = sample_t(B, eps, generator=generator, device=input_ids.device)
-        t = torch.as_tensor(t, dtype=torch.float32, device=input_ids.device).expand(B)
-        x_t, masked = q_sample(input_ids, t, self.mask_token_id, maskable, generator=generator)
-        logits = self.denoise_logits(x_t, attention_mask, attention_mask_ratio, generator=generator)  # [B, L, V]
-        if not bool(masked.any()):
-            zero = logits.sum() * 0.0  # keeps the graph (and DDP) happy when nothing was masked
-            return DiffusionLossOutput(zero, zero.detach())
-        ce = F.cross_entropy(logits[masked].float(), input_ids[masked], reduction="none")  # [N]
-        n = masked.sum()
-        weight = (1.0 / t)[:, None].expand_as(masked)[masked] if weighting == "inverse_t" else torch.ones_like(ce)
-        return DiffusionLossOutput((ce * weight).sum() / n, ce.detach().sum() / n)
-
     def block_denoise_logits(self, x_t: torch.Tensor, x0: torch.Tensor, block_length: int, offset: int = 0,
                              attention_mask: Optional[torch.Tensor] = None, with_clean: bool = False
                              ) -> torch.Tensor:
@@ -630,99 +396,13 @@ class DiffusionLM(nn.Module):
                             logits_to_keep=rows)
         return out.logits
 
-    def block_diffusion_loss(self, input_ids: torch.Tensor, block_length: int, *, offset: Optional[int] = None,
-                             t: Optional[torch.Tensor] = None, maskable: Optional[torch.Tensor] = None,
-                             attention_mask: Optional[torch.Tensor] = None, weighting: str = "inverse_t",
-                             eps: float = 1e-3, generator: Optional[torch.Generator] = None,
-                             ar_weight: float = 0.0, teacher_logits: Optional[torch.Tensor] = None,
-                             distill_weight: float = 0.0, draft_loss: str = "ce", reach: bool = False,
-                             full_mask: float = 0.0, accept_temperature: float = 1.0) -> DiffusionLossOutput:
-        """Block-diffusion training (BD3-LM / Fast-dLLM v2) on a batch of clean sequences, every block in one pass.
+    def diffusion_loss(self, input_ids: torch.Tensor, *args, **kwargs) -> DiffusionLossOutput:
+        """Eq. 7 on a batch of clean sequences (`dlm.losses.diffusion_loss`)."""
+        return losses.diffusion_loss(self, input_ids, *args, **kwargs)
 
-        The forward runs over [x_t; x_0] (2L tokens) with the staircase pattern (`dlm.attention.staircase`): noisy
-        block b attends to itself and to the clean blocks before it, clean blocks attend block-causally. Each block
-        gets its own t ~ U(eps, 1); the loss is Eq. 7 per block (1/t-weighted CE over its masked tokens), summed
-        over blocks and normalised by the number of masked tokens. Clean positions carry no loss.
-        input_ids:    [B, L] clean tokens x0.
-        block_length: tokens per block (1 = the causal LM itself: every token predicted from the clean past).
-        offset:       length of the first block (0 = a full one); None draws it uniformly from `generator`, so the
-                      model learns every alignment (at decoding the prompt ends exactly at a block boundary).
-        t:            [B, n_blocks] noise levels (default: drawn); maskable / attention_mask / weighting / eps /
-                      generator: as for `diffusion_loss`.
-        ar_weight:    > 0 adds ar_weight x the next-token CE of the clean rows (clean attention "causal": the clean
-                      path stays a good AR model, the speculative decoder's verifier). 0 (default): only masked
-                      tokens of x_t carry loss, as in BD3-LM.
-        teacher_logits: [B, L, V] an AR teacher's next-token logits on the clean sequence (row i predicts token
-                      i + 1; e.g. the frozen base: the LoRA adapter disabled) and `distill_weight` > 0: adds
-                      distill_weight x KL(teacher || student), the mean over masked tokens of x_t (the drafts) plus
-                      the mean over the clean rows (the verifier): a whole distribution per token instead of one id.
-        draft_loss:   the masked tokens' loss (`dlm.draft_objectives`): "ce" (the data's token, 1/t-weighted), or
-                      against the verifier's distribution: "kd", "accept" (1 - acceptance rate at
-                      `accept_temperature`), "kd+accept". The verifier is the clean rows of this forward when the
-                      model has a row-gated draft adapter (then they are the base model), else `teacher_logits`.
-        reach:        weight each masked token by the chance that speculative decoding reaches it (the product of
-                      the acceptance rates of the masked tokens before it in its block, detached).
-        full_mask:    probability that a block is masked whole (t = 1): the speculative decoder's drafting case.
-        """
-        if weighting not in ("inverse_t", "none"):
-            raise ValueError(f"weighting must be 'inverse_t' or 'none', got {weighting!r}")
-        if isinstance(block_length, bool) or not isinstance(block_length, int) or block_length < 1:
-            raise ValueError(f"block_length must be a positive integer, got {block_length!r}")
-        B, L = input_ids.shape
-        device = input_ids.device
-        if offset is None:
-            offset = int(torch.randint(block_length, (1,), generator=generator)) if block_length > 1 else 0
-        blk = block_ids(L, block_length, offset, device)
-        n_blocks = int(blk[-1]) + 1
-        maskable = self.default_maskable(input_ids, attention_mask, maskable)
-        if draft_loss not in DRAFT_LOSSES:
-            raise ValueError(f"draft_loss must be one of {', '.join(DRAFT_LOSSES)}, got {draft_loss!r}")
-        if t is None:
-            t = sample_t(B * n_blocks, eps, generator=generator, device=device).view(B, n_blocks)
-            if full_mask > 0:   # whole blocks masked: what the speculative decoder drafts
-                whole = torch.rand(B, n_blocks, generator=generator, device=device) < full_mask
-                t = torch.where(whole, torch.ones_like(t), t)
-        t_tok = torch.as_tensor(t, dtype=torch.float32, device=device)[:, blk]                # [B, L]
-        x_t, masked = q_sample(input_ids, t_tok, self.mask_token_id, maskable, generator=generator)
-        distill = distill_weight > 0 and teacher_logits is not None
-        in_forward = self.routing is not None and (draft_loss != "ce" or reach)   # the clean rows are the base
-        if (draft_loss != "ce" or reach) and not in_forward and teacher_logits is None:
-            raise ValueError("draft_loss / reach need a verifier: a row-gated draft adapter or teacher_logits")
-        logits = self.block_denoise_logits(x_t, input_ids, block_length, offset, attention_mask,
-                                           with_clean=ar_weight > 0 or distill or in_forward)  # [B, L(+L), V]
-        if not bool(masked.any()):
-            zero = logits.sum() * 0.0
-            return DiffusionLossOutput(zero, zero.detach())
-        ce = F.cross_entropy(logits[:, :L][masked].float(), input_ids[masked], reduction="none")
-        n = masked.sum()
-        if draft_loss == "ce" and not reach:
-            weight = (1.0 / t_tok)[masked] if weighting == "inverse_t" else torch.ones_like(ce)
-            loss = (ce * weight).sum() / n
-        else:
-            next_token = logits[:, L:] if in_forward else teacher_logits   # the verifier's AR rows
-            verifier = without_mask_id(self, aligned_next_token(next_token)[masked])
-            student = without_mask_id(self, logits[:, :L][masked])
-            per_token, alpha = ((ce, acceptance(verifier, student, accept_temperature)) if draft_loss == "ce"
-                                else draft_token_loss(student, verifier, draft_loss, accept_temperature))
-            weight = torch.ones_like(per_token)
-            if reach:
-                full_alpha = torch.ones(B, L, device=device)
-                full_alpha[masked] = alpha
-                weight = reach_weights(full_alpha, blk)[masked]
-            loss = (per_token * weight).sum() / weight.sum().clamp(min=1e-6)
-        if ar_weight > 0 or distill:  # clean rows with a next token to predict (the verifier's rows)
-            target = self.default_maskable(input_ids, attention_mask)[:, 1:]
-        if ar_weight > 0:  # the clean path as an AR model: next-token CE on every clean row (the verifier)
-            ar = F.cross_entropy(logits[:, L:-1][target].float(), input_ids[:, 1:][target])
-            loss = loss + ar_weight * ar
-        if distill:  # the teacher's row i-1 is its distribution for token i (the shift), like the student's
-            teacher_logits = teacher_logits.detach()
-            teacher = self._align(teacher_logits) if self.shift else teacher_logits[:, :-1]
-            student = logits[:, :L] if self.shift else logits[:, 1:L]
-            drafts = masked if self.shift else masked[:, 1:]
-            loss = loss + distill_weight * (_kl(teacher[drafts], student[drafts]) +
-                                            _kl(teacher_logits[:, :-1][target], logits[:, L:-1][target]))
-        return DiffusionLossOutput(loss, ce.detach().sum() / n)
+    def block_diffusion_loss(self, input_ids: torch.Tensor, block_length: int, **kwargs) -> DiffusionLossOutput:
+        """Block-diffusion training, every block in one pass (`dlm.losses.block_diffusion_loss`)."""
+        return losses.block_diffusion_loss(self, input_ids, block_length, **kwargs)
 
     # ----- persistence -------------------------------------------------------------------------------------------
     def save_pretrained(self, directory: str | os.PathLike, base_model: Optional[str] = None) -> None:

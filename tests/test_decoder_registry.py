@@ -1,5 +1,5 @@
 """The decoder / reveal-rule registry (dlm.decoders.registry), what SamplerConfig reads from it, the one reader and
-writer of sampler_config.json, and the pure index arithmetic of a block forward (dlm.model.block_layout)."""
+writer of sampler_config.json, and the pure index arithmetic of a block forward (dlm.kv_cache.block_layout)."""
 from __future__ import annotations
 
 import json
@@ -149,7 +149,7 @@ def test_sampler_config_json_has_one_reader_and_writer(tmp_path):
 # ------------------------------------------------------------------------------- block_layout (pure arithmetic)
 
 def test_block_layout_token_causal_after_and_beside():
-    from dlm.model import block_layout
+    from dlm.kv_cache import block_layout
     # 5 cached tokens, 3 new clean ones, a noisy block of 2 after them; the clean rows from the 2nd on are wanted
     lay = block_layout(5, 1, 3, 2, shift=True, clean_causal=True, clean_from=1)
     assert lay.q_block.tolist() == [5, 6, 7, 8, 8] and lay.q_noisy.tolist() == [False] * 3 + [True] * 2
@@ -167,7 +167,7 @@ def test_block_layout_token_causal_after_and_beside():
 
 
 def test_block_layout_block_wise_commit_and_no_shift():
-    from dlm.model import block_layout
+    from dlm.kv_cache import block_layout
     lay = block_layout(0, 0, 4, 2, shift=True, clean_causal=False, clean_blocks=torch.tensor([0, 0, 1, 1]))
     assert lay.q_block.tolist() == [0, 0, 1, 1, 2, 2] and lay.n_blocks == 2
     lay = block_layout(4, 2, 3, 0, shift=True, clean_causal=False)          # commit only: the last clean row
@@ -186,7 +186,7 @@ def test_block_layout_block_wise_commit_and_no_shift():
     (dict(clean_from=2, noisy_from=2), "clean_from must be <= noisy_from - 1 = 1"),
 ])
 def test_block_layout_refuses_impossible_requests(kwargs, message):
-    from dlm.model import block_layout
+    from dlm.kv_cache import block_layout
     args = dict(shift=True, clean_causal=True) | kwargs
     with pytest.raises(ValueError, match=message):
         block_layout(5, 1, 3, 2, **args)

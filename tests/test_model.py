@@ -148,7 +148,7 @@ def test_loss_counts_masked_positions_from_the_noise_not_the_token_value(tiny_dl
         seen["n"] = logits.shape[0]
         return real(logits, target, **kw)
 
-    monkeypatch.setattr("dlm.model.F.cross_entropy", spy)
+    monkeypatch.setattr("dlm.losses.F.cross_entropy", spy)
     tiny_dlm.diffusion_loss(x, t=torch.ones(1), maskable=maskable)
     assert seen["n"] == 1  # only position 3, not the genuine mask id at 5
 

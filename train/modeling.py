@@ -22,6 +22,7 @@ import dlm
 from dlm import registry
 from dlm.fileio import atomic_directory, cache_dir
 from dlm.loading import load_tokenizer
+from dlm.losses import needs_verifier
 
 from .config import ConfigError
 
@@ -257,7 +258,7 @@ class Objective(nn.Module):
             ce = F.cross_entropy(logits[:, :-1][keep].float(), targets[keep])
             return ce, ce.detach()
         if block_length is not None:
-            verifier_needed = (self.draft.get("draft_loss", "ce") != "ce" or self.draft.get("reach")) \
+            verifier_needed = needs_verifier(self.draft.get("draft_loss", "ce"), self.draft.get("reach", False)) \
                 and getattr(self.model, "routing", None) is None   # else the clean rows are the base already
             teacher = (self.teacher_logits(input_ids, attention_mask)
                        if self.distill_weight > 0 or verifier_needed else None)
@@ -292,7 +293,7 @@ def export(model, directory: Path, base_model: Optional[str], training_info: dic
     if state_dict is None:
         model.save_pretrained(directory, base_model=base_model if is_peft else None)
         return directory
-    from dlm.model import DLMConfig
+    from dlm.dlm_config import DLMConfig
     cfg = DLMConfig(**model.config.__dict__)
     if is_peft:
         cfg.base_model = base_model

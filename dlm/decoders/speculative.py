@@ -43,7 +43,7 @@ from .registry import decoder
 from .run import DecodeRun, Step
 
 if TYPE_CHECKING:
-    from ..model import BlockCache
+    from ..kv_cache import BlockCache
 
 # Below this running draft acceptance the noisy block is a sibling of the pending drafts (the break-even for
 # block_length 2, see `beside_drafts`); 0 = always after them, 1 = always beside them.
