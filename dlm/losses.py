@@ -46,6 +46,13 @@ def _nothing_masked(logits: torch.Tensor) -> DiffusionLossOutput:
     return DiffusionLossOutput(zero, zero.detach())
 
 
+def _eq7(ce: torch.Tensor, t: torch.Tensor, n: torch.Tensor, weighting: str) -> torch.Tensor:
+    """Eq. 7's sum over the masked tokens: their CE [N], each weighted 1/t by its noise level t [N] ("inverse_t")
+    or not ("none"), over the masked-token count n."""
+    weight = 1.0 / t if weighting == "inverse_t" else torch.ones_like(ce)
+    return (ce * weight).sum() / n
+
+
 def _kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
     """Mean KL(teacher || student) over rows of [N, V] logits (0 for no rows); -inf teacher logits (a banned id)
     carry no mass."""
@@ -81,8 +88,7 @@ def diffusion_loss(model, input_ids: torch.Tensor, t: Optional[torch.Tensor] = N
         return _nothing_masked(logits)
     ce = F.cross_entropy(logits[masked].float(), input_ids[masked], reduction="none")  # [N]
     n = masked.sum()
-    weight = (1.0 / t)[:, None].expand_as(masked)[masked] if weighting == "inverse_t" else torch.ones_like(ce)
-    return DiffusionLossOutput((ce * weight).sum() / n, ce.detach().sum() / n)
+    return DiffusionLossOutput(_eq7(ce, t[:, None].expand_as(masked)[masked], n, weighting), ce.detach().sum() / n)
 
 
 def block_diffusion_loss(model, input_ids: torch.Tensor, block_length: int, *, offset: Optional[int] = None,
@@ -119,16 +125,12 @@ def block_diffusion_loss(model, input_ids: torch.Tensor, block_length: int, *, o
                   the acceptance rates of the masked tokens before it in its block, detached).
     full_mask:    probability that a block is masked whole (t = 1): the speculative decoder's drafting case.
     """
-    _check_weighting(weighting)
-    if isinstance(block_length, bool) or not isinstance(block_length, int) or block_length < 1:
-        raise ValueError(f"block_length must be a positive integer, got {block_length!r}")
+    _check_block_args(weighting, block_length, draft_loss)
     B, L = input_ids.shape
     if offset is None:
         offset = int(torch.randint(block_length, (1,), generator=generator)) if block_length > 1 else 0
     blk = block_ids(L, block_length, offset, input_ids.device)
     maskable = model.default_maskable(input_ids, attention_mask, maskable)
-    if draft_loss not in DRAFT_LOSSES:
-        raise ValueError(f"draft_loss must be one of {', '.join(DRAFT_LOSSES)}, got {draft_loss!r}")
     t_tok = _block_noise(t, B, blk, eps, full_mask, generator)                                        # [B, L]
     x_t, masked = q_sample(input_ids, t_tok, model.mask_token_id, maskable, generator=generator)
     distill = distill_weight > 0 and teacher_logits is not None
@@ -142,16 +144,20 @@ def block_diffusion_loss(model, input_ids: torch.Tensor, block_length: int, *, o
         return _nothing_masked(logits)
     ce = F.cross_entropy(logits[:, :L][masked].float(), input_ids[masked], reduction="none")
     n = masked.sum()
-    if not verified:
-        weight = (1.0 / t_tok)[masked] if weighting == "inverse_t" else torch.ones_like(ce)
-        loss = (ce * weight).sum() / n
-    else:
-        verifier_rows = logits[:, L:] if in_forward else teacher_logits   # the verifier's AR rows
-        loss = _draft_loss(model, logits[:, :L], verifier_rows, masked, ce, blk, draft_loss, reach,
-                           accept_temperature)
+    loss = (_draft_loss(model, logits[:, :L], logits[:, L:] if in_forward else teacher_logits, masked, ce, blk,
+                        draft_loss, reach, accept_temperature) if verified
+            else _eq7(ce, t_tok[masked], n, weighting))
     loss = _add_clean_row_terms(model, loss, logits, input_ids, attention_mask, masked, ar_weight,
                                 teacher_logits if distill else None, distill_weight)
     return DiffusionLossOutput(loss, ce.detach().sum() / n)
+
+
+def _check_block_args(weighting: str, block_length: int, draft_loss: str) -> None:
+    _check_weighting(weighting)
+    if isinstance(block_length, bool) or not isinstance(block_length, int) or block_length < 1:
+        raise ValueError(f"block_length must be a positive integer, got {block_length!r}")
+    if draft_loss not in DRAFT_LOSSES:
+        raise ValueError(f"draft_loss must be one of {', '.join(DRAFT_LOSSES)}, got {draft_loss!r}")
 
 
 def _block_noise(t: Optional[torch.Tensor], B: int, blk: torch.Tensor, eps: float, full_mask: float,
