@@ -1,6 +1,6 @@
 """All the playground's drawing: frames -> HTML token views, token chips, Markdown (stats, the race summary, the
-Model tab's status, config summaries), tables, plotly figures and the exported animation. Pure functions of plain
-data: no model, no Gradio.
+Model tab's status, config summaries: written in `app.summaries`, re-exported here), tables, plotly figures and the
+exported animation. Pure functions of plain data: no model, no Gradio.
 
 A `Trace` collects the `Frame`s of one run (as they stream in) together with the display string of every token id
 it has seen, so the whole run can be re-rendered at any step afterwards (the scrub slider) without the tokenizer.
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import atexit
 import html
-import math
 import os
 import shutil
 import tempfile
@@ -21,9 +20,21 @@ from typing import Callable, Iterable, Optional
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from dlm.decoders import DECODERS
-from dlm.sampler_config import SamplerConfig
 from dlm.types import Frame
+
+from .summaries import (  # noqa: F401  (the tabs draw through app.render: re-exported)
+    NO_MODEL,
+    SCOREBOARD_HEADERS,
+    config_origin,
+    config_summary,
+    decoding_modes,
+    finite,
+    model_status,
+    race_side_stats,
+    race_summary,
+    run_stats,
+    scoreboard_rows,
+)
 
 # How many prompt tokens to show before the generated region (long few-shot prompts would drown the answer).
 PROMPT_TOKENS_SHOWN = 160
@@ -122,21 +133,8 @@ class Trace:
             return '<div class="tokview"><span class="ell">(nothing generated yet)</span></div>'
         k = len(self.frames) - 1 if k is None else min(max(int(k), 0), len(self.frames) - 1)
         frame = self.frames[k]
-        step = frame.step
-        out: list[str] = []
-        if legend:
-            out.append(
-                '<div class="legend"><span class="m">masked</span>'
-                f'<span style="background:{confidence_colour(0.2)}">new, low p</span>'
-                f'<span style="background:{confidence_colour(0.95)}">new, high p</span>'
-                '<span class="old">earlier</span><span class="fx">fixed</span>'
-                + ('<span class="dr">draft</span><span class="acc">draft kept</span>'
-                   '<span class="rj">rejected</span>' if any(f.drafts or f.rejected for f in self.frames) else "")
-                + '</div>'
-            )
+        out: list[str] = [self._legend()] if legend else []
         drafts = {int(p): (int(t), float(q)) for p, t, q in frame.drafts}
-        rejected = {int(p): int(t) for p, t in frame.rejected}
-        accepted = set(frame.accepted)
         prompt_end = frame.start if self.prompt_end is None else self.prompt_end
         first = max(0, prompt_end - PROMPT_TOKENS_SHOWN)
         if first > 0:
@@ -148,33 +146,42 @@ class Trace:
                 d, q = drafts[pos]
                 out.append(f'<span class="t dr" style="opacity:{0.35 + 0.65 * min(max(q, 0.0), 1.0):.2f}" '
                            f'title="pos {pos}: draft, q={q:.2f}">{_display(self.pieces.get(d, "?"))}</span>')
-                continue
-            if tok == self.mask_id:
+            elif tok == self.mask_id:
                 out.append(f'<span class="t m" title="pos {pos}: masked">·</span>')
-                continue
-            if pos in rejected:
-                out.append(f'<span class="t rj" title="pos {pos}: draft rejected">'
-                           f'{_display(self.pieces.get(rejected[pos], "?"))}</span>')
-            text = self.pieces.get(tok, "?")
-            text = f'<span class="sp">{html.escape(text)}</span>' if tok in self.special else _display(text)
-            if pos < prompt_end:
-                out.append(f'<span class="t p">{text}</span>')
-                continue
-            rs = self.reveal_step.get(pos)
-            if rs is None or rs > step:  # never revealed: a fixed token of an infill template / suffix
-                out.append(f'<span class="t fx" title="pos {pos}: fixed">{text}</span>')
-            elif rs == step:
-                conf = self.reveal_conf[pos]
-                kept = " acc" if pos in accepted else ""
-                out.append(
-                    f'<span class="t new{kept}" style="background:{confidence_colour(conf)}" '
-                    f'title="pos {pos}: step {rs}, p={conf:.2f}{", draft kept" if kept else ""}">{text}</span>'
-                )
             else:
-                out.append(
-                    f'<span class="t old" title="pos {pos}: step {rs}, p={self.reveal_conf[pos]:.2f}">{text}</span>'
-                )
+                out.append(self._token(frame, pos, tok, prompt_end))
         return '<div class="tokview">' + "".join(out) + "</div>"
+
+    def _legend(self) -> str:
+        return ('<div class="legend"><span class="m">masked</span>'
+                f'<span style="background:{confidence_colour(0.2)}">new, low p</span>'
+                f'<span style="background:{confidence_colour(0.95)}">new, high p</span>'
+                '<span class="old">earlier</span><span class="fx">fixed</span>'
+                + ('<span class="dr">draft</span><span class="acc">draft kept</span>'
+                   '<span class="rj">rejected</span>' if any(f.drafts or f.rejected for f in self.frames) else "")
+                + '</div>')
+
+    def _token(self, frame: Frame, pos: int, tok: int, prompt_end: int) -> str:
+        """A decided token at `pos` in `frame`: prompt, fixed, new at this step (by confidence) or earlier; a
+        rejected draft struck through before it."""
+        rejected = {int(p): int(t) for p, t in frame.rejected}
+        out = ""
+        if pos in rejected:
+            out = (f'<span class="t rj" title="pos {pos}: draft rejected">'
+                   f'{_display(self.pieces.get(rejected[pos], "?"))}</span>')
+        text = self.pieces.get(tok, "?")
+        text = f'<span class="sp">{html.escape(text)}</span>' if tok in self.special else _display(text)
+        if pos < prompt_end:
+            return out + f'<span class="t p">{text}</span>'
+        rs = self.reveal_step.get(pos)
+        if rs is None or rs > frame.step:  # never revealed: a fixed token of an infill template / suffix
+            return out + f'<span class="t fx" title="pos {pos}: fixed">{text}</span>'
+        conf = self.reveal_conf[pos]
+        if rs == frame.step:
+            kept = " acc" if pos in frame.accepted else ""
+            return out + (f'<span class="t new{kept}" style="background:{confidence_colour(conf)}" '
+                          f'title="pos {pos}: step {rs}, p={conf:.2f}{", draft kept" if kept else ""}">{text}</span>')
+        return out + f'<span class="t old" title="pos {pos}: step {rs}, p={conf:.2f}">{text}</span>'
 
     def counter(self, k: Optional[int] = None, *, running: bool = False) -> str:
         """'step i / N' plus how many tokens this step revealed and how many are still masked."""
@@ -358,61 +365,6 @@ def compare_chart(sweep: list[dict], ar: Optional[dict]) -> go.Figure:
     return fig
 
 
-def finite(x) -> Optional[float]:
-    """x as a float, or None for None / NaN / inf (which charts cannot place and JSON cannot carry)."""
-    return float(x) if x is not None and math.isfinite(float(x)) else None
-
-
-# ------------------------------------------------------------------------------------------- stats and tables
-def run_stats(g, revealed: Optional[int] = None, first_frame: Optional[float] = None) -> str:
-    """The line under a finished run: evaluations, model time, speed (tokens decided per second of model time)."""
-    n = len(g.token_ids) if revealed is None else revealed
-    rate = n / g.seconds if g.seconds > 0 else 0.0
-    ttff = f" · first frame after {first_frame:.2f} s" if first_frame is not None else ""
-    return (f"**{g.nfe}** network evaluations · model time **{g.seconds:.2f} s** · **{rate:.1f}** tokens/s · "
-            f"{n} tokens{ttff}")
-
-
-def _num(x, fmt: str) -> str:
-    return "n/a" if finite(x) is None else format(x, fmt)
-
-
-def race_side_stats(run: dict) -> str:
-    """A race side's end-of-run line: model time, speed, evaluations, judge-PPL and distinct-2."""
-    return (f"model time **{run['seconds']:.2f} s** · **{_num(run['tokens_per_second'], '.1f')}** tokens/s · "
-            f"**{run['nfe']}** network evaluations · {run['tokens']} tokens · judge-PPL "
-            f"**{_num(run.get('gen_ppl'), '.1f')}** · distinct-2 **{_num(run.get('distinct_2'), '.2f')}**")
-
-
-def race_summary(summary: dict) -> str:
-    """Who finished first in model time, and at what quality."""
-    d, a = summary["dlm"], summary["ar"]
-    winner, loser = (d, a) if summary["winner"] == "dlm" else (a, d)
-    name = {"dlm": "The diffusion LM", "ar": "The AR model"}[summary["winner"]]
-    return (f"**{name} finished first** in model time: {winner['seconds']:.2f} s against {loser['seconds']:.2f} s. "
-            f"Quality — judge-PPL (perplexity under the AR model, lower = more fluent): DLM "
-            f"{_num(d.get('gen_ppl'), '.1f')} · AR {_num(a.get('gen_ppl'), '.1f')}; distinct-2 (share of unique "
-            f"token pairs, 1 = no repetition): DLM {_num(d.get('distinct_2'), '.2f')} · AR "
-            f"{_num(a.get('distinct_2'), '.2f')}.")
-
-
-SCOREBOARD_HEADERS = ["example", "expected", "DLM answer", "DLM", "AR answer", "AR"]
-
-
-def scoreboard_rows(rows: list[dict], total: int) -> list[list[str]]:
-    """The In-context scoreboard: one line per example run so far, then the accuracy of each model."""
-    def tick(ok: bool) -> str:
-        return "✓" if ok else "✗"
-    out = [[r["title"], r["expected"], r["dlm"], tick(r["dlm_ok"]), r["ar"], tick(r["ar_ok"])] for r in rows]
-    if rows:
-        def acc(key):
-            k = sum(1 for r in rows if r[key])
-            return f"{k}/{len(rows)} ({100 * k / len(rows):.0f}%)"
-        done = "" if len(rows) == total else f" (after {len(rows)} of {total})"
-        out.append([f"accuracy{done}", "", "", acc("dlm_ok"), "", acc("ar_ok")])
-    return out
-
-
 def chips_html(tokens: list[int], n_prompt: int, pieces: dict[int, str], special: set[int] = frozenset(),
                selection: Optional[tuple[int, int]] = None) -> str:
     """A finished canvas as clickable chips, one per generated token (`data-k` = its offset in the generated
@@ -435,77 +387,6 @@ def chips_html(tokens: list[int], n_prompt: int, pieces: dict[int, str], special
         out.append(f'<span class="t chip{sel}" data-k="{k}" data-id="{tok}" title="#{k}">{text}</span>')
     out.append("</div>")
     return "".join(out)
-
-
-# ---------------------------------------------------------------------------------------------- the Model tab
-def model_status(i, *, prompt_limit: int, time_limit: Optional[float], memory: str, modes: str) -> str:
-    """The Model tab's summary of what is loaded (`i`: an `app.models.ModelInfo`)."""
-    ar = i.ar_name or f"{i.name} (same weights, causal attention)"
-    lines = [
-        f"**DLM:** `{i.name}`" + (f" ({i.kind})" if i.kind else "")
-        + (f" + LoRA `{i.adapter}`" if i.adapter else ""),
-        f"**Parameters:** {i.parameters / 1e6:.1f} M · **weights:** {i.weights_mb:.0f} MB · "
-        f"**device:** {i.device} · **dtype:** {i.dtype} · **quantization:** {i.quantization}",
-        f"**Load time:** {i.load_seconds:.1f} s · **context:** {i.max_length} tokens · "
-        f"**mask token id:** {i.mask_token_id} · **attention:** {i.attn_implementation or 'n/a'}",
-        f"**AR counterpart:** {i.ar_error}" if i.ar_error else
-        f"**AR counterpart:** `{ar}`" + (f" (loaded in {i.ar_load_seconds:.1f} s)" if i.ar_load_seconds else ""),
-        f"**Memory in use:** {memory}",
-        *([f"**Writing:** the speculative decoder's drafts are verified by {i.verifier}"] if i.verifier else []),
-        f"**Limits per request:** {prompt_limit} prompt tokens · "
-        + (f"{time_limit:g} s of model time" if time_limit else "no time limit"),
-        modes,
-    ]
-    return "\n\n".join(lines)
-
-
-NO_MODEL = "**No model loaded.** Choose one below and press *Load*."
-
-
-def decoding_modes(write: SamplerConfig, infill: SamplerConfig, denoise: Optional[SamplerConfig] = None) -> str:
-    """Which decoder each tab starts from (`Models.base_config`: the model's recommended configs, and the Denoise
-    tab's own when it differs)."""
-    if denoise is None or denoise == write:
-        return (f"**Decoding modes:** Denoise, In-context and AR vs DLM use the writing config — "
-                f"{config_summary(write)}; Infill and edits use the infilling config — {config_summary(infill)}.")
-    shows = ("each forward's drafts, kept or rejected" if denoise.decoder == "speculative"
-             else "tokens in parallel and out of order")
-    return (f"**Decoding modes:** Denoise opens on {config_summary(denoise)} ({shows}); "
-            f"In-context and AR vs DLM use the writing config — {config_summary(write)}; Infill and edits use the "
-            f"infilling config — {config_summary(infill)}.")
-
-
-CONFIG_ORIGINS = {"write": "the model's recommended writing config",
-                  "infill": "the model's recommended infilling config",
-                  "denoise": "the playground's Denoise config (the model's writing config, set to show tokens "
-                             "decided in parallel: drafts verified in one pass, or full attention out of order)"}
-
-
-def config_origin(task: str) -> str:
-    """Where a tab's settings start from (`Models.base_config(task)`)."""
-    return CONFIG_ORIGINS[task]
-
-
-def config_summary(cfg: SamplerConfig) -> str:
-    """One line saying how a config decodes, from its decoder's declaration (`dlm.decoders.registry`): what the
-    decoder is, the settings it reads, and a note for each changed setting it ignores, e.g. "**blocks** decoder
-    (block diffusion: ..., blocks of 4), 64 tokens, one token per step, confidence, threshold 0.9, greedy"."""
-    spec = DECODERS[cfg.decoder]
-    uses = set(spec.uses)
-    details = [spec.description] if spec.description else []
-    if "block_length" in uses and cfg.block_length:
-        details.append(f"blocks of {cfg.block_length}")
-    mode = f"**{cfg.decoder}** decoder" + (f" ({', '.join(details)})" if details else "")
-    extra = [f"{cfg.max_new_tokens} tokens"]
-    if "steps" in uses:
-        extra.append(f"{cfg.steps} steps" if cfg.steps else "one token per step")
-    if "remasking" in uses:
-        extra.append(cfg.remasking)
-    if cfg.threshold and "threshold" in uses:
-        extra.append(f"threshold {cfg.threshold:g}")
-    extra.append("greedy" if cfg.temperature == 0 else f"temperature {cfg.temperature:g}")
-    notes = cfg.ignored_settings()
-    return mode + ", " + ", ".join(extra) + "".join(f"; note: {note}" for note in notes)
 
 
 # --------------------------------------------------------------------------------------------------- export

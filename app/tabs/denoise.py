@@ -33,6 +33,13 @@ def _chips(history, selection=None) -> str:
     return render.chips_html(e["tokens"], e["n_prompt"], history["pieces"], history["special"], selection)
 
 
+def _after_run(trace, history, n_prompt: int, text: str):
+    """A finished run (a new text: a new history) or edit (the next version): push the canvas."""
+    canvas = trace.frames[-1].tokens if trace.frames else []
+    history = _push(history, canvas, n_prompt, text, trace)
+    return history, _chips(history), _status(history)
+
+
 def _status(history) -> str:
     if not history:
         return ""
@@ -111,13 +118,15 @@ class DenoiseTab:
         self.events = self._wire()
 
     def _wire(self) -> list:
-        backend, out, controls = self.backend, self.out, self.controls
+        go, submit = self._wire_run()
+        edit = self._wire_edit()
+        self._wire_selection()
+        self._wire_history()
+        return [go, submit, edit]
 
-        def after_run(trace, history, n_prompt, text):
-            """A finished run (a new text: a new history) or edit (the next version): push the canvas."""
-            canvas = trace.frames[-1].tokens if trace.frames else []
-            history = _push(history, canvas, n_prompt, text, trace)
-            return history, _chips(history), _status(history)
+    def _wire_run(self):
+        """Generate: the prompt (with pins) continued and animated; the faster-mode note and button."""
+        backend, out, controls = self.backend, self.out, self.controls
 
         async def run_denoise(request: gr.Request, prompt, chat, pins, *knobs):
             try:
@@ -125,7 +134,7 @@ class DenoiseTab:
                                                              chat=chat, pins=pins, session=session(request)))
                 n_prompt = run.prompt_tokens
                 async for outputs in out.animate(run, prompt_end=n_prompt,
-                                                 extra_fn=lambda g, t: after_run(t, None, n_prompt, g.text)):
+                                                 extra_fn=lambda g, t: _after_run(t, None, n_prompt, g.text)):
                     yield outputs
             except Exception as e:
                 fail(e)
@@ -143,6 +152,11 @@ class DenoiseTab:
         go = self.go.click(run_denoise, inputs, out.outputs, **MODEL)
         submit = self.prompt.submit(run_denoise, inputs, out.outputs, **MODEL)
         out.wire(backend)
+        return go, submit
+
+    def _wire_edit(self):
+        """Remask the selected tokens and re-denoise them (the infilling config), as the next canvas version."""
+        backend, out = self.backend, self.out
 
         async def run_edit(request: gr.Request, history, start, end, new_length):
             try:
@@ -158,20 +172,22 @@ class DenoiseTab:
                     return run.display.text_of(g.token_ids[n_prompt:])
 
                 async for outputs in out.animate(run, prompt_end=n_prompt, text_fn=text,
-                                                 extra_fn=lambda g, t: after_run(t, history, n_prompt, text(g))):
+                                                 extra_fn=lambda g, t: _after_run(t, history, n_prompt, text(g))):
                     yield outputs
             except Exception as e:
                 fail(e)
 
-        edit = self.remask.click(run_edit, [self.history, self.start, self.end, self.new_length], out.outputs,
+        return self.remask.click(run_edit, [self.history, self.start, self.end, self.new_length], out.outputs,
                                  **MODEL)
 
+    def _wire_selection(self):
+        """A click on a chip selects it (shift-click: the span from the start box); typed bounds redraw the chips."""
         def select(evt: gr.EventData, history, start):
             if _entry(history) is None:
                 return gr.skip(), gr.skip(), gr.skip()
-            k = int(evt._data.get("k", 0))
+            k = int(getattr(evt, "k", 0))   # the payload of CHIPS_JS's trigger('click', {k, shift})
             a, b = k, k
-            if evt._data.get("shift") and isinstance(start, (int, float)):
+            if getattr(evt, "shift", False) and isinstance(start, (int, float)):
                 a, b = min(int(start), k), max(int(start), k)
             return a, b, _chips(history, (a, b))
 
@@ -190,6 +206,8 @@ class DenoiseTab:
         for box in (self.start, self.end):
             box.input(show_selection, [self.history, self.start, self.end], self.chips, **LIGHT)
 
+    def _wire_history(self):
+        """Undo / redo: move through the canvas versions."""
         def move(history, delta):
             if not history:
                 return gr.skip(), gr.skip(), gr.skip(), gr.skip()
@@ -197,7 +215,6 @@ class DenoiseTab:
             history = {**history, "index": index}
             return history, _chips(history), _entry(history)["text"], _status(history)
 
-        history_outputs = [self.history, self.chips, out.text, self.edit_status]
+        history_outputs = [self.history, self.chips, self.out.text, self.edit_status]
         self.undo.click(lambda h: move(h, -1), self.history, history_outputs, **LIGHT)
         self.redo.click(lambda h: move(h, +1), self.history, history_outputs, **LIGHT)
-        return [go, submit, edit]

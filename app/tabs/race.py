@@ -77,30 +77,18 @@ class RaceTab:
                 first = True
                 async for batch in run.abatches():
                     race.fold(batch)
-                    keep = "" if first else gr.skip()  # the first update wipes the previous race's results
-                    out = []
-                    for lane in LANES:
-                        t, g = race.traces[lane], race.results.get(lane)
-                        out += [t.html(legend=False), t.race_counter(race.clock[lane], running=race.running(lane)),
-                                g.text if g is not None else keep,
-                                render.race_side_stats(race.summary[lane]) if race.new_summary else keep]
-                    if race.cancelled:
-                        if race.reason:
-                            gr.Warning(race.reason.replace("<", "&lt;"))
-                        out += [f"Stopped — {race.reason}" if race.reason else "Stopped.", gr.skip()]
-                    elif (race.new_summary or race.new_rows) and race.summary:  # plots: at the end / per sweep row
-                        ar = race.summary["ar"]
-                        out += [render.race_summary(race.summary) if race.new_summary else gr.skip(),
-                                render.compare_chart(race.sweep, dict(seconds=ar["seconds"], ppl=ar["gen_ppl"]))]
-                    else:
-                        out += [keep, render.compare_chart([], None) if first else gr.skip()]
+                    yield _race_outputs(race, first)
                     first = False
-                    yield tuple(out)
             except Exception as e:
                 fail(e)
 
         go = self.go.click(run_race, [self.prompt, self.chat, self.sweep_on, self.sweep_field, self.sweep,
                                       *controls.components], self.outputs, **MODEL)
+        self._wire_sweep()
+        return [go]
+
+    def _wire_sweep(self) -> None:
+        backend, controls = self.backend, self.controls
 
         def follow(field, values, *knobs, keep=True):
             """The sweep follows the settings: the settings the decoder reads, and values that fit them (the
@@ -129,4 +117,26 @@ class RaceTab:
             if name in controls.by_name:
                 controls.by_name[name].change(follow, inputs, outputs, **LIGHT)
         self.sweep_field.input(lambda *a: follow(*a, keep=False), inputs, outputs, **LIGHT)
-        return [go]
+
+
+def _race_outputs(race: RaceState, first: bool) -> tuple:
+    """One update of the race's outputs (each side's view, counter, text, stats; the summary; the chart) after a
+    batch; `first`: the first update wipes the previous race's results."""
+    keep = "" if first else gr.skip()
+    out = []
+    for lane in LANES:
+        t, g = race.traces[lane], race.results.get(lane)
+        out += [t.html(legend=False), t.race_counter(race.clock[lane], running=race.running(lane)),
+                g.text if g is not None else keep,
+                render.race_side_stats(race.summary[lane]) if race.new_summary else keep]
+    if race.cancelled:
+        if race.reason:
+            gr.Warning(race.reason.replace("<", "&lt;"))
+        out += [f"Stopped — {race.reason}" if race.reason else "Stopped.", gr.skip()]
+    elif (race.new_summary or race.new_rows) and race.summary:  # plots: at the end / per sweep row
+        ar = race.summary["ar"]
+        out += [render.race_summary(race.summary) if race.new_summary else gr.skip(),
+                render.compare_chart(race.sweep, dict(seconds=ar["seconds"], ppl=ar["gen_ppl"]))]
+    else:
+        out += [keep, render.compare_chart([], None) if first else gr.skip()]
+    return tuple(out)
