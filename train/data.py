@@ -1,5 +1,6 @@
 """Pre-training data: corpus -> documents -> one cached memory-mapped token file -> packed fixed-size blocks.
 
+Sources, the mixture and the cleaning hooks live in `train.documents` (re-exported here); this module tokenizes.
 - Sources: `.txt`, `.txt.gz`, `.jsonl`, `.jsonl.gz` files (a text file is one document, a JSONL line is one),
   directories of those, glob patterns, or `hf:NAME[:CONFIG][#FIELD]` (a Hugging Face dataset, streamed; FIELD
   overrides `data.text_field` for that source, e.g. StarCoder's `content`).
@@ -15,227 +16,36 @@
 """
 from __future__ import annotations
 
-import glob
-import gzip
 import hashlib
 import json
 import logging
 import os
 import random
-import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Iterator, Optional
 
 import numpy as np
 import torch
 
 from dlm.fileio import atomic_directory, cache_dir
 
+from .documents import (  # noqa: F401  (re-exported: the loop, SFT and the tests import them from here)
+    CLEANERS,
+    TEXT_SUFFIXES,
+    DataError,
+    WeightedMixer,
+    expand_sources,
+    gutenberg_clean,
+    iter_documents,
+    iter_jsonl,
+)
+
 log = logging.getLogger(__name__)
 
-TEXT_SUFFIXES = (".txt", ".txt.gz", ".jsonl", ".jsonl.gz", ".json.gz")
 CACHE_VERSION = 1
 _CHUNK_CHARS = 1 << 16  # long documents are tokenized in ~64k-character pieces split at newlines
-
-
-class DataError(ValueError):
-    """Missing, empty or unreadable training data; the message names the source."""
-
-
-# ----- cleaning hooks -------------------------------------------------------------------------------------------------
-_START = re.compile(r"\*\*\*\s*START OF", re.IGNORECASE)
-_END = re.compile(r"\*\*\*\s*END OF", re.IGNORECASE)
-
-
-def gutenberg_clean(text: str) -> str:
-    """Keep only the book: drop everything outside the `*** START OF ... ***` / `*** END OF ... ***` markers
-    (the Project Gutenberg licence header/footer), normalise CRLF / CR to LF. Books without markers are kept whole."""
-    text = text.replace("\r\n", "\n").replace("\r", "\n")
-    start = _START.search(text)
-    if start:
-        close = text.find("***", start.end())  # the marker's closing stars (its title may wrap to the next line)
-        cut = close + 3 if 0 <= close - start.end() < 400 else start.end()
-        newline = text.find("\n", cut)
-        text = text[newline + 1:] if newline >= 0 else ""
-    end = _END.search(text)
-    if end:
-        text = text[:text.rfind("\n", 0, end.start()) + 1]
-    return text.strip() + "\n" if text.strip() else ""
-
-
-CLEANERS: dict[str, Callable[[str], str]] = {
-    "none": lambda text: text,
-    "gutenberg": gutenberg_clean,
-}
-
-
-# ----- sources -> documents -------------------------------------------------------------------------------------------
-def _is_text_file(path: Path) -> bool:
-    return path.name.endswith(TEXT_SUFFIXES)
-
-
-def expand_sources(sources: list[str]) -> list[str]:
-    """Files / directories / globs -> sorted file list (+ `hf:` entries kept as they are). Errors name the source."""
-    out: list[str] = []
-    for src in sources:
-        if src.startswith("hf:"):
-            out.append(src)
-            continue
-        path = Path(src).expanduser()
-        if path.is_dir():
-            files = sorted(p for p in path.rglob("*") if p.is_file() and _is_text_file(p))
-            if not files:
-                raise DataError(f"data source {src}: directory has no {', '.join(TEXT_SUFFIXES)} files")
-            out.extend(str(p) for p in files)
-        elif path.is_file():
-            if not _is_text_file(path):
-                raise DataError(f"data source {src}: unsupported file type (use {', '.join(TEXT_SUFFIXES)})")
-            out.append(str(path))
-        elif any(ch in src for ch in "*?["):
-            files = sorted(p for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
-            if not files:
-                raise DataError(f"data source {src}: glob matches no files")
-            out.extend(files)
-        else:
-            raise DataError(f"data source {src}: no such file or directory")
-    if not out:
-        raise DataError("no data sources given (set data.sources)")
-    return out
-
-
-def _open_text(path: str):
-    return gzip.open(path, "rt", encoding="utf-8", errors="replace") if path.endswith(".gz") else \
-        open(path, "r", encoding="utf-8", errors="replace")
-
-
-def iter_jsonl(path: str) -> Iterator[tuple[int, object]]:
-    """(line number, parsed record) for each non-blank line; a malformed line raises DataError naming file:line."""
-    with _open_text(path) as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                yield lineno, json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-
-
-def _read_jsonl(path: str, text_field: str) -> Iterator[str]:
-    for lineno, record in iter_jsonl(path):
-        if not isinstance(record, dict) or text_field not in record:
-            keys = ", ".join(record) if isinstance(record, dict) else type(record).__name__
-            raise DataError(f"{path}:{lineno}: no field {text_field!r} (has: {keys}); set data.text_field")
-        yield str(record[text_field])
-
-
-def _read_hf(spec: str, text_field: str, split: str) -> Iterator[str]:
-    spec, _, field_override = spec.partition("#")
-    text_field = field_override or text_field
-    name, _, config = spec[3:].partition(":")
-    try:
-        import datasets
-    except ImportError:
-        raise DataError(f"{spec}: Hugging Face datasets need `pip install datasets`") from None
-    try:
-        stream = datasets.load_dataset(name, config or None, split=split, streaming=True)
-        for record in stream:
-            if text_field not in record:
-                raise DataError(f"{spec}: records have no field {text_field!r} (has: {', '.join(record)}); "
-                                "set data.text_field")
-            yield str(record[text_field])
-    except DataError:
-        raise
-    except Exception as e:  # offline, unknown dataset, gated ...
-        raise DataError(f"{spec}: could not stream the Hugging Face dataset ({type(e).__name__}: "
-                        f"{str(e).splitlines()[0] if str(e) else ''}). It needs the network; offline, point "
-                        "data.sources at local .txt/.jsonl files.") from None
-
-
-def iter_documents(source: str, text_field: str = "text", hf_split: str = "train") -> Iterator[str]:
-    """One source (file or hf: spec) -> its documents (raw text)."""
-    if source.startswith("hf:"):
-        yield from _read_hf(source, text_field, hf_split)
-        return
-    try:
-        if ".jsonl" in Path(source).name or source.endswith(".json.gz"):
-            yield from _read_jsonl(source, text_field)
-        else:
-            with _open_text(source) as f:
-                yield f.read()
-    except (OSError, EOFError, UnicodeError) as e:
-        raise DataError(f"{source}: unreadable ({type(e).__name__}: {e})") from None
-
-
-# ----- weighted mixture of sources ------------------------------------------------------------------------------------
-class WeightedMixer:
-    """Interleave the documents of several sources so that each source's share of the TOKENS follows its weight
-    (DiffuLLaMA's SlimPajama ~70% + StarCoder ~30%, TinyLlama's token-weighted mix), deterministic for a seed and
-    resumable at any point with the same order.
-
-    open_source: (i, skip) -> iterator over source i's items after its first `skip` items (resuming re-opens
-                 every source this way; items are e.g. token-id lists).
-    weights:     one positive number per source (normalised here).
-    seed:        the order is a function of the seed and of the sources' contents only.
-    length:      item -> tokens (default `len`).
-
-    Draw k takes the next item of source i with probability proportional to weight_i / (mean length of the items
-    taken from source i so far), so the expected token share is weight_i whatever the sources' document lengths;
-    the uniform number of draw k depends only on (seed, k). Iteration stops when a source runs out (the mix never
-    drifts from the weights). `state_dict()` is a few integers (draws, items and tokens taken per source): a mixer
-    built with `state=` continues exactly where that one stopped.
-    """
-
-    _CHUNK = 4096  # uniform numbers are generated in counter-addressed chunks: draw k uses chunk k // _CHUNK
-
-    def __init__(self, open_source: Callable[[int, int], Iterator], weights, seed: int = 0,
-                 length: Callable = len, state: Optional[dict] = None):
-        weights = [float(w) for w in weights]
-        if not weights or any(not np.isfinite(w) or w <= 0 for w in weights):
-            raise ValueError(f"mixture weights must be positive numbers, got {weights}")
-        total = sum(weights)
-        self.weights = [w / total for w in weights]
-        self.seed, self.length = int(seed), length
-        n = len(weights)
-        state = state or {"draws": 0, "taken": [0] * n, "tokens": [0] * n}
-        if len(state["taken"]) != n or len(state["tokens"]) != n:
-            raise ValueError(f"mixer state is for {len(state['taken'])} sources, this mixture has {n}")
-        self.draws, self.taken, self.tokens = int(state["draws"]), list(state["taken"]), list(state["tokens"])
-        self._iters = [open_source(i, self.taken[i]) for i in range(n)]
-        self._chunk_id, self._chunk = -1, None
-
-    def _uniform(self, k: int) -> float:
-        if k // self._CHUNK != self._chunk_id:
-            self._chunk_id = k // self._CHUNK
-            self._chunk = np.random.default_rng([self.seed, self._chunk_id]).random(self._CHUNK)
-        return float(self._chunk[k % self._CHUNK])
-
-    def choose(self, k: int) -> int:
-        """The source of draw k given the items taken so far (token-weighted, seeded)."""
-        means = [self.tokens[i] / self.taken[i] if self.taken[i] else 1.0 for i in range(len(self.weights))]
-        p = np.array([w / max(m, 1e-9) for w, m in zip(self.weights, means)])
-        return int(min(np.searchsorted(np.cumsum(p / p.sum()), self._uniform(k), side="right"), len(p) - 1))
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> tuple[int, object]:
-        """-> (source index, item)."""
-        i = self.choose(self.draws)
-        item = next(self._iters[i])  # StopIteration: that source ran out, the mixture ends
-        self.draws += 1
-        self.taken[i] += 1
-        self.tokens[i] += int(self.length(item))
-        return i, item
-
-    def state_dict(self) -> dict:
-        return {"draws": self.draws, "taken": list(self.taken), "tokens": list(self.tokens)}
-
-    def shares(self) -> list[float]:
-        """Each source's share of the tokens taken so far."""
-        total = sum(self.tokens)
-        return [t / total if total else 0.0 for t in self.tokens]
 
 
 # ----- tokenizing into the cache --------------------------------------------------------------------------------------
@@ -325,16 +135,9 @@ def _load_meta(directory: Path) -> Optional[dict]:
         return None
 
 
-def build_token_cache(data_cfg, tokenizer, *, progress: bool = False) -> TokenCache:
-    """Tokenize `data_cfg.sources` once (or reuse the cache). Documents are joined with EOS after each one.
-
-    data_cfg:  `train.config.DataConfig` (sources, text_field, hf_split, clean, eval_fraction, eval_sources,
-               max_documents, max_tokens, shuffle_documents, seed, cache_dir).
-    tokenizer: a Hugging Face tokenizer with an EOS token.
-    Returns a `TokenCache` (memory-mapped; nothing is held in RAM).
-    """
-    if tokenizer.eos_token_id is None:
-        raise DataError("the tokenizer has no EOS token: documents cannot be separated")
+def _source_files(data_cfg) -> tuple[list[str], list[list[str]], list[str]]:
+    """(training files in reading order, the same per source when `data.weights` weighs them (else []),
+    held-out files)."""
     weights = list(getattr(data_cfg, "weights", None) or [])
     if weights and len(weights) != len(data_cfg.sources):
         raise DataError(f"data.weights has {len(weights)} values for {len(data_cfg.sources)} data.sources "
@@ -354,6 +157,20 @@ def build_token_cache(data_cfg, tokenizer, *, progress: bool = False) -> TokenCa
             files = [f for g in groups for f in g]
         else:
             random.Random(data_cfg.seed).shuffle(files)
+    return files, groups, eval_files
+
+
+def build_token_cache(data_cfg, tokenizer, *, progress: bool = False) -> TokenCache:
+    """Tokenize `data_cfg.sources` once (or reuse the cache). Documents are joined with EOS after each one.
+
+    data_cfg:  `train.config.DataConfig` (sources, text_field, hf_split, clean, eval_fraction, eval_sources,
+               max_documents, max_tokens, shuffle_documents, seed, cache_dir).
+    tokenizer: a Hugging Face tokenizer with an EOS token.
+    Returns a `TokenCache` (memory-mapped; nothing is held in RAM).
+    """
+    if tokenizer.eos_token_id is None:
+        raise DataError("the tokenizer has no EOS token: documents cannot be separated")
+    files, groups, eval_files = _source_files(data_cfg)
     root = Path(data_cfg.cache_dir).expanduser() if data_cfg.cache_dir else cache_dir() / "tokens"
     key = cache_key(data_cfg, tokenizer, files, eval_files)
     directory = root / key
@@ -366,80 +183,98 @@ def build_token_cache(data_cfg, tokenizer, *, progress: bool = False) -> TokenCa
         log.warning("token cache %s is damaged (size/meta mismatch): rebuilding", directory)
         shutil.rmtree(directory, ignore_errors=True)
     root.mkdir(parents=True, exist_ok=True)
-    dtype = np.uint16 if len(tokenizer) <= np.iinfo(np.uint16).max + 1 else np.uint32
-    clean = CLEANERS[data_cfg.clean]
-    eos = int(tokenizer.eos_token_id)
     with atomic_directory(directory, keep_existing=True) as tmp:  # another rank may finish the same cache first
-        boundaries: list[int] = []  # token offset after each document
-        n_tokens = n_docs = 0
-        with open(tmp / "tokens.bin", "wb") as out:
-            def write_stream(sources: list[str], limit: int) -> None:
-                nonlocal n_tokens, n_docs
-                bar = _progress(sources, progress)
-                for src in bar:
-                    n_src = 0
-                    for raw in iter_documents(src, data_cfg.text_field, data_cfg.hf_split):
-                        text = clean(raw)
-                        if not text.strip():
-                            continue
-                        ids = encode_document(tokenizer, text) + [eos]
-                        out.write(np.asarray(ids, dtype=dtype).tobytes())
-                        n_tokens += len(ids)
-                        n_docs += 1
-                        n_src += 1
-                        boundaries.append(n_tokens)
-                        if (data_cfg.max_documents and n_docs >= data_cfg.max_documents) or \
-                                (limit and n_tokens >= limit):
-                            return
-                    if n_src == 0:
-                        log.warning("data source %s has no non-empty documents", src)
-
-            def write_mixture(limit: int) -> dict:
-                nonlocal n_tokens, n_docs
-
-                def open_source(i: int, skip: int) -> Iterator[list[int]]:
-                    return _group_token_docs(groups[i], data_cfg, tokenizer, clean, eos, skip)
-
-                mixer = WeightedMixer(open_source, weights, seed=data_cfg.seed)
-                for _, ids in mixer:
-                    out.write(np.asarray(ids, dtype=dtype).tobytes())
-                    n_tokens += len(ids)
-                    n_docs += 1
-                    boundaries.append(n_tokens)
-                    if (data_cfg.max_documents and n_docs >= data_cfg.max_documents) or (limit and n_tokens >= limit):
-                        break
-                return {"sources": list(data_cfg.sources), "weights": mixer.weights, "shares": mixer.shares(),
-                        **mixer.state_dict()}
-
-            mix = write_mixture(data_cfg.max_tokens) if weights else None
-            if not weights:
-                write_stream(files, data_cfg.max_tokens)
-            if n_tokens == 0:
+        writer = _TokenWriter(tmp / "tokens.bin", tokenizer, data_cfg.max_documents)
+        with writer:
+            mix = writer.mixture(groups, data_cfg, tokenizer) if groups else None   # groups: weighted sources
+            if mix is None:
+                writer.stream(files, data_cfg, tokenizer, data_cfg.max_tokens, progress)
+            if writer.n_tokens == 0:
                 raise DataError(f"no text found in {', '.join(data_cfg.sources)} (all documents empty after "
                                 f"cleaning '{data_cfg.clean}')")
             if eval_files:
-                split = n_tokens
-                before = n_tokens
-                write_stream(eval_files, n_tokens + data_cfg.max_tokens if data_cfg.max_tokens else 0)
-                if n_tokens == before:
+                split = before = writer.n_tokens
+                writer.stream(eval_files, data_cfg, tokenizer,
+                              writer.n_tokens + data_cfg.max_tokens if data_cfg.max_tokens else 0, progress)
+                if writer.n_tokens == before:
                     raise DataError(f"no text found in eval sources {', '.join(data_cfg.eval_sources)}")
             else:
-                split = _split_point(boundaries, n_tokens, data_cfg.eval_fraction)
-        meta = {"n_tokens": n_tokens, "split": split, "n_documents": n_docs, "dtype": np.dtype(dtype).name,
-                "eos": eos, "files": files, "eval_files": eval_files, "clean": data_cfg.clean,
-                "tokenizer": tokenizer_fingerprint(tokenizer)}
-        if mix is not None:
-            meta["mix"] = mix
-            log.info("mixture: %s", ", ".join(f"{s} {share:.1%} of tokens (weight {w:.1%})" for s, share, w
-                                              in zip(mix["sources"], mix["shares"], mix["weights"])))
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+                split = _split_point(writer.boundaries, writer.n_tokens, data_cfg.eval_fraction)
+        _write_meta(tmp, writer, split, files, eval_files, data_cfg, tokenizer, mix)
     theirs = _load_meta(directory)
     if theirs is None:
         raise DataError(f"token cache {directory} exists but is incomplete; delete it and re-run")
-    meta, n_tokens, split = theirs, theirs["n_tokens"], theirs["split"]
-    log.info("tokenized %d documents -> %d tokens (%d held out) in %s", n_docs, n_tokens, n_tokens - split,
-             directory)
-    return TokenCache(directory, meta["n_tokens"], meta["split"], meta["n_documents"], meta["dtype"], True)
+    log.info("tokenized %d documents -> %d tokens (%d held out) in %s", writer.n_docs, theirs["n_tokens"],
+             theirs["n_tokens"] - theirs["split"], directory)
+    return TokenCache(directory, theirs["n_tokens"], theirs["split"], theirs["n_documents"], theirs["dtype"], True)
+
+
+class _TokenWriter:
+    """Appends documents' token ids (EOS after each) to the cache's tokens.bin, counting tokens and documents and
+    recording where each document ends; `add` says when `max_documents` or a token limit is reached."""
+
+    def __init__(self, path: Path, tokenizer, max_documents: int):
+        self.path, self.max_documents = path, max_documents
+        self.dtype = np.uint16 if len(tokenizer) <= np.iinfo(np.uint16).max + 1 else np.uint32
+        self.eos = int(tokenizer.eos_token_id)
+        self.boundaries: list[int] = []  # token offset after each document
+        self.n_tokens = self.n_docs = 0
+
+    def __enter__(self):
+        self.out = open(self.path, "wb")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.out.close()
+
+    def add(self, ids: list[int], limit: int) -> bool:
+        """Write one document's ids (EOS included); True when the limits are reached."""
+        self.out.write(np.asarray(ids, dtype=self.dtype).tobytes())
+        self.n_tokens += len(ids)
+        self.n_docs += 1
+        self.boundaries.append(self.n_tokens)
+        return bool((self.max_documents and self.n_docs >= self.max_documents) or (limit and self.n_tokens >= limit))
+
+    def stream(self, sources: list[str], data_cfg, tokenizer, limit: int, progress: bool) -> None:
+        """The sources one after another, each document cleaned and tokenized."""
+        clean = CLEANERS[data_cfg.clean]
+        for src in _progress(sources, progress):
+            n_src = 0
+            for raw in iter_documents(src, data_cfg.text_field, data_cfg.hf_split):
+                text = clean(raw)
+                if not text.strip():
+                    continue
+                n_src += 1
+                if self.add(encode_document(tokenizer, text) + [self.eos], limit):
+                    return
+            if n_src == 0:
+                log.warning("data source %s has no non-empty documents", src)
+
+    def mixture(self, groups: list[list[str]], data_cfg, tokenizer) -> dict:
+        """The weighted sources interleaved (`WeightedMixer`) up to data.max_tokens; returns what the mix was."""
+        clean = CLEANERS[data_cfg.clean]
+
+        def open_source(i: int, skip: int) -> Iterator[list[int]]:
+            return _group_token_docs(groups[i], data_cfg, tokenizer, clean, self.eos, skip)
+
+        mixer = WeightedMixer(open_source, list(data_cfg.weights), seed=data_cfg.seed)
+        for _, ids in mixer:
+            if self.add(ids, data_cfg.max_tokens):
+                break
+        return {"sources": list(data_cfg.sources), "weights": mixer.weights, "shares": mixer.shares(),
+                **mixer.state_dict()}
+
+
+def _write_meta(tmp: Path, writer: _TokenWriter, split: int, files: list[str], eval_files: list[str], data_cfg,
+                tokenizer, mix: Optional[dict]) -> None:
+    meta = {"n_tokens": writer.n_tokens, "split": split, "n_documents": writer.n_docs,
+            "dtype": np.dtype(writer.dtype).name, "eos": writer.eos, "files": files, "eval_files": eval_files,
+            "clean": data_cfg.clean, "tokenizer": tokenizer_fingerprint(tokenizer)}
+    if mix is not None:
+        meta["mix"] = mix
+        log.info("mixture: %s", ", ".join(f"{s} {share:.1%} of tokens (weight {w:.1%})" for s, share, w
+                                          in zip(mix["sources"], mix["shares"], mix["weights"])))
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
 
 
 def _group_token_docs(files: list[str], data_cfg, tokenizer, clean, eos: int, skip: int = 0) -> Iterator[list[int]]:

@@ -65,7 +65,7 @@ def train_bpe_tokenizer(vocab_size: int, data_cfg):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from .data import CLEANERS, expand_sources
+    from .documents import CLEANERS, expand_sources
     clean = CLEANERS[data_cfg.clean]
     files = [f for f in expand_sources(list(data_cfg.sources)) if not f.startswith("hf:")]
     if not files:
@@ -84,7 +84,7 @@ def train_bpe_tokenizer(vocab_size: int, data_cfg):
 def _bpe_texts(path: str, text_field: str):
     """Documents to learn a BPE from: a text file whole; a JSONL record's text field, else all its strings
     (SFT records such as GSM8K's question/answer)."""
-    from .data import _open_text, iter_documents
+    from .documents import _open_text, iter_documents
     if ".jsonl" not in Path(path).name:
         yield from iter_documents(path, text_field)
         return
