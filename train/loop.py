@@ -32,48 +32,16 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import torch
-from accelerate.tracking import GeneralTracker
 
 from .checkpoint import clean_stale_temp, list_checkpoints, load_checkpoint, resolve_candidates, save_checkpoint
 from .config import ConfigError, TrainConfig, validate
 from .data import BlockSampler, DataError, PackedBlocks, build_token_cache, expand_sources
 from .evaluate import evaluate
 from .modeling import Objective, build_model, export, trainable_summary
+from .schedules import anneal_ratio, make_scheduler, step_mode
+from .tracker import JSONLTracker
 
 log = logging.getLogger("train")
-
-
-# ----- schedules ------------------------------------------------------------------------------------------------------
-def anneal_ratio(step: int, anneal_steps: int) -> float:
-    """Attention-mask annealing ratio for optimizer step `step` (0-based): min(1, step / anneal_steps).
-
-    Step 0 is exactly causal (the AR model's own attention); from `anneal_steps` on it is fully bidirectional.
-    anneal_steps = 0 disables annealing (1.0 from the first step: the paper's "no annealing" ablation).
-    """
-    if anneal_steps <= 0:
-        return 1.0
-    return min(1.0, max(0, step) / anneal_steps)
-
-
-def make_scheduler(optimizer, warmup_steps: int, max_steps: int, schedule: str = "cosine", min_lr_ratio: float = 0.1):
-    """transformers' schedules: linear warmup over `warmup_steps`, then cosine from the base LR down to
-    `min_lr_ratio` x it at `max_steps` (`get_cosine_with_min_lr_schedule_with_warmup`), or constant."""
-    from transformers import get_constant_schedule_with_warmup, get_cosine_with_min_lr_schedule_with_warmup
-    if schedule == "constant":
-        return get_constant_schedule_with_warmup(optimizer, warmup_steps)
-    return get_cosine_with_min_lr_schedule_with_warmup(optimizer, warmup_steps, max_steps, min_lr_rate=min_lr_ratio)
-
-
-def step_mode(step: int, seed: int, attention: str, block_lengths, block_fraction: float) -> Optional[int]:
-    """The attention mode of optimizer step `step`: None = full attention (the paper), else the block length of
-    a block-diffusion step. A pure function of (seed, step), so a resumed run makes the same choices."""
-    if attention == "full":
-        return None
-    import random
-    rng = random.Random(seed * 1_000_003 + step)
-    if attention == "mixture" and rng.random() >= block_fraction:
-        return None
-    return int(rng.choice(list(block_lengths)))
 
 
 # ----- small helpers --------------------------------------------------------------------------------------------------
@@ -129,45 +97,6 @@ def trainable_checksum(module) -> list[float]:
     """float64 sums of every trainable tensor, in name order: what gradient synchronisation keeps equal across
     ranks (compared once at the end of a multi-process run; one cheap reduction per tensor, no serialisation)."""
     return [float(p.detach().double().sum()) for _, p in sorted(module.named_parameters()) if p.requires_grad]
-
-
-class JSONLTracker(GeneralTracker):
-    """An accelerate tracker (the `GeneralTracker` interface) that appends one JSON line per `log` call to
-    `OUTPUT_DIR/metrics.jsonl`: the run's curve, readable without TensorBoard. `truncate(step)` drops lines past a
-    resumed step (they came from steps that are about to be recomputed)."""
-
-    name, requires_logging_directory, main_process_only = "jsonl", False, True
-
-    def __init__(self, path: Path):
-        super().__init__(_blank=True)
-        self.path = path
-
-    @property
-    def tracker(self):
-        return self.path
-
-    def start(self):
-        pass
-
-    def store_init_configuration(self, values: dict):
-        pass
-
-    def log(self, values: dict, step: Optional[int] = None, **kwargs):
-        with open(self.path, "a") as f:
-            f.write(json.dumps({"step": step, **values}) + "\n")
-
-    def finish(self):
-        pass
-
-    def truncate(self, resume_step: Optional[int]) -> None:
-        if not self.path.is_file():
-            return
-        if resume_step is None:
-            self.path.unlink()
-            return
-        kept = [line for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-        self.path.write_text("".join(line + "\n" for line in kept))
 
 
 def _to_device(batch: dict, device) -> dict:
