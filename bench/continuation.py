@@ -19,7 +19,6 @@ masking (DLM) against the AR base's next-token accuracy on the same text.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import re
 import time
@@ -30,6 +29,7 @@ from typing import Optional, Sequence
 import torch
 
 from bench.load_args import add_load_args, load_kwargs
+from bench.output import write_json
 from dlm.quality import corpus_ppl, distinct_n, has_loop, judge_nll, ppl_ratio_interval
 from dlm.sampling import cut_at_eos
 
@@ -221,9 +221,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         result["accuracy"] = heldout_accuracy(model, ar_model, data_dir, seed=args.seed)
     print(format_table(result))
     print(f"# {time.perf_counter() - t0:.0f} s")
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=1))
+    write_json(args.out, result)
     return result
 
 

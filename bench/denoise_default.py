@@ -17,7 +17,6 @@ The AR twin is one reference row.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 from typing import Optional, Sequence
@@ -26,6 +25,7 @@ import torch
 
 from bench.continuation import Side, load_prompts, useful_tokens
 from bench.load_args import add_load_args, load_kwargs
+from bench.output import write_json
 from dlm.quality import judge_nll
 from dlm.types import Frame, Generation
 
@@ -137,9 +137,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     rows[f"AR twin ({ar.name})"] = dict(ar_side.summary(), tokens_per_step=1.0, out_of_order=0.0, in_parallel=0.0,
                                         samples=ar_side.texts)
     print(format_table(rows))
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(rows, indent=1))
+    write_json(args.out, rows)
     return rows
 
 

@@ -13,13 +13,13 @@ write 1 + sum_j prod_{i<=j} alpha_j tokens per forward, alpha_j = sum_x min(p, q
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
 
 from bench.load_args import add_load_args, load_kwargs
+from bench.output import write_json
 
 
 def heldout_rows(model, data_dir: Path, n_rows: int, length: int) -> torch.Tensor:
@@ -73,9 +73,7 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
     for r in result:
         print(f"| {r['block_length']} | {r['blocks']} | {r['tpf']:.3f} | {r['tpf_greedy']:.3f} | "
               f"{r['alpha_first']:.3f} |")
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=1))
+    write_json(args.out, result)
     return result
 
 

@@ -27,6 +27,8 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from bench.output import write_json
+
 SHAPES = {
     "llama-2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
                        num_key_value_heads=32, max_position_embeddings=4096),
@@ -189,9 +191,7 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
             t1 = time.perf_counter()
             next(iter(model.stream(PROMPT, max_new_tokens=64, decoder="full", steps=64)))
             rows.append({"row": "first_frame", "model": q, "seconds": time.perf_counter() - t1})
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(rows, indent=1))
+    write_json(args.out, rows)
     print(format_table(rows))
     return rows
 
