@@ -139,6 +139,31 @@ def parse_json(body: bytes, max_depth: int, max_items: int):
     return data, json_shape(data, max_depth, max_items)
 
 
+class SessionView:
+    """The playground as Gradio's `SessionState` sees it when a request brings a new session id: its config (each
+    session's own copy of the component and event tables) but no components to copy the configs of. Otherwise Gradio
+    copies every component's config for each new session id, on the event loop (the playground's ~340 blocks: ~50 ms
+    and ~0.5 MB a session, kept for up to 10,000 sessions): a client sending new session ids, or REST calls without
+    one (each its own session), stalled every other client and grew the server's memory. The copy serves only deep
+    links, which this app has none of (their route is closed); a session's entry for a component is made when the
+    component changes in that session (Gradio's own path for a missing entry)."""
+
+    blocks: dict = {}
+
+    def __init__(self, real):
+        self._real = real
+
+    def __getattr__(self, name):
+        return getattr(self._real, name)
+
+
+def lean_sessions(blocks) -> None:
+    """New sessions of `blocks` (its Gradio app's state holder) start without the copy of every component's config."""
+    holder = getattr(blocks, "state_holder", None)
+    if holder is not None and getattr(holder, "blocks", None) is blocks:
+        holder.blocks = SessionView(blocks)
+
+
 class ApiGuard:
     """ASGI middleware in front of Gradio: what reaches Gradio is addressed to this server, bounded, and shaped
     like a request of this app; what Gradio would answer with a 500 (and a traceback in the log) gets a 4xx with
@@ -149,6 +174,10 @@ class ApiGuard:
     - the client address: the connection's, or from a trusted proxy the forwarded one (`Proxies`); written into
       the request, so Gradio's `request.client.host` and the worker's fairness see it;
     - uploads (`/upload`): refused (403): the app takes no file, so no page can write into the temp directory;
+      deep links (`/deep_link`): 404, the app has none (and new sessions keep no config copy for them: `SessionView`);
+    - a model route's request from a client address that already has `per_client_events` requests in flight here
+      or events in Gradio's queue -> 429, before its body is read: new session ids do not make one address many
+      clients, and a flood's surplus costs the server a refusal, not a parse or a session;
     - a request body over its route's cap -> 413, counted on the bytes read (chunked bodies too): the model
       routes (`/call`, `/queue/join`, `/run`, `/api`) take the largest real request (`Bounds.body_bytes`: four
       text fields at their bound), every other route 64 KB;
@@ -161,8 +190,6 @@ class ApiGuard:
       body that is not a JSON object -> 422 naming the argument and what the endpoint takes;
     - a dropdown's value outside its choices (the Model tab's loader called by `fn_index`) -> 422 naming the
       field and its choices (Gradio would log a traceback each time);
-    - one client address with more than `per_client_events` events in Gradio's queue -> 429: new session ids
-      do not make a client many clients;
     - `/cancel` ends only the event it names (Gradio's cancels every running event of that session on that
       endpoint: cancelling a queued job killed the running one);
     - anything else that would still raise -> 500 with one line, one line in the log.
@@ -172,6 +199,7 @@ class ApiGuard:
     CALL = re.compile(r"/gradio_api/call/(v2/)?([^/]+)(/[^/]*)?/?")
     RUN = re.compile(r"/gradio_api/(?:run|api)/([^/]+)/?")
     UPLOAD = re.compile(r"(?:/gradio_api)?/upload/?")
+    DEEP_LINK = re.compile(r"(?:/gradio_api)?/deep_link/?")
     JOIN = "/gradio_api/queue/join"
     CANCEL = "/gradio_api/cancel"
     SMALL_BODY = 64 << 10
@@ -187,6 +215,8 @@ class ApiGuard:
         self.params = {name: [p for p in sig.parameters.values() if p.name != "request"]
                        for name, sig in endpoints.items()}
         self._logged: set[str] = set()
+        self._in_flight: dict[str, int] = {}  # client address -> its model-route requests between this gate and Gradio
+        lean_sessions(blocks)  # built with the app, after Gradio's state holder (Starlette builds it on first use)
 
     # ---- the gate
     async def __call__(self, scope, receive, send):
@@ -230,12 +260,30 @@ class ApiGuard:
         if run is not None and run.group(1) != "predict" and run.group(1) not in self._api_names():
             return await self._answer(send, 404, f"unknown endpoint /{run.group(1)[:60]}; the endpoints are "
                                                  f"{', '.join('/' + n for n in self.params)}")
+        if self.DEEP_LINK.fullmatch(path):
+            return await self._answer(send, 404, "deep links: this app has none")
         if method in ("GET", "HEAD", "OPTIONS"):
             return await self.app(scope, receive, tracked)
         if self.UPLOAD.fullmatch(path):
             return await self._answer(send, 403, "uploads: this app takes no files, so this server accepts no "
                                                  "uploads")
         model_route = m is not None or run is not None or path.rstrip("/") == self.JOIN
+        if not (model_route and client):
+            return await self._forward(scope, receive, tracked, send, headers, m, model_route)
+        busy = self._busy(client)  # checked and counted with no await between: concurrent requests see each other
+        if busy:
+            return await self._answer(send, 429, busy)
+        self._in_flight[client] = self._in_flight.get(client, 0) + 1
+        try:
+            return await self._forward(scope, receive, tracked, send, headers, m, model_route)
+        finally:
+            self._in_flight[client] -= 1
+            if not self._in_flight[client]:
+                del self._in_flight[client]
+
+    async def _forward(self, scope, receive, tracked, send, headers, m, model_route: bool):
+        """The body read within its route's cap, parsed in a thread and checked, then handed to Gradio."""
+        path = scope["path"]
         bounds = self.limits()
         cap = bounds.body_bytes if model_route else self.SMALL_BODY
         size = headers.get(b"content-length", b"")
@@ -259,10 +307,6 @@ class ApiGuard:
                 return await self._answer(send, status, problem)
         if path.rstrip("/") == self.CANCEL and isinstance(data, dict):
             body = await self._cancel_one(data, body)
-        if model_route and client:
-            busy = self._busy(client)
-            if busy:
-                return await self._answer(send, 429, busy)
         sent = False
 
         async def replay():
@@ -336,12 +380,11 @@ class ApiGuard:
         return ""
 
     def _busy(self, client: str) -> str:
-        """'' unless the client already has `per_client_events` events in Gradio's queue (waiting or running)."""
+        """'' unless the client address already has `per_client_events` model-route requests in flight through
+        this gate (on their way into Gradio's queue) and events in Gradio's queue (waiting or running)."""
         queue = getattr(self.blocks, "_queue", None)
-        events = getattr(queue, "event_ids_to_events", None)
-        if not events:
-            return ""
-        mine = 0
+        events = getattr(queue, "event_ids_to_events", None) or {}
+        mine = self._in_flight.get(client, 0)
         for event in list(events.values()):
             request = getattr(event, "request", None)
             peer = getattr(getattr(request, "client", None), "host", None)

@@ -1,11 +1,12 @@
 """Hostile requests against a running playground (issue 31): does any of them stall the other clients or take the
 machine's memory? The server (`app.py`, a subprocess bound to 127.0.0.1) is probed from 127.0.0.2 while a
-well-behaved client on 127.0.0.3 polls `GET /config` every 50 ms; every request goes to 127.0.0.x only, and
-every loop is bounded.
+well-behaved client on 127.0.0.5 polls `GET /config` every 50 ms; every client sends from its own 127.0.0.x (the
+server is fair per address), every request goes to 127.0.0.1 only, and every loop is bounded.
 
     python -m bench.server_probe                         # the shipped default model, a 60 s mixed load
     python -m bench.server_probe --tiny --duration 120   # a tiny random model (no model work to speak of)
     python -m bench.server_probe --model PATH --duration 600 --json out.json
+    python -m bench.server_probe --repo /tmp/other-checkout      # another checkout's app.py (same probe)
 
 Part 1, one hostile request at a time: what the server answered (status, first words), how long it took, and the
 worst latency the polling client saw meanwhile (its stall; `idle` is the same client with nothing hostile).
@@ -30,12 +31,23 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 REPO = Path(__file__).resolve().parent.parent
-HOSTILE, GOOD_A, GOOD_B, POLLER = "127.0.0.2", "127.0.0.3", "127.0.0.4", "127.0.0.3"
+HOSTILE, GOOD_A, GOOD_B, POLLER = "127.0.0.2", "127.0.0.3", "127.0.0.4", "127.0.0.5"  # one client per address
+
+
+_TLS = []
 
 
 def client(source: str, timeout: float = 60.0):
+    """An HTTP client sending from `source` (127.0.0.x). One TLS context for all (plain HTTP here, but httpx makes
+    one per client otherwise: ~40 ms of this process's CPU each, which a 100-connection flood would take from the
+    server on a 2-core machine and count as the server's stall)."""
+    import ssl
+
     import httpx
-    return httpx.Client(transport=httpx.HTTPTransport(local_address=source), timeout=timeout)
+    if not _TLS:
+        _TLS.append(ssl.create_default_context())
+    return httpx.Client(transport=httpx.HTTPTransport(local_address=source, verify=_TLS[0]), verify=_TLS[0],
+                        timeout=timeout)
 
 
 def rss_mb(pid: int) -> float:
@@ -72,14 +84,14 @@ def tiny_model(directory: Path) -> Path:
 
 
 class Server:
-    def __init__(self, model: Optional[str], port: int, time_limit: float):
+    def __init__(self, model: Optional[str], port: int, time_limit: float, repo: Path = REPO):
         cmd = [sys.executable, "app.py", "--port", str(port), "--device", "cpu", "--time-limit", str(time_limit)]
         if model:
             cmd += ["--model", model]
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False", "OMP_NUM_THREADS": "1"}
         self.url = f"http://127.0.0.1:{port}/"
         self.log = tempfile.TemporaryFile()
-        self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=self.log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(cmd, cwd=repo, env=env, stdout=self.log, stderr=subprocess.STDOUT)
 
     def wait(self, timeout: float = 600.0) -> None:
         import httpx
@@ -267,13 +279,14 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     p.add_argument("--time-limit", type=float, default=30.0, help="the server's --time-limit (default 30)")
     p.add_argument("--skip", default="", help="comma-separated hostile request names to leave out")
     p.add_argument("--json", default=None, help="also write the results here")
+    p.add_argument("--repo", type=Path, default=REPO, help="the checkout whose app.py is probed (default: this one)")
     args = p.parse_args(argv)
     model = args.model
     tmp = None
     if args.tiny:
         tmp = tempfile.TemporaryDirectory()
         model = str(tiny_model(Path(tmp.name)))
-    server = Server(model, args.port, args.time_limit)
+    server = Server(model, args.port, args.time_limit, args.repo)
     out: dict = dict(model=model or "default", duration=args.duration, rows=[])
     try:
         server.wait()

@@ -216,6 +216,70 @@ def test_new_session_ids_do_not_make_one_address_many_clients(server):
     assert refused, outcomes[:3]  # the flood's surplus was refused, with the queue's message
 
 
+def test_a_flood_s_surplus_is_refused_at_the_gate_while_another_address_gets_through():
+    """Before: the gate counted only events already in Gradio's queue, so 100 requests sent at once from one address
+    all passed it while the first ones were still on their way in (each then building a session on the event loop),
+    and other clients stalled 3.6-5.7 s. Now requests between the gate and Gradio's queue count too: the flood's
+    surplus is refused before its body is read, and another address's request still gets through."""
+    import asyncio
+    import inspect
+
+    from app.http_guard import ApiGuard
+
+    async def main():
+        release, reached = asyncio.Event(), []
+
+        async def gradio(scope, receive, send):  # holds every request it is given, as a slow route would
+            reached.append(scope["client"][0])
+            await release.wait()
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": b"{}"})
+
+        prompt = inspect.Parameter("prompt", inspect.Parameter.POSITIONAL_OR_KEYWORD)
+        guard = ApiGuard(gradio, {"denoise": inspect.Signature([prompt])}, per_client_events=10)
+
+        def client(address):
+            return httpx.AsyncClient(transport=httpx.ASGITransport(guard, client=(address, 1234)),
+                                     base_url="http://127.0.0.1")
+
+        async with client("127.0.0.2") as flood, client("127.0.0.3") as other:
+            body = {"content": b'{"data": ["Hi"]}', "headers": {"Content-Type": "application/json"}}
+            sent = [asyncio.ensure_future(flood.post("/gradio_api/call/denoise", **body)) for _ in range(40)]
+            while len(reached) < 10 and not any(t.done() for t in sent):
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.2)
+            refused = [t.result() for t in sent if t.done()]
+            mine = asyncio.ensure_future(other.post("/gradio_api/call/denoise", **body))
+            while "127.0.0.3" not in reached and not mine.done():
+                await asyncio.sleep(0.01)
+            release.set()
+            answers = await asyncio.gather(*sent, mine)
+        return reached, refused, answers
+
+    reached, refused, answers = asyncio.run(main())
+    assert reached.count("127.0.0.2") == 10, reached  # the address's bound, however many session ids it sends
+    assert len(refused) == 30 and all(r.status_code == 429 for r in refused), [r.status_code for r in refused]
+    assert "requests from your address" in refused[0].json()["detail"]
+    assert "127.0.0.3" in reached and answers[-1].status_code == 200  # another address is not held back
+
+
+def test_a_new_session_id_costs_no_copy_of_every_component(server):
+    """Before: each new session id (and each REST call without one) made Gradio copy every component's config, on
+    the event loop: ~50 ms and ~0.5 MB a session, kept for up to 10,000 sessions. The copy serves only deep links,
+    which this app has none of: their route is closed."""
+    demo, url = server
+    event, data = call(url, "denoise", {"data": ["Hi", 2, 2], "session_hash": "lean-1"}, source="127.0.0.2")
+    assert event == "complete", data
+    assert "lean-1" in demo.state_holder
+    tracemalloc.start()
+    demo.state_holder["lean-2"]  # what a request with a new session id makes
+    size = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert size < 64 << 10, size
+    r = httpx.get(f"{url}gradio_api/deep_link", params={"session_hash": "lean-1"}, timeout=30)
+    assert r.status_code == 404 and r.json()["detail"] == "deep links: this app has none"
+
+
 def test_a_trusted_proxy_s_forwarded_address_is_the_client():
     from app.http_guard import Proxies
 
