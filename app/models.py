@@ -124,6 +124,20 @@ def process_memory() -> str:
     return " · ".join(parts)
 
 
+def memory_estimate(name: str) -> Optional[dict]:
+    """What a registry model's weights need in each precision (GiB: fp32, bf16, 8bit, 4bit, int8, int4, and the
+    rule-of-thumb `overhead_gib` on top), computed from its config before anything loads
+    (`dlm.families.memory_for`); None for a name the registry does not know or a model whose config is unknown
+    (a local path is not probed: the Model tab sizes registry models only)."""
+    if not name or not model_registry.is_registered(name):
+        return None
+    from dlm.families import memory_for
+    try:
+        return memory_for(name)
+    except Exception:   # a damaged cached config: no table rather than a broken tab
+        return None
+
+
 @dataclass(frozen=True)
 class SwitchPolicy:
     """Which models users may switch to from the Model tab: none unless the operator enables it

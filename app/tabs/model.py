@@ -1,6 +1,8 @@
 """Model: pick a registry model or a local path, an optional LoRA adapter, the AR counterpart, the mask token id,
 quantization, device and dtype. Shows what is loaded, its memory, the limits per request and which decoding mode
-each tab uses; loading another model resets every tab's sampler widgets to its recommended configs.
+each tab uses; before loading, what the chosen registry model's weights need in each precision (`memory_table`,
+from its config through the backend); loading another model resets every tab's sampler widgets to its recommended
+configs.
 
 Switching is the operator's choice (dlm-studio --allow-model-switch, --model-dir): when it is off the loader is
 shown disabled and refused by the server (`Models.switch`), whoever calls it."""
@@ -13,6 +15,38 @@ from app.events import describe_error
 from app.tabs import TAB
 from app.tabs.common import LIGHT, MODEL, SamplerControls, banner
 from dlm import model_registry
+
+# The precisions of the memory table: (key of `memory_estimate`, the quantization choice / dtype that gives it)
+PRECISIONS = (("fp32", "`none` on a CPU (float32)"), ("bf16", "`none` on a GPU (bfloat16)"),
+              ("8bit", "`8bit`: bitsandbytes LLM.int8"), ("4bit", "`4bit`: bitsandbytes NF4"),
+              ("int8", "`int8`: packed for CPUs, 8.5 bits a weight"),
+              ("int4", "`int4`: packed for CPUs, 5 bits a weight, head int8"))
+
+
+def memory_table(est) -> str:
+    """A Markdown table of `Backend.memory_estimate`'s GiB per precision ("" when unknown)."""
+    if not est:
+        return ""
+    extra = est.get("overhead_gib", 0.0)
+    rows = [f"| {key} | {est[key]:.2f} GiB | ~{est[key] + extra:.1f} GiB | {how} |"
+            for key, how in PRECISIONS if key in est]
+    return "\n".join([f"**Memory before loading** ({est['parameters_b']:.2f} B parameters, from its config): ",
+                      "", "| precision | weights | with activations + KV cache | quantization |",
+                      "|---|---|---|---|", *rows, "",
+                      f"*Weights only in the second column; the third adds a rule of thumb ({extra:.1f} GiB: the "
+                      "runtime, activations and a few thousand tokens of KV cache). 8bit / 4bit keep the "
+                      "embeddings and head in bf16; int8 / int4 keep the input embedding in fp32.*"])
+
+
+def model_notes(backend: Backend, name: str) -> str:
+    """The registry entry's notes, whether it loads offline, and its memory table."""
+    if not name or not model_registry.is_registered(name):
+        return ""
+    s = model_registry.get(name)
+    where = "available offline" if model_registry.is_available(name) else \
+        "not available offline (needs the network once, or its files)"
+    table = memory_table(backend.memory_estimate(name))
+    return f"*{s.notes}* — {where}." + (f"\n\n{table}" if table else "")
 
 
 class ModelTab:
@@ -32,7 +66,8 @@ class ModelTab:
                 self.path = gr.Textbox("" if model_registry.is_registered(source) else "", scale=3,
                                        label="…or a local path in an allowed folder (overrides the registry choice)",
                                        elem_id="model-path", **on)
-            self.notes = gr.Markdown()
+            self.notes = gr.Markdown(model_notes(backend, source) if model_registry.is_registered(source) else "",
+                                     elem_id="model-notes")
             with gr.Row():
                 self.adapter = gr.Textbox("", label="LoRA adapter directory (optional)", **on)
                 self.ar = gr.Textbox("", label="AR counterpart (empty = the registered one)", **on)
@@ -60,12 +95,7 @@ class ModelTab:
         backend = self.backend
 
         def show_notes(name):
-            if not name or not model_registry.is_registered(name):
-                return ""
-            s = model_registry.get(name)
-            where = "available offline" if model_registry.is_available(name) else \
-                "not available offline (needs the network once, or its files)"
-            return f"*{s.notes}* — {where}."
+            return model_notes(backend, name)
 
         self.name.change(show_notes, self.name, self.notes, **LIGHT)
 
