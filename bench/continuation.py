@@ -154,12 +154,38 @@ def format_table(result: dict) -> str:
                  f"speed {result['speed']:.2f}x AR ({result['tokens_per_step']:.2f} tokens per DLM step); "
                  f"n={result['n']} prompts x {result['new_tokens']} tokens")
     lines.append("goals (" + GOALS + "): " + ", ".join(f"{k} {'yes' if v else 'NO'}" for k, v in ok.items()))
+    if result.get("llama_cpp"):
+        lc = result["llama_cpp"]
+        rate = lc["tokens_per_s"]
+        lines.append(f"{lc['what']}, {lc['threads']} threads, same prompts and sampling: judge-PPL "
+                     f"{lc['judge_ppl']:.2f}, {rate:.2f} tok/s; DLM {d['tokens_per_s'] / rate:.2f}x llama.cpp, "
+                     f"AR {a['tokens_per_s'] / rate:.2f}x")
     if "accuracy" in result:
         acc = result["accuracy"]
         extra = f", block-mode {acc['dlm_block_acc']:.3f}" if "dlm_block_acc" in acc else ""
         lines.append(f"held-out accuracy ({acc['blocks']} blocks x {acc['block_tokens']} tokens): DLM masked@15% "
                      f"{acc['dlm_masked_acc']:.3f}{extra} vs AR next-token {acc['ar_next_token_acc']:.3f}")
     return "\n".join(lines)
+
+
+def llama_cpp_side(ar_name: str, judge, prompts: list, args) -> Optional[dict]:
+    """llama.cpp on the AR twin's own GGUF (the program a CPU user would otherwise run), with the same prompts,
+    tokens, sampling and threads, when `llama_cpp` is importable and the twin is a registered GGUF; else None."""
+    from bench import llama_cpp_row
+    if not llama_cpp_row.available():
+        return None
+    try:
+        gguf = llama_cpp_row.gguf_path(ar_name)
+    except Exception:  # noqa: BLE001 - not a registry entry with a local GGUF: no row
+        return None
+    if gguf is None or Path(gguf).suffix != ".gguf":
+        return None
+    row = llama_cpp_row.run(prompts, Path(gguf), torch.get_num_threads(), args.new_tokens, args.temperature,
+                            args.top_p, seed=args.seed)
+    if row is not None:
+        nlls = [judge_nll(judge, p, t) for p, t in zip(prompts, row["texts"])]
+        row["judge_ppl"] = corpus_ppl(nlls)
+    return row
 
 
 def _clip(text: str, n: int = 70) -> str:
@@ -219,6 +245,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                  log=lambda line: print(line, flush=True))
     if args.accuracy:
         result["accuracy"] = heldout_accuracy(model, ar_model, data_dir, seed=args.seed)
+    result["llama_cpp"] = llama_cpp_side(ar_name, judge, prompts, args)
     print(format_table(result))
     print(f"# {time.perf_counter() - t0:.0f} s")
     write_json(args.out, result)

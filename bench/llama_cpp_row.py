@@ -32,15 +32,21 @@ def run(prompts: Sequence[str], gguf: Path, threads: int, new_tokens: int, tempe
         return None
     llm = Llama(model_path=str(gguf), n_threads=threads, n_threads_batch=threads, n_ctx=1024, seed=seed,
                 verbose=False)
-    tokens = 0
+    tokens, texts = 0, []
     t0 = time.perf_counter()
     for i, prompt in enumerate(prompts):
         out = llm.create_completion(prompt, max_tokens=new_tokens, temperature=temperature, top_p=top_p, top_k=0,
                                     seed=seed + i)
         tokens += out["usage"]["completion_tokens"]
+        texts.append(out["choices"][0]["text"])
     seconds = time.perf_counter() - t0
     return {"what": f"llama.cpp ({gguf.name}), AR", "tokens": tokens, "seconds": seconds,
-            "tokens_per_s": tokens / seconds, "threads": threads}
+            "tokens_per_s": tokens / seconds, "threads": threads, "texts": texts}
+
+
+def available() -> bool:
+    import importlib.util
+    return importlib.util.find_spec("llama_cpp") is not None
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Optional[dict]:
