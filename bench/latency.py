@@ -25,6 +25,8 @@ least model time recently, plus the request's own expected time, goes next: a sh
 progress, here a whole long run since each short request arrives just after one started (*: p95 = one long run, at
 the time limit on this loaded machine). after: the running request pauses at its next denoising step for the short
 one, which so waits about one step.)
+These rows were measured through gradio_client, every client on 127.0.0.1 (fairness was per session then);
+not yet measured again with each client on its own address.
 """
 from __future__ import annotations
 
