@@ -66,6 +66,17 @@ class AdapterRouting:
             gate = self._gates[key] = self.rows.to(device=output.device, dtype=output.dtype)[..., None]
         return gate
 
+    def row_gate(self, x: torch.Tensor) -> Optional[torch.Tensor]:
+        """The current gate as one entry per row of `x` ([..., K] -> [rows]), or None (every row); once per forward
+        and shape."""
+        if self.rows is None:
+            return None
+        key = (x.device, x.dtype, x.shape[:-1])
+        gate = self._gates.get(key)
+        if gate is None:
+            gate = self._gates[key] = self.rows.to(device=x.device, dtype=x.dtype).expand(x.shape[:-1]).reshape(-1)
+        return gate
+
     def _gate(self, module, inputs, output):
         gate = self.gate_for(output)
         return output if gate is None else output * gate
@@ -131,9 +142,10 @@ def install_inference_forward(base, routing: Optional[AdapterRouting] = None) ->
     lora_B as modules (and the routing hook on lora_B): about a dozen torch calls and several Python frames per
     layer, ~25 ms a forward over SmolLM2's 210 layers on a 2-core CPU, more than the adapter's arithmetic. Under
     `torch.no_grad` in eval mode with one plain LoRA active in the input's dtype, the lean forward computes the
-    same sum, `base(x) + scaling * gate * B(A x)`, in four calls; the gate is `routing`'s, so an ungated row is
-    `base(x) + 0`, the base layer's result exactly. Anything else (training, merged or disabled layers, DoRA and
-    other variants, several adapters, extra arguments) takes peft's own forward."""
+    same sum, `base(x) + scaling * gate * B(A x)`, in a few calls (mm, a row gate, addmm_ in place); the gate is
+    `routing`'s, so an ungated row is `base(x) + 0`, the base layer's result exactly. Anything else (training,
+    merged or disabled layers, DoRA and other variants, several adapters, extra arguments) takes peft's own
+    forward."""
     from peft.tuners.lora.layer import Linear as LoraLinear
     n = 0
     for layer in base.modules():
@@ -144,8 +156,8 @@ def install_inference_forward(base, routing: Optional[AdapterRouting] = None) ->
 
 
 def _lean_forward(layer, routing: Optional[AdapterRouting]):
+    from .packed_linear import PackedLinear
     peft_forward = type(layer).forward
-    F = torch.nn.functional
 
     def forward(x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if args or kwargs or layer.training or layer.merged or torch.is_grad_enabled():
@@ -162,12 +174,21 @@ def _lean_forward(layer, routing: Optional[AdapterRouting]):
         a, b = layer.lora_A[name].weight, layer.lora_B[name].weight
         if a.dtype != x.dtype or name in layer.lora_variant or layer.lora_B[name].bias is not None:
             return peft_forward(layer, x)
-        result = layer.base_layer(x)
-        update = F.linear(F.linear(x, a), b)
-        if routing is not None and name == routing.gated:
-            gate = routing.gate_for(update)
+        gated = routing is not None and name == routing.gated
+        base_layer = layer.base_layer
+        if type(base_layer) is PackedLinear:   # the whole sum in one call into the packed kernel
+            return base_layer.forward_lora(x, a, b, layer.scaling[name], routing.row_gate(x) if gated else None)
+        result = base_layer(x)
+        # on 2-D views with mm / addmm_: F.linear on [B, T, K] decomposes into several more calls per layer
+        low = torch.mm(x.reshape(-1, x.shape[-1]), a.t())                 # [B*T, r]
+        if gated:
+            gate = routing.gate_for(result)                               # [T, 1] or [B, T, 1]
             if gate is not None:
-                update = update * gate
-        return torch.add(result, update, alpha=layer.scaling[name])
+                low = low.mul_(gate.expand(*result.shape[:-1], 1).reshape(-1, 1))
+        if not result.is_contiguous():
+            result = result.contiguous()
+        # result + scaling * low @ b^T in place: a row of `low` that is 0 leaves its row of `result` exactly as is
+        result.view(-1, result.shape[-1]).addmm_(low, b.t(), alpha=layer.scaling[name])
+        return result
 
     return forward

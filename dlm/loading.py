@@ -405,7 +405,7 @@ def load(source: Union[str, os.PathLike], *, mask_token_id: Optional[int] = None
     quantized = quantized_modules(base)   # asked for now, or saved that way
     base, routing = _with_adapters(base, plan, quantized, quantization, torch_dtype, merge_adapter, draft_adapter)
     base = _place(base, dev, quantized=bool(quantized), cpu_kernel=cpu_kernel, packed=quantization)
-    if hasattr(base, "peft_config"):   # an unmerged adapter: four torch calls a layer at inference, not peft's dozen
+    if hasattr(base, "peft_config"):   # an unmerged adapter: a few torch calls a layer at inference
         from .adapter_routing import install_inference_forward
         install_inference_forward(base, routing)
 

@@ -168,14 +168,16 @@ def packed_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, 
     return torch.ops.dlm_packed.packed_linear.default(x, qweight, scales, bias, bits, group, code)
 
 
-_FAST: Optional[tuple] = None   # (the op, the path code) once the kernel is known to run here; () where it does not
+_FAST: Optional[tuple] = None   # (the op, the path code, the LoRA op) once the kernel is known to run here; ()
+                                # where it does not
 
 
 def _fast() -> tuple:
-    """The op and path for PackedLinear.forward, decided once per process (the hot path skips every other check)."""
+    """The ops and path for PackedLinear.forward, decided once per process (the hot path skips every other check)."""
     global _FAST
     if _FAST is None:
-        _FAST = (torch.ops.dlm_packed.packed_linear.default, _path_code()) if available() else ()
+        ops = torch.ops.dlm_packed
+        _FAST = (ops.packed_linear.default, _path_code(), ops.packed_linear_lora.default) if available() else ()
     return _FAST
 
 
@@ -225,6 +227,20 @@ class PackedLinear(nn.Module):
             return fast[0](x, self.qweight, self.scales, self.bias, self.bits, self.group, fast[1])
         w = self.dequantize().to(x.dtype)
         return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
+
+    def forward_lora(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float,
+                     gate: Optional[torch.Tensor]) -> torch.Tensor:
+        """`forward(x) + alpha * gate * (x a^T) b^T` for an unmerged LoRA (a [r, in], b [out, r]) on this layer, at
+        inference: one call into the kernel where it runs (`adapter_routing.install_inference_forward`). gate: [rows]
+        (0 = the row stays this layer's result exactly) or None = every row."""
+        fast = _FAST if _FAST is not None else _fast()
+        if fast and x.dtype == torch.float32 and x.device.type == "cpu":
+            return fast[2](x, self.qweight, self.scales, self.bias, self.bits, self.group, fast[1], a, b, alpha, gate)
+        low = x.reshape(-1, x.shape[-1]) @ a.t()
+        if gate is not None:
+            low = low * gate.reshape(-1, 1).to(low.dtype)
+        y = self.forward(x)
+        return (y.reshape(-1, y.shape[-1]) + alpha * (low @ b.t())).reshape(y.shape)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, format=int{self.bits}, "

@@ -290,3 +290,23 @@ def test_trainable_token_rows_of_a_tied_head(kernel, tiny_gpt2_dir, tmp_path):
     col = packed.mask_token_id
     assert ((out - ref).norm() / ref.norm()).item() < REL_ERROR["int8"]
     assert ((out[..., col] - ref[..., col]).norm() / ref[..., col].norm()).item() < REL_ERROR["int8"]
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_lora_on_a_packed_layer_in_one_call(kernel, bits):
+    """forward_lora (the kernel's one-call LoRA: packed(x) + alpha * gate * (x a^T) b^T) equals the same sum in
+    torch; a row whose gate is 0 is the packed layer's own result bit for bit (the verifier's rows)."""
+    torch.manual_seed(0)
+    layer = pl.PackedLinear.from_weight(torch.randn(96, 64) * 0.05, torch.randn(96) * 0.1, bits)
+    a, b = torch.randn(8, 64) * 0.1, torch.randn(96, 8) * 0.1
+    x = torch.randn(2, 3, 64)
+    gate = torch.tensor([0.0, 1.0, 1.0, 0.0, 1.0, 0.0])
+    with torch.no_grad():
+        out = layer.forward_lora(x, a, b, 2.0, gate)
+        plain = layer(x)
+        ref = plain + 2.0 * (gate.reshape(2, 3, 1) * (x @ a.t())) @ b.t()
+        every = layer.forward_lora(x, a, b, 2.0, None)
+    assert out.shape == (2, 3, 96)
+    assert torch.allclose(out, ref, atol=1e-5, rtol=1e-5)
+    assert torch.equal(out.reshape(6, 96)[gate == 0], plain.reshape(6, 96)[gate == 0])
+    assert torch.allclose(every, plain + 2.0 * (x @ a.t()) @ b.t(), atol=1e-5, rtol=1e-5)
