@@ -186,10 +186,14 @@ def installed(model: nn.Module) -> int:
 
 def describe(model: nn.Module) -> str:
     """Which linear a model's small-row calls run on, for benchmark headers: the kernel or torch's (MKL ...)."""
+    from .packed_linear import kernel_path, packed_modules
     n = installed(model)
     cap = torch.backends.cpu.get_cpu_capability()
-    return f"dlm small-row kernel for {MIN_ROWS}-{MAX_ROWS} rows ({n} layers), else torch ({cap})" if n else \
-        f"torch ({cap})"
+    packed = packed_modules(model)
+    head = (", ".join(f"{k} x{v}" for k, v in packed.items()) + f" on dlm's packed kernel ({kernel_path()} path); "
+            ) if packed else ""
+    return head + (f"dlm small-row kernel for {MIN_ROWS}-{MAX_ROWS} rows ({n} layers), else torch ({cap})" if n else
+                   f"torch ({cap})")
 
 
 def status() -> dict:
