@@ -145,7 +145,16 @@ class DiffusionLM(nn.Module):
         return getattr(self.base.config, "_attn_implementation", None) or "eager"
 
     def num_parameters(self, trainable_only: bool = False) -> int:
-        return sum(p.numel() for p in self.base.parameters() if p.requires_grad or not trainable_only)
+        """Parameters of the model; a packed int8 / int4 layer (buffers, not parameters) counts its weights, except
+        a head tied to the input embedding (counted there)."""
+        n = sum(p.numel() for p in self.base.parameters() if p.requires_grad or not trainable_only)
+        if not trainable_only:
+            from .packed_linear import PackedLinear
+            tied = getattr(getattr(self.base, "config", None), "tie_word_embeddings", False)
+            head = self.base.get_output_embeddings() if tied else None
+            n += sum(m.in_features * m.out_features for m in self.base.modules()
+                     if isinstance(m, PackedLinear) and m is not head)
+        return n
 
     # ----- forward passes --------------------------------------------------------------------------------------
     def _base_logits(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor], ratio: float,
