@@ -174,17 +174,17 @@ def _lean_forward(layer, routing: Optional[AdapterRouting]):
         a, b = layer.lora_A[name].weight, layer.lora_B[name].weight
         if a.dtype != x.dtype or name in layer.lora_variant or layer.lora_B[name].bias is not None:
             return peft_forward(layer, x)
-        gated = routing is not None and name == routing.gated
+        gate = routing.row_gate(x) if routing is not None and name == routing.gated else None   # [rows] or None
         base_layer = layer.base_layer
-        if type(base_layer) is PackedLinear:   # the whole sum in one call into the packed kernel
-            return base_layer.forward_lora(x, a, b, layer.scaling[name], routing.row_gate(x) if gated else None)
+        if type(base_layer) is PackedLinear:   # the whole sum in one call into the packed kernel, where it runs
+            out = base_layer.forward_lora(x, a, b, layer.scaling[name], gate)
+            if out is not None:
+                return out
         result = base_layer(x)
         # on 2-D views with mm / addmm_: F.linear on [B, T, K] decomposes into several more calls per layer
         low = torch.mm(x.reshape(-1, x.shape[-1]), a.t())                 # [B*T, r]
-        if gated:
-            gate = routing.gate_for(result)                               # [T, 1] or [B, T, 1]
-            if gate is not None:
-                low = low.mul_(gate.expand(*result.shape[:-1], 1).reshape(-1, 1))
+        if gate is not None:
+            low = low.mul_(gate[:, None])
         if not result.is_contiguous():
             result = result.contiguous()
         # result + scaling * low @ b^T in place: a row of `low` that is 0 leaves its row of `result` exactly as is

@@ -229,18 +229,15 @@ class PackedLinear(nn.Module):
         return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
 
     def forward_lora(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float,
-                     gate: Optional[torch.Tensor]) -> torch.Tensor:
+                     gate: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
         """`forward(x) + alpha * gate * (x a^T) b^T` for an unmerged LoRA (a [r, in], b [out, r]) on this layer, at
-        inference: one call into the kernel where it runs (`adapter_routing.install_inference_forward`). gate: [rows]
-        (0 = the row stays this layer's result exactly) or None = every row."""
+        inference, in one call into the kernel (`adapter_routing.install_inference_forward`); None where the kernel
+        does not run (the caller adds the LoRA in torch). gate: [rows] (0 = the row stays this layer's result
+        exactly) or None = every row."""
         fast = _FAST if _FAST is not None else _fast()
         if fast and x.dtype == torch.float32 and x.device.type == "cpu":
             return fast[2](x, self.qweight, self.scales, self.bias, self.bits, self.group, fast[1], a, b, alpha, gate)
-        low = x.reshape(-1, x.shape[-1]) @ a.t()
-        if gate is not None:
-            low = low * gate.reshape(-1, 1).to(low.dtype)
-        y = self.forward(x)
-        return (y.reshape(-1, y.shape[-1]) + alpha * (low @ b.t())).reshape(y.shape)
+        return None
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, format=int{self.bits}, "

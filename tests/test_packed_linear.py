@@ -295,7 +295,8 @@ def test_trainable_token_rows_of_a_tied_head(kernel, tiny_gpt2_dir, tmp_path):
 @pytest.mark.parametrize("bits", [8, 4])
 def test_lora_on_a_packed_layer_in_one_call(kernel, bits):
     """forward_lora (the kernel's one-call LoRA: packed(x) + alpha * gate * (x a^T) b^T) equals the same sum in
-    torch; a row whose gate is 0 is the packed layer's own result bit for bit (the verifier's rows)."""
+    torch; a row whose gate is 0 is the packed layer's own result bit for bit (the verifier's rows). Without the
+    kernel it returns None and the caller adds the LoRA itself."""
     torch.manual_seed(0)
     layer = pl.PackedLinear.from_weight(torch.randn(96, 64) * 0.05, torch.randn(96) * 0.1, bits)
     a, b = torch.randn(8, 64) * 0.1, torch.randn(96, 8) * 0.1
@@ -310,3 +311,5 @@ def test_lora_on_a_packed_layer_in_one_call(kernel, bits):
     assert torch.allclose(out, ref, atol=1e-5, rtol=1e-5)
     assert torch.equal(out.reshape(6, 96)[gate == 0], plain.reshape(6, 96)[gate == 0])
     assert torch.allclose(every, plain + 2.0 * (x @ a.t()) @ b.t(), atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        assert layer.forward_lora(x.double(), a.double(), b.double(), 2.0, None) is None
