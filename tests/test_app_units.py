@@ -11,8 +11,7 @@ import pytest
 from app import models as models_mod
 from app import render
 from app.backend import Backend
-from app.examples import answer_of, load_examples, matches, parse_example
-from app.requests import (
+from app.checks import (
     cap_steps,
     check_fields,
     describe_error,
@@ -22,6 +21,7 @@ from app.requests import (
     ui_value,
     with_span_length,
 )
+from app.examples import answer_of, load_examples, matches, parse_example
 from dlm import SamplerConfig, SamplerConfigError
 from dlm.quality import distinct_n
 from dlm.types import Frame, Generation
@@ -568,8 +568,8 @@ def test_scoreboard_and_dlm_eval_incontext_agree(loaded):
     """The In-context scoreboard and `dlm-eval --tasks incontext` run one function (app.examples.run_example):
     on the same examples and greedy settings, their answers and marks are the same, for the DLM and the AR side;
     an expected answer the model does write is marked right by both, one it does not write wrong by both."""
-    from evals.backends import EvalModel, EvalSettings
     from evals.data import ICLExample
+    from evals.eval_model import EvalModel, EvalSettings
     from evals.tasks import eval_incontext
     model = loaded.require_model()
     base = loaded.base_config("write").replace(temperature=0.0)
@@ -636,7 +636,7 @@ def test_a_single_frame_run_keeps_the_scrub_slider_valid():
 
 # --------------------------------------------------------------------------------- decoder-aware controls (issue 23)
 def test_the_race_sweeps_what_the_decoder_reads_with_defaults_that_fit():
-    from app.requests import check_sweep, default_sweep, sweep_field
+    from app.checks import check_sweep, default_sweep, sweep_field
     from dlm.decoders import DECODERS, decoder
     shipped = SamplerConfig(decoder="speculative", block_length=2, max_new_tokens=64)
     assert sweep_field(shipped) == "block_length" and default_sweep(shipped) == [2, 4, 8]

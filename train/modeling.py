@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import dlm
-from dlm import registry
+from dlm import model_registry
 from dlm.fileio import atomic_directory, cache_dir
 from dlm.loading import load_tokenizer
 from dlm.losses import needs_verifier
@@ -35,8 +35,8 @@ def load_tokenizer_cached(source: str):
     extracted one is cached under `<cache>/tokenizers/<hash of the gguf>`."""
     from transformers import AutoTokenizer
     gguf: Optional[Path] = None
-    if registry.is_registered(source):
-        spec = registry.get(source)
+    if model_registry.is_registered(source):
+        spec = model_registry.get(source)
         if spec.origin[0] != "gguf":
             return dlm.load_tokenizer(source)
         gguf = spec.local_path()
@@ -74,11 +74,12 @@ def train_bpe_tokenizer(vocab_size: int, data_cfg):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>", registry.NEW_MASK_TOKEN],
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size,
+                                  special_tokens=["<|endoftext|>", model_registry.NEW_MASK_TOKEN],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(texts, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>",
-                                   mask_token=registry.NEW_MASK_TOKEN)
+                                   mask_token=model_registry.NEW_MASK_TOKEN)
 
 
 def _bpe_texts(path: str, text_field: str):
@@ -119,7 +120,7 @@ def materialize_random_model(model_cfg, directory: Path, seed: int, data_cfg=Non
         return directory
     tok = _init_tokenizer(model_cfg.tokenizer, data_cfg)
     if tok.mask_token_id is None:
-        tok.add_special_tokens({"mask_token": registry.NEW_MASK_TOKEN})
+        tok.add_special_tokens({"mask_token": model_registry.NEW_MASK_TOKEN})
     init = dict(model_cfg.init)
     model_type = init.pop("model_type")
     init.setdefault("vocab_size", len(tok))
@@ -182,9 +183,9 @@ def add_lora(model, lora_cfg) -> None:
         raise RuntimeError("lora.enabled needs peft: pip install peft") from None
     if lora_cfg.init_from:
         path = Path(lora_cfg.init_from)
-        if registry.is_registered(lora_cfg.init_from):
+        if model_registry.is_registered(lora_cfg.init_from):
             try:
-                path = registry.get(lora_cfg.init_from).local_path()
+                path = model_registry.get(lora_cfg.init_from).local_path()
             except (FileNotFoundError, ValueError) as e:
                 raise ConfigError(f"lora.init_from: {e}") from None
         if lora_cfg.row_gate and (path / "dlm_config.json").is_file():   # a draft adapter continues its own
