@@ -22,6 +22,7 @@ from plotly.subplots import make_subplots
 
 from dlm.types import Frame
 
+from .frame_log import FrameLog
 from .summaries import (  # noqa: F401  (the tabs draw through app.render: re-exported)
     NO_MODEL,
     SCOREBOARD_HEADERS,
@@ -92,7 +93,7 @@ class Trace:
     special:   token ids drawn as small labels (EOS, pad, chat markers) rather than text.
     prompt_end: canvas positions before it are the prompt (grey); default each frame's `start`. An edit's frames
                start at the first remasked position, and the generated tokens before it are drawn as fixed.
-    frames:    every `Frame` received so far, in order.
+    frames:    every `Frame` received so far, in order (a `FrameLog`: whole canvases only every few steps).
     pieces:    token id -> display text, filled by `add` through the caller's `decode` function.
     reveal_step / reveal_conf: canvas position -> 1-based step at which it was revealed / its confidence.
     """
@@ -100,7 +101,7 @@ class Trace:
     mask_id: int
     special: set[int] = field(default_factory=set)
     prompt_end: Optional[int] = None
-    frames: list[Frame] = field(default_factory=list)
+    frames: FrameLog = field(default_factory=FrameLog)
     pieces: dict[int, str] = field(default_factory=dict)
     reveal_step: dict[int, int] = field(default_factory=dict)
     reveal_conf: dict[int, float] = field(default_factory=dict)
@@ -158,7 +159,8 @@ class Trace:
                 f'<span style="background:{confidence_colour(0.95)}">new, high p</span>'
                 '<span class="old">earlier</span><span class="fx">fixed</span>'
                 + ('<span class="dr">draft</span><span class="acc">draft kept</span>'
-                   '<span class="rj">rejected</span>' if any(f.drafts or f.rejected for f in self.frames) else "")
+                   '<span class="rj">rejected</span>' if any(f.drafts or f.rejected for f in self.frames.headers())
+                   else "")
                 + '</div>')
 
     def _token(self, frame: Frame, pos: int, tok: int, prompt_end: int) -> str:
@@ -192,8 +194,9 @@ class Trace:
         masked = sum(1 for t in f.tokens[f.start:] if t == self.mask_id)
         state = " · running…" if running else ""
         speculation = ""
-        if any(x.drafts or x.rejected or x.accepted for x in self.frames[:k + 1]):
-            done = sum(len(x.revealed) for x in self.frames[:k + 1])
+        heads = self.frames.headers()[:k + 1]   # no canvases needed to count reveals and drafts
+        if any(x.drafts or x.rejected or x.accepted for x in heads):
+            done = sum(len(x.revealed) for x in heads)
             speculation = (f" · {len(f.accepted)} draft(s) kept, {len(f.rejected)} rejected, {len(f.drafts)} "
                            f"new · **{done / (k + 1):.2f} tokens per forward**")
         return (f"**step {f.step} / {f.total_steps}** · revealed {len(f.revealed)} this step{speculation} · "
@@ -231,7 +234,7 @@ class Trace:
         n_pos = len(self.frames[-1].tokens) - start
         n_steps = len(self.frames)
         z: list[list[Optional[float]]] = [[None] * n_pos for _ in range(n_steps)]
-        for row, f in enumerate(self.frames):
+        for row, f in enumerate(self.frames.headers()):
             for pos, conf in zip(f.revealed, f.confidence):
                 if 0 <= pos - start < n_pos:
                     z[row][pos - start] = float(conf)
@@ -239,7 +242,7 @@ class Trace:
             go.Heatmap(
                 z=z,
                 x=list(range(n_pos)),
-                y=[f.step for f in self.frames],
+                y=[f.step for f in self.frames.headers()],
                 colorscale="RdYlGn",
                 zmin=0.0,
                 zmax=1.0,
@@ -262,9 +265,10 @@ class Trace:
         fig = make_subplots(specs=[[{"secondary_y": True}]])
         if not self.frames:
             return _empty(fig, "no run yet")
-        steps = [f.step for f in self.frames]
-        counts = [len(f.revealed) for f in self.frames]
-        means = [sum(f.confidence) / len(f.confidence) if f.confidence else None for f in self.frames]
+        heads = self.frames.headers()
+        steps = [f.step for f in heads]
+        counts = [len(f.revealed) for f in heads]
+        means = [sum(f.confidence) / len(f.confidence) if f.confidence else None for f in heads]
         fig.add_trace(go.Bar(x=steps, y=counts, name="revealed", marker_color="#8fb3e0"), secondary_y=False)
         fig.add_trace(
             go.Scatter(x=steps, y=means, name="mean p", mode="lines+markers", line=dict(color="#d0632b")),

@@ -1,0 +1,57 @@
+"""A run's frames as the playground keeps them (`app.frame_log.FrameLog`): read back exactly as they were given, in
+memory that grows with what changed per step, not with steps x canvas."""
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from app.frame_log import FrameLog
+from app.render import Trace
+from dlm.types import Frame
+
+
+@pytest.mark.parametrize("decoder", ["full", "blocks", "speculative"])
+def test_frames_read_back_equal_to_what_the_decoder_gave(tiny_dlm, decoder, monkeypatch):
+    monkeypatch.setattr(FrameLog, "KEY", 4)   # key frames and diffs both exercised on a short run
+    steps = {} if decoder == "speculative" else {"steps": 40}
+    g = tiny_dlm.generate("Once upon a time", max_new_tokens=40, block_length=4, decoder=decoder, frames=True,
+                          seed=3, temperature=0.9, **steps)
+    frames = g.frames
+    assert len(frames) > 2 * FrameLog.KEY
+    log = FrameLog(frames)
+    assert len(log) == len(frames)
+    assert list(log) == frames
+    rng = random.Random(0)
+    for k in rng.sample(range(len(frames)), 12) + [0, len(frames) - 1, -1, -len(frames)]:
+        assert log[k] == frames[k]
+    assert log[5:17] == frames[5:17] and log[::7] == frames[::7] and log[:0] == []
+    assert [h.revealed for h in log.headers()] == [f.revealed for f in frames]
+    assert all(h.tokens == [] for h in log.headers())
+    with pytest.raises(IndexError):
+        log[len(frames)]
+
+
+def test_a_long_run_keeps_diffs_not_canvases():
+    steps, length, mask = 512, 1536, 7
+    canvas = [mask] * length
+    frames = []
+    for s in range(steps):
+        canvas = list(canvas)
+        canvas[1024 + s] = 1000 + s               # one reveal per step
+        frames.append(Frame(step=s + 1, total_steps=steps, tokens=canvas, revealed=[1024 + s], confidence=[0.5],
+                            start=1024))
+    trace = Trace(mask_id=mask)
+    for f in frames:
+        trace.add(f, lambda ids: {i: "x" for i in ids})
+    as_lists = steps * length * 8                  # the list pointers alone, without the int objects
+    assert trace.frames.nbytes() < as_lists / 20
+    assert trace.frames[300] == frames[300] and trace.frames[-1] == frames[-1]
+    assert trace.frames[-1].tokens.count(mask) == length - steps
+
+
+def test_canvas_length_may_change_between_frames():
+    a = Frame(step=1, total_steps=3, tokens=[1, 2, 3], revealed=[], confidence=[])
+    b = Frame(step=2, total_steps=3, tokens=[1, 2, 3, 4, 5], revealed=[3, 4], confidence=[0.1, 0.2])
+    c = Frame(step=3, total_steps=3, tokens=[1, 9, 3, 4, 5], revealed=[1], confidence=[0.3])
+    assert list(FrameLog([a, b, c])) == [a, b, c]
