@@ -13,6 +13,9 @@ from dlm.decoders import DECODERS
 PROMPT = "The capital of France is"
 
 
+HISTORY_KEPT = 64   # canvas versions undo can go back to
+
+
 def _entry(history):
     return history["entries"][history["index"]] if history else None
 
@@ -20,9 +23,11 @@ def _entry(history):
 def _push(history, tokens: list[int], n_prompt: int, text: str, trace: render.Trace) -> dict:
     """A new canvas version after the current one (a new run or an edit drops the versions that were undone).
     Each version keeps its text, and the history the token texts and special ids of the runs that made it, so
-    undo / redo and the chips never ask the (possibly since switched) model."""
+    undo / redo and the chips never ask the (possibly since switched) model. The newest HISTORY_KEPT versions are
+    kept (a session's memory stays bounded however many edits it makes)."""
     entries = (history["entries"][: history["index"] + 1] if history else []) + \
         [dict(tokens=list(tokens), n_prompt=int(n_prompt), text=text)]
+    entries = entries[-HISTORY_KEPT:]
     return dict(entries=entries, index=len(entries) - 1,
                 pieces={**(history or {}).get("pieces", {}), **trace.pieces},
                 special=set((history or {}).get("special", ())) | set(trace.special))

@@ -1,5 +1,6 @@
-"""A run's frames as the playground keeps them (`app.frame_log.FrameLog`): read back exactly as they were given, in
-memory that grows with what changed per step, not with steps x canvas."""
+"""What a playground session keeps stays small: a run's frames (`app.frame_log.FrameLog`) read back exactly as they
+were given, in memory that grows with what changed per step, not with steps x canvas; the edit history keeps its
+newest versions only."""
 from __future__ import annotations
 
 import random
@@ -55,3 +56,15 @@ def test_canvas_length_may_change_between_frames():
     b = Frame(step=2, total_steps=3, tokens=[1, 2, 3, 4, 5], revealed=[3, 4], confidence=[0.1, 0.2])
     c = Frame(step=3, total_steps=3, tokens=[1, 9, 3, 4, 5], revealed=[1], confidence=[0.3])
     assert list(FrameLog([a, b, c])) == [a, b, c]
+
+
+def test_edit_history_keeps_the_newest_versions_only():
+    from app.tabs import denoise
+    trace = Trace(mask_id=0)
+    history = None
+    for i in range(denoise.HISTORY_KEPT + 10):
+        history = denoise._push(history, [1, 2, i], 2, f"v{i}", trace)
+    assert len(history["entries"]) == denoise.HISTORY_KEPT
+    assert history["index"] == denoise.HISTORY_KEPT - 1
+    assert history["entries"][-1]["text"] == f"v{denoise.HISTORY_KEPT + 9}"
+    assert history["entries"][0]["text"] == "v10"
