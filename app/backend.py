@@ -1,8 +1,8 @@
 """The playground's one road to a model, for the UI and the named API alike: a thin facade that composes
 
-    app/checks.py     request checking (fields, sampler knobs, prompt limits, templates, edits) and messages
+    app/checks.py       request checking (fields, sampler knobs, prompt limits, templates, edits) and messages
     app/worker.py       Run: the worker thread, cancellation, the time limit, throttled delivery
-    app/models.py       load / switch / free the DLM and its AR counterpart; Display (how a model's tokens show)
+    app/model_lifecycle.py  load / switch / free the DLM and its AR counterpart; Display (how a model's tokens show)
     app/experiments.py  the race (+ RaceState, its one reader), the span-length sweep, the scoreboard, first frame
     app/render.py       all drawing, the Model tab's Markdown included
 
@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterator, Optional
 from app import MAX_NEW_TOKENS, MAX_PROMPT_TOKENS, TIME_LIMIT_S, experiments, render
 from app.checker import Checker, prompt_limit
 from app.checks import DEFAULT_BOUNDS, Bounds, cap_steps, sampler_config
-from app.models import Display, ModelInfo, Models, SwitchPolicy, memory_estimate, process_memory
+from app.model_lifecycle import Display, ModelInfo, Models, SwitchPolicy, memory_estimate, process_memory
 from app.worker import Run, Worker, lane
 from dlm.quality import judge_ppl
 from dlm.sampler_config import SamplerConfig
@@ -111,7 +111,7 @@ class Backend:
 
     @staticmethod
     def memory_estimate(name: str) -> Optional[dict]:
-        """`app.models.memory_estimate`: a registry model's weights per precision (GiB), before it loads."""
+        """`app.model_lifecycle.memory_estimate`: a registry model's weights per precision (GiB), before it loads."""
         return memory_estimate(name)
 
     def status_markdown(self) -> str:
@@ -285,7 +285,7 @@ class Backend:
 # need from behind it is re-exported here (load options, the race's lanes and reader, sweeps, edits, widget values).
 from app.checks import check_sweep, default_sweep, sweep_field, sweep_fields, ui_edit, ui_value  # noqa: E402, I001
 from app.experiments import LANES, RaceState  # noqa: E402
-from app.models import DEVICES, DTYPES, QUANTIZATIONS  # noqa: E402
+from app.model_lifecycle import DEVICES, DTYPES, QUANTIZATIONS  # noqa: E402
 
 __all__ = ["Backend", "Prompted", "forwards", "check_sweep", "default_sweep", "sweep_field", "sweep_fields", "ui_edit",
            "ui_value", "LANES", "RaceState", "DEVICES", "DTYPES", "QUANTIZATIONS", "Run"]

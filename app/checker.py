@@ -9,10 +9,10 @@ from typing import Optional
 
 from app import MAX_NEW_TOKENS
 from app.checks import Bounds, check_fields, check_sweep, masked_tokens, with_span_length
+from dlm.generation import check_length, encode_prompt
 from dlm.infill import edit_canvas, pair_canvas, split_template, template_canvas
 from dlm.sampler_config import SamplerConfig
 from dlm.sampler_config import _short as short
-from dlm.sampling import check_length, encode_prompt
 
 
 def prompt_limit(model, max_prompt_tokens: Optional[int]) -> int:

@@ -145,7 +145,7 @@ def main(argv=None) -> None:
         os.environ["HF_HUB_OFFLINE"] = "1"  # a hub id, the operator's or a user's, never starts a download
     own_temp_dir()  # before Gradio is imported: it reads GRADIO_TEMP_DIR then
     from app import ui  # imported after the environment is set
-    from app.models import SwitchPolicy
+    from app.model_lifecycle import SwitchPolicy
 
     warning = exposure_warning(args)
     if warning:

@@ -18,11 +18,10 @@ import dlm
 from app.checks import as_text, as_whole, describe_error
 from dlm import model_registry
 from dlm.decoders import DECODERS
+from dlm.generation import cut_at_eos
 from dlm.load_options import QUANTIZATIONS
 from dlm.sampler_config import SamplerConfig
-from dlm.sampling import cut_at_eos
 
-registry = model_registry  # the old name (the same module): tests/test_app_units.py still patches it there
 DEFAULT_DLM = "smollm2-135m-dlm"
 FALLBACK_DLM = "smollm2-135m"  # the un-adapted base, used as a DLM when the adapted model is missing
 DEVICES = ["auto", "cpu", "cuda", "mps"]

@@ -66,7 +66,7 @@ def scoreboard_rows(rows: list[dict], total: int) -> list[list[str]]:
 
 # ---------------------------------------------------------------------------------------------- the Model tab
 def model_status(i, *, prompt_limit: int, time_limit: Optional[float], memory: str, modes: str) -> str:
-    """The Model tab's summary of what is loaded (`i`: an `app.models.ModelInfo`)."""
+    """The Model tab's summary of what is loaded (`i`: an `app.model_lifecycle.ModelInfo`)."""
     ar = i.ar_name or f"{i.name} (same weights, causal attention)"
     lines = [
         f"**DLM:** `{i.name}`" + (f" ({i.kind})" if i.kind else "")

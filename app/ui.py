@@ -10,7 +10,7 @@ import gradio as gr
 
 from app import MAX_NEW_TOKENS, MAX_PROMPT_TOKENS, TIME_LIMIT_S, api, http_guard
 from app.backend import Backend
-from app.models import SwitchPolicy
+from app.model_lifecycle import SwitchPolicy
 from app.tabs import TABS
 from app.tabs.common import BANNER_CSS, LIGHT, banner
 

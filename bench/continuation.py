@@ -30,8 +30,8 @@ import torch
 
 from bench.load_args import add_load_args, load_kwargs
 from bench.output import write_json
+from dlm.generation import cut_at_eos
 from dlm.quality import corpus_ppl, distinct_n, has_loop, judge_nll, ppl_ratio_interval
-from dlm.sampling import cut_at_eos
 
 # The books DiffuSmol's training run holds out (the tail of its shuffled document order; see the model card).
 HELDOUT_BOOKS = ("11-0.txt.gz", "25344-0.txt.gz", "The-Art-of-War.txt.gz", "pg55.txt.gz")

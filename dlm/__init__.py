@@ -44,7 +44,7 @@ __all__ = [*_EXPORTS, "model_registry"]
 
 
 def __getattr__(name: str):
-    """Import a public name (or a submodule, e.g. `dlm.sampling`) the first time it is used."""
+    """Import a public name (or a submodule, e.g. `dlm.generation`) the first time it is used."""
     if name in _EXPORTS:
         value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
     elif not name.startswith("__") and importlib.util.find_spec(f"{__name__}.{name}") is not None:

@@ -248,7 +248,7 @@ def cmd_generate(args, show_progress: bool) -> dict:
         else:
             gen = model.ar_generate(prompt, messages=messages, **overrides)
     else:
-        from .sampling import resolve_config
+        from .generation import resolve_config
         cfg = resolve_config(model, None, **overrides)
         _show_notes(cfg)
         gen = _run_stream(model.stream(prompt, cfg, messages=messages), show_progress, keep=_wants_frames(args))

@@ -19,8 +19,8 @@ import torch
 
 from .decoders.registry import DECODERS
 from .decoders.run import DecodeRun
+from .generation import fixed_position_decoders, resolve_config, run_decoder
 from .sampler_config import SamplerConfig
-from .sampling import fixed_position_decoders, resolve_config, run_decoder
 from .tokens import leading_special_ids, start_token_id
 from .types import Frame, Generation
 

@@ -18,8 +18,8 @@ from typing import Optional
 import torch
 from torch import nn
 
+from . import generation, likelihood, losses
 from . import infill as infill_mod
-from . import likelihood, losses, sampling
 from .adapter_routing import route
 from .attention import anneal_attention_mask, bidirectional, block_pattern, prepared_mask, staircase
 from .dlm_config import DLM_CONFIG_NAME, DLMConfig  # noqa: F401  (re-exported: callers import them from here)
@@ -436,19 +436,19 @@ class DiffusionLM(nn.Module):
 
     # ----- algorithms: the public call style (the code lives in one module per job) -----------------------------------
     def generate(self, prompt=None, config: Optional[SamplerConfig] = None, **kwargs) -> Generation:
-        """Diffusion generation after a prompt (`dlm.sampling.generate`: config + keyword overrides)."""
-        return sampling.generate(self, prompt, config, **kwargs)
+        """Diffusion generation after a prompt (`dlm.generation.generate`: config + keyword overrides)."""
+        return generation.generate(self, prompt, config, **kwargs)
 
     def stream(self, prompt=None, config: Optional[SamplerConfig] = None, **kwargs):
         """`generate`, yielding each step's Frame live and then the Generation."""
-        return sampling.stream(self, prompt, config, **kwargs)
+        return generation.stream(self, prompt, config, **kwargs)
 
     def generate_batch(self, prompts, config: Optional[SamplerConfig] = None, **kwargs) -> list[Generation]:
-        return sampling.generate_batch(self, prompts, config, **kwargs)
+        return generation.generate_batch(self, prompts, config, **kwargs)
 
     def ar_generate(self, prompt=None, config: Optional[SamplerConfig] = None, **kwargs) -> Generation:
         """Left-to-right baseline with the same weights run causally (or `ar_model=`)."""
-        return sampling.ar_generate(self, prompt, config, **kwargs)
+        return generation.ar_generate(self, prompt, config, **kwargs)
 
     def infill(self, prefix: str, suffix: str, length: int, config: Optional[SamplerConfig] = None, **kwargs
                ) -> Generation:
@@ -471,8 +471,8 @@ class DiffusionLM(nn.Module):
         return infill_mod.stream_redenoise(self, tokens, fixed, edits, config, **kwargs)
 
     def ar_stream(self, prompt=None, config: Optional[SamplerConfig] = None, **kwargs):
-        """Left-to-right generation one token per step, yielding a Frame per token (`dlm.sampling.ar_stream`)."""
-        return sampling.ar_stream(self, prompt, config, **kwargs)
+        """Left-to-right generation one token per step, yielding a Frame per token (`dlm.generation.ar_stream`)."""
+        return generation.ar_stream(self, prompt, config, **kwargs)
 
     def score(self, context: str, continuation: str, **kwargs) -> Score:
         return likelihood.score(self, context, continuation, **kwargs)

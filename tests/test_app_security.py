@@ -15,7 +15,7 @@ import pytest
 from app import render
 from app.backend import Backend, Prompted
 from app.checks import check_fields
-from app.models import SwitchPolicy
+from app.model_lifecycle import SwitchPolicy
 from app.worker import Worker
 from dlm.types import Frame
 
@@ -169,8 +169,8 @@ def test_the_ar_counterpart_is_loaded_with_the_dlm_never_inside_a_run(tiny_llama
     b = Backend()
     info = b.load(str(tiny_llama_dir), device="cpu", dtype="float32", ar_source=str(tiny_gpt2_dir))
     assert b.models.ar is not None and info.ar_load_seconds > 0 and not info.ar_error
-    import app.models
-    monkeypatch.setattr(app.models.dlm, "load", never)  # a run must not load anything
+    import app.model_lifecycle
+    monkeypatch.setattr(app.model_lifecycle.dlm, "load", never)  # a run must not load anything
     batch = b.race("Once upon a time", b.sampler(dict(max_new_tokens=4, steps=4))).wait()
     assert batch.result("summary")["ar"]["tokens"] >= 1
 

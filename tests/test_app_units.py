@@ -8,8 +8,7 @@ import time
 
 import pytest
 
-from app import models as models_mod
-from app import render
+from app import model_lifecycle, render
 from app.backend import Backend
 from app.checks import (
     cap_steps,
@@ -319,17 +318,17 @@ def test_default_falls_back_to_the_unadapted_base_with_a_notice(monkeypatch, tin
 
     def fake_load(source, **kw):
         calls.append(source)
-        if source == models_mod.DEFAULT_DLM:
+        if source == model_lifecycle.DEFAULT_DLM:
             raise dlm.LoadError("adapter_model.safetensors is corrupt")
-        assert source == models_mod.FALLBACK_DLM
+        assert source == model_lifecycle.FALLBACK_DLM
         return real_load(tiny_llama_dir, device="cpu", dtype="float32")
 
-    monkeypatch.setattr(models_mod.dlm, "load", fake_load)
-    monkeypatch.setattr(models_mod.registry, "is_available", lambda name: True)
+    monkeypatch.setattr(model_lifecycle.dlm, "load", fake_load)
+    monkeypatch.setattr(model_lifecycle.model_registry, "is_available", lambda name: True)
     b = Backend()
     info = b.load_default()
-    assert calls == [models_mod.DEFAULT_DLM, models_mod.FALLBACK_DLM]
-    assert info.source == models_mod.FALLBACK_DLM
+    assert calls == [model_lifecycle.DEFAULT_DLM, model_lifecycle.FALLBACK_DLM]
+    assert info.source == model_lifecycle.FALLBACK_DLM
     assert "not diffusion-adapted yet: output is noise-like" in info.notice
     assert "corrupt" in info.notice
     assert b.ar_model() is b.model  # AR counterpart = the same base weights, no second copy
@@ -339,16 +338,16 @@ def test_default_absent_artifact_is_said_without_trying_to_load(monkeypatch, tin
     import dlm
     real_load = dlm.load
     calls = []
-    monkeypatch.setattr(models_mod.dlm, "load",
+    monkeypatch.setattr(model_lifecycle.dlm, "load",
                         lambda source, **kw: calls.append(source) or real_load(tiny_llama_dir, device="cpu"))
-    monkeypatch.setattr(models_mod.registry, "is_available", lambda name: False)
+    monkeypatch.setattr(model_lifecycle.model_registry, "is_available", lambda name: False)
     info = Backend().load_default()
-    assert calls == [models_mod.FALLBACK_DLM]
+    assert calls == [model_lifecycle.FALLBACK_DLM]
     assert "not in assets/ yet" in info.notice and "noise-like" in info.notice
 
 
 def test_quantization_without_bitsandbytes_says_how_to_get_it(monkeypatch):
-    monkeypatch.setattr(models_mod, "bitsandbytes_available", lambda: False)
+    monkeypatch.setattr(model_lifecycle, "bitsandbytes_available", lambda: False)
     with pytest.raises(ValueError, match="pip install bitsandbytes"):
         Backend().load("smollm2-135m", quantization="4bit")
 
@@ -696,7 +695,7 @@ def test_widgets_a_decoder_ignores_are_disabled_with_a_word_why():
 
 
 def test_the_denoise_tab_opens_on_any_order_reveals_for_a_block_wise_model():
-    from app.models import denoise_config
+    from app.model_lifecycle import denoise_config
     write = SamplerConfig(decoder="speculative", block_length=2, max_new_tokens=64, temperature=0.7)
     shown = denoise_config(write)
     assert shown.decoder == "full" and shown.block_length is None

@@ -56,7 +56,7 @@ TOASTS = "Array.from(document.querySelectorAll('[data-testid=\"toast-text\"]')).
 @pytest.fixture(scope="module")
 def app(tiny_llama_dir, tmp_path_factory):
     from app import ui
-    from app.models import SwitchPolicy
+    from app.model_lifecycle import SwitchPolicy
     # the Model tab may load models from the tests' temporary folders (switching is off unless the operator allows)
     demo = ui.build(model=str(tiny_llama_dir), device="cpu", dtype="float32",
                     policy=SwitchPolicy(True, (str(tmp_path_factory.getbasetemp()),)))
@@ -489,7 +489,7 @@ WATCH_ORDER = """
 def default_page(browser):
     """A browser page on the playground as `make run` serves it (no --model: the shipped default), on CPU."""
     from app import ui
-    from app.models import DEFAULT_DLM
+    from app.model_lifecycle import DEFAULT_DLM
     from dlm import model_registry
     if not model_registry.is_available(DEFAULT_DLM):
         pytest.skip(f"the shipped default {DEFAULT_DLM} is not available here")

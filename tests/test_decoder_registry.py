@@ -195,7 +195,7 @@ def test_block_layout_refuses_impossible_requests(kwargs, message):
 def test_the_package_exports_resolve_lazily():
     for name in dlm.__all__:
         assert getattr(dlm, name) is not None
-    assert dlm.sampling.generate and dlm.DECODERS is DECODERS
+    assert dlm.generation.generate and dlm.DECODERS is DECODERS
     with pytest.raises(AttributeError):
         dlm.no_such_name
 

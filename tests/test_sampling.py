@@ -1,4 +1,5 @@
-"""Diffusion sampling (dlm.sampling): schedule, reveal rules, the core loop, generate / stream / batch / AR.
+"""Diffusion sampling (`dlm.generation`, `dlm.token_sampling`, `dlm.reveal`): schedule, reveal rules, the core
+loop, generate / stream / batch / AR.
 
 Pure pieces are tested on synthetic tensors; the loop's bookkeeping on `FakeDLM` (a denoiser whose logits we
 choose, so orders and probabilities are known exactly); end-to-end behaviour on the tiny random LLaMA.
@@ -11,7 +12,7 @@ import pytest
 import torch
 
 import dlm
-from dlm import REVEAL_RULES, sampling
+from dlm import REVEAL_RULES, generation
 from dlm.reveal import (
     block_sizes,
     confidence_certainty,
@@ -229,7 +230,7 @@ def test_reveal_random_probability_is_one_over_steps_left():
 def test_steps_and_schedule_are_respected(tiny_tokenizer):
     m = fake(tiny_tokenizer)
     prompt = [5, 6, 7]
-    g = sampling.generate(m, prompt, frames=True, max_new_tokens=10, steps=4)
+    g = generation.generate(m, prompt, frames=True, max_new_tokens=10, steps=4)
     assert g.nfe == m.calls == 4 and len(g.frames) == 4
     assert [len(f.revealed) for f in g.frames] == reveal_schedule(10, 4)
     assert [f.step for f in g.frames] == [1, 2, 3, 4] and all(f.total_steps == 4 for f in g.frames)
@@ -241,7 +242,7 @@ def test_steps_and_schedule_are_respected(tiny_tokenizer):
 def test_certainty_rules_reveal_most_certain_first_from_untempered_probs(tiny_tokenizer, rule, temperature):
     m = fake(tiny_tokenizer, seed=1)
     prompt = [5, 6]
-    g = sampling.generate(m, prompt, frames=True, max_new_tokens=12, steps=6, remasking=rule,
+    g = generation.generate(m, prompt, frames=True, max_new_tokens=12, steps=6, remasking=rule,
                           temperature=temperature, seed=0)
     probs = m.table.clone()
     probs[:, m.MASK] = float("-inf")
@@ -263,19 +264,19 @@ def test_certainty_rules_reveal_most_certain_first_from_untempered_probs(tiny_to
 def test_mask_and_pad_are_never_predicted(tiny_tokenizer):
     m = fake(tiny_tokenizer)
     m.table[:, m.MASK] = 100.0  # the model "wants" the mask token everywhere
-    g = sampling.generate(m, [5], frames=True, max_new_tokens=8, steps=8)
+    g = generation.generate(m, [5], frames=True, max_new_tokens=8, steps=8)
     assert m.MASK not in g.token_ids
-    g = sampling.generate(m, [5], frames=True, max_new_tokens=8, steps=2, temperature=2.0, seed=0)
+    g = generation.generate(m, [5], frames=True, max_new_tokens=8, steps=2, temperature=2.0, seed=0)
     assert m.MASK not in g.token_ids
 
 
 def test_text_is_cut_at_first_eos_and_eos_can_be_suppressed(tiny_tokenizer):
     m = fake(tiny_tokenizer)
     m.table[4, FakeDLM.EOS] = 100.0  # EOS at the 3rd generated position (prompt = 2 tokens)
-    g = sampling.generate(m, [5, 6], frames=True, max_new_tokens=6, steps=6)
+    g = generation.generate(m, [5, 6], frames=True, max_new_tokens=6, steps=6)
     assert g.token_ids[2] == FakeDLM.EOS and len(g.token_ids) == 6
     assert g.text == tiny_tokenizer.decode(g.token_ids[:2], skip_special_tokens=True)
-    g = sampling.generate(m, [5, 6], frames=True, max_new_tokens=6, steps=6, suppress_eos=True)
+    g = generation.generate(m, [5, 6], frames=True, max_new_tokens=6, steps=6, suppress_eos=True)
     assert FakeDLM.EOS not in g.token_ids
 
 
@@ -287,7 +288,7 @@ def test_random_sampler_reveal_counts_match_algorithm_2_in_expectation(tiny_toke
     counts = torch.zeros(runs, T)  # a step never run (everything already revealed) reveals 0
     ratios: list[list[float]] = [[] for _ in range(T)]  # revealed / still masked, when something was masked
     for r in range(runs):
-        g = sampling.generate(m, [5], frames=True, max_new_tokens=n, steps=T, remasking="random", seed=r)
+        g = generation.generate(m, [5], frames=True, max_new_tokens=n, steps=T, remasking="random", seed=r)
         remaining = n
         for j, f in enumerate(g.frames):
             counts[r, j] = len(f.revealed)
@@ -307,7 +308,7 @@ def test_threshold_reveals_confident_positions_in_parallel(tiny_tokenizer):
     m = fake(tiny_tokenizer)
     m.table[3:7] = -10.0
     m.table[3:7, 10] = 10.0  # positions 3..6 are near-certain, the rest are not
-    g = sampling.generate(m, [5, 6, 7], frames=True, max_new_tokens=10, steps=10, threshold=0.9)
+    g = generation.generate(m, [5, 6, 7], frames=True, max_new_tokens=10, steps=10, threshold=0.9)
     assert set(g.frames[0].revealed) >= {3, 4, 5, 6}
     assert g.nfe == len(g.frames) < 10
     assert all(len(f.revealed) >= 1 for f in g.frames)

@@ -8,7 +8,7 @@ evaluation. It never builds display records: the caller turns steps into `Frame`
 Reading order: registry.py (what a decoder declares), run.py (the state and the step they share), full.py (the
 paper's sampler, the simplest loop), blocks.py (the same over an exact cache), speculative.py (blocks that draft for
 themselves). Around them: `dlm.reveal` (which proposals a step keeps), `dlm.token_sampling` (logits -> tokens),
-`dlm.sampling` (prompt -> canvas -> a decoder -> Generation: the front end `model.generate` calls).
+`dlm.generation` (prompt -> canvas -> a decoder -> Generation: the front end `model.generate` calls).
 
     full.py         the paper's sampler (Algorithm 2 and its certainty-ordered variants) over the whole canvas with
                     full attention: any order, any fixed positions (infilling), LLaDA-style semi-autoregressive
