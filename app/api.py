@@ -17,7 +17,7 @@ from app.backend import Backend, Prompted
 from app.checks import check_fields
 from app.events import MODEL, ended, fail, offload, session
 from app.experiments import RaceState
-from dlm.sampler_config import SamplerConfig
+from dlm.sampler_config import SamplerConfig, Task
 
 KNOBS = {d["name"]: d for d in SamplerConfig.describe() if d.get("ui", True)}
 
@@ -101,7 +101,7 @@ class Endpoints:
         `suffix`, with the model's infilling config. Returns {"text", "spans", "nfe", "seconds"}; steps None =
         the config's (one token per step by default), more steps than masked tokens are capped."""
         b = self.backend
-        run = await offload(lambda: b.infill(b.sampler(knobs, task="infill"), template=template, prefix=prefix,
+        run = await offload(lambda: b.infill(b.sampler(knobs, task=Task.INFILL), template=template, prefix=prefix,
                                              suffix=suffix, length=length, session=session(request)))
         done = await run.await_all()
         g = ended(done).result()
@@ -153,7 +153,7 @@ class Endpoints:
         "seconds"}."""
         b = self.backend
         run = await offload(lambda: b.redenoise(Prompted(prompt, token_ids, chat), None, edits,
-                                                b.sampler(knobs, task="infill"), session=session(request)))
+                                                b.sampler(knobs, task=Task.INFILL), session=session(request)))
         g = ended(await run.await_all()).result()
         if g is None:
             yield dict(stopped=True)

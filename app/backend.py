@@ -25,7 +25,7 @@ from app.checks import DEFAULT_BOUNDS, Bounds, cap_steps, sampler_config
 from app.model_lifecycle import Display, ModelInfo, Models, SwitchPolicy, memory_estimate, process_memory
 from app.worker import Run, Worker, lane
 from dlm.quality import judge_ppl
-from dlm.sampler_config import SamplerConfig
+from dlm.sampler_config import SamplerConfig, Task
 
 
 @dataclass
@@ -121,18 +121,19 @@ class Backend:
             return render.NO_MODEL
         return render.model_status(
             self.info, prompt_limit=prompt_limit(model, self.max_prompt_tokens), time_limit=self.worker.time_limit,
-            memory=process_memory(), modes=render.decoding_modes(self.base_config("write"),
-                                                                  self.base_config("infill"),
-                                                                  self.base_config("denoise")))
+            memory=process_memory(), modes=render.decoding_modes(self.base_config(Task.WRITE),
+                                                                  self.base_config(Task.INFILL),
+                                                                  self.base_config(Task.DENOISE)))
 
     # ---------------------------------------------------------------------------------------- configs
-    def base_config(self, task: str = "write") -> SamplerConfig:
+    def base_config(self, task: Task = Task.WRITE) -> SamplerConfig:
         return self.models.base_config(task)
 
-    def sampler(self, values: Optional[dict] = None, task: str = "write") -> SamplerConfig:
-        """UI / API sampler values -> a validated SamplerConfig on the model's recommended one (`sampler_config`),
+    def sampler(self, values: Optional[dict] = None, task: Task = Task.WRITE) -> SamplerConfig:
+        """UI / API sampler values -> a validated SamplerConfig on the model's recommended one for `task`,
         each knob within what one request may cost (`bounds`)."""
-        return sampler_config(values or {}, self.base_config(task), infill=task == "infill", bounds=self.bounds())
+        task = Task.parse(task)
+        return sampler_config(values or {}, self.base_config(task), infill=task is Task.INFILL, bounds=self.bounds())
 
     def bounds(self) -> Bounds:
         """The size bounds of one request under the loaded model and this server's limits."""
@@ -262,7 +263,7 @@ class Backend:
         scored = [e for e in examples if e.expected]
         if not scored:
             raise ValueError("examples: none has an expected answer to score")
-        job = experiments.scoreboard_job(model, ar, scored, self.base_config("write"))
+        job = experiments.scoreboard_job(model, ar, scored, self.base_config(Task.WRITE))
         cost = sum(forwards(e.steps, len(e.prompt) // 4 + e.max_new_tokens, e.max_new_tokens) + e.max_new_tokens
                    for e in scored)
         return self.start(job, session, model, cost)

@@ -18,7 +18,7 @@ from app.render import Trace, finite
 from dlm.fewshot import answer_of, run_example
 from dlm.infill import attach_spaces, split_template
 from dlm.quality import distinct_n, judge_ppl
-from dlm.sampler_config import SamplerConfig
+from dlm.sampler_config import SamplerConfig, Task
 from dlm.types import Generation
 
 LANES = ("dlm", "ar")
@@ -156,7 +156,7 @@ def scoreboard_job(model, ar, examples: list, base: SamplerConfig):
 def time_to_first_frame(backend, prompt: str, config: Optional[SamplerConfig] = None, **overrides) -> float:
     """Seconds from asking `backend` for a generation to its first animated frame, as a user of the playground
     waits for it (tokenizing, the worker start and the first forward; the rest of the run is cancelled)."""
-    cfg = (config or backend.base_config("write")).replace(**overrides)
+    cfg = (config or backend.base_config(Task.WRITE)).replace(**overrides)
     t0 = time.perf_counter()
     run = backend.generate(prompt, cfg)
     try:

@@ -20,7 +20,7 @@ from dlm import model_registry
 from dlm.decoders import DECODERS
 from dlm.generation import cut_at_eos
 from dlm.load_options import QUANTIZATIONS
-from dlm.sampler_config import SamplerConfig
+from dlm.sampler_config import SamplerConfig, Task
 
 DEFAULT_DLM = "smollm2-135m-dlm"
 FALLBACK_DLM = "smollm2-135m"  # the un-adapted base, used as a DLM when the adapted model is missing
@@ -376,12 +376,13 @@ class Models:
             raise ValueError(self.info.ar_error)
         return model if self.ar_source is None else self.ar
 
-    def base_config(self, task: str = "write") -> SamplerConfig:
-        """The loaded model's recommended config: "write" (In-context, race, the API's /denoise) or "infill"
-        (Infill, edits: always the full-attention decoder); "denoise" is what the Denoise tab opens on
-        (`denoise_config`)."""
+    def base_config(self, task: Task = Task.WRITE) -> SamplerConfig:
+        """The loaded model's recommended config: WRITE (In-context, race, the API's /denoise) or INFILL
+        (Infill, edits: always the full-attention decoder); DENOISE is what the Denoise tab opens on
+        (`denoise_config`). Another task string: a ValueError naming the allowed ones."""
+        task = Task.parse(task)
         model = self.require()
-        if task == "denoise":
+        if task is Task.DENOISE:
             return denoise_config(model.sampler_config or SamplerConfig(), model.routing is not None)
-        cfg = model.infill_config if task == "infill" else model.sampler_config
+        cfg = model.infill_config if task is Task.INFILL else model.sampler_config
         return cfg or SamplerConfig()

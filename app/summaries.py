@@ -6,7 +6,7 @@ import math
 from typing import Optional
 
 from dlm.decoders import DECODERS
-from dlm.sampler_config import SamplerConfig
+from dlm.sampler_config import SamplerConfig, Task
 
 
 def finite(x) -> Optional[float]:
@@ -102,15 +102,15 @@ def decoding_modes(write: SamplerConfig, infill: SamplerConfig, denoise: Optiona
             f"infilling config — {config_summary(infill)}.")
 
 
-CONFIG_ORIGINS = {"write": "the model's recommended writing config",
-                  "infill": "the model's recommended infilling config",
-                  "denoise": "the playground's Denoise config (the model's writing config, set to show tokens "
+CONFIG_ORIGINS = {Task.WRITE: "the model's recommended writing config",
+                  Task.INFILL: "the model's recommended infilling config",
+                  Task.DENOISE: "the playground's Denoise config (the model's writing config, set to show tokens "
                              "decided in parallel: drafts verified in one pass, or full attention out of order)"}
 
 
-def config_origin(task: str) -> str:
+def config_origin(task: Task) -> str:
     """Where a tab's settings start from (`Models.base_config(task)`)."""
-    return CONFIG_ORIGINS[task]
+    return CONFIG_ORIGINS[Task.parse(task)]
 
 
 def config_summary(cfg: SamplerConfig) -> str:

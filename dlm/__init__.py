@@ -35,7 +35,7 @@ _EXPORTS = {
     "q_sample": "noise", "sample_t": "noise",
     "anneal_attention_mask": "attention",
     "SamplerConfig": "sampler_config", "SamplerConfigError": "sampler_config",
-    "IgnoredSettingWarning": "sampler_config",
+    "IgnoredSettingWarning": "sampler_config", "Task": "sampler_config",
     "DECODERS": "decoders.registry", "decoder": "decoders.registry",
     "REVEAL_RULES": "decoders.registry", "reveal_rule": "decoders.registry",
     "Frame": "types", "Generation": "types", "Score": "types",
@@ -69,5 +69,5 @@ if TYPE_CHECKING:  # what the names are, for type checkers and editors
     from .losses import DiffusionLossOutput
     from .model import DiffusionLM
     from .noise import q_sample, sample_t
-    from .sampler_config import IgnoredSettingWarning, SamplerConfig, SamplerConfigError
+    from .sampler_config import IgnoredSettingWarning, SamplerConfig, SamplerConfigError, Task
     from .types import Frame, Generation, Score

@@ -23,6 +23,7 @@ import math
 import os
 import warnings
 from dataclasses import dataclass, field, fields
+from enum import Enum
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -224,6 +225,33 @@ def read_by(decoder: str, values: dict) -> dict:
     uses = DECODERS[decoder].uses
     per_decoder = {f.name for f in fields(SamplerConfig) if f.metadata.get("per_decoder")}
     return {k: v for k, v in values.items() if k not in per_decoder or k in uses}
+
+
+class Task(str, Enum):
+    """Which of a model's recommended configs a run starts from. A `str` enum: "write" == Task.WRITE, so string
+    callers and JSON keep working; `Task.parse` turns any other string into a one-line ValueError.
+
+    WRITE:   `model.sampler_config` (generation after a prompt; the "generate" entry of sampler_config.json).
+    INFILL:  `model.infill_config` (templates, edits: always the full-attention decoder; the "infill" entry).
+    DENOISE: the writing config set to show tokens decided in parallel (the playground derives it:
+             `app.model_lifecycle.denoise_config`).
+    """
+
+    WRITE = "write"
+    INFILL = "infill"
+    DENOISE = "denoise"
+
+    def __str__(self) -> str:
+        return self.value
+
+    @classmethod
+    def parse(cls, value: Union[str, "Task"], field: str = "task") -> "Task":
+        """`value` as a Task; ValueError naming `field` and the allowed values for anything else."""
+        try:
+            return cls(value)
+        except ValueError:
+            allowed = ", ".join(t.value for t in cls)
+            raise ValueError(f"{field}: must be one of {allowed}, got {_short(value)}") from None
 
 
 # ----- sampler_config.json: the one reader and writer ---------------------------------------------------------------

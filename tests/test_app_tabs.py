@@ -8,12 +8,13 @@ import inspect
 import pytest
 
 from app.tabs import TABS, listing, titles
+from dlm.sampler_config import Task
 
 
 def test_registry_shape():
     assert len({t.id for t in TABS}) == len(TABS) and len({t.title for t in TABS}) == len(TABS)
     assert [t.config for t in TABS].count(None) == 1 and TABS[-1].config is None   # the model tab, built last
-    assert {t.config for t in TABS[:-1]} <= {"write", "infill", "denoise"}
+    assert {t.config for t in TABS[:-1]} <= set(Task)
     assert listing(["A"]) == "A" and listing(["A", "B"]) == "A and B" and listing(["A", "B", "C"]) == "A, B and C"
     assert titles("infill") == ["Infill"]
 

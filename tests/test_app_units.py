@@ -21,7 +21,8 @@ from app.checks import (
     with_span_length,
 )
 from app.examples import answer_of, load_examples, matches, parse_example
-from dlm import SamplerConfig, SamplerConfigError
+from app.tabs import TABS
+from dlm import SamplerConfig, SamplerConfigError, Task
 from dlm.quality import distinct_n
 from dlm.types import Frame, Generation
 
@@ -692,6 +693,16 @@ def test_widgets_a_decoder_ignores_are_disabled_with_a_word_why():
     ups = dict(zip(c.names, c.usage_updates("full")))
     assert ups["steps"]["interactive"] is True and ups["use_cache"]["interactive"] is True
     assert ups["stop_at_eos"]["interactive"] is False and "full decoder" in ups["stop_at_eos"]["info"]
+
+
+def test_a_config_is_asked_for_by_task_and_an_unknown_task_is_refused_in_one_line():
+    backend = Backend()
+    with pytest.raises(ValueError, match=r"^task: must be one of write, infill, denoise, got 'infil'$"):
+        backend.base_config("infil")  # refused before asking for a model
+    with pytest.raises(ValueError, match="task: must be one of"):
+        backend.sampler({}, task="generate")
+    assert render.config_origin("infill") == render.config_origin(Task.INFILL)
+    assert {t.config for t in TABS} == {*Task, None}  # every task has a tab that starts from it
 
 
 def test_the_denoise_tab_opens_on_any_order_reveals_for_a_block_wise_model():

@@ -19,6 +19,7 @@ from dlm.sampler_config import (
     IgnoredSettingWarning,
     SamplerConfig,
     SamplerConfigError,
+    Task,
     load_sampler_configs,
     save_sampler_configs,
 )
@@ -147,6 +148,15 @@ def test_sampler_config_json_has_one_reader_and_writer(tmp_path):
 
 
 # ------------------------------------------------------------------------------- block_layout (pure arithmetic)
+
+def test_a_task_is_a_str_enum_and_an_unknown_one_names_the_allowed_values():
+    assert Task.parse("infill") is Task.INFILL and Task.WRITE == "write" and f"{Task.DENOISE}" == "denoise"
+    assert json.dumps({Task.WRITE: 1}) == '{"write": 1}'                  # JSON keys and string callers keep working
+    with pytest.raises(ValueError, match=r"^task: must be one of write, infill, denoise, got 'generate'$"):
+        Task.parse("generate")
+    with pytest.raises(ValueError, match=r"^config: must be one of write, infill, denoise, got \['x'\]$"):
+        Task.parse(["x"], field="config")
+
 
 def test_block_layout_token_causal_after_and_beside():
     from dlm.kv_cache import block_layout

@@ -13,13 +13,15 @@ import importlib
 from dataclasses import dataclass
 from typing import Optional
 
+from dlm.sampler_config import Task
+
 
 @dataclass(frozen=True)
 class TabSpec:
     id: str                 # Gradio's tab id
     title: str              # the tab's label
     cls: str                # "module:Class" under app.tabs
-    config: Optional[str]   # "write" / "infill" / "denoise": the config it starts from; None: the model tab
+    config: Optional[Task]  # the recommended config it starts from (`dlm.Task`); None: the model tab
 
     def load(self) -> type:
         module, name = self.cls.split(":")
@@ -27,16 +29,16 @@ class TabSpec:
 
 
 TABS = (
-    TabSpec("denoise", "Denoise", "denoise:DenoiseTab", "denoise"),
-    TabSpec("infill", "Infill", "infill:InfillTab", "infill"),
-    TabSpec("icl", "In-context", "incontext:InContextTab", "write"),
-    TabSpec("compare", "AR vs DLM", "race:RaceTab", "write"),
+    TabSpec("denoise", "Denoise", "denoise:DenoiseTab", Task.DENOISE),
+    TabSpec("infill", "Infill", "infill:InfillTab", Task.INFILL),
+    TabSpec("icl", "In-context", "incontext:InContextTab", Task.WRITE),
+    TabSpec("compare", "AR vs DLM", "race:RaceTab", Task.WRITE),
     TabSpec("model", "Model", "model:ModelTab", None),
 )
 TAB = {t.id: t for t in TABS}
 
 
-def titles(config: str) -> list[str]:
+def titles(config: Task) -> list[str]:
     """The titles of the tabs that start from `config`, in order."""
     return [t.title for t in TABS if t.config == config]
 

@@ -12,7 +12,7 @@ from app import render
 from app.backend import Run, ui_value
 from app.events import LIGHT, MODEL, ended, fail, offload, session  # noqa: F401  (the tabs' one import)
 from dlm.decoders import DECODERS
-from dlm.sampler_config import SamplerConfig
+from dlm.sampler_config import SamplerConfig, Task
 
 SLIDER_MAX_INT = 512      # the UI's range for integer knobs the config leaves unbounded (length, steps, top-k)
 SLIDER_MAX_FLOAT = 2.0    # ... and for unbounded floats (temperature)
@@ -93,9 +93,9 @@ class SamplerControls:
 
     PER_ROW = 4
 
-    def __init__(self, prefix: str, config: SamplerConfig, *, task: str = "write", exclude=(), open_: bool = False,
+    def __init__(self, prefix: str, config: SamplerConfig, *, task: Task = Task.WRITE, exclude=(), open_: bool = False,
                  title: str = "Sampler settings"):
-        self.task = task
+        self.task = Task.parse(task)
         self.fields = [d for d in SamplerConfig.describe() if d.get("ui", True) and d["name"] not in exclude]
         self.names = [d["name"] for d in self.fields]
         self.components: list = []

@@ -9,6 +9,7 @@ from app import render
 from app.backend import Backend, ui_edit
 from app.tabs.common import LIGHT, MODEL, SamplerControls, StreamView, fail, offload, session
 from dlm.decoders import DECODERS
+from dlm.sampler_config import Task
 
 PROMPT = "The capital of France is"
 
@@ -55,7 +56,7 @@ def _status(history) -> str:
 
 def fast_mode_note(backend: Backend) -> str:
     """One line saying what the model's faster writing mode is, when the tab opens on another one ("" if not)."""
-    write, shown = backend.base_config("write"), backend.base_config("denoise")
+    write, shown = backend.base_config(Task.WRITE), backend.base_config(Task.DENOISE)
     if shown.decoder == "speculative":
         return ("Each forward pass drafts the next tokens at once (faint, in dashed boxes) and the AR base verifies "
                 "them in the same pass: kept drafts turn solid and underlined, a rejected one is struck through "
@@ -70,7 +71,7 @@ def fast_mode_note(backend: Backend) -> str:
 def fast_mode_differs(backend: Backend) -> bool:
     """Whether the tab opens on another decoder than the model's writing one (then a button switches to it)."""
     return backend.model is not None and \
-        backend.base_config("write").decoder != backend.base_config("denoise").decoder
+        backend.base_config(Task.WRITE).decoder != backend.base_config(Task.DENOISE).decoder
 
 
 def pins_usage(decoder: str) -> dict:
@@ -95,11 +96,11 @@ class DenoiseTab:
             self.pins = gr.Textbox("", elem_id="denoise-pins",
                                    label="Pinned words: position: word; … — e.g. `0: Paris` holds ' Paris' as the "
                                          "first generated token(s)",
-                                   **pins_usage(backend.base_config("denoise").decoder))
+                                   **pins_usage(backend.base_config(Task.DENOISE).decoder))
             self.fast_note = gr.Markdown(fast_mode_note(backend), elem_id="denoise-fast-note")
             self.fast = gr.Button("Use the fast writing mode", size="sm", elem_id="denoise-fast",
                                   visible=fast_mode_differs(backend))
-            self.controls = SamplerControls("denoise", backend.base_config("denoise"), task="denoise", open_=True)
+            self.controls = SamplerControls("denoise", backend.base_config(Task.DENOISE), task=Task.DENOISE, open_=True)
             self.history = gr.State(None)
             self.chips = gr.HTML(render.chips_html([], 0, {}), css_template=render.TOKEN_CSS,
                                  js_on_load=render.CHIPS_JS, elem_id="edit-chips", render=False)
@@ -144,7 +145,7 @@ class DenoiseTab:
             except Exception as e:
                 fail(e)
 
-        self.fast.click(lambda: controls.updates(backend.base_config("write")), None, controls.outputs, **LIGHT)
+        self.fast.click(lambda: controls.updates(backend.base_config(Task.WRITE)), None, controls.outputs, **LIGHT)
 
         def note():  # another model loaded (its configs reset the settings and their summary): its own line
             text = fast_mode_note(backend) if backend.model is not None else ""
@@ -170,7 +171,7 @@ class DenoiseTab:
                     raise ValueError("edit: generate a text first, then select tokens of it to remask")
                 edit = ui_edit(start, end, new_length)
                 run = await offload(backend.redenoise, entry["tokens"], entry["n_prompt"], [edit],
-                                    backend.sampler(task="infill"), session=session(request))
+                                    backend.sampler(task=Task.INFILL), session=session(request))
                 n_prompt = entry["n_prompt"]
 
                 def text(g):  # the whole canvas comes back: its generated part, in the run's own tokenizer

@@ -10,7 +10,7 @@ from app.backend import Backend
 from app.tabs import TAB
 from app.tabs.common import LIGHT, MODEL, SamplerControls, StreamView, ended, fail, offload, session
 from dlm.fewshot import Example, answer_of, load_examples, matches
-from dlm.sampler_config import read_by
+from dlm.sampler_config import Task, read_by
 
 
 def mark(expected: str, output: str) -> str:
@@ -39,7 +39,7 @@ class InContextTab:
                 self.go = gr.Button("Run", variant="primary", elem_id="icl-run")
                 self.run_all = gr.Button("Run all (scoreboard)", elem_id="icl-run-all")
                 self.stop = gr.Button("Stop", variant="stop", elem_id="icl-stop")
-            cfg = backend.base_config("write")
+            cfg = backend.base_config(Task.WRITE)
             if first:
                 cfg = cfg.replace(**read_by(cfg.decoder, dict(max_new_tokens=first.max_new_tokens,
                                                               steps=first.steps)))

@@ -12,6 +12,7 @@ from app.tabs import TAB
 from app.tabs.common import LIGHT, MODEL, SamplerControls, StreamView, ended, fail, offload, session
 from dlm.fewshot import INFILL_EXAMPLES_DIR, load_examples
 from dlm.infill import attach_spaces, split_template
+from dlm.sampler_config import Task
 
 # The shipped templates (`dlm/examples/infill/`, scored by `python -m bench.infill_examples`): the tab opens on
 # the first one the shipped model does well; the hard ones stay in the list, marked.
@@ -49,7 +50,7 @@ class InfillTab:
                 self.with_ar = gr.Checkbox(True, label="Also run the AR model on the prefix only")
                 self.go = gr.Button("Fill", variant="primary", elem_id="infill-generate")
                 self.stop = gr.Button("Stop", variant="stop", elem_id="infill-stop")
-            self.controls = SamplerControls("infill", backend.base_config("infill"), task="infill",
+            self.controls = SamplerControls("infill", backend.base_config(Task.INFILL), task=Task.INFILL,
                                             exclude=("max_new_tokens",))
             self.spans = gr.JSON(label="Generated spans", elem_id="infill-spans", render=False)
             self.out = StreamView("infill", extra=[self.spans])
@@ -75,7 +76,7 @@ class InfillTab:
 
         async def run_infill(req: gr.Request, mode, template, prefix, suffix, length, *knobs):
             try:
-                cfg = backend.sampler(controls.values(knobs), task="infill")
+                cfg = backend.sampler(controls.values(knobs), task=Task.INFILL)
                 run = await offload(backend.infill, cfg, **request(mode, template, prefix, suffix, length),
                                     session=session(req))
                 async for outputs in out.animate(run, extra_fn=lambda g, t: [g.spans or []]):
@@ -92,7 +93,7 @@ class InfillTab:
                 ar_prefix, n_new = ar_side(mode, template, prefix, length)
                 if not ar_prefix.strip():
                     return "(no text before the first span: nothing for the AR model to continue)"
-                cfg = backend.sampler(controls.values(knobs), task="infill")
+                cfg = backend.sampler(controls.values(knobs), task=Task.INFILL)
                 run = await offload(backend.ar_continue, ar_prefix, n_new, cfg, session=session(req))
                 g = ended(await run.await_all()).result("ar")
                 return ar_prefix + g.text if g is not None else "(stopped)"
@@ -110,7 +111,7 @@ class InfillTab:
 
         async def run_sweep(req: gr.Request, mode, template, prefix, suffix, ns, *knobs):
             try:
-                cfg = backend.sampler(controls.values(knobs), task="infill")
+                cfg = backend.sampler(controls.values(knobs), task=Task.INFILL)
                 r = request(mode, template, prefix, suffix, None)
                 r.pop("length", None)
                 run = await offload(backend.infill_sweep, cfg, ns, **r, session=session(req))

@@ -11,6 +11,7 @@ from app import render
 from app.backend import LANES, Backend, RaceState, check_sweep, default_sweep, sweep_field, sweep_fields
 from app.tabs.common import LIGHT, MODEL, SamplerControls, fail, offload, session
 from dlm.decoders import DECODERS
+from dlm.sampler_config import Task
 
 
 def format_sweep(values) -> str:
@@ -34,8 +35,8 @@ class RaceTab:
                     self.chat = gr.Checkbox(False, label="Chat template", elem_id="race-chat")
                     self.go = gr.Button("Race", variant="primary", elem_id="compare-run")
                     self.stop = gr.Button("Stop", variant="stop", elem_id="race-stop")
-            self.controls = SamplerControls("race", backend.base_config("write"))
-            cfg = backend.base_config("write")
+            self.controls = SamplerControls("race", backend.base_config(Task.WRITE))
+            cfg = backend.base_config(Task.WRITE)
             with gr.Row():
                 self.sweep_on = gr.Checkbox(True, label="Then sweep a setting of the DLM (time & quality chart)",
                                             elem_id="race-sweep-on")
