@@ -20,9 +20,9 @@ from app.checks import (
     ui_value,
     with_span_length,
 )
-from app.examples import answer_of, load_examples, matches, parse_example
 from app.tabs import TABS
 from dlm import SamplerConfig, SamplerConfigError, Task
+from dlm.fewshot import answer_of, load_examples, matches, parse_example
 from dlm.quality import distinct_n
 from dlm.types import Frame, Generation
 
@@ -565,7 +565,7 @@ def test_scoreboard_marks_every_example_with_an_answer(loaded):
 
 
 def test_scoreboard_and_dlm_eval_incontext_agree(loaded):
-    """The In-context scoreboard and `dlm-eval --tasks incontext` run one function (app.examples.run_example):
+    """The In-context scoreboard and `dlm-eval --tasks incontext` run one function (dlm.fewshot.run_example):
     on the same examples and greedy settings, their answers and marks are the same, for the DLM and the AR side;
     an expected answer the model does write is marked right by both, one it does not write wrong by both."""
     from evals.data import ICLExample
@@ -574,7 +574,7 @@ def test_scoreboard_and_dlm_eval_incontext_agree(loaded):
     model = loaded.require_model()
     base = loaded.base_config("write").replace(temperature=0.0)
     probe = parse_example("max_new_tokens: 6\nsteps: 6\n---\nThe list: one, two,", "probe")
-    from app.examples import answer_of, run_example
+    from dlm.fewshot import answer_of, run_example
     written = answer_of(run_example(model, probe, base, "dlm")[0]).split()
     assert written, "the tiny model wrote nothing to expect"
     examples = [parse_example(f"expected: {written[0]}\nmax_new_tokens: 6\nsteps: 6\n---\nThe list: one, two,", "hit"),
@@ -756,9 +756,9 @@ def test_hard_examples_stay_marked_and_the_tab_opens_on_one_the_model_does_well(
 def test_infill_examples_are_scorable_and_the_tab_opens_on_a_good_one():
     """Every shipped Infill template parses, has one expected span per marker (what bench.infill_examples scores
     the fill against), the hard ones say why; the tab opens on a template that is not hard and lists them all."""
-    from app.examples import INFILL_EXAMPLES_DIR
     from app.tabs import infill
     from bench.infill_examples import reference_text
+    from dlm.fewshot import INFILL_EXAMPLES_DIR
     from dlm.infill import split_template
     shipped = load_examples(INFILL_EXAMPLES_DIR)
     assert len(shipped) >= 4 and any(e.hard for e in shipped) and any(not e.hard for e in shipped)
