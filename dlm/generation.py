@@ -21,7 +21,7 @@ from .decoders.registry import DECODERS
 from .decoders.run import DecodeRun, Step
 from .noise import seeded_generator
 from .sampler_config import SamplerConfig
-from .token_sampling import sample_tokens, sampling_warpers
+from .token_sampling import sample_tokens, sampling_settings, sampling_warpers
 from .types import Frame, Generation
 
 Prompt = Union[str, Sequence[int]]
@@ -273,7 +273,7 @@ def ar_generate(model, prompt: Optional[Prompt] = None, config: Optional[Sampler
                   pad_token_id=int(pad if pad is not None else (eos[0] if eos else 0)))
     if cfg.temperature > 0:   # the decoders' own warpers, in transformers' order (generate's own ones: off)
         kwargs.update(do_sample=True, temperature=1.0, top_p=1.0, top_k=0,
-                      logits_processor=sampling_warpers(cfg.temperature, cfg.top_k, cfg.top_p))
+                      logits_processor=sampling_warpers(**sampling_settings(cfg)))
     else:
         kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
     cuda_devices = [device.index or 0] if device.type == "cuda" else []
@@ -320,7 +320,7 @@ def ar_stream(model, prompt: Optional[Prompt] = None, config: Optional[SamplerCo
         with torch.inference_mode(), route(ar, "ar"):   # a DLM's AR side: without a draft adapter
             logits = ar.base(input_ids=feed, cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1].float()
             logits = suppress(None, logits)
-            token = int(sample_tokens(logits, cfg.temperature, cfg.top_k, cfg.top_p, generator)[0])
+            token = int(sample_tokens(logits, **sampling_settings(cfg), generator=generator)[0])
             p = float(logits.softmax(-1)[0, token])
         if device.type == "cuda":
             torch.cuda.synchronize()

@@ -1,6 +1,7 @@
 """Token sampling: from logits to one token per row, the same way for every decoder and the AR baseline.
 
     banned_token_ids  ids never written (mask, pad unless it is EOS, EOS when suppressed)
+    sampling_settings the SamplerConfig fields that shape the distribution, as keyword arguments of the three below
     sampling_warpers  temperature, top-k, top-p as transformers' logits processors (`ar_generate` hands them to
                       Hugging Face `generate`, so both sides of a speed comparison filter the same way)
     sampling_probs    the distribution a token is drawn from (one-hot argmax at temperature 0)
@@ -66,6 +67,13 @@ def _nucleus_class():
             return scores.masked_fill(~keep, self.filter_value)
 
     return NucleusWarper
+
+
+def sampling_settings(cfg) -> dict:
+    """The `SamplerConfig` fields that shape the distribution tokens are drawn from, as keyword arguments of
+    `sampling_warpers` / `sampling_probs` / `sample_tokens`: every decoder and the AR baseline pass
+    `**sampling_settings(cfg)`, so a new distribution knob is its field, this line and its warper."""
+    return dict(temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p)
 
 
 def sampling_warpers(temperature: float, top_k: int = 0, top_p: float = 1.0):

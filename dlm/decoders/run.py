@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Callable, Optional
 import torch
 
 from ..reveal import Proposal, block_sizes, confidence_certainty, split_steps
-from ..token_sampling import banned_token_ids, sample_tokens
+from ..token_sampling import banned_token_ids, sample_tokens, sampling_settings
 from .registry import REVEAL_RULES
 
 if TYPE_CHECKING:
@@ -96,7 +96,7 @@ def propose_and_reveal(run: DecodeRun, logits: torch.Tensor, eligible: torch.Ten
     cfg = run.config
     picked = logits[eligible].float()                                                  # [N, V]
     picked[:, run.banned] = float("-inf")
-    x0 = sample_tokens(picked, cfg.temperature, cfg.top_k, cfg.top_p, run.generator)  # [N]
+    x0 = sample_tokens(picked, **sampling_settings(cfg), generator=run.generator)  # [N]
     probs = picked.softmax(-1)
     tokens = torch.zeros(eligible.shape, dtype=torch.long, device=eligible.device)
     tokens[eligible] = x0

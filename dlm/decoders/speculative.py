@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Iterator, Optional
 
 import torch
 
-from ..token_sampling import draw_tokens, sampling_probs
+from ..token_sampling import draw_tokens, sampling_probs, sampling_settings
 from .registry import decoder
 from .run import DecodeRun, Step
 
@@ -204,7 +204,7 @@ def _probs(run: DecodeRun, logits: torch.Tensor) -> torch.Tensor:
     cfg = run.config
     logits = logits.float().clone()
     logits[:, run.banned] = float("-inf")
-    return sampling_probs(logits, cfg.temperature, cfg.top_k, cfg.top_p)
+    return sampling_probs(logits, **sampling_settings(cfg))
 
 
 def _draw(run: DecodeRun, p: torch.Tensor) -> int:
