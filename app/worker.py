@@ -110,7 +110,7 @@ class Run:
     (`cancel()`, the session's Stop, a consumer that goes away) and the time limit are checked between events and
     before every transformer layer (the worker's layer hooks), so even one long forward pass stops promptly.
     `first_event_seconds`: from the start of the work to its first event (time to first frame).
-    `display`: how this run's tokens are shown (`app.models.Display`), captured from the model the run uses when
+    `display`: how this run's tokens are shown (`app.model_lifecycle.Display`), captured from the model the run uses when
     it was asked for, so a model switched meanwhile cannot mix another tokenizer or mask id into its drawing.
     """
 
@@ -314,7 +314,7 @@ class Worker:
         self.per_client = max(1, int(per_client))
         self.max_waiting = max_waiting
         self.active: Optional[Run] = None
-        self.epoch = 0  # the model generation: `app.models.Models` counts it up on every load
+        self.epoch = 0  # the model generation: `app.model_lifecycle.Models` counts it up on every load
         self._cv = threading.Condition()
         self._waiting: list[Run] = []  # arrival order
         self._turn: Optional[Run] = None  # the run given the model (from its turn to its end)
