@@ -10,3 +10,4 @@ holds the shipped few-shot prompts."""
 MAX_PROMPT_TOKENS = 1024
 MAX_NEW_TOKENS = 512  # tokens one request may generate or fill (--max-new-tokens): the UI's slider range
 TIME_LIMIT_S = 120.0
+MAX_SESSIONS = 1000  # sessions whose state is kept (--max-sessions); least recently used beyond it dropped

@@ -24,7 +24,7 @@ os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
 os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
-from app import MAX_NEW_TOKENS, MAX_PROMPT_TOKENS, TIME_LIMIT_S  # noqa: E402  (light: no torch)
+from app import MAX_NEW_TOKENS, MAX_PROMPT_TOKENS, MAX_SESSIONS, TIME_LIMIT_S  # noqa: E402  (light: no torch)
 from dlm.load_options import ATTN_IMPLEMENTATIONS, QUANTIZATIONS  # noqa: E402  (no torch either)
 
 
@@ -73,6 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="allow hub downloads (default: HF_HUB_OFFLINE=1, so no request can start a download)")
     p.add_argument("--auth", default=None, metavar="USER:PASS",
                    help="require this login (use it whenever --host is not 127.0.0.1)")
+    p.add_argument("--max-sessions", type=int, default=MAX_SESSIONS,
+                   help=f"browser / API sessions whose state (each tab's last run, the edit history) is kept; the "
+                        f"least recently used beyond it are dropped (default {MAX_SESSIONS}: a few hundred MB at "
+                        f"most, since a session keeps its runs as diffs)")
     p.add_argument("--max-file-size", default="1mb",
                    help="largest upload Gradio accepts (default 1mb; the app takes no file, its upload route is "
                         "closed)")
@@ -91,6 +95,8 @@ def parse_args(argv=None) -> argparse.Namespace:
             ipaddress.ip_network(a, strict=False)
     except ValueError as e:
         p.error(f"--trusted-proxies: {e}")
+    if args.max_sessions < 1:
+        p.error(f"--max-sessions: must be at least 1, got {args.max_sessions}")
     if args.auth is not None:
         user, colon, password = args.auth.partition(":")
         if not (user and colon and password):
@@ -169,7 +175,8 @@ def main(argv=None) -> None:
         print(f"NOTE: {notice}", file=sys.stderr, flush=True)
     demo.allowed_hosts, demo.trusted_proxies = args.allowed_hosts, args.trusted_proxies  # for app.http_guard.guard
     demo.launch(server_name=args.host, server_port=args.port, share=args.share, show_error=True,
-                auth=tuple(args.auth.split(":", 1)) if args.auth else None, max_file_size=args.max_file_size)
+                auth=tuple(args.auth.split(":", 1)) if args.auth else None, max_file_size=args.max_file_size,
+                state_session_capacity=args.max_sessions)
 
 
 if __name__ == "__main__":

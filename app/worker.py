@@ -110,8 +110,8 @@ class Run:
     (`cancel()`, the session's Stop, a consumer that goes away) and the time limit are checked between events and
     before every transformer layer (the worker's layer hooks), so even one long forward pass stops promptly.
     `first_event_seconds`: from the start of the work to its first event (time to first frame).
-    `display`: how this run's tokens are shown (`app.model_lifecycle.Display`), captured from the model the run uses when
-    it was asked for, so a model switched meanwhile cannot mix another tokenizer or mask id into its drawing.
+    `display`: how this run's tokens are shown (`app.model_lifecycle.Display`), captured from the model the run uses
+    when it was asked for, so a model switched meanwhile cannot mix another tokenizer or mask id into its drawing.
     """
 
     def __init__(self, worker: "Worker", job: Job, session: Optional[str], display=None, cost: float = 0.0):

@@ -68,3 +68,13 @@ def test_edit_history_keeps_the_newest_versions_only():
     assert history["index"] == denoise.HISTORY_KEPT - 1
     assert history["entries"][-1]["text"] == f"v{denoise.HISTORY_KEPT + 9}"
     assert history["entries"][0]["text"] == "v10"
+    assert list(history["entries"][-1]["tokens"]) == [1, 2, denoise.HISTORY_KEPT + 9]
+
+
+def test_sessions_kept_is_a_launcher_flag_checked_at_start():
+    from app import MAX_SESSIONS
+    from app.launch import parse_args
+    assert parse_args([]).max_sessions == MAX_SESSIONS
+    assert parse_args(["--max-sessions", "50"]).max_sessions == 50
+    with pytest.raises(SystemExit):
+        parse_args(["--max-sessions", "0"])
