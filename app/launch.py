@@ -170,6 +170,8 @@ def main(argv=None) -> None:
         print("NOTE: this CPU multiplies bf16 natively (AMX / AVX512-BF16): --dtype bfloat16 makes the DLM's "
               "multi-token steps up to ~2x faster at a small cost in fluency (docs/app.md, bench.cpu_step)",
               file=sys.stderr, flush=True)
+    from app.model_lifecycle import freeze_heap
+    freeze_heap()   # again after the UI is built: its blocks and configs too
     notice = demo.backend.notice()
     if notice:
         print(f"NOTE: {notice}", file=sys.stderr, flush=True)

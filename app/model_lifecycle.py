@@ -197,6 +197,21 @@ def denoise_config(write: SamplerConfig, drafts_verified_by_base: bool = False) 
     return write.replace(**DENOISE_CHANGES, max_new_tokens=n, steps=max(1, n // DENOISE_TOKENS_PER_STEP))
 
 
+_HEAP = {"frozen": False}
+
+
+def freeze_heap(again: bool = False) -> None:
+    """Collect once, then move every object alive now (the models, the tokenizer, Gradio's ~700k objects of blocks
+    and configs) into the collector's permanent generation. They live as long as the server (or until `Models.free`
+    unfreezes them), and a full collection walked them all: ~350 ms on a 2-core machine, every client stalled.
+    The server calls it once started (`app.launch`); `again=True` (after a model switch) only where it did."""
+    if again and not _HEAP["frozen"]:
+        return
+    gc.collect()
+    gc.freeze()
+    _HEAP["frozen"] = True
+
+
 class Models:
     """The loaded DLM (`model`) and its AR counterpart, loaded under `worker.lock` with `worker`'s layer hooks.
 
@@ -269,6 +284,7 @@ class Models:
                     except Exception:
                         self.free()
                 raise
+            freeze_heap(again=True)
             return self.info
 
     def _dlm_load(self, source, quantization, device, dtype, **kwargs):
@@ -355,6 +371,7 @@ class Models:
             self.model = None
             self.ar = None
             self.info = ModelInfo()
+            gc.unfreeze()   # the models were frozen with everything else (`freeze_heap`): collectable again
             gc.collect()
             try:
                 import torch

@@ -12,8 +12,8 @@ Part 1, one hostile request at a time: what the server answered (status, first w
 worst latency the polling client saw meanwhile (its stall; `idle` is the same client with nothing hostile).
 Part 2, `--duration` seconds of mixed load: two well-behaved clients (127.0.0.3, 127.0.0.4) each sending short
 /denoise requests one after another, the poller, and the hostile requests of part 1 cycled from 127.0.0.2 (one at
-a time); the server's RSS sampled every second (start, max, end), how many well-formed requests were answered
-(and how many were not), their latency p50 / p95, and the poller's worst stall.
+a time); the server's RSS sampled every second (start, max, end, and once a minute), how many well-formed requests
+were answered (and how many were not), their latency p50 / p95, and the poller's worst stall.
 
 Measured: see docs/app.md ("Security and limits") for the numbers of the last run.
 """
@@ -350,7 +350,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                             failures=sorted(set(errors))[:5], latency_p50_s=round(percentile(latencies, 50), 2),
                             latency_p95_s=round(percentile(latencies, 95), 2), poller_worst_stall_s=round(
                                 poller.window, 3), hostile_sent=hostile_sent, rss_start_mb=round(rss[0], 1),
-                            rss_max_mb=round(max(rss), 1), rss_end_mb=round(rss[-1], 1))
+                            rss_max_mb=round(max(rss), 1), rss_end_mb=round(rss[-1], 1),
+                            rss_by_minute_mb=[round(r) for r in rss[::60]])
         out["server_tracebacks"] = server.tracebacks()
         print(json.dumps(out["mixed"], indent=1), flush=True)
         print(f"tracebacks in the server log: {out['server_tracebacks']}", flush=True)

@@ -1,6 +1,7 @@
-"""What a playground session keeps stays small: a run's frames (`app.frame_log.FrameLog`) read back exactly as they
-were given, in memory that grows with what changed per step, not with steps x canvas; the edit history keeps its
-newest versions only."""
+"""What the server keeps stays small and out of the collector's way. A session: a run's frames
+(`app.frame_log.FrameLog`) read back exactly as they were given, in memory that grows with what changed per step,
+not with steps x canvas; the edit history keeps its newest versions only. The heap the server starts with is frozen
+out of full collections, and a model switch still frees the old model."""
 from __future__ import annotations
 
 import random
@@ -78,3 +79,28 @@ def test_sessions_kept_is_a_launcher_flag_checked_at_start():
     assert parse_args(["--max-sessions", "50"]).max_sessions == 50
     with pytest.raises(SystemExit):
         parse_args(["--max-sessions", "0"])
+
+
+def test_a_frozen_heap_still_frees_the_old_model_on_a_switch(tiny_llama_dir, tiny_gpt2_dir, monkeypatch):
+    """As a launched server runs (`app.launch` freezes the heap once started): a switch unfreezes, collects the
+    old model and freezes again, so neither a leak nor a return of the full collections' stalls."""
+    import gc
+    import weakref
+
+    from app import model_lifecycle
+    from app.backend import Backend
+    monkeypatch.setitem(model_lifecycle._HEAP, "frozen", False)
+    b = Backend()
+    b.load(str(tiny_llama_dir), device="cpu", dtype="float32")
+    assert gc.get_freeze_count() == 0 or not model_lifecycle._HEAP["frozen"]   # tests never froze it: no freeze
+    try:
+        model_lifecycle.freeze_heap()
+        assert gc.get_freeze_count() > 0
+        old = weakref.ref(b.model)
+        b.load(str(tiny_gpt2_dir), device="cpu", dtype="float32")
+        gc.collect()
+        assert old() is None, "the previous model stayed frozen after a switch"
+        assert gc.get_freeze_count() > 0, "the new model's heap was not frozen again"
+    finally:
+        gc.unfreeze()
+        b.free()
