@@ -10,23 +10,19 @@ from one address they would all be one client.
     python -m bench.latency --model PATH --long-clients 10 --short 8 --time-limit 20
     python -m bench.latency --same-address                    # the long requests all come from ONE address
 
-Target (issue 25): p95 of a short request under 10 long ones <= the server's time limit per request.
+Target: p95 of a short request under 10 long ones <= the server's time limit per request.
 
-Measured (default model smollm2-135m-dlm, 2 CPU cores shared with other jobs (load average ~6), long = 48 tokens x
-48 steps with the full decoder, ~20 s alone under that load; short = 4 tokens x 4 steps, ~1.1-1.5 s alone; time
-limit 20 s; 10 long clients):
+Measured (default model smollm2-135m-dlm in the CPU default (int4), 2-core Xeon with a niced training run in the
+background; long = 48 tokens x 48 steps with the full decoder, 20.0 s alone; short = 4 tokens x 4 steps, 0.53 s
+alone; time limit 20 s; 10 long clients, each from its own address; the server in this process):
 
-    before  Gradio's FIFO queue, concurrency 1            short 165.7 s, 192.9 s (2 requests, then stopped) -> NO
-    simple  the worker's fair order, run by run           short p50 19.4 s, p95 20.1 s, max 20.1 s           -> NO*
-    after   fair order + pausing between steps            short p50  2.6 s, p95  2.7 s, max  2.7 s           -> yes
+    short p50 3.2 s, p95 5.9 s, max 5.9 s (8 requests; 3 long ones finished meanwhile)  -> yes
 
-(before: each short request waited behind every long request queued ahead of it. simple: the session that used the
-least model time recently, plus the request's own expected time, goes next: a short request waits for the run in
-progress, here a whole long run since each short request arrives just after one started (*: p95 = one long run, at
-the time limit on this loaded machine). after: the running request pauses at its next denoising step for the short
-one, which so waits about one step.)
-These rows were measured through gradio_client, every client on 127.0.0.1 (fairness was per session then);
-not yet measured again with each client on its own address.
+Earlier designs, measured through gradio_client with every client on 127.0.0.1 (fair per session then) and the
+fp32 model on a more loaded machine: Gradio's FIFO queue, a short request waited behind every long one queued ahead
+of it (165.7 s, 192.9 s, then stopped); the worker's fair order run by run, one whole long run (p95 20.1 s); fair
+order with the running request pausing between steps for a waiting one whose key is lower (the design measured
+above), p95 2.7 s.
 """
 from __future__ import annotations
 
