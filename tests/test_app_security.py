@@ -313,8 +313,8 @@ def test_exports_are_bounded_and_leave_no_folders_behind(b, tmp_path, monkeypatc
     monkeypatch.setattr(render, "EXPORT_DIR", tmp_path / "exports")
     trace = _long_trace()
     frames = render.export_cells(trace)
-    assert len(frames) * 200 <= render.EXPORT_CELLS and frames[0] is trace.frames[0] and \
-        frames[-1] is trace.frames[-1]
+    assert len(frames) * 200 <= render.EXPORT_CELLS and frames[0] == trace.frames[0] and \
+        frames[-1] == trace.frames[-1]
     small = _long_trace(steps=3, tokens=10)
     for _ in range(render.EXPORTS_KEPT + 4):
         files = b.export(small).wait().result("files")  # the worker's run: its queue, lock and time limit
