@@ -32,9 +32,8 @@ from bench.load_args import add_load_args, load_kwargs
 from bench.output import write_json
 from dlm.generation import cut_at_eos
 from dlm.quality import corpus_ppl, distinct_n, has_loop, judge_nll, ppl_ratio_interval
+from train.documents import HELDOUT_BOOKS  # noqa: F401  (re-exported: the books DiffuSmol's training holds out)
 
-# The books DiffuSmol's training run holds out (the tail of its shuffled document order; see the model card).
-HELDOUT_BOOKS = ("11-0.txt.gz", "25344-0.txt.gz", "The-Art-of-War.txt.gz", "pg55.txt.gz")
 GOALS = "fluent: judge-PPL <= 2x AR | varied: distinct-2 >= 0.8x AR, loops <= AR + 15 pts | fast: speed >= 1.0x"
 
 

@@ -47,3 +47,13 @@ def test_corpus_is_prompt_plus_continuation_and_a_rerun_appends_what_is_missing(
     assert [r["prompt"] for r in rows] == [p["prompt"] for p in prompts]
     for row in rows:
         assert row["text"] == row["prompt"] + row["continuation"] and row["continuation"]
+
+
+def test_the_held_out_books_are_the_ones_every_diffusmol_config_excludes():
+    """One list (`train.documents.HELDOUT_BOOKS`): the benchmarks' prompts, the self-distilled corpus's exclusions
+    and the training configs' `data.exclude` cannot drift apart."""
+    from train.config import load_config
+    from train.documents import HELDOUT_BOOKS
+    assert self_distill.HELDOUT_BOOKS is HELDOUT_BOOKS
+    for name in ("diffusmol-v3", "diffusmol-v3-gpu"):
+        assert sorted(load_config(name).data.exclude) == sorted(HELDOUT_BOOKS), name

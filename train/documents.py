@@ -15,6 +15,9 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 TEXT_SUFFIXES = (".txt", ".txt.gz", ".jsonl", ".jsonl.gz", ".json.gz")
+# The Gutenberg books DiffuSmol's training never reads (its configs' `data.exclude`): `bench.continuation` takes its
+# held-out prompts from them, and `train.self_distill` never prompts with them.
+HELDOUT_BOOKS = ("11-0.txt.gz", "25344-0.txt.gz", "The-Art-of-War.txt.gz", "pg55.txt.gz")
 
 
 class DataError(ValueError):

@@ -26,11 +26,9 @@ from typing import Iterator, Optional, Sequence
 
 import torch
 
-from train.documents import gutenberg_clean, iter_jsonl
+from train.documents import HELDOUT_BOOKS, gutenberg_clean, iter_jsonl
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-# bench.continuation's held-out books: their text is never a prompt here.
-HELDOUT_BOOKS = ("11-0.txt.gz", "25344-0.txt.gz", "The-Art-of-War.txt.gz", "pg55.txt.gz")
 
 
 def book_openings(data_dir: Path, seed: int) -> list[dict]:
