@@ -171,7 +171,7 @@ def main(argv=None) -> None:
               "multi-token steps up to ~2x faster at a small cost in fluency (docs/app.md, bench.cpu_step)",
               file=sys.stderr, flush=True)
     from app.model_lifecycle import freeze_heap
-    freeze_heap()   # again after the UI is built: its blocks and configs too
+    freeze_heap()   # once the model is loaded and the UI built: their objects leave the collector's walks
     notice = demo.backend.notice()
     if notice:
         print(f"NOTE: {notice}", file=sys.stderr, flush=True)

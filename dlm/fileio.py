@@ -1,4 +1,5 @@
-"""Writing a directory atomically: readers see the old complete directory or the new complete one, never half."""
+"""Files: writing a directory atomically (readers see the old complete directory or the new complete one, never
+half), and where the shared datasets lie (`default_data_dir`, for evaluation and for training data tools alike)."""
 from __future__ import annotations
 
 import os
@@ -52,3 +53,9 @@ def cache_dir() -> Path:
     $DLM_CACHE_DIR, else ~/.cache/dlm-studio."""
     value = os.environ.get(CACHE_ENV)
     return Path(value).expanduser() if value else Path.home() / ".cache" / "dlm-studio"
+
+
+def default_data_dir() -> Path:
+    """$DLM_DATA_DIR, else `../shared/data` relative to the repository root (resolved from this package)."""
+    env = os.environ.get("DLM_DATA_DIR")
+    return Path(env) if env else Path(__file__).resolve().parent.parent.parent / "shared" / "data"

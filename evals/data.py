@@ -11,23 +11,16 @@ import csv
 import gzip
 import hashlib
 import json
-import os
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from dlm.fileio import default_data_dir  # noqa: F401  (re-exported: the evals' and the benches' default data folder)
 
 
 class MissingDataError(FileNotFoundError):
     """A task's data file is not where it should be; the message says which file and how to point at it."""
-
-
-def default_data_dir() -> Path:
-    """$DLM_DATA_DIR, else `../shared/data` relative to the repository root (resolved from this package)."""
-    env = os.environ.get("DLM_DATA_DIR")
-    return Path(env) if env else REPO_ROOT.parent / "shared" / "data"
 
 
 def require(data_dir: Path, relative: str, task: str) -> Path:

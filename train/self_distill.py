@@ -26,9 +26,8 @@ from typing import Iterator, Optional, Sequence
 
 import torch
 
+from dlm.fileio import default_data_dir
 from train.documents import HELDOUT_BOOKS, gutenberg_clean, iter_jsonl
-
-DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 def book_openings(data_dir: Path, seed: int) -> list[dict]:
@@ -99,9 +98,8 @@ def continue_batch(model, texts: list[str], new_tokens: int, temperature: float,
                               temperature=temperature if temperature > 0 else None, top_p=top_p,
                               max_new_tokens=new_tokens, pad_token_id=pad, suppress_tokens=suppress,
                               eos_token_id=list(model.eos_token_ids or []) or None)
-    texts_out = []
+    texts_out, eos = [], set(model.eos_token_ids or [])
     for row in out[:, width:].tolist():
-        eos = set(model.eos_token_ids or [])
         cut = next((k + 1 for k, t in enumerate(row) if t in eos), len(row))   # keep the EOS: it is text too
         texts_out.append(tok.decode(row[:cut], skip_special_tokens=False))
     return texts_out
@@ -111,7 +109,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m", help="the AR base (registry name or path)")
     p.add_argument("--out", type=Path, required=True, help="JSONL to write (appended to when it exists)")
-    p.add_argument("--data-dir", type=Path, default=DEFAULT_DATA)
+    p.add_argument("--data-dir", type=Path, default=None, help="default $DLM_DATA_DIR or ../shared/data")
     p.add_argument("--n", type=int, default=1200, help="prompts in all")
     p.add_argument("--chat-share", type=float, default=0.25, help="share of prompts that are chat questions")
     p.add_argument("--new-tokens", type=int, default=160)
@@ -125,7 +123,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
     if args.threads:
         torch.set_num_threads(args.threads)
     model = dlm.load(args.model)
-    items = prompts(args.data_dir, model.tokenizer, args.n, args.chat_share, args.seed)
+    items = prompts(args.data_dir or default_data_dir(), model.tokenizer, args.n, args.chat_share, args.seed)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     done = sum(1 for _ in open(args.out, encoding="utf-8")) if args.out.exists() else 0
     t0, written = time.time(), 0
