@@ -21,7 +21,7 @@ from .decoders.registry import DECODERS
 from .decoders.run import DecodeRun, Step
 from .noise import seeded_generator
 from .sampler_config import SamplerConfig
-from .token_sampling import sample_tokens, sampling_settings, sampling_warpers
+from .token_sampling import sample_tokens, sampling_settings
 from .types import Frame, Generation
 
 Prompt = Union[str, Sequence[int]]
@@ -250,48 +250,19 @@ def generate_batch(model, prompts: Sequence[Union[Prompt, list[dict]]], config: 
 # ----- AR baseline ----------------------------------------------------------------------------------------------------
 def ar_generate(model, prompt: Optional[Prompt] = None, config: Optional[SamplerConfig] = None, *, messages=None,
                 ar_model=None, **overrides) -> Generation:
-    """Left-to-right baseline: Hugging Face `generate` on a causal model (KV cache), timed like the diffusion
-    decoders. Uses the config's max_new_tokens, temperature, top_p, top_k, suppress_eos and seed (the diffusion
-    knobs do not apply).
+    """Left-to-right baseline: one KV-cached forward per token, timed like the diffusion decoders (`ar_stream`
+    without its frames). Uses the config's max_new_tokens, temperature, top_p, top_k, suppress_eos and seed (the
+    diffusion knobs do not apply); tokens are drawn by the decoders' own sampler (`dlm.token_sampling`), so both
+    sides of a speed comparison run the same kernels and the same sampling.
 
     ar_model: a DiffusionLM whose `.base` is run causally (its registered AR counterpart, loaded by the caller);
-              default `model` itself, i.e. the same weights with causal attention.
-    The mask token is suppressed; the seed seeds torch's RNG for this call only (the global state is restored).
-    `.nfe` = number of new tokens (one forward each), `.frames` is empty.
+              default `model` itself, i.e. the same weights with causal attention and no adapter.
+    The mask token is suppressed; `.nfe` = number of new tokens (one forward each), `.frames` is empty.
     """
-    cfg = resolve_config(model, config, **overrides)
-    ar = model if ar_model is None else ar_model
-    ids, prompt_text = encode_prompt(ar, prompt, messages)
-    check_length(ar, len(ids), cfg.max_new_tokens)
-    device = torch.device(ar.device)
-    input_ids = torch.tensor([ids], device=device)
-    eos = [int(e) for e in ar.eos_token_ids or []]
-    pad = ar.tokenizer.pad_token_id
-    suppress = [int(ar.mask_token_id)] + (eos if cfg.suppress_eos else [])
-    kwargs = dict(max_new_tokens=cfg.max_new_tokens, min_new_tokens=cfg.max_new_tokens if cfg.suppress_eos else 0,
-                  attention_mask=torch.ones_like(input_ids), suppress_tokens=suppress, eos_token_id=eos or None,
-                  pad_token_id=int(pad if pad is not None else (eos[0] if eos else 0)))
-    if cfg.temperature > 0:   # the decoders' own warpers, in transformers' order (generate's own ones: off)
-        kwargs.update(do_sample=True, temperature=1.0, top_p=1.0, top_k=0,
-                      logits_processor=sampling_warpers(**sampling_settings(cfg)))
-    else:
-        kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-    cuda_devices = [device.index or 0] if device.type == "cuda" else []
-    # `.base` is causal by default: DiffusionLM switches to bidirectional attention only inside its own calls.
-    with torch.random.fork_rng(devices=cuda_devices), torch.inference_mode():
-        if cfg.seed is not None:
-            torch.manual_seed(int(cfg.seed))
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        out = ar.base.generate(input_ids, **kwargs)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        seconds = time.perf_counter() - t0
-    new = out[0, len(ids):].tolist()
-    text = ar.tokenizer.decode(cut_at_eos(new, eos), skip_special_tokens=True)
-    return Generation(text=text, token_ids=new, frames=[], nfe=len(new), seconds=seconds, prompt=prompt_text)
-
+    result = None
+    for result in ar_stream(model, prompt, config, messages=messages, ar_model=ar_model, **overrides):
+        pass
+    return result
 
 
 def ar_stream(model, prompt: Optional[Prompt] = None, config: Optional[SamplerConfig] = None, *, messages=None,

@@ -291,6 +291,18 @@ def _place(base, device: torch.device, quantized: bool, cpu_kernel: Optional[str
     return base
 
 
+def _inference_forwards(base, routing, device: torch.device) -> None:
+    """Leaner inference forwards: an unmerged adapter's LoRA layers in a few torch calls each
+    (`adapter_routing.install_inference_forward`); on a CPU, packed LLaMA-style decoder layers in two calls into
+    C++ each (`dlm.lean_layers`, transformers' arithmetic). Training and gradients take the usual forwards."""
+    if hasattr(base, "peft_config"):
+        from .adapter_routing import install_inference_forward
+        install_inference_forward(base, routing)
+    if device.type == "cpu":
+        from .lean_layers import install as install_lean_layers
+        install_lean_layers(base, routing)
+
+
 def _dlm_config(plan: _Plan, base, mask_id: int, added: bool, source, shift: Optional[bool]) -> DLMConfig:
     family = getattr(base.config, "model_type", "")
     spec = plan.src.spec or plan.weights.spec
@@ -405,9 +417,7 @@ def load(source: Union[str, os.PathLike], *, mask_token_id: Optional[int] = None
     quantized = quantized_modules(base)   # asked for now, or saved that way
     base, routing = _with_adapters(base, plan, quantized, quantization, torch_dtype, merge_adapter, draft_adapter)
     base = _place(base, dev, quantized=bool(quantized), cpu_kernel=cpu_kernel, packed=quantization)
-    if hasattr(base, "peft_config"):   # an unmerged adapter: a few torch calls a layer at inference
-        from .adapter_routing import install_inference_forward
-        install_inference_forward(base, routing)
+    _inference_forwards(base, routing, dev)
 
     cfg = _dlm_config(plan, base, mask_id, added, source, shift)
     name = plan.src.label if plan.src.spec is not None else Path(str(source)).name or str(source)

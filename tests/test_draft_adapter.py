@@ -74,6 +74,15 @@ def test_clean_rows_and_their_cache_are_the_base_model(gated):
 
 
 @pytest.mark.numeric
+def test_ar_generate_of_the_dlm_is_the_base_model(gated):
+    model, base = gated
+    model.generate(PROMPT, decoder="speculative", block_length=2, max_new_tokens=4, temperature=0.0)  # adapter on
+    for prompt in (PROMPT, "The cat"):
+        got = model.ar_generate(prompt, max_new_tokens=8, temperature=0.0).token_ids
+        assert got == base.ar_generate(prompt, max_new_tokens=8, temperature=0.0).token_ids
+
+
+@pytest.mark.numeric
 def test_greedy_speculative_output_is_the_base_models_greedy_text(gated):
     model, base = gated
     for block_length in (2, 4):

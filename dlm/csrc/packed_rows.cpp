@@ -22,6 +22,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <tuple>
 #include <vector>
 
 #if defined(__x86_64__) || defined(_M_X64)
@@ -366,14 +367,167 @@ at::Tensor packed_linear_lora(const at::Tensor& x, const at::Tensor& qweight, co
   return y;
 }
 
+// ----- a LLaMA-style decoder layer in two calls ------------------------------------------------------------------
+// From Python each ATen call costs a few microseconds of dispatch; a decoder layer of transformers is ~50 of them
+// plus nine module calls, ~5 ms of a 1-row step over SmolLM2's 30 layers (more than its int4 weights take to read).
+// These two ops run the same ATen calls, in the same order, from C++ (the attention itself stays in Python, the
+// model's own implementation): the results are transformers' bit for bit where no LoRA runs (dlm/lean_layers.py).
+
+// sum_k a[k] * b[k] in 8 interleaved partial sums (a fixed order; the compiler vectorizes it).
+inline float dot8(const float* a, const float* b, int64_t n) {
+  float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t k = 0;
+  for (; k + 8 <= n; k += 8)
+    for (int v = 0; v < 8; ++v) acc[v] += a[k + v] * b[k + v];
+  for (; k < n; ++k) acc[k & 7] += a[k] * b[k];
+  return ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+}
+
+// A fused packed linear (x2 [M, K] contiguous): packed_linear + the LoRA update of each member j, whose outputs are
+// columns [off_j, off_j + n_j): lora = [a (the members' A stacked, [sum r_j, K]), b_0 [n_0, r_0], b_1, ...] or
+// empty; y[m, member j] += scale_j * gate[m] * (x_m a_j^T) b_j^T. A member with r_j = 0 has no adapter. Rows whose
+// gate is 0 are not touched at all (the packed layer's result, as `+ 0` would leave it); the update of the others
+// is computed here in loops rather than with ~3 ATen calls a member (their dispatch was most of its cost).
+at::Tensor fused_linear(const at::Tensor& x2, const at::Tensor& qweight, const at::Tensor& scales,
+                        const at::Tensor& bias, int64_t bits, int64_t group, int64_t path, at::TensorList lora,
+                        at::ArrayRef<double> lora_scales, const c10::optional<at::Tensor>& gate) {
+  at::Tensor y = packed_linear(x2, qweight, scales, bias.numel() ? c10::optional<at::Tensor>(bias) : c10::nullopt,
+                               bits, group, path);
+  const int64_t M = x2.size(0), K = x2.size(1), N = y.size(1);
+  if (lora.empty() || M == 0) return y;
+  TORCH_CHECK(lora_scales.size() + 1 == lora.size(), "fused_linear: one scale per LoRA member");
+  std::vector<int64_t> rows;
+  std::vector<float> row_gate;
+  at::Tensor g;
+  if (gate.has_value() && gate->defined()) {
+    g = gate->to(at::kFloat).contiguous();
+    TORCH_CHECK(g.numel() == M, "fused_linear: gate has ", g.numel(), " entries for ", M, " rows");
+  }
+  for (int64_t m = 0; m < M; ++m) {
+    const float gm = g.defined() ? g.data_ptr<float>()[m] : 1.f;
+    if (gm != 0.f) {
+      rows.push_back(m);
+      row_gate.push_back(gm);
+    }
+  }
+  const int64_t Mg = static_cast<int64_t>(rows.size());
+  if (Mg == 0) return y;
+  const at::Tensor a = lora[0].to(at::kFloat).contiguous();
+  const int64_t R = a.size(0);
+  TORCH_CHECK(a.dim() == 2 && a.size(1) == K, "fused_linear: LoRA A [sum r, K]");
+  std::vector<at::Tensor> bs;
+  std::vector<int64_t> member_of(N), member_off, member_r0;
+  int64_t off = 0, r0 = 0;
+  for (size_t j = 1; j < lora.size(); ++j) {
+    bs.push_back(lora[j].to(at::kFloat).contiguous());
+    const int64_t n = bs.back().size(0), r = bs.back().size(1);
+    TORCH_CHECK(off + n <= N, "fused_linear: the LoRA members have more outputs than the layer");
+    for (int64_t i = 0; i < n; ++i) member_of[off + i] = static_cast<int64_t>(j - 1);
+    member_off.push_back(off);
+    member_r0.push_back(r0);
+    off += n;
+    r0 += r;
+  }
+  TORCH_CHECK(off == N && r0 == R, "fused_linear: the LoRA members cover ", off, " of ", N, " outputs, ", r0,
+              " of ", R, " ranks");
+  const float* xp = x2.data_ptr<float>();
+  const float* ap = a.data_ptr<float>();
+  std::vector<float> low(Mg * R);   // low[i, r] = gate_i * x_{rows[i]} . a_r
+  at::parallel_for(0, R, 16, [&](int64_t rb, int64_t re) {
+    for (int64_t r = rb; r < re; ++r)
+      for (int64_t i = 0; i < Mg; ++i) low[i * R + r] = row_gate[i] * dot8(xp + rows[i] * K, ap + r * K, K);
+  });
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, N, 64, [&](int64_t nb, int64_t ne) {
+    for (int64_t n = nb; n < ne; ++n) {
+      const int64_t j = member_of[n], r = bs[j].size(1);
+      if (r == 0) continue;
+      const float* bp = bs[j].data_ptr<float>() + (n - member_off[j]) * r;
+      const float s = static_cast<float>(lora_scales[j]);
+      for (int64_t i = 0; i < Mg; ++i) yp[rows[i] * N + n] += s * dot8(low.data() + i * R + member_r0[j], bp, r);
+    }
+  });
+  return y;
+}
+
+// transformers' LlamaRMSNorm on fp32: weight * (x * rsqrt(mean(x^2) + eps)).
+at::Tensor rms_norm_hf(const at::Tensor& x, const at::Tensor& weight, double eps) {
+  return weight * (x * at::rsqrt(x.pow(2).mean(-1, true) + eps));
+}
+
+at::Tensor rotate_half(const at::Tensor& x) {
+  const int64_t h = x.size(-1) / 2;
+  return at::cat({-x.narrow(-1, h, x.size(-1) - h), x.narrow(-1, 0, h)}, -1);
+}
+
+// input norm -> fused q|k|v projection -> rotary embedding: (q, k, v) as [B, heads, T, head_dim], as the model's
+// attention module hands them to the cache and the attention function. x [B, T, K] fp32; cos / sin [B, T, hd].
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lean_attn_in(
+    const at::Tensor& x, const at::Tensor& norm_w, double eps, const at::Tensor& qweight, const at::Tensor& scales,
+    const at::Tensor& bias, int64_t bits, int64_t group, int64_t path, at::TensorList lora,
+    at::ArrayRef<double> lora_scales, const c10::optional<at::Tensor>& gate, const at::Tensor& cos,
+    const at::Tensor& sin, int64_t n_q, int64_t n_kv, int64_t head_dim) {
+  TORCH_CHECK(x.dim() == 3 && x.scalar_type() == at::kFloat, "lean_attn_in: x [B, T, K] fp32");
+  const int64_t B = x.size(0), T = x.size(1), K = x.size(2);
+  const at::Tensor h = rms_norm_hf(x, norm_w, eps);
+  const at::Tensor y = fused_linear(h.reshape({B * T, K}).contiguous(), qweight, scales, bias, bits, group, path,
+                                    lora, lora_scales, gate).view({B, T, -1});
+  const int64_t nq = n_q * head_dim, nk = n_kv * head_dim;
+  TORCH_CHECK(y.size(2) == nq + 2 * nk, "lean_attn_in: the fused projection has ", y.size(2), " outputs");
+  const at::Tensor q = y.narrow(2, 0, nq).view({B, T, n_q, head_dim}).transpose(1, 2);
+  const at::Tensor k = y.narrow(2, nq, nk).view({B, T, n_kv, head_dim}).transpose(1, 2);
+  const at::Tensor v = y.narrow(2, nq + nk, nk).view({B, T, n_kv, head_dim}).transpose(1, 2);
+  const at::Tensor c = cos.unsqueeze(1), s = sin.unsqueeze(1);
+  return {q * c + rotate_half(q) * s, k * c + rotate_half(k) * s, v};
+}
+
+// o projection + residual -> post-attention norm -> fused gate|up -> silu(gate) * up -> down + residual.
+// attn [B, T, heads * hd] (contiguous), residual [B, T, K]; weights / scales / biases / lora in the order o, gate|up,
+// down (a bias of 0 elements: none); lora_scales: o's, gate's and up's, down's.
+at::Tensor lean_mlp_out(const at::Tensor& attn, const at::Tensor& residual, at::TensorList qweights,
+                        at::TensorList scales, at::TensorList biases, int64_t bits, int64_t group, int64_t path,
+                        at::TensorList lora_o, at::TensorList lora_gu, at::TensorList lora_down,
+                        at::ArrayRef<double> lora_scales, const c10::optional<at::Tensor>& gate,
+                        const at::Tensor& norm_w, double eps) {
+  TORCH_CHECK(qweights.size() == 3 && scales.size() == 3 && biases.size() == 3, "lean_mlp_out: o, gate|up, down");
+  TORCH_CHECK(lora_scales.size() == (lora_o.empty() ? 0 : 1) + (lora_gu.empty() ? 0 : 2) +
+                                         (lora_down.empty() ? 0 : 1), "lean_mlp_out: one LoRA scale per member");
+  const int64_t B = residual.size(0), T = residual.size(1), K = residual.size(2), M = B * T;
+  size_t si = 0;
+  auto next_scales = [&](const at::TensorList& lora) {
+    const size_t n = lora.empty() ? 0 : lora.size() - 1;
+    at::ArrayRef<double> out = lora_scales.slice(si, n);
+    si += n;
+    return out;
+  };
+  const at::ArrayRef<double> s_o = next_scales(lora_o), s_gu = next_scales(lora_gu), s_d = next_scales(lora_down);
+  const at::Tensor hs = residual + fused_linear(attn.reshape({M, attn.size(2)}), qweights[0], scales[0], biases[0],
+                                                bits, group, path, lora_o, s_o, gate).view({B, T, K});
+  const at::Tensor h = rms_norm_hf(hs, norm_w, eps);
+  const at::Tensor g = fused_linear(h.reshape({M, K}).contiguous(), qweights[1], scales[1], biases[1], bits, group,
+                                    path, lora_gu, s_gu, gate);
+  const int64_t I = g.size(1) / 2;
+  const at::Tensor act = at::silu(g.narrow(1, 0, I)) * g.narrow(1, I, I);
+  return hs + fused_linear(act, qweights[2], scales[2], biases[2], bits, group, path, lora_down, s_d, gate)
+                  .view({B, T, K});
+}
+
 }  // namespace
 
 TORCH_LIBRARY(dlm_packed, m) {
   m.def("packed_linear(Tensor x, Tensor qweight, Tensor scales, Tensor? bias, int bits, int group, int path) -> Tensor");
   m.def("packed_linear_lora(Tensor x, Tensor qweight, Tensor scales, Tensor? bias, int bits, int group, int path, "
         "Tensor a, Tensor b, float alpha, Tensor? gate) -> Tensor");
+  m.def("lean_attn_in(Tensor x, Tensor norm_w, float eps, Tensor qweight, Tensor scales, Tensor bias, int bits, "
+        "int group, int path, Tensor[] lora, float[] lora_scales, Tensor? gate, Tensor cos, Tensor sin, int n_q, "
+        "int n_kv, int head_dim) -> (Tensor, Tensor, Tensor)");
+  m.def("lean_mlp_out(Tensor attn, Tensor residual, Tensor[] qweights, Tensor[] scales, Tensor[] biases, int bits, "
+        "int group, int path, Tensor[] lora_o, Tensor[] lora_gu, Tensor[] lora_down, float[] lora_scales, "
+        "Tensor? gate, Tensor norm_w, float eps) -> Tensor");
 }
 TORCH_LIBRARY_IMPL(dlm_packed, CPU, m) {
   m.impl("packed_linear", &packed_linear);
   m.impl("packed_linear_lora", &packed_linear_lora);
+  m.impl("lean_attn_in", &lean_attn_in);
+  m.impl("lean_mlp_out", &lean_mlp_out);
 }

@@ -1,0 +1,223 @@
+"""A LLaMA-style decoder layer in two calls into C++ at inference on a CPU: transformers' arithmetic, bit for bit.
+
+A 1-row decoding step of SmolLM2-135M in int4 reads ~70 MB of weights (~3 ms on a 2-core CPU), but transformers'
+decoder layer makes ~50 ATen calls and nine module calls from Python for each of the 30 layers, and at a few
+microseconds of dispatch each, that overhead was most of the step. Here each layer of a packed model
+(`dlm.packed_linear`, int8 / int4) runs as
+
+    lean_attn_in:  input norm -> one fused q|k|v packed matmul (+ LoRA) -> rotary embedding          (C++)
+    cache.update and the model's own attention function (sdpa, dlm's packed GQA, eager...)           (Python)
+    lean_mlp_out:  o projection + residual -> norm -> one fused gate|up matmul -> silu * up -> down   (C++)
+
+The C++ ops (`dlm/csrc/packed_rows.cpp`) make the same ATen calls in the same order as transformers' Python, and
+the packed kernel gives each output the same fixed-order sum whether a weight is fused with others or not, so a
+row without LoRA (the AR base, the verifier's clean rows) is transformers' result exactly; tests hold it to
+`torch.equal`. The fused q|k|v and gate|up weights are views of one buffer per group, not copies.
+
+A LoRA adapter (peft, unmerged, the active one) is added per member with its scale, row-gated by
+`dlm.adapter_routing` exactly as the layer-by-layer path does (a gated-off row gets + 0). Everything else takes
+transformers' forward: gradients or training mode, other dtypes or devices, merged or variant adapters (DoRA...),
+several active adapters, hooks on the attention or MLP modules (e.g. recording attention weights).
+
+Families: llama (SmolLM2, LLaMA 2/3, TinyLlama...) and qwen2 (its q|k|v biases fused too). `DLM_LEAN_LAYERS=off`
+keeps transformers' layers.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+
+FAMILIES = ("llama", "qwen2")
+MEMBERS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+_NO_BIAS = torch.empty(0)
+
+
+def enabled() -> bool:
+    return os.environ.get("DLM_LEAN_LAYERS", "").strip().lower() not in ("off", "0", "false")
+
+
+def _split(module):
+    """(the PackedLinear, the peft LoRA layer or None) of a member, or None when it is neither."""
+    from .packed_linear import PackedLinear
+    if type(module) is PackedLinear:
+        return module, None
+    base = getattr(module, "base_layer", None)
+    if type(base) is PackedLinear and hasattr(module, "lora_A"):
+        return base, module
+    return None
+
+
+def _fused_buffers(parts: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One (qweight, scales, bias) for members stacked along the output dimension; each member's buffers become
+    views of the stacked ones (no second copy of the weights)."""
+    qweight = torch.cat([p.qweight for p in parts])
+    scales = torch.cat([p.scales for p in parts])
+    has_bias = any(p.bias is not None for p in parts)
+    bias = (torch.cat([p.bias if p.bias is not None else torch.zeros(p.out_features) for p in parts])
+            if has_bias else _NO_BIAS)
+    row = 0
+    for p in parts:
+        p.qweight = qweight[row:row + p.out_features]
+        p.scales = scales[row:row + p.out_features]
+        if p.bias is not None:
+            p.bias = bias[row:row + p.out_features]
+        row += p.out_features
+    return qweight, scales, bias
+
+
+class _Layer:
+    """What the lean forward of one decoder layer needs, gathered once at install."""
+
+    def __init__(self, layer, routing):
+        attn, mlp = layer.self_attn, layer.mlp
+        split = {name: _split(getattr(attn if name in MEMBERS[:4] else mlp, name)) for name in MEMBERS}
+        self.packed = {name: s[0] for name, s in split.items()}
+        self.lora = {name: s[1] for name, s in split.items()}
+        packed = list(self.packed.values())
+        self.bits, self.group = packed[0].bits, packed[0].group
+        self.qkv = _fused_buffers(packed[:3])
+        self.o = (packed[3].qweight, packed[3].scales, packed[3].bias if packed[3].bias is not None else _NO_BIAS)
+        self.gate_up = _fused_buffers(packed[4:6])
+        self.down = (packed[6].qweight, packed[6].scales, packed[6].bias if packed[6].bias is not None else _NO_BIAS)
+        self.n_heads = packed[0].out_features // attn.head_dim
+        self.n_kv = packed[1].out_features // attn.head_dim
+        self.routing = routing
+        self._lora_cache: dict = {}
+
+    def adapter(self) -> Optional[tuple]:
+        """(lora lists for q|k|v, o, gate|up, down, their scales, the gated adapter's name or None) for the adapter
+        active now; ((), (), (), (), [], None) without one; None when transformers' forward must run."""
+        lora = [m for m in self.lora.values() if m is not None]
+        if not lora:
+            return (), (), (), (), [], None
+        first = lora[0]
+        if any(m.merged or m.training for m in lora):
+            return None
+        if first.disable_adapters:
+            return (), (), (), (), [], None
+        name = first._active_adapter
+        if isinstance(name, (list, tuple)):
+            if len(name) != 1:
+                return None
+            name = name[0]
+        members = []
+        for m in self.lora.values():
+            if m is None or name not in m.lora_A:
+                members.append(None)
+                continue
+            a, b = m.lora_A[name], m.lora_B[name]
+            if name in m.lora_variant or b.bias is not None or a.weight.dtype != torch.float32:
+                return None
+            members.append((m.lora_A[name].weight, m.lora_B[name].weight, float(m.scaling[name])))
+        key = (name, tuple((id(x[0]), x[0]._version, id(x[1]), x[1]._version) if x else None for x in members))
+        cached = self._lora_cache.get(name)
+        if cached is None or cached[0] != key:
+            cached = self._lora_cache[name] = (key, self._stack(members))
+        gated = name if self.routing is not None and name == self.routing.gated else None
+        return (*cached[1], gated)
+
+    def _stack(self, members: list) -> tuple:
+        """Per group: [A stacked, B_0, B_1, ...] (a member without the adapter: a rank-0 B) and the scales."""
+        outs = [p.out_features for p in self.packed.values()]
+        ins = [p.in_features for p in self.packed.values()]
+        groups, scales = [], []
+        for idx in ((0, 1, 2), (3,), (4, 5), (6,)):
+            if all(members[i] is None for i in idx):
+                groups.append(())
+                continue
+            a = torch.cat([members[i][0] if members[i] else torch.zeros(0, ins[i]) for i in idx])
+            b = [members[i][1] if members[i] else torch.zeros(outs[i], 0) for i in idx]
+            groups.append((a, *b))
+            scales += [members[i][2] if members[i] else 0.0 for i in idx]
+        return (*groups, scales)
+
+
+class _LeanForward:
+    """The forward installed on one decoder layer (the layer's own forward signature)."""
+
+    def __init__(self, layer, spec: _Layer):
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+        from .packed_linear import _fast
+        ops = torch.ops.dlm_packed
+        self.attn_in, self.mlp_out, self.path = ops.lean_attn_in.default, ops.lean_mlp_out.default, _fast()[1]
+        self.layer, self.spec, self.hf_forward = layer, spec, type(layer).forward
+        self.attn, self.norm1, self.norm2 = layer.self_attn, layer.input_layernorm, layer.post_attention_layernorm
+        self.watched = (layer.self_attn, layer.mlp, layer.input_layernorm, layer.post_attention_layernorm)
+        attn = self.attn
+        self.extra = {"sliding_window": attn.sliding_window} if hasattr(attn, "sliding_window") else {}
+        self.interfaces = ALL_ATTENTION_FUNCTIONS
+        module = __import__(type(attn).__module__, fromlist=["eager_attention_forward"])
+        self.eager = getattr(module, "eager_attention_forward", None)
+
+    def __call__(self, hidden_states: torch.Tensor, attention_mask=None, position_ids=None, cache=None,
+                 use_cache=False, position_embeddings=None, past_key_values=None, **kwargs):
+        layer, spec, attn, x = self.layer, self.spec, self.attn, hidden_states
+        cache = cache if cache is not None else past_key_values
+        state = None
+        if not (torch.is_grad_enabled() or layer.training or position_embeddings is None or x.dim() != 3
+                or x.dtype != torch.float32 or x.device.type != "cpu"
+                or any(m._forward_hooks or m._forward_pre_hooks for m in self.watched)):
+            state = spec.adapter()
+        if state is None:
+            return self.hf_forward(layer, x, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
+                                   use_cache=use_cache, position_embeddings=position_embeddings, **kwargs)
+        l_qkv, l_o, l_gu, l_down, l_scales, gated = state
+        gate = spec.routing.row_gate(x) if gated is not None else None
+        cos, sin = position_embeddings
+        q, k, v = self.attn_in(x, self.norm1.weight, self.norm1.variance_epsilon, *spec.qkv, spec.bits, spec.group,
+                               self.path, l_qkv, l_scales[:3] if l_qkv else [], gate, cos, sin, spec.n_heads,
+                               spec.n_kv, attn.head_dim)
+        kw = {"position_ids": position_ids, "use_cache": use_cache, **kwargs}   # what the attention module passes on
+        if cache is not None:
+            k, v = cache.update(k, v, attn.layer_idx, kwargs=kw)
+        interface = self.interfaces.get_interface(attn.config._attn_implementation, self.eager)
+        out, _ = interface(attn, q, k, v, attention_mask, dropout=0.0, scaling=attn.scaling, **self.extra, **kw)
+        out = out.reshape(*x.shape[:-1], -1).contiguous()
+        rest = l_scales[3:] if l_qkv else l_scales
+        return self.mlp_out(out, x, [spec.o[0], spec.gate_up[0], spec.down[0]],
+                            [spec.o[1], spec.gate_up[1], spec.down[1]], [spec.o[2], spec.gate_up[2], spec.down[2]],
+                            spec.bits, spec.group, self.path, l_o, l_gu, l_down, rest, gate, self.norm2.weight,
+                            self.norm2.variance_epsilon)
+
+
+def decoder_layers(base) -> list:
+    """The decoder layers of a transformers causal LM (through a peft wrapper)."""
+    return [m for m in base.modules() if type(m).__name__.endswith("DecoderLayer") and hasattr(m, "self_attn")]
+
+
+def install(base, routing=None) -> int:
+    """Give each decoder layer of `base` whose seven linears are packed (dlm.packed_linear, one format) the lean
+    forward of this module; returns how many. A no-op for other families, unpacked models, without the compiled
+    kernel, or with DLM_LEAN_LAYERS=off."""
+    from .packed_linear import available
+    config = getattr(base, "config", None)
+    if not enabled() or getattr(config, "model_type", None) not in FAMILIES or not available():
+        return 0
+    n = 0
+    for layer in decoder_layers(base):
+        if getattr(layer, "_dlm_lean", False) or not _eligible(layer):
+            continue
+        layer.forward = _LeanForward(layer, _Layer(layer, routing))
+        layer._dlm_lean = True
+        n += 1
+    return n
+
+
+def _eligible(layer) -> bool:
+    attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+    norms = ("input_layernorm", "post_attention_layernorm")
+    if attn is None or mlp is None or not all(hasattr(layer, n) for n in norms):
+        return False
+    if hasattr(attn, "q_norm") or type(getattr(mlp, "act_fn", None)).__name__ != "SiLUActivation":
+        return False   # Qwen3-style q/k norms, other activations: transformers' layer
+    for norm in (layer.input_layernorm, layer.post_attention_layernorm):
+        if not (hasattr(norm, "variance_epsilon") and type(norm).__name__.endswith("RMSNorm")):
+            return False
+    split = [_split(getattr(attn if name in MEMBERS[:4] else mlp, name, None)) for name in MEMBERS]
+    if any(s is None for s in split):
+        return False
+    formats = {(s[0].bits, s[0].group) for s in split}
+    return len(formats) == 1 and split[0][0].out_features % attn.head_dim == 0
