@@ -127,8 +127,9 @@ class _Layer:
             if all(members[i] is None for i in idx):
                 groups.append(())
                 continue
-            a = torch.cat([members[i][0] if members[i] else torch.zeros(0, ins[i]) for i in idx])
-            b = [members[i][1] if members[i] else torch.zeros(outs[i], 0) for i in idx]
+            # transposed for the C++ loops: A^T [K, sum r], B_j^T [r_j, n_j] (a member without it: rank 0)
+            a = torch.cat([members[i][0] if members[i] else torch.zeros(0, ins[i]) for i in idx]).t().contiguous()
+            b = [members[i][1].t().contiguous() if members[i] else torch.zeros(0, outs[i]) for i in idx]
             groups.append((a, *b))
             scales += [members[i][2] if members[i] else 0.0 for i in idx]
         return (*groups, scales)

@@ -373,21 +373,68 @@ at::Tensor packed_linear_lora(const at::Tensor& x, const at::Tensor& qweight, co
 // These two ops run the same ATen calls, in the same order, from C++ (the attention itself stays in Python, the
 // model's own implementation): the results are transformers' bit for bit where no LoRA runs (dlm/lean_layers.py).
 
-// sum_k a[k] * b[k] in 8 interleaved partial sums (a fixed order; the compiler vectorizes it).
-inline float dot8(const float* a, const float* b, int64_t n) {
-  float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  int64_t k = 0;
-  for (; k + 8 <= n; k += 8)
-    for (int v = 0; v < 8; ++v) acc[v] += a[k + v] * b[k + v];
-  for (; k < n; ++k) acc[k & 7] += a[k] * b[k];
-  return ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+// The LoRA update of the gated rows, in loops without horizontal sums (the compiler vectorizes the inner ones):
+//   low[i, :] = gate_i * sum_k x[rows_i, k] * at[k, :]                 at = A^T [K, R] (every member's ranks)
+//   y[rows_i, member j] += scale_j * sum_r low[i, r0_j + r] * bt_j[r, :]    bt_j = B_j^T [r_j, n_j]
+// Each output is summed in ascending k / r whatever the vector width.
+struct LoraArgs {
+  const float* x; int64_t K; const int64_t* rows; const float* gate; int64_t Mg;
+  const float* at; int64_t R; float* low;
+  const std::vector<const float*>* bt; const std::vector<int64_t>* r_of; const std::vector<int64_t>* off;
+  const std::vector<int64_t>* r0; const double* scale; float* y; int64_t N;
+};
+
+__attribute__((always_inline)) inline void lora_low(const LoraArgs& a, int64_t rb, int64_t re) {
+  for (int64_t i = 0; i < a.Mg; ++i) {
+    float* __restrict low = a.low + i * a.R;
+    for (int64_t r = rb; r < re; ++r) low[r] = 0.f;
+    const float* xr = a.x + a.rows[i] * a.K;
+    for (int64_t k = 0; k < a.K; ++k) {
+      const float xk = xr[k];
+      const float* __restrict ak = a.at + k * a.R;
+#pragma GCC ivdep
+      for (int64_t r = rb; r < re; ++r) low[r] += xk * ak[r];
+    }
+    for (int64_t r = rb; r < re; ++r) low[r] *= a.gate[i];
+  }
 }
 
+__attribute__((always_inline)) inline void lora_out(const LoraArgs& a, int64_t j, int64_t nb, int64_t ne) {
+  const int64_t rj = (*a.r_of)[j], n_j = ne - nb;
+  const float* bt = (*a.bt)[j];
+  const int64_t width = (j + 1 < static_cast<int64_t>(a.off->size()) ? (*a.off)[j + 1] : a.N) - (*a.off)[j];
+  for (int64_t i = 0; i < a.Mg; ++i) {
+    float* __restrict yr = a.y + a.rows[i] * a.N + (*a.off)[j] + nb;
+    const float* low = a.low + i * a.R + (*a.r0)[j];
+    for (int64_t r = 0; r < rj; ++r) {
+      const float c = static_cast<float>(a.scale[j]) * low[r];
+      const float* __restrict br = bt + r * width + nb;
+#pragma GCC ivdep
+      for (int64_t n = 0; n < n_j; ++n) yr[n] += c * br[n];
+    }
+  }
+}
+
+void lora_low_default(const LoraArgs& a, int64_t rb, int64_t re) { lora_low(a, rb, re); }
+void lora_out_default(const LoraArgs& a, int64_t j, int64_t nb, int64_t ne) { lora_out(a, j, nb, ne); }
+#ifdef DLM_X86
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+void lora_low_avx2(const LoraArgs& a, int64_t rb, int64_t re) { lora_low(a, rb, re); }
+void lora_out_avx2(const LoraArgs& a, int64_t j, int64_t nb, int64_t ne) { lora_out(a, j, nb, ne); }
+#pragma GCC pop_options
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx2,fma")
+void lora_low_avx512(const LoraArgs& a, int64_t rb, int64_t re) { lora_low(a, rb, re); }
+void lora_out_avx512(const LoraArgs& a, int64_t j, int64_t nb, int64_t ne) { lora_out(a, j, nb, ne); }
+#pragma GCC pop_options
+#endif
+
 // A fused packed linear (x2 [M, K] contiguous): packed_linear + the LoRA update of each member j, whose outputs are
-// columns [off_j, off_j + n_j): lora = [a (the members' A stacked, [sum r_j, K]), b_0 [n_0, r_0], b_1, ...] or
-// empty; y[m, member j] += scale_j * gate[m] * (x_m a_j^T) b_j^T. A member with r_j = 0 has no adapter. Rows whose
-// gate is 0 are not touched at all (the packed layer's result, as `+ 0` would leave it); the update of the others
-// is computed here in loops rather than with ~3 ATen calls a member (their dispatch was most of its cost).
+// columns [off_j, off_j + n_j): lora = [at (the members' A stacked and transposed, [K, sum r_j]), bt_0 [r_0, n_0],
+// bt_1, ...] (B_j transposed) or empty; y[m, member j] += scale_j * gate[m] * (x_m A_j^T) B_j^T. A member with
+// r_j = 0 has no adapter. Rows whose gate is 0 are not touched at all (the packed layer's result, as `+ 0` would
+// leave it); ATen's mm / addmm per member cost more in dispatch than their arithmetic at a few rows.
 at::Tensor fused_linear(const at::Tensor& x2, const at::Tensor& qweight, const at::Tensor& scales,
                         const at::Tensor& bias, int64_t bits, int64_t group, int64_t path, at::TensorList lora,
                         at::ArrayRef<double> lora_scales, const c10::optional<at::Tensor>& gate) {
@@ -396,13 +443,13 @@ at::Tensor fused_linear(const at::Tensor& x2, const at::Tensor& qweight, const a
   const int64_t M = x2.size(0), K = x2.size(1), N = y.size(1);
   if (lora.empty() || M == 0) return y;
   TORCH_CHECK(lora_scales.size() + 1 == lora.size(), "fused_linear: one scale per LoRA member");
-  std::vector<int64_t> rows;
-  std::vector<float> row_gate;
   at::Tensor g;
   if (gate.has_value() && gate->defined()) {
     g = gate->to(at::kFloat).contiguous();
     TORCH_CHECK(g.numel() == M, "fused_linear: gate has ", g.numel(), " entries for ", M, " rows");
   }
+  std::vector<int64_t> rows;
+  std::vector<float> row_gate;
   for (int64_t m = 0; m < M; ++m) {
     const float gm = g.defined() ? g.data_ptr<float>()[m] : 1.f;
     if (gm != 0.f) {
@@ -412,39 +459,44 @@ at::Tensor fused_linear(const at::Tensor& x2, const at::Tensor& qweight, const a
   }
   const int64_t Mg = static_cast<int64_t>(rows.size());
   if (Mg == 0) return y;
-  const at::Tensor a = lora[0].to(at::kFloat).contiguous();
-  const int64_t R = a.size(0);
-  TORCH_CHECK(a.dim() == 2 && a.size(1) == K, "fused_linear: LoRA A [sum r, K]");
-  std::vector<at::Tensor> bs;
-  std::vector<int64_t> member_of(N), member_off, member_r0;
-  int64_t off = 0, r0 = 0;
+  const at::Tensor& at_ = lora[0];
+  TORCH_CHECK(at_.dim() == 2 && at_.size(0) == K && at_.scalar_type() == at::kFloat && at_.is_contiguous(),
+              "fused_linear: LoRA A^T [K, sum r] fp32 contiguous");
+  const int64_t R = at_.size(1);
+  std::vector<const float*> bt;
+  std::vector<int64_t> r_of, off, r0;
+  int64_t o = 0, rr = 0;
   for (size_t j = 1; j < lora.size(); ++j) {
-    bs.push_back(lora[j].to(at::kFloat).contiguous());
-    const int64_t n = bs.back().size(0), r = bs.back().size(1);
-    TORCH_CHECK(off + n <= N, "fused_linear: the LoRA members have more outputs than the layer");
-    for (int64_t i = 0; i < n; ++i) member_of[off + i] = static_cast<int64_t>(j - 1);
-    member_off.push_back(off);
-    member_r0.push_back(r0);
-    off += n;
-    r0 += r;
+    const at::Tensor& b = lora[j];
+    TORCH_CHECK(b.dim() == 2 && b.scalar_type() == at::kFloat && b.is_contiguous(),
+                "fused_linear: LoRA B^T [r, n] fp32 contiguous");
+    bt.push_back(b.data_ptr<float>());
+    r_of.push_back(b.size(0));
+    off.push_back(o);
+    r0.push_back(rr);
+    o += b.size(1);
+    rr += b.size(0);
   }
-  TORCH_CHECK(off == N && r0 == R, "fused_linear: the LoRA members cover ", off, " of ", N, " outputs, ", r0,
-              " of ", R, " ranks");
-  const float* xp = x2.data_ptr<float>();
-  const float* ap = a.data_ptr<float>();
-  std::vector<float> low(Mg * R);   // low[i, r] = gate_i * x_{rows[i]} . a_r
-  at::parallel_for(0, R, 16, [&](int64_t rb, int64_t re) {
-    for (int64_t r = rb; r < re; ++r)
-      for (int64_t i = 0; i < Mg; ++i) low[i * R + r] = row_gate[i] * dot8(xp + rows[i] * K, ap + r * K, K);
-  });
-  float* yp = y.data_ptr<float>();
-  at::parallel_for(0, N, 64, [&](int64_t nb, int64_t ne) {
-    for (int64_t n = nb; n < ne; ++n) {
-      const int64_t j = member_of[n], r = bs[j].size(1);
-      if (r == 0) continue;
-      const float* bp = bs[j].data_ptr<float>() + (n - member_off[j]) * r;
-      const float s = static_cast<float>(lora_scales[j]);
-      for (int64_t i = 0; i < Mg; ++i) yp[rows[i] * N + n] += s * dot8(low.data() + i * R + member_r0[j], bp, r);
+  TORCH_CHECK(o == N && rr == R, "fused_linear: the LoRA members cover ", o, " of ", N, " outputs, ", rr, " of ", R,
+              " ranks");
+  std::vector<float> low(Mg * R);
+  const LoraArgs args{x2.data_ptr<float>(), K, rows.data(), row_gate.data(), Mg, at_.data_ptr<float>(), R,
+                      low.data(), &bt, &r_of, &off, &r0, lora_scales.data(), y.data_ptr<float>(), N};
+  auto low_fn = lora_low_default;
+  auto out_fn = lora_out_default;
+#ifdef DLM_X86
+  if (path == 2) low_fn = lora_low_avx512, out_fn = lora_out_avx512;
+  if (path == 1) low_fn = lora_low_avx2, out_fn = lora_out_avx2;
+#endif
+  at::parallel_for(0, R, 32, [&](int64_t rb, int64_t re) { low_fn(args, rb, re); });
+  const int64_t members = static_cast<int64_t>(off.size()), chunk = 256;
+  std::vector<std::pair<int64_t, int64_t>> tasks;   // (member, first output of a chunk)
+  for (int64_t j = 0; j < members; ++j)
+    for (int64_t n = 0; r_of[j] && n < (j + 1 < members ? off[j + 1] : N) - off[j]; n += chunk) tasks.emplace_back(j, n);
+  at::parallel_for(0, static_cast<int64_t>(tasks.size()), 1, [&](int64_t tb, int64_t te) {
+    for (int64_t t = tb; t < te; ++t) {
+      const int64_t j = tasks[t].first, width = (j + 1 < members ? off[j + 1] : N) - off[j];
+      out_fn(args, j, tasks[t].second, std::min(width, tasks[t].second + chunk));
     }
   });
   return y;
