@@ -32,6 +32,7 @@ import torch
 FAMILIES = ("llama", "qwen2")
 MEMBERS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 _NO_BIAS = torch.empty(0)
+NO_ADAPTER = ((), (), (), (), [], None)
 
 
 def enabled() -> bool:
@@ -85,23 +86,50 @@ class _Layer:
         self.n_kv = packed[1].out_features // attn.head_dim
         self.routing = routing
         self._lora_cache: dict = {}
+        present = [m for m in self.lora.values() if m is not None]
+        self._first, self._last = (present[0], present[-1]) if present else (None, None)
 
     def adapter(self) -> Optional[tuple]:
         """(lora lists for q|k|v, o, gate|up, down, their scales, the gated adapter's name or None) for the adapter
-        active now; ((), (), (), (), [], None) without one; None when transformers' forward must run."""
-        lora = [m for m in self.lora.values() if m is not None]
-        if not lora:
-            return (), (), (), (), [], None
-        first = lora[0]
-        if any(m.merged or m.training for m in lora):
+        active now; NO_ADAPTER without one; None when transformers' forward must run.
+
+        Called for every layer of every forward, so it reads the state peft sets for a whole model at once
+        (set_adapter, enable / disable, merge, train / eval) from the layer's first LoRA member only, and rebuilds
+        the stacked matrices when the first or the last member's A or B has changed (an optimizer step or a
+        load_state_dict changes every one of them)."""
+        first = self._first
+        if first is None:
+            return NO_ADAPTER
+        if first.training or first.merged:
             return None
         if first.disable_adapters:
-            return (), (), (), (), [], None
+            return NO_ADAPTER
         name = first._active_adapter
         if isinstance(name, (list, tuple)):
             if len(name) != 1:
                 return None
             name = name[0]
+        probe = self._probe(name)
+        cached = self._lora_cache.get(name)
+        if cached is None or cached[0] != probe:
+            cached = self._lora_cache[name] = (probe, self._build(name))
+        if cached[1] is None:
+            return None
+        return (*cached[1], name if self.routing is not None and name == self.routing.gated else None)
+
+    def _probe(self, name: str) -> tuple:
+        out = []
+        for m in (self._first, self._last):
+            if name in m.lora_A:
+                a, b = m.lora_A[name].weight, m.lora_B[name].weight
+                out += [id(a), a._version, id(b), b._version]
+            else:
+                out.append(None)
+        return tuple(out)
+
+    def _build(self, name: str) -> Optional[tuple]:
+        """The stacked matrices of adapter `name`, or None when a member needs peft's forward (DoRA and other
+        variants, a bias on B, another dtype)."""
         members = []
         for m in self.lora.values():
             if m is None or name not in m.lora_A:
@@ -110,13 +138,8 @@ class _Layer:
             a, b = m.lora_A[name], m.lora_B[name]
             if name in m.lora_variant or b.bias is not None or a.weight.dtype != torch.float32:
                 return None
-            members.append((m.lora_A[name].weight, m.lora_B[name].weight, float(m.scaling[name])))
-        key = (name, tuple((id(x[0]), x[0]._version, id(x[1]), x[1]._version) if x else None for x in members))
-        cached = self._lora_cache.get(name)
-        if cached is None or cached[0] != key:
-            cached = self._lora_cache[name] = (key, self._stack(members))
-        gated = name if self.routing is not None and name == self.routing.gated else None
-        return (*cached[1], gated)
+            members.append((a.weight, b.weight, float(m.scaling[name])))
+        return self._stack(members)
 
     def _stack(self, members: list) -> tuple:
         """Per group: [A stacked, B_0, B_1, ...] (a member without the adapter: a rank-0 B) and the scales."""
