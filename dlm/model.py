@@ -418,6 +418,11 @@ class DiffusionLM(nn.Module):
         """Write the model so that `dlm.load(directory)` restores it exactly, atomically: safetensors weights (or,
         for a peft-wrapped base, only the adapter plus a dlm config naming `base_model`, default the model's own
         source), the tokenizer, `dlm_config.json` and the recommended `sampler_config.json`."""
+        from .packed_linear import model_format
+        packed = None if hasattr(self.base, "peft_config") else model_format(self.base)
+        if packed:   # transformers would write qweight / scales that a load reads back as random weights
+            raise ValueError(f"save_pretrained: the weights are packed ({packed}, a CPU runtime format that loading "
+                             "does not read back); load the model with quantization=None to save it")
         cfg = DLMConfig(**self.config.__dict__)
         options = {}
         if hasattr(self.base, "peft_config"):

@@ -237,6 +237,15 @@ def test_auto_packs_int4_only_where_it_is_exact(kernel, tiny_llama_dir, tmp_path
     assert ((out - ref).norm() / ref.norm()).item() < 1e-5   # the same weights: only the sums' order differs
 
 
+def test_saving_a_packed_model_says_how_instead_of_writing_what_loads_as_random(kernel, tiny_llama_dir, tmp_path):
+    packed = dlm.load(tiny_llama_dir, device="cpu", quantization="int4")
+    with pytest.raises(ValueError, match="quantization=None"):
+        packed.save_pretrained(tmp_path / "packed")
+    assert not (tmp_path / "packed").exists()
+    dlm.load(tiny_llama_dir, device="cpu", quantization=None).save_pretrained(tmp_path / "fp32")   # the way out
+    assert (tmp_path / "fp32" / "model.safetensors").is_file()
+
+
 def test_bad_combinations_name_themselves():
     with pytest.raises(LoadError, match="packed CPU format"):
         quantization_config("int4", torch.float32, torch.device("cuda"))
