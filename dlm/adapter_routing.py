@@ -155,6 +155,21 @@ def install_inference_forward(base, routing: Optional[AdapterRouting] = None) ->
     return n
 
 
+def single_active_adapter(layer) -> Optional[str]:
+    """The name of a peft LoRA layer's active adapter, or None when several are active."""
+    name = layer._active_adapter
+    if isinstance(name, (list, tuple)):
+        return name[0] if len(name) == 1 else None
+    return name
+
+
+def plain_lora(layer, name: str, dtype: torch.dtype) -> bool:
+    """Whether adapter `name` of a peft LoRA layer is the plain `scaling * B(A x)` in `dtype` that the lean
+    inference forwards compute (no DoRA or other variant, no bias on B)."""
+    return (name not in layer.lora_variant and layer.lora_B[name].bias is None
+            and layer.lora_A[name].weight.dtype == dtype)
+
+
 def _lean_forward(layer, routing: Optional[AdapterRouting]):
     from .packed_linear import PackedLinear
     peft_forward = type(layer).forward
@@ -164,15 +179,13 @@ def _lean_forward(layer, routing: Optional[AdapterRouting]):
             return peft_forward(layer, x, *args, **kwargs)
         if layer.disable_adapters:
             return layer.base_layer(x)
-        name = layer._active_adapter
-        if isinstance(name, (list, tuple)):
-            if len(name) != 1:
-                return peft_forward(layer, x)
-            name = name[0]
+        name = single_active_adapter(layer)
+        if name is None:
+            return peft_forward(layer, x)
         if name not in layer.lora_A:
             return layer.base_layer(x)
         a, b = layer.lora_A[name].weight, layer.lora_B[name].weight
-        if a.dtype != x.dtype or name in layer.lora_variant or layer.lora_B[name].bias is not None:
+        if not plain_lora(layer, name, x.dtype):
             return peft_forward(layer, x)
         gate = routing.row_gate(x) if routing is not None and name == routing.gated else None   # [rows] or None
         base_layer = layer.base_layer

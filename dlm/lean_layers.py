@@ -30,6 +30,8 @@ from typing import Optional
 
 import torch
 
+from .adapter_routing import plain_lora, single_active_adapter
+
 FAMILIES = ("llama", "qwen2")
 MEMBERS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 _NO_BIAS = torch.empty(0)
@@ -83,6 +85,8 @@ class _Layer:
         self.o = (packed[3].qweight, packed[3].scales, packed[3].bias if packed[3].bias is not None else _NO_BIAS)
         self.gate_up = _fused_buffers(packed[4:6])
         self.down = (packed[6].qweight, packed[6].scales, packed[6].bias if packed[6].bias is not None else _NO_BIAS)
+        # lean_mlp_out's weight arguments: [o, gate|up, down] qweights, scales, biases
+        self.out_lists = tuple([g[i] for g in (self.o, self.gate_up, self.down)] for i in range(3))
         self.n_heads = packed[0].out_features // attn.head_dim
         self.n_kv = packed[1].out_features // attn.head_dim
         self.routing = routing
@@ -105,11 +109,9 @@ class _Layer:
             return None
         if first.disable_adapters:
             return NO_ADAPTER
-        name = first._active_adapter
-        if isinstance(name, (list, tuple)):
-            if len(name) != 1:
-                return None
-            name = name[0]
+        name = single_active_adapter(first)
+        if name is None:
+            return None
         probe = self._probe(name)
         cached = self._lora_cache.get(name)
         if cached is None or cached[0] != probe:
@@ -136,10 +138,9 @@ class _Layer:
             if m is None or name not in m.lora_A:
                 members.append(None)
                 continue
-            a, b = m.lora_A[name], m.lora_B[name]
-            if name in m.lora_variant or b.bias is not None or a.weight.dtype != torch.float32:
+            if not plain_lora(m, name, torch.float32):
                 return None
-            members.append((a.weight, b.weight, float(m.scaling[name])))
+            members.append((m.lora_A[name].weight, m.lora_B[name].weight, float(m.scaling[name])))
         return self._stack(members)
 
     def _stack(self, members: list) -> tuple:
@@ -202,10 +203,8 @@ class _LeanForward:
         out, _ = interface(attn, q, k, v, attention_mask, dropout=0.0, scaling=attn.scaling, **self.extra, **kw)
         out = out.reshape(*x.shape[:-1], -1).contiguous()
         rest = l_scales[3:] if l_qkv else l_scales
-        return self.mlp_out(out, x, [spec.o[0], spec.gate_up[0], spec.down[0]],
-                            [spec.o[1], spec.gate_up[1], spec.down[1]], [spec.o[2], spec.gate_up[2], spec.down[2]],
-                            spec.bits, spec.group, self.path, l_o, l_gu, l_down, rest, gate, self.norm2.weight,
-                            self.norm2.variance_epsilon)
+        return self.mlp_out(out, x, *spec.out_lists, spec.bits, spec.group, self.path, l_o, l_gu, l_down, rest, gate,
+                            self.norm2.weight, self.norm2.variance_epsilon)
 
 
 def decoder_layers(base) -> list:
