@@ -199,29 +199,46 @@ def bidirectional(config) -> Iterator[None]:
 
 # ----- grouped-query attention for a few masked query rows, without copying the cache -------------------------------
 PACKED_SDPA = "dlm_packed_sdpa"   # the attention implementation name a model selects (transformers' registry)
-PACK_MAX_ROWS = 32                # decoding steps only (a block, its drafts): training and prefill keep sdpa's path
 
 
 def packed_gqa_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, is_causal=None,
                     **kwargs):
-    """transformers' "sdpa" attention, except for a few masked query rows of a grouped-query model in inference.
+    """transformers' "sdpa" attention, except in inference, where every call (a 1-row step, a block, a prompt's
+    prefill) takes one path whose rows do not depend on each other:
 
-    There transformers repeats the cached keys and values for every query head (`repeat_kv`: 60 copies per
-    SmolLM2 forward, ~4.7 ms of a ~45 ms 2-row step on a 2-core CPU). For one query row it already avoids that by
-    folding the heads of a group into query rows (`pack_gqa`); this does the same for several rows: head h =
-    group g * n_rep + r becomes rows r * q .. r * q + q - 1 of kv head g, and the mask (shared by the heads) is
-    repeated along rows. Same attention, no copy of the cache. Every other call goes to transformers' function."""
+    - fp32 on a CPU (where the packed kernel is built): `packed_linear.row_attention`, each row's softmax over its
+      own allowed keys in a fixed order, so a position's output is the same bits whether its row came alone, with
+      other rows, or beside keys its mask hides. Exact speculative decoding compares an AR step with a verify
+      forward, and the packed kernel's int8 rows turn any last-bit difference into a rounding step that grows;
+      torch's SDPA blocks its GEMMs by the call's shape.
+    - elsewhere, for grouped-query heads: transformers repeats the cached keys and values for every query head
+      (`repeat_kv`: 60 copies per SmolLM2 forward). This folds the heads of a group into query rows instead: head
+      h = group g * n_rep + r becomes rows r * q .. r * q + q - 1 of kv head g, the head-shared mask repeated along
+      rows (a single row without a mask takes none). Same attention, no copy of the cache.
+
+    Training, other masks (float, per head) and other arguments go to transformers' function."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from .packed_linear import row_attention
     groups = getattr(module, "num_key_value_groups", 1)
     B, H, q, D = query.shape
-    if not (groups > 1 and 1 < q <= PACK_MAX_ROWS and not torch.is_grad_enabled() and attention_mask is not None
-            and attention_mask.dim() == 4 and attention_mask.shape[1] == 1 and kwargs.get("position_bias") is None
-            and kwargs.get("softcap") is None and not kwargs.get("output_attentions", False)):
+    plain = (not torch.is_grad_enabled() and kwargs.get("position_bias") is None and kwargs.get("softcap") is None
+             and not kwargs.get("output_attentions", False) and (dropout == 0.0 or not module.training))
+    m = attention_mask
+    if plain and (m is None or m.dtype == torch.bool and m.dim() == 4 and m.shape[1] == 1) and \
+            query.device.type == "cpu" and query.dtype == key.dtype == value.dtype == torch.float32:
+        causal = getattr(module, "is_causal", True) if is_causal is None else is_causal   # transformers' rule
+        if m is None and q > 1 and not causal:
+            m = torch.ones(1, 1, q, key.shape[2], dtype=torch.bool)
+        out = row_attention(query, key, value, m, D ** -0.5 if scaling is None else scaling)
+        if out is not None:
+            return out, None
+    if not (groups > 1 and plain and (m is None and q == 1 or m is not None and m.dim() == 4 and m.shape[1] == 1)):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
     rows = query.reshape(B, H // groups, groups * q, D)
-    m = attention_mask
-    m = m.unsqueeze(2).expand(-1, -1, groups, -1, -1).reshape(m.shape[0], 1, groups * q, m.shape[-1])
+    if m is not None:
+        m = m.unsqueeze(2).expand(-1, -1, groups, -1, -1).reshape(m.shape[0], 1, groups * q, m.shape[-1])
     out = torch.nn.functional.scaled_dot_product_attention(rows, key, value, attn_mask=m, dropout_p=dropout,
                                                            scale=scaling)
     return out.reshape(out.shape[0], H, q, D).transpose(1, 2).contiguous(), None

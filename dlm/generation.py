@@ -274,15 +274,15 @@ def ar_stream(model, prompt: Optional[Prompt] = None, config: Optional[SamplerCo
     top-k / top-p, the mask token suppressed, EOS too with suppress_eos); stops at EOS. `.seconds` counts model
     calls only. Same arguments as `ar_generate`.
     """
-    from transformers import DynamicCache, LogitsProcessorList, SuppressTokensLogitsProcessor
+    from transformers import DynamicCache
     cfg = resolve_config(model, config, **overrides)
     ar = model if ar_model is None else ar_model
     ids, prompt_text = encode_prompt(ar, prompt, messages)
     check_length(ar, len(ids), cfg.max_new_tokens)
     device = torch.device(ar.device)
     eos = [int(e) for e in ar.eos_token_ids or []]
-    suppress = LogitsProcessorList([SuppressTokensLogitsProcessor(
-        [int(ar.mask_token_id)] + (eos if cfg.suppress_eos else []), device=device)])
+    # what transformers' SuppressTokensLogitsProcessor does, without its isin over the vocabulary each step
+    suppressed = torch.tensor([int(ar.mask_token_id)] + (eos if cfg.suppress_eos else []), device=device)
     generator = make_generator(ar, cfg.seed)
     cache, seconds, tokens, new = DynamicCache(config=ar.base.config), 0.0, list(ids), []
     feed = torch.tensor([ids], device=device)
@@ -290,7 +290,7 @@ def ar_stream(model, prompt: Optional[Prompt] = None, config: Optional[SamplerCo
         t0 = time.perf_counter()
         with torch.inference_mode(), route(ar, "ar"):   # a DLM's AR side: without a draft adapter
             logits = ar.base(input_ids=feed, cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1].float()
-            logits = suppress(None, logits)
+            logits.index_fill_(-1, suppressed, -float("inf"))
             token = int(sample_tokens(logits, **sampling_settings(cfg), generator=generator)[0])
             p = float(logits.softmax(-1)[0, token])
         if device.type == "cuda":

@@ -31,6 +31,7 @@ from typing import Optional
 import torch
 
 from .adapter_routing import plain_lora, single_active_adapter
+from .packed_linear import TILE
 
 FAMILIES = ("llama", "qwen2")
 MEMBERS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -244,4 +245,5 @@ def _eligible(layer) -> bool:
     if any(s is None for s in split):
         return False
     formats = {(s[0].bits, s[0].group) for s in split}
-    return len(formats) == 1 and split[0][0].out_features % attn.head_dim == 0
+    stacked_whole = all(split[i][0].out_features % TILE == 0 for i in (0, 1, 4))   # q, k, gate: whole weight tiles
+    return len(formats) == 1 and split[0][0].out_features % attn.head_dim == 0 and stacked_whole

@@ -3,7 +3,7 @@ the app's launcher, the benchmarks) and widgets list them without importing torc
 
 QUANTIZATIONS = ("auto", "none", "8bit", "4bit", "int8", "int4")   # auto: int4 where it is exact (see dlm.load);
 # bitsandbytes LLM.int8 / NF4; dlm's packed CPU formats
-PACKED_QUANTIZATIONS = ("int8", "int4")   # dlm.packed_linear: weight-only, fp32 activations, CPU (GGUF Q8_0 / Q4_1)
+PACKED_QUANTIZATIONS = ("int8", "int4")   # dlm.packed_linear: CPU, GGUF Q8_0 / Q4_1 weights, int8 rows in the kernel
 ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "eager", "flash_attention_2")    # flash_attention_2 falls back to sdpa
 
 

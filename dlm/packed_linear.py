@@ -12,15 +12,25 @@ output head included (a decoding step reads it for the rows it decides; the inpu
         SmolLM2's weights, and its rounding moves every logit.
 
 The default model *is* a Q4_1 GGUF (int4 linears, Q8_0 embedding / head), dequantized to fp32 on load: packing it as
-int4 gives back exactly the GGUF's weights (same blocks, scales and minima), so int4 there costs no quality at all
-against fp32; int8 re-rounds those weights onto a finer grid (a small error). For other models both are lossy.
+int4 gives back exactly the GGUF's weights (same blocks, scales and minima), so its weights cost no quality against
+fp32 (the activations' rounding, below, is what remains); int8 re-rounds those weights onto a finer grid. For other
+models both formats' weights are lossy.
 
-Activations stay fp32: `y = x @ dequant(W)^T + b` up to the order of the fp32 sums. The matmul is
+The activations are quantized too, as llama.cpp does for these formats: each row per block of 32 as int8 with one
+fp32 scale (`quantize_activations`), so a block's 32 products are integer multiply-adds (AVX-512 VNNI's vpdpbusd, 64
+per instruction; AVX2's vpmaddubsw) and one fp32 FMA: `y = x^ @ dequant(W)^T + b` with x^ the quantized rows
+(`reference_matmul`). With fp32 activations the kernel was compute-bound at 2.6x its memory floor for one row and
+5-8x for 4-8 rows on a 2-core Xeon; quantizing moves each activation by at most half its block's step (max|x| / 254)
+and SmolLM2's logits by ~3% (top-1 unchanged; docs/method.md). The weights are stored tile-major (16 output rows
+interleaved, `tile`), so a vector's lanes are 16 outputs and no block needs a horizontal sum. The matmul is
 `dlm/csrc/packed_rows.cpp` (compiled on first use like `dlm.cpu_kernel`): portable C++, AVX2 + FMA + F16C and
-AVX-512 paths, picked by torch's CPU capability (so `ATEN_CPU_CAPABILITY=default / avx2` selects them as it does
-torch's own). Every row of a call shares one unpacking of each weight block; up to `MAX_KERNEL_ROWS` rows go to the
-kernel, more (a long prefill) to torch's matmul on the dequantized weights, as does anything needing gradients
-(a LoRA trained on a packed base) and every call where the kernel cannot be built (no compiler: slow but right).
+AVX-512 VNNI paths, picked by torch's CPU capability (so `ATEN_CPU_CAPABILITY=default / avx2` selects them as it
+does torch's own); every path does the same fp32 operations on exact integer block sums, so they agree bit for bit.
+Every row goes to the kernel, a long prefill's too: a row's result never depends on how many rows share the call,
+so a prompt's keys are what 1-row steps would compute (exact speculative decoding compares the two; with int8 rows a
+last-bit difference upstream can round an activation to the next step). Anything needing gradients (a LoRA trained
+on a packed base) runs `F.linear` on the dequantized weight with fp32 activations, as does every call where the
+kernel cannot be built (no compiler: slow but right).
 
 torch's own `_weight_int8pack_mm` / `_weight_int4pack_mm_for_cpu` exist in torch 2.13 but took 17-40x their
 memory floor with fp32 activations on SmolLM2's shapes (2-core Xeon); `python -m bench.linear_kernels` times them.
@@ -42,18 +52,45 @@ from torch import nn
 FORMATS = ("int8", "int4")
 BITS = {"int8": 8, "int4": 4}
 BLOCK = 32                  # weights per packed block; a group (one scale) is a multiple of it
+TILE = 16                   # weight rows interleaved in the kernel's layout (csrc/packed_rows.cpp: kTile)
 DEFAULT_GROUP = 32          # GGUF's Q8_0 / Q4_1 block: packing the default model's GGUF weights is exact
-MAX_KERNEL_ROWS = 32        # more rows than this: torch's matmul on the dequantized weights (compute-bound there;
-                            # the constant kMaxKernelRows in csrc/packed_rows.cpp)
 PATHS = {"default": 0, "avx2": 1, "avx512": 2}
 SOURCE = Path(__file__).with_name("csrc") / "packed_rows.cpp"
 
 
 # ----- formats ------------------------------------------------------------------------------------------------------
+def _tile_permute(buf: torch.Tensor, units: int, inverse: bool = False) -> torch.Tensor:
+    """Row-major [N, L] <-> tile-major: within each tile of TILE rows (the last may be narrower), the [rows, L / units,
+    units] block transposed to [L / units, rows, units] (same bytes, same shape; slicing or concatenating whole tiles
+    along N keeps the format)."""
+    n, length = buf.shape
+    full = n // TILE * TILE
+    out = torch.empty_like(buf)
+    for start, stop, width in ((0, full, TILE), (full, n, n - full)):
+        if stop > start:
+            shape = (-1, length // units, width, units) if inverse else (-1, width, length // units, units)
+            out[start:stop] = buf[start:stop].reshape(shape).transpose(1, 2).reshape(stop - start, length)
+    return out
+
+
+def tile(qweight: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row-major packed buffers -> the kernel's tile-major ones (csrc/packed_rows.cpp's header: per tile of 16 rows,
+    weights [block][chunk of 4 bytes][row], scales [group][(d, m)][row])."""
+    return _tile_permute(qweight, 4), _tile_permute(scales.reshape(scales.shape[0], -1), 1).reshape(scales.shape)
+
+
+def untile(qweight: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The inverse of `tile`."""
+    return (_tile_permute(qweight, 4, inverse=True),
+            _tile_permute(scales.reshape(scales.shape[0], -1), 1, inverse=True).reshape(scales.shape))
+
+
 def quantize(weight: torch.Tensor, bits: int, group: int = DEFAULT_GROUP) -> tuple[torch.Tensor, torch.Tensor]:
     """Pack an fp weight [N, K] (K a multiple of `group`, `group` of 32): int8 -> (int8 [N, K], fp16 scales
-    [N, K / group]); int4 -> (uint8 [N, K / 2], fp16 [N, K / group, 2] = scale, minimum). Round to nearest with the
-    fp16-rounded scales, so `dequantize` gives each weight within half a step of its input."""
+    [N, K / group]); int4 -> (uint8 [N, K / 2], fp16 [N, K / group, 2] = scale, minimum), both tile-major (`tile`).
+    Round to nearest with the fp16-rounded scales, so `dequantize` gives each weight within half a step of its
+    input. Row-major, int8 is GGUF's Q8_0 block and int4 its Q4_1 (byte j of a block: weight j in the low nibble,
+    j + 16 in the high one)."""
     if bits not in (8, 4):
         raise ValueError(f"bits must be 8 or 4, got {bits}")
     if group % BLOCK or group <= 0:
@@ -68,7 +105,7 @@ def quantize(weight: torch.Tensor, bits: int, group: int = DEFAULT_GROUP) -> tup
         df = d.float()
         inv = torch.where(df > 0, 1.0 / df, torch.zeros_like(df))
         q = torch.round(wg * inv[..., None]).clamp_(-127, 127).to(torch.int8)
-        return q.reshape(n, k).contiguous(), d.contiguous()
+        return tile(q.reshape(n, k).contiguous(), d.contiguous())
     lo, hi = wg.amin(-1), wg.amax(-1)
     m = lo.to(torch.float16)
     d = ((hi - lo) / 15).to(torch.float16)
@@ -77,11 +114,12 @@ def quantize(weight: torch.Tensor, bits: int, group: int = DEFAULT_GROUP) -> tup
     q = torch.round((wg - mf[..., None]) * inv[..., None]).clamp_(0, 15).to(torch.uint8)
     q = q.reshape(n, k // BLOCK, BLOCK)
     packed = (q[..., :16] | (q[..., 16:] << 4)).reshape(n, k // 2)
-    return packed.contiguous(), torch.stack([d, m], -1).contiguous()
+    return tile(packed.contiguous(), torch.stack([d, m], -1).contiguous())
 
 
 def dequantize(qweight: torch.Tensor, scales: torch.Tensor, bits: int, group: int = DEFAULT_GROUP) -> torch.Tensor:
-    """The fp32 weight [N, K] a packed weight stands for (the reference the kernel is tested against)."""
+    """The fp32 weight [N, K] a packed (tile-major) weight stands for."""
+    qweight, scales = untile(qweight, scales)
     n = qweight.shape[0]
     if bits == 8:
         k = qweight.shape[1]
@@ -91,6 +129,26 @@ def dequantize(qweight: torch.Tensor, scales: torch.Tensor, bits: int, group: in
     q = torch.cat([b & 15, b >> 4], -1).float().reshape(n, k // group, group)
     s = scales.float()
     return (q * s[..., 0, None] + s[..., 1, None]).reshape(n, k)
+
+
+def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kernel's activations: each row of x [..., K] per block of 32 as int8 q (-127..127) and an fp32 scale d =
+    max|x| / 127, q = round(x / d) (x * (1 / d), ties to even): (q [..., K] int8, d [..., K / 32])."""
+    xb = x.detach().to(torch.float32).reshape(*x.shape[:-1], x.shape[-1] // BLOCK, BLOCK)
+    d = xb.abs().amax(-1) / 127
+    inv = torch.where(d > 0, 1.0 / d, torch.zeros_like(d))
+    q = torch.round(xb * inv[..., None]).clamp_(-127, 127)
+    return q.to(torch.int8).reshape(x.shape), d
+
+
+def reference_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias: Optional[torch.Tensor],
+                     bits: int, group: int = DEFAULT_GROUP) -> torch.Tensor:
+    """What the kernel computes, in float64: x^ @ dequant(W)^T + bias, x^ = q * d the quantized activations
+    (`quantize_activations`). The kernel rounds once per block term (tests/test_packed_linear.py bounds it)."""
+    q, d = quantize_activations(x)
+    xh = (q.double().reshape(*d.shape, BLOCK) * d.double()[..., None]).reshape(x.shape)
+    y = xh @ dequantize(qweight, scales, bits, group).double().T
+    return y if bias is None else y + bias.double()
 
 
 def packed_bytes(bits: int, n: int, k: int, group: int = DEFAULT_GROUP) -> int:
@@ -145,8 +203,8 @@ def kernel_path() -> str:
     from .cpu_kernel import cpu_flags
     cap = torch.backends.cpu.get_cpu_capability()
     flags = cpu_flags()
-    if cap == "AVX512" and {"avx512f", "avx512bw", "avx512vl", "f16c", "fma"} <= flags:
-        return "avx512"
+    if cap == "AVX512" and {"avx512f", "avx512bw", "avx512vl", "avx512_vnni", "f16c", "fma"} <= flags:
+        return "avx512"   # VNNI's vpdpbusd; AVX-512 CPUs without it (Skylake-X) take the AVX2 path
     if cap in ("AVX2", "AVX512") and {"avx2", "fma", "f16c"} <= flags:
         return "avx2"
     return "default"
@@ -159,8 +217,8 @@ def _path_code() -> int:
 
 def packed_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias: Optional[torch.Tensor],
                   bits: int, group: int = DEFAULT_GROUP, path: Optional[str] = None) -> torch.Tensor:
-    """x [..., K] @ dequant(W)^T + bias on the kernel (fp32 CPU x, no autograd); `path` forces a SIMD path. More
-    than MAX_KERNEL_ROWS rows: torch's linear on the weight the kernel dequantizes."""
+    """x^ @ dequant(W)^T + bias on the kernel (fp32 CPU x, quantized per row and block of 32 inside; no autograd);
+    `path` forces a SIMD path. `reference_matmul` is the same product in float64."""
     reason = _build()
     if reason is not None:
         raise RuntimeError(f"the packed kernel is unavailable: {reason}")
@@ -181,12 +239,23 @@ def _fast() -> tuple:
     return _FAST
 
 
+def row_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor], scale: float
+                  ) -> Optional[torch.Tensor]:
+    """Attention whose every row depends only on its own query and allowed keys (csrc/packed_rows.cpp): q [B, H, Q,
+    D], k / v [B, Hkv, K, D] fp32 CPU, mask bool [B or 1, 1, Q, K] (True = may attend) or None (causal, the rows
+    the last Q positions) -> [B, Q, H, D]; None where the kernel does not run here."""
+    fast = _FAST if _FAST is not None else _fast()
+    if not fast:
+        return None
+    return torch.ops.dlm_packed.row_attention.default(q, k, v, mask, float(scale), fast[1])
+
+
 # ----- the module ---------------------------------------------------------------------------------------------------
 class PackedLinear(nn.Module):
     """A linear layer with packed int8 / int4 weights (buffers `qweight`, `scales`; `bias` fp32 when the layer has
-    one). Inference calls of up to MAX_KERNEL_ROWS fp32 rows run the packed kernel; anything else torch's linear on
-    the dequantized weights (autograd flows to the input, so a LoRA on top trains). Under a peft LoRA layer it is
-    the `base_layer` (peft finds its device in `qweight`)."""
+    one). Inference calls on fp32 rows run the packed kernel (`packed_matmul`); anything else torch's linear on the
+    dequantized weights with fp32 activations (autograd flows to the input, so a LoRA on top trains). Under a peft
+    LoRA layer it is the `base_layer` (peft finds its device in `qweight`)."""
 
     def __init__(self, in_features: int, out_features: int, bits: int, group: int = DEFAULT_GROUP,
                  bias: bool = False):

@@ -261,22 +261,25 @@ def test_sibling_noisy_block_equals_its_uncached_definition(family_dlm, impl):
 
 def test_packed_gqa_attention_equals_transformers_sdpa(tiny_llama_dir, monkeypatch):
     """A few masked query rows of a grouped-query model (the tiny LLaMA: 4 heads, 2 kv heads) attend through the
-    packed path (heads of a group folded into rows, no repeated cache) with the same result as transformers'
-    repeat_kv path. dlm.load selects it per model under its own name: transformers' "sdpa" stays its own function,
+    packed path with the same result as transformers' repeat_kv path: on a CPU the row-wise op
+    (`packed_linear.row_attention`), else (no kernel, a GPU) SDPA with the heads of a group folded into rows (no
+    repeated cache). dlm.load selects it per model under its own name: transformers' "sdpa" stays its own function,
     other models keep it, and training (grad on) falls through to it."""
     from transformers import AttentionInterface
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     from dlm import attention
+    from dlm import packed_linear as pl
     m = dlm.load(tiny_llama_dir, device="cpu", dtype="float32")
     assert m.base.config._attn_implementation == attention.PACKED_SDPA
     assert AttentionInterface._global_mapping["sdpa"] is sdpa_attention_forward      # nothing global replaced
     other = dlm.load(tiny_llama_dir, device="cpu", dtype="float32", attn_implementation="eager")
     assert other.base.config._attn_implementation == "eager"                         # only sdpa models switch
-    shapes = []
-    real = torch.nn.functional.scaled_dot_product_attention
+    shapes, row_calls = [], []
+    real, real_rows = torch.nn.functional.scaled_dot_product_attention, pl.row_attention
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
                         lambda q, *a, **k: shapes.append(tuple(q.shape)) or real(q, *a, **k))
+    monkeypatch.setattr(pl, "row_attention", lambda q, *a: row_calls.append(tuple(q.shape)) or real_rows(q, *a))
     prompt = torch.tensor([m.tokenizer("Once upon a time there", add_special_tokens=False)["input_ids"]])
 
     def step(rows: int):
@@ -287,15 +290,22 @@ def test_packed_gqa_attention_equals_transformers_sdpa(tiny_llama_dir, monkeypat
 
     for rows in (1, 3):
         m.base.set_attn_implementation(attention.PACKED_SDPA)
-        shapes.clear()
-        packed = step(rows)
+        shapes.clear(), row_calls.clear()
+        by_rows = step(rows)
+        if pl.available():
+            assert (1, 4, rows + 2, 16) in row_calls and not shapes             # the row-wise op, no SDPA
+        with monkeypatch.context() as without_kernel:
+            without_kernel.setattr(pl, "row_attention", lambda *a: None)
+            shapes.clear()
+            folded = step(rows)
         assert (1, 2, 2 * (rows + 2), 16) in shapes                   # [B, kv heads, groups x rows, head dim]
         m.base.set_attn_implementation("sdpa")
         shapes.clear()
         plain = step(rows)
         assert (1, 4, rows + 2, 16) in shapes and not any(s[1] == 2 for s in shapes)
-        for a, b in zip(packed, plain):
-            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        for packed in (by_rows, folded):
+            for a, b in zip(packed, plain):
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     # training (grad on) keeps transformers' path
     m.base.set_attn_implementation(attention.PACKED_SDPA)
     shapes.clear()

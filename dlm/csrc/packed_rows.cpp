@@ -1,18 +1,33 @@
-// y = x @ dequant(W)^T + b for a few rows of x (fp32 activations) with weight-only packed int8 / int4 weights.
+// y = x @ dequant(W)^T + b for a few rows of x with weight-only packed int8 / int4 weights and int8 activations.
 //
-// Why: a decoding step on a CPU is memory-bound: every weight is read once per forward, so its time is the weight
-// bytes over the memory bandwidth. Packed weights read 8.5 (int8) or 5 (int4) bits per weight instead of 32, and
-// every weight block is unpacked once, in registers, for all (<= 4 per tile, any number per call) rows of x.
-// torch's own `_weight_int8pack_mm` / `_weight_int4pack_mm_for_cpu` take 17-40x their memory floor with fp32
-// activations on SmolLM2's shapes (bench/linear_kernels.py), so this file does it.
+// Why: a decoding step on a CPU is memory-bound only if the arithmetic keeps up. Packed weights read 8.5 (int8) or
+// 5 (int4) bits per weight instead of 32, but unpacking each weight to fp32 and multiplying in fp32 made the step
+// compute-bound on a 2-core CPU (2.6x its memory floor at 1 row, 5-8x at 4-8 rows). As llama.cpp does, the
+// activations are quantized too (per row and block of 32: int8 and one fp32 scale, GGUF's Q8_0), and each block's
+// dot products are integer multiply-adds: 64 of them per instruction with AVX-512 VNNI (vpdpbusd), 32 with AVX2
+// (vpmaddubsw). The weights of 16 output rows are interleaved (a tile), so a vector's lanes are 16 (8) outputs and
+// each block needs no horizontal sum: one int -> float conversion and one FMA per block, row and tile.
 //
-// Formats (both: blocks of 32 weights along K, one fp16 scale per group of `group` = 32 * j weights):
-//   int8: qweight int8 [N, K]; scales fp16 [N, K / group]; w = q * d                       (GGUF Q8_0 for group 32)
-//   int4: qweight uint8 [N, K / 2], byte j of block b holds q[32b + j] (low nibble) and q[32b + 16 + j] (high);
-//         scales fp16 [N, K / group, 2] = (d, m); w = q * d + m, q in 0..15                 (GGUF Q4_1 for group 32)
-// Paths: 0 = portable C++ (any CPU), 1 = AVX2 + FMA + F16C, 2 = AVX-512 (F, BW, VL); the caller picks (dlm/packed_linear.py:
-// torch's CPU capability, so ATEN_CPU_CAPABILITY=default / avx2 selects them as it does for torch's kernels).
-// Each output is one fixed-order sum per path whatever the number of rows, so a row does not depend on its batch-mates.
+// What it computes, exactly (the Python reference is dlm/packed_linear.py's `reference_matmul`):
+//   x is quantized per row and block b of 32: d_b = max|x| / 127, q_k = round(x_k / d_b) in -127..127 (nearest,
+//   ties to even); y[n] = sum_b fma(isum_b, fl(dw_g * d_b), .) (+ fma(mw_g, fl(d_b * sum q), .) for int4) + bias,
+//   in ascending b, isum_b = sum of the block's 32 integer products (exact). That is x^ @ dequant(W)^T for the
+//   dequantized activations x^ = q * d, with one rounding per block term. Every path (portable C++, AVX2,
+//   AVX-512 VNNI) does these same float operations in the same order, so they agree bit for bit, and a row never
+//   depends on its batch-mates.
+//
+// Formats (blocks of 32 weights along K, one fp16 scale per group of `group` = 32 * j weights), stored tile-major:
+//   int8: w = q * d, q int8 in -127..127                                               (GGUF Q8_0 for group 32)
+//   int4: w = q * d + m, q in 0..15, scales (d, m)                                     (GGUF Q4_1 for group 32)
+//   qweight [N, row_bytes] (row_bytes = K int8, K / 2 int4): rows 16t .. 16t + 15 (a tile; the last one may be
+//   narrower, width w) hold, per block kb, chunks of 4 weight-bytes per row: [kb][chunk c][row n < w][4 bytes].
+//   int8: chunk c holds k = 32 kb + 4c .. +3 (8 chunks); int4: 4 chunks, byte i of chunk c holds k = 32 kb + 4c + i
+//   in its low nibble and k + 16 in its high nibble. scales [N, G(, 2)] fp16, per tile [g][(d, m)][row n < w].
+//   A tile's bytes are those rows' bytes of the row-major layout, permuted: slicing or concatenating whole tiles
+//   along N (multiples of 16 rows) keeps the format.
+// Paths: 0 = portable C++ (any CPU), 1 = AVX2 + FMA + F16C, 2 = AVX-512 (F, BW, VL, VNNI); the caller picks
+// (dlm/packed_linear.py: torch's CPU capability, so ATEN_CPU_CAPABILITY=default / avx2 selects them as it does for
+// torch's kernels).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/Half.h>
@@ -33,275 +48,291 @@
 namespace {
 
 constexpr int64_t kBlock = 32;   // weights per packed block (and the smallest group)
-constexpr int64_t kSlice = 64;   // weight rows per slice; each group of 4 input rows reuses it from cache
+constexpr int64_t kTile = 16;    // weight rows interleaved in a tile
+constexpr int64_t kChunk = 4;    // bytes of one row in a chunk (one 32-bit lane)
 
-// The scales of rows [n0, n0 + nb) as fp32, [nb][G * P] (P = 1 for int8, 2 for int4), for broadcast loads.
-inline void load_scales(const at::Half* sc, int64_t n0, int64_t nb, int64_t per_row, float* out) {
-  const at::Half* p = sc + n0 * per_row;
-  for (int64_t i = 0; i < nb * per_row; ++i) out[i] = static_cast<float>(p[i]);
+// Activations quantized per row and block: q [M, K] int8, d [M, KB] fp32, s [M, KB] = sum of the block's q,
+// ds = d * s (fp32: the block's sum of x^, for int4's minimum term), s128 = 128 * s (int8 on VNNI).
+struct QRows {
+  std::vector<int8_t> q;
+  std::vector<float> d, ds;
+  std::vector<int32_t> s, s128;
+  int64_t K = 0, KB = 0;
+  int32_t broadcast4(int64_t m, int64_t k) const {   // 4 consecutive int8 as one 32-bit lane
+    int32_t v;
+    std::memcpy(&v, q.data() + m * K + k, 4);
+    return v;
+  }
+};
+
+// One block of 32: d = max|x| / 127 (NaN propagates), q = nearest(x / d) (x * (1 / d), ties to even, as torch.round).
+// Compiled per path below (the compiler vectorizes it); the same fp32 operations everywhere.
+__attribute__((always_inline)) inline void quantize_block(const float* x, int8_t* q, float* d_out, int32_t* s_out) {
+  float amax = 0.f;
+  for (int j = 0; j < kBlock; ++j) {
+    const float a = std::fabs(x[j]);
+    amax = (a > amax || a != a) ? a : amax;
+  }
+  const float d = amax / 127.f, id = d != 0.f ? 1.f / d : 0.f;
+  int32_t s = 0;
+  for (int j = 0; j < kBlock; ++j) {
+    const float r = std::nearbyint(x[j] * id);
+    const int v = static_cast<int>(std::min(127.f, std::max(-127.f, r == r ? r : 0.f)));
+    q[j] = static_cast<int8_t>(v);
+    s += v;
+  }
+  *d_out = d;
+  *s_out = s;
 }
 
-// ----- portable path ----------------------------------------------------------------------------------------------
-template <bool I4>
-void rows_scalar(const float* x, int64_t M, int64_t K, const uint8_t* w, int64_t row_bytes, const at::Half* sc,
-                 int64_t G, int64_t group, float* y, int64_t ldy, const float* bias, int64_t n_begin, int64_t n_end) {
-  constexpr int64_t P = I4 ? 2 : 1;
-  std::vector<float> wf(K), s(G * P);
-  for (int64_t n = n_begin; n < n_end; ++n) {
-    load_scales(sc, n, 1, G * P, s.data());
-    const uint8_t* wr = w + n * row_bytes;
-    for (int64_t k = 0; k < K; ++k) {
-      const int64_t g = k / group;
-      if (I4) {
-        const int64_t b = k / kBlock, j = k % kBlock;
-        const uint8_t byte = wr[b * 16 + (j & 15)];
-        const int q = j < 16 ? (byte & 15) : (byte >> 4);
-        wf[k] = static_cast<float>(q) * s[2 * g] + s[2 * g + 1];
-      } else {
-        wf[k] = static_cast<float>(static_cast<int8_t>(wr[k])) * s[g];
-      }
-    }
-    for (int64_t m = 0; m < M; ++m) {
-      const float* xm = x + m * K;
-      float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};   // 8 interleaved partial sums (the SIMD paths' order, roughly)
-      for (int64_t k = 0; k < K; ++k) acc[k & 7] += wf[k] * xm[k];
-      float t = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
-      y[m * ldy + n] = t + (bias ? bias[n] : 0.f);
-    }
+__attribute__((always_inline)) inline void quantize_rows_impl(const float* x, int64_t M, int64_t K, QRows& out) {
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t b = 0; b < out.KB; ++b)
+      quantize_block(x + m * K + b * kBlock, out.q.data() + m * K + b * kBlock, out.d.data() + m * out.KB + b,
+                     out.s.data() + m * out.KB + b);
+}
+void quantize_rows_default(const float* x, int64_t M, int64_t K, QRows& out) { quantize_rows_impl(x, M, K, out); }
+#ifdef DLM_X86
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+void quantize_rows_avx2(const float* x, int64_t M, int64_t K, QRows& out) { quantize_rows_impl(x, M, K, out); }
+#pragma GCC pop_options
+#endif
+
+QRows quantize_rows(const float* x, int64_t M, int64_t K, int64_t path) {
+  QRows out;
+  out.K = K;
+  out.KB = K / kBlock;
+  out.q.resize(M * K);
+  out.d.resize(M * out.KB);
+  out.s.resize(M * out.KB);
+#ifdef DLM_X86
+  if (path != 0)
+    quantize_rows_avx2(x, M, K, out);
+  else
+#endif
+    quantize_rows_default(x, M, K, out);
+  out.ds.resize(M * out.KB);
+  out.s128.resize(M * out.KB);
+  for (int64_t i = 0; i < M * out.KB; ++i) {
+    out.ds[i] = out.d[i] * static_cast<float>(out.s[i]);
+    out.s128[i] = 128 * out.s[i];
   }
+  return out;
+}
+
+// The weight of tile row n (of width w) at k, as an integer (int8: -127..127; int4: 0..15).
+inline int weight_q(const uint8_t* tw, int64_t w, int64_t k, int64_t n, bool i4) {
+  const int64_t kb = k / kBlock, j = k % kBlock;
+  if (i4) {
+    const int64_t jj = j & 15;
+    const uint8_t byte = tw[kb * 16 * w + (jj / kChunk) * kChunk * w + n * kChunk + jj % kChunk];
+    return j < 16 ? (byte & 15) : (byte >> 4);
+  }
+  return static_cast<int8_t>(tw[kb * kBlock * w + (j / kChunk) * kChunk * w + n * kChunk + j % kChunk]);
+}
+
+// ----- portable path (any tile width: also the narrower last tile on every path) ----------------------------------
+template <bool I4>
+void tile_scalar(const QRows& a, int64_t m_begin, int64_t m_end, const uint8_t* tw, const at::Half* ts, int64_t w,
+                 int64_t G, int64_t group, float* y, int64_t ldy, int64_t n0, const float* bias) {
+  constexpr int64_t P = I4 ? 2 : 1;
+  const int64_t per_group = group / kBlock;
+  for (int64_t m = m_begin; m < m_end; ++m)
+    for (int64_t n = 0; n < w; ++n) {
+      float acc = 0.f;
+      for (int64_t kb = 0; kb < a.KB; ++kb) {
+        const int64_t g = kb / per_group;
+        const float dw = static_cast<float>(ts[(g * P) * w + n]);
+        const int8_t* xq = a.q.data() + m * a.K + kb * kBlock;
+        int32_t isum = 0;
+        for (int64_t j = 0; j < kBlock; ++j) isum += weight_q(tw, w, kb * kBlock + j, n, I4) * xq[j];
+        const float da = a.d[m * a.KB + kb];
+        acc = std::fma(static_cast<float>(isum), dw * da, acc);
+        if (I4) acc = std::fma(static_cast<float>(ts[(g * P + 1) * w + n]), a.ds[m * a.KB + kb], acc);
+      }
+      y[m * ldy + n0 + n] = acc + (bias ? bias[n0 + n] : 0.f);
+    }
 }
 
 #ifdef DLM_X86
-// ----- AVX2 + FMA + F16C ------------------------------------------------------------------------------------------
+// ----- AVX2 + FMA + F16C: a tile as two halves of 8 lanes; vpmaddubsw (u8 x s8 -> pairs of int16) ---------------
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,f16c")
 
-// load_scales with F16C, 8 at a time.
-inline void load_scales_f16c(const at::Half* sc, int64_t n0, int64_t nb, int64_t per_row, float* out) {
-  const uint16_t* p = reinterpret_cast<const uint16_t*>(sc + n0 * per_row);
-  const int64_t total = nb * per_row;
-  int64_t i = 0;
-  for (; i + 8 <= total; i += 8)
-    _mm256_storeu_ps(out + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + i))));
-  for (; i < total; ++i) out[i] = _cvtsh_ss(p[i]);
-}
-
-inline float hsum8(__m256 v) {
-  __m128 lo = _mm256_castps256_ps128(v), hi = _mm256_extractf128_ps(v, 1);
-  lo = _mm_add_ps(lo, hi);
-  lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
-  lo = _mm_add_ss(lo, _mm_shuffle_ps(lo, lo, 1));
-  return _mm_cvtss_f32(lo);
-}
-
-// The 32 weights of one block of one row as 4 x 8 fp32 (dequantized: q * d (+ m)).
-template <bool I4>
-inline void dequant_avx2(const uint8_t* blk, __m256 d, __m256 mn, __m256 out[4]) {
-  if (I4) {
-    const __m128i q = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk));
-    const __m128i mask = _mm_set1_epi8(15);
-    const __m128i lo = _mm_and_si128(q, mask), hi = _mm_and_si128(_mm_srli_epi16(q, 4), mask);
-    out[0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo)), d, mn);
-    out[1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_unpackhi_epi64(lo, lo))), d, mn);
-    out[2] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi)), d, mn);
-    out[3] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_unpackhi_epi64(hi, hi))), d, mn);
-  } else {
-#pragma GCC unroll 4
-    for (int v = 0; v < 4; ++v) {
-      const __m128i q = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(blk + 8 * v));
-      out[v] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)), d);
-    }
-  }
-}
-
-// y[m, n0 + b] for m < M, b < NB: NB x M accumulators; each block is unpacked once for the M rows.
-template <bool I4, int M, int NB>
-inline void tile_avx2(const float* x, int64_t K, const uint8_t* w, int64_t row_bytes, const float* s, int64_t G,
-                      int64_t group, float* y, int64_t ldy, int64_t n0, const float* bias) {
-  constexpr int64_t P = I4 ? 2 : 1, BB = I4 ? 16 : 32;
-  __m256 acc[NB][M];
-#pragma GCC unroll 16
-  for (int b = 0; b < NB; ++b)
-#pragma GCC unroll 16
-    for (int m = 0; m < M; ++m) acc[b][m] = _mm256_setzero_ps();
+// Rows [m0, m0 + MT) of one half (8 outputs) of a full tile. int4: the 8 chunk products of a block summed in int16
+// (each <= 2 * 15 * 127 = 3810: 8 of them fit), then one vpmaddwd; int8: |w| x (x with w's sign), each product pair
+// <= 2 * 127 * 127, widened to int32 at once.
+template <bool I4, int MT>
+inline void half_avx2(const QRows& a, int64_t m0, const uint8_t* tw, const at::Half* ts, int64_t G, int64_t group,
+                      int h, float* y, int64_t ldy, int64_t n0, const float* bias) {
+  constexpr int64_t P = I4 ? 2 : 1, BB = (I4 ? 16 : 32) * kTile, C = I4 ? 4 : 8;
   const int64_t per_group = group / kBlock;
-  for (int64_t g = 0, kb = 0; g < G; ++g)
-   for (int64_t kend = kb + per_group; kb < kend; ++kb) {
-#pragma GCC unroll 16
-    for (int b = 0; b < NB; ++b) {
-      const uint8_t* blk = w + (n0 + b) * row_bytes + kb * BB;
-      if ((kb & (64 / BB - 1)) == 0) _mm_prefetch(reinterpret_cast<const char*>(blk + 1024), _MM_HINT_T0);
-      const float* sb = s + b * G * P + g * P;
-      __m256 wv[4];
-      dequant_avx2<I4>(blk, _mm256_broadcast_ss(sb), I4 ? _mm256_broadcast_ss(sb + 1) : _mm256_setzero_ps(), wv);
-#pragma GCC unroll 4
-      for (int v = 0; v < 4; ++v)
-#pragma GCC unroll 16
-        for (int m = 0; m < M; ++m)
-          acc[b][m] = _mm256_fmadd_ps(wv[v], _mm256_loadu_ps(x + m * K + kb * kBlock + 8 * v), acc[b][m]);
+  const __m256i ones = _mm256_set1_epi16(1), low4 = _mm256_set1_epi8(15);
+  __m256 acc[MT];
+#pragma GCC unroll 8
+  for (int m = 0; m < MT; ++m) acc[m] = _mm256_setzero_ps();
+  for (int64_t g = 0, kb = 0; g < G; ++g) {
+    const uint16_t* sg = reinterpret_cast<const uint16_t*>(ts) + g * P * kTile + 8 * h;
+    const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sg)));
+    const __m256 mw = I4 ? _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sg + kTile)))
+                         : _mm256_setzero_ps();
+    for (int64_t kend = kb + per_group; kb < kend; ++kb) {
+      const uint8_t* wb = tw + kb * BB + 32 * h;
+      __m256i wv[8], ws[8];
+#pragma GCC unroll 8
+      for (int c = 0; c < C; ++c) {
+        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + 64 * c));
+        if (I4) {
+          wv[c] = _mm256_and_si256(v, low4);
+          wv[c + 4] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+        } else {
+          wv[c] = _mm256_abs_epi8(v);
+          ws[c] = v;
+        }
+      }
+#pragma GCC unroll 8
+      for (int m = 0; m < MT; ++m) {
+        const int64_t row = m0 + m, k0 = kb * kBlock;
+        __m256i isum;
+        if (I4) {
+          __m256i s16 = _mm256_setzero_si256();
+#pragma GCC unroll 8
+          for (int c = 0; c < 8; ++c) {
+            const int64_t k = k0 + (c < 4 ? 4 * c : 16 + 4 * (c - 4));
+            s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(wv[c], _mm256_set1_epi32(a.broadcast4(row, k))));
+          }
+          isum = _mm256_madd_epi16(s16, ones);
+        } else {
+          isum = _mm256_setzero_si256();
+#pragma GCC unroll 8
+          for (int c = 0; c < 8; ++c) {
+            const __m256i xs = _mm256_sign_epi8(_mm256_set1_epi32(a.broadcast4(row, k0 + 4 * c)), ws[c]);
+            isum = _mm256_add_epi32(isum, _mm256_madd_epi16(_mm256_maddubs_epi16(wv[c], xs), ones));
+          }
+        }
+        const float da = a.d[row * a.KB + kb];
+        acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_mul_ps(dw, _mm256_set1_ps(da)), acc[m]);
+        if (I4) acc[m] = _mm256_fmadd_ps(mw, _mm256_set1_ps(a.ds[row * a.KB + kb]), acc[m]);
+      }
     }
   }
-  for (int b = 0; b < NB; ++b)
-    for (int m = 0; m < M; ++m) y[m * ldy + n0 + b] = hsum8(acc[b][m]) + (bias ? bias[n0 + b] : 0.f);
+  const __m256 b = bias ? _mm256_loadu_ps(bias + n0 + 8 * h) : _mm256_setzero_ps();
+  for (int m = 0; m < MT; ++m) _mm256_storeu_ps(y + (m0 + m) * ldy + n0 + 8 * h, _mm256_add_ps(acc[m], b));
 }
 
-template <bool I4, int M>
-void rows_avx2(const float* x, int64_t K, const uint8_t* w, int64_t row_bytes, const at::Half* sc, int64_t G,
-               int64_t group, float* y, int64_t ldy, const float* bias, int64_t n_begin, int64_t n_end, float* sbuf) {
-  constexpr int NB = M == 1 ? 4 : M == 2 ? 4 : M == 3 ? 3 : 2;
-  constexpr int64_t P = I4 ? 2 : 1;
-  int64_t n = n_begin;
-  for (; n + NB <= n_end; n += NB) {
-    load_scales_f16c(sc, n, NB, G * P, sbuf);
-    tile_avx2<I4, M, NB>(x, K, w, row_bytes, sbuf, G, group, y, ldy, n, bias);
-  }
-  for (; n < n_end; ++n) {
-    load_scales_f16c(sc, n, 1, G * P, sbuf);
-    tile_avx2<I4, M, 1>(x, K, w, row_bytes, sbuf, G, group, y, ldy, n, bias);
-  }
+template <bool I4>
+void tile_avx2(const QRows& a, int64_t M, const uint8_t* tw, const at::Half* ts, int64_t G, int64_t group, float* y,
+               int64_t ldy, int64_t n0, const float* bias) {
+  for (int h = 0; h < 2; ++h)
+    for (int64_t m = 0; m < M; m += 4) {
+      switch (std::min<int64_t>(4, M - m)) {
+        case 1: half_avx2<I4, 1>(a, m, tw, ts, G, group, h, y, ldy, n0, bias); break;
+        case 2: half_avx2<I4, 2>(a, m, tw, ts, G, group, h, y, ldy, n0, bias); break;
+        case 3: half_avx2<I4, 3>(a, m, tw, ts, G, group, h, y, ldy, n0, bias); break;
+        default: half_avx2<I4, 4>(a, m, tw, ts, G, group, h, y, ldy, n0, bias); break;
+      }
+    }
 }
 #pragma GCC pop_options
 
-// ----- AVX-512 (F, BW, VL) ----------------------------------------------------------------------------------------
+// ----- AVX-512 VNNI: a tile in 16 lanes; vpdpbusd (u8 x s8, 4 products a lane, into int32) -------------------------
 #pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx2,fma,f16c")
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")
 
-// The 32 weights of one block of one row as 2 x 16 fp32. int4: a 16-entry table per group, T[q] = q * d + m (one
-// FMA), indexed by each nibble with one permute (vpermps reads only an index's low 4 bits, so no mask is needed).
-template <bool I4>
-inline void dequant_avx512(const uint8_t* blk, __m512 d, __m512 mn, __m512 out[2]) {
-  if (I4) {
-    const __m512 table = _mm512_fmadd_ps(_mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), d, mn);
-    const __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk)));
-    out[0] = _mm512_permutexvar_ps(q, table);
-    out[1] = _mm512_permutexvar_ps(_mm512_srli_epi32(q, 4), table);
-  } else {
-    out[0] = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
-                               _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk)))), d);
-    out[1] = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
-                               _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 16)))), d);
-  }
-}
-
-template <bool I4, int M, int NB>
-inline void tile_avx512(const float* x, int64_t K, const uint8_t* w, int64_t row_bytes, const float* s, int64_t G,
-                        int64_t group, float* y, int64_t ldy, int64_t n0, const float* bias) {
-  constexpr int64_t P = I4 ? 2 : 1, BB = I4 ? 16 : 32;
-  __m512 acc[NB][M];
-#pragma GCC unroll 16
-  for (int b = 0; b < NB; ++b)
-#pragma GCC unroll 16
-    for (int m = 0; m < M; ++m) acc[b][m] = _mm512_setzero_ps();
+// int8 weights enter vpdpbusd's unsigned operand as q + 128 (xor 0x80); the block's sum then exceeds the true one
+// by 128 * sum(x's q), which is subtracted (exactly, in int32).
+template <bool I4, int MT>
+inline void tile_rows_vnni(const QRows& a, int64_t m0, const uint8_t* tw, const at::Half* ts, int64_t G,
+                           int64_t group, float* y, int64_t ldy, int64_t n0, const float* bias) {
+  constexpr int64_t P = I4 ? 2 : 1, BB = (I4 ? 16 : 32) * kTile;
   const int64_t per_group = group / kBlock;
-  for (int64_t g = 0, kb = 0; g < G; ++g)
-   for (int64_t kend = kb + per_group; kb < kend; ++kb) {
-#pragma GCC unroll 16
-    for (int b = 0; b < NB; ++b) {
-      const uint8_t* blk = w + (n0 + b) * row_bytes + kb * BB;
-      if ((kb & (64 / BB - 1)) == 0) _mm_prefetch(reinterpret_cast<const char*>(blk + 1024), _MM_HINT_T0);
-      const float* sb = s + b * G * P + g * P;
-      __m512 wv[2];
-      dequant_avx512<I4>(blk, _mm512_set1_ps(sb[0]), I4 ? _mm512_set1_ps(sb[1]) : _mm512_setzero_ps(), wv);
-#pragma GCC unroll 2
-      for (int v = 0; v < 2; ++v)
-#pragma GCC unroll 16
-        for (int m = 0; m < M; ++m)
-          acc[b][m] = _mm512_fmadd_ps(wv[v], _mm512_loadu_ps(x + m * K + kb * kBlock + 16 * v), acc[b][m]);
+  const __m512i low4 = _mm512_set1_epi8(15), flip = _mm512_set1_epi8(static_cast<char>(0x80));
+  __m512 acc[MT];
+#pragma GCC unroll 8
+  for (int m = 0; m < MT; ++m) acc[m] = _mm512_setzero_ps();
+  for (int64_t g = 0, kb = 0; g < G; ++g) {
+    const uint16_t* sg = reinterpret_cast<const uint16_t*>(ts) + g * P * kTile;
+    const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sg)));
+    const __m512 mw = I4 ? _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sg + kTile)))
+                         : _mm512_setzero_ps();
+    for (int64_t kend = kb + per_group; kb < kend; ++kb) {
+      const uint8_t* wb = tw + kb * BB;
+      __m512i wv[8];
+#pragma GCC unroll 8
+      for (int c = 0; c < (I4 ? 4 : 8); ++c) {
+        const __m512i v = _mm512_loadu_si512(wb + 64 * c);
+        if (I4) {
+          wv[c] = _mm512_and_si512(v, low4);
+          wv[c + 4] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
+        } else {
+          wv[c] = _mm512_xor_si512(v, flip);
+        }
+      }
+#pragma GCC unroll 8
+      for (int m = 0; m < MT; ++m) {
+        const int64_t row = m0 + m, k0 = kb * kBlock;
+        __m512i part[2] = {_mm512_setzero_si512(), _mm512_setzero_si512()};   // two chains: vpdpbusd's latency
+#pragma GCC unroll 8
+        for (int c = 0; c < 8; ++c) {
+          const int64_t k = k0 + (I4 ? (c < 4 ? 4 * c : 16 + 4 * (c - 4)) : 4 * c);
+          part[c & 1] = _mm512_dpbusd_epi32(part[c & 1], wv[c], _mm512_set1_epi32(a.broadcast4(row, k)));
+        }
+        __m512i isum = _mm512_add_epi32(part[0], part[1]);
+        if (!I4) isum = _mm512_sub_epi32(isum, _mm512_set1_epi32(a.s128[row * a.KB + kb]));
+        acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_mul_ps(dw, _mm512_set1_ps(a.d[row * a.KB + kb])),
+                                 acc[m]);
+        if (I4) acc[m] = _mm512_fmadd_ps(mw, _mm512_set1_ps(a.ds[row * a.KB + kb]), acc[m]);
+      }
     }
   }
-  for (int b = 0; b < NB; ++b)
-    for (int m = 0; m < M; ++m) y[m * ldy + n0 + b] = _mm512_reduce_add_ps(acc[b][m]) + (bias ? bias[n0 + b] : 0.f);
+  const __m512 b = bias ? _mm512_loadu_ps(bias + n0) : _mm512_setzero_ps();
+  for (int m = 0; m < MT; ++m) _mm512_storeu_ps(y + (m0 + m) * ldy + n0, _mm512_add_ps(acc[m], b));
 }
 
-template <bool I4, int M>
-void rows_avx512(const float* x, int64_t K, const uint8_t* w, int64_t row_bytes, const at::Half* sc, int64_t G,
-                 int64_t group, float* y, int64_t ldy, const float* bias, int64_t n_begin, int64_t n_end,
-                 float* sbuf) {
-  constexpr int NB = M == 1 ? 8 : M == 2 ? 6 : M == 3 ? 5 : 4;
-  constexpr int64_t P = I4 ? 2 : 1;
-  int64_t n = n_begin;
-  for (; n + NB <= n_end; n += NB) {
-    load_scales_f16c(sc, n, NB, G * P, sbuf);
-    tile_avx512<I4, M, NB>(x, K, w, row_bytes, sbuf, G, group, y, ldy, n, bias);
-  }
-  for (; n < n_end; ++n) {
-    load_scales_f16c(sc, n, 1, G * P, sbuf);
-    tile_avx512<I4, M, 1>(x, K, w, row_bytes, sbuf, G, group, y, ldy, n, bias);
+constexpr int64_t kRowsVnni = 4;
+template <bool I4>
+void tile_vnni(const QRows& a, int64_t M, const uint8_t* tw, const at::Half* ts, int64_t G, int64_t group, float* y,
+               int64_t ldy, int64_t n0, const float* bias) {
+  for (int64_t m = 0; m < M; m += kRowsVnni) {
+    switch (std::min<int64_t>(kRowsVnni, M - m)) {
+      case 1: tile_rows_vnni<I4, 1>(a, m, tw, ts, G, group, y, ldy, n0, bias); break;
+      case 2: tile_rows_vnni<I4, 2>(a, m, tw, ts, G, group, y, ldy, n0, bias); break;
+      case 3: tile_rows_vnni<I4, 3>(a, m, tw, ts, G, group, y, ldy, n0, bias); break;
+      case 4: tile_rows_vnni<I4, 4>(a, m, tw, ts, G, group, y, ldy, n0, bias); break;
+      case 5: tile_rows_vnni<I4, 5>(a, m, tw, ts, G, group, y, ldy, n0, bias); break;
+      case 6: tile_rows_vnni<I4, 6>(a, m, tw, ts, G, group, y, ldy, n0, bias); break;
+      case 7: tile_rows_vnni<I4, 7>(a, m, tw, ts, G, group, y, ldy, n0, bias); break;
+      default: tile_rows_vnni<I4, 8>(a, m, tw, ts, G, group, y, ldy, n0, bias); break;
+    }
   }
 }
 #pragma GCC pop_options
 #endif  // DLM_X86
 
+// Every tile of the weight, in parallel over tiles; the last (narrower) tile on the portable path.
 template <bool I4>
-void run(const float* xp, int64_t M, int64_t K, const uint8_t* wp, int64_t row_bytes, const at::Half* sp, int64_t G,
+void run(const QRows& a, int64_t M, const uint8_t* wp, int64_t row_bytes, const at::Half* sp, int64_t G,
          int64_t group, float* yp, int64_t N, const float* bp, int64_t path) {
   constexpr int64_t P = I4 ? 2 : 1;
-  const int64_t grain = std::max<int64_t>(kSlice, (N / (4 * at::get_num_threads())) / 24 * 24);
-  at::parallel_for(0, (N + grain - 1) / grain, 1, [&](int64_t cb, int64_t ce) {
-    const int64_t nb = cb * grain, ne = std::min(N, ce * grain);
-    if (path == 0) {
-      rows_scalar<I4>(xp, M, K, wp, row_bytes, sp, G, group, yp, N, bp, nb, ne);
-      return;
-    }
+  const int64_t tiles = (N + kTile - 1) / kTile;
+  const int64_t grain = std::max<int64_t>(4, tiles / (4 * at::get_num_threads()));
+  at::parallel_for(0, tiles, grain, [&](int64_t tb, int64_t te) {
+    for (int64_t t = tb; t < te; ++t) {
+      const int64_t n0 = t * kTile, w = std::min(kTile, N - n0);
+      const uint8_t* tw = wp + n0 * row_bytes;
+      const at::Half* ts = sp + n0 * G * P;
 #ifdef DLM_X86
-    std::vector<float> sbuf(8 * G * P);
-    for (int64_t n0 = nb; n0 < ne; n0 += kSlice) {
-      const int64_t n1 = std::min(ne, n0 + kSlice);
-      for (int64_t m = 0; m < M; m += 4) {
-        const float* xm = xp + m * K;
-        float* ym = yp + m * N;
-        const int64_t mm = std::min<int64_t>(4, M - m);
-        if (path == 2) {
-          switch (mm) {
-            case 1: rows_avx512<I4, 1>(xm, K, wp, row_bytes, sp, G, group, ym, N, bp, n0, n1, sbuf.data()); break;
-            case 2: rows_avx512<I4, 2>(xm, K, wp, row_bytes, sp, G, group, ym, N, bp, n0, n1, sbuf.data()); break;
-            case 3: rows_avx512<I4, 3>(xm, K, wp, row_bytes, sp, G, group, ym, N, bp, n0, n1, sbuf.data()); break;
-            default: rows_avx512<I4, 4>(xm, K, wp, row_bytes, sp, G, group, ym, N, bp, n0, n1, sbuf.data()); break;
-          }
-        } else {
-          switch (mm) {
-            case 1: rows_avx2<I4, 1>(xm, K, wp, row_bytes, sp, G, group, ym, N, bp, n0, n1, sbuf.data()); break;
-            case 2: rows_avx2<I4, 2>(xm, K, wp, row_bytes, sp, G, group, ym, N, bp, n0, n1, sbuf.data()); break;
-            case 3: rows_avx2<I4, 3>(xm, K, wp, row_bytes, sp, G, group, ym, N, bp, n0, n1, sbuf.data()); break;
-            default: rows_avx2<I4, 4>(xm, K, wp, row_bytes, sp, G, group, ym, N, bp, n0, n1, sbuf.data()); break;
-          }
-        }
-      }
-    }
+      if (w == kTile && path == 2) { tile_vnni<I4>(a, M, tw, ts, G, group, yp, N, n0, bp); continue; }
+      if (w == kTile && path == 1) { tile_avx2<I4>(a, M, tw, ts, G, group, yp, N, n0, bp); continue; }
 #endif
-  });
-}
-
-// The fp32 weight [N, K] a packed weight stands for (the large-M path: torch's GEMM is faster there).
-at::Tensor dequantize(const uint8_t* wp, int64_t row_bytes, const at::Half* sp, int64_t N, int64_t K, int64_t G,
-                      int64_t group, bool i4) {
-  at::Tensor w = at::empty({N, K}, at::kFloat);
-  float* out = w.data_ptr<float>();
-  const int64_t P = i4 ? 2 : 1;
-  at::parallel_for(0, N, 16, [&](int64_t nb, int64_t ne) {
-    for (int64_t n = nb; n < ne; ++n) {
-      const uint8_t* wr = wp + n * row_bytes;
-      for (int64_t k = 0; k < K; ++k) {
-        const int64_t g = k / group;
-        const float d = static_cast<float>(sp[(n * G + g) * P]);
-        if (i4) {
-          const int64_t j = k % kBlock;
-          const uint8_t byte = wr[(k / kBlock) * 16 + (j & 15)];
-          const int q = j < 16 ? (byte & 15) : (byte >> 4);
-          out[n * K + k] = std::fma(static_cast<float>(q), d, static_cast<float>(sp[(n * G + g) * P + 1]));
-        } else {
-          out[n * K + k] = static_cast<float>(static_cast<int8_t>(wr[k])) * d;
-        }
-      }
+      tile_scalar<I4>(a, 0, M, tw, ts, w, G, group, yp, N, n0, bp);
     }
   });
-  return w;
 }
 
-// x [..., K] -> [..., N]. Up to kMaxKernelRows rows run the packed kernel; more (a long prefill) torch's linear on the
-// dequantized weight.
-constexpr int64_t kMaxKernelRows = 32;
-
+// x [..., K] -> [..., N], every row on the kernel: a row's result never depends on how many rows share the call (a
+// prompt's prefill and a 1-row step compute a position's keys alike, which exact speculative decoding needs).
 at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                          const c10::optional<at::Tensor>& bias, int64_t bits, int64_t group, int64_t path) {
   TORCH_CHECK(bits == 8 || bits == 4, "packed_linear: bits 8 or 4");
@@ -331,16 +362,13 @@ at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& qweight, const a
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
   shape.back() = N;
   const uint8_t* wp = static_cast<const uint8_t*>(wc.data_ptr());
-  if (M > kMaxKernelRows) {
-    at::Tensor w = dequantize(wp, row_bytes, sc.data_ptr<at::Half>(), N, K, G, group, bits == 4);
-    return at::linear(xc, w, bc.defined() ? c10::optional<at::Tensor>(bc) : c10::nullopt).view(shape);
-  }
+  const QRows a = quantize_rows(xc.data_ptr<float>(), M, K, path);
   at::Tensor y = at::empty({M, N}, xc.options());
   if (M == 0 || N == 0) return y.view(shape);
   if (bits == 4)
-    run<true>(xc.data_ptr<float>(), M, K, wp, row_bytes, sc.data_ptr<at::Half>(), G, group, y.data_ptr<float>(), N, bp, path);
+    run<true>(a, M, wp, row_bytes, sc.data_ptr<at::Half>(), G, group, y.data_ptr<float>(), N, bp, path);
   else
-    run<false>(xc.data_ptr<float>(), M, K, wp, row_bytes, sc.data_ptr<at::Half>(), G, group, y.data_ptr<float>(), N, bp, path);
+    run<false>(a, M, wp, row_bytes, sc.data_ptr<at::Half>(), G, group, y.data_ptr<float>(), N, bp, path);
   return y.view(shape);
 }
 
@@ -564,6 +592,100 @@ at::Tensor lean_mlp_out(const at::Tensor& attn, const at::Tensor& residual, at::
                   .view({B, T, K});
 }
 
+// ----- attention whose every row is the same bits however it is called ------------------------------------------
+// With int8 rows in the packed kernel, a last-bit difference in one position's attention output can round an
+// activation to its neighbouring step and grow from there, so exact speculative decoding (an AR step and a verify
+// forward computing the same position) needs each row's attention to depend on its own query and allowed keys only:
+// not on the other rows of the call, nor on keys its mask hides (torch's SDPA blocks its GEMMs by the call's shape).
+// Per (batch, head, row): scores of every key in a fixed order of FMAs over the head dimension (lanes = keys), the
+// softmax over the allowed keys in ascending order (std::exp), and sum_j p_j v_j in ascending j.
+struct AttnArgs {
+  const float *q, *kt, *v; const bool* mask; int64_t mask_b, B, H, Hkv, Q, K, D; float scale; float* out;
+};
+
+__attribute__((always_inline)) inline void attn_rows(const AttnArgs& a, int64_t begin, int64_t end) {
+  std::vector<float> s(a.K), o(a.D);
+  const int64_t groups = a.H / a.Hkv;
+  for (int64_t item = begin; item < end; ++item) {
+    const int64_t i = item % a.Q, h = (item / a.Q) % a.H, b = item / (a.Q * a.H), g = h / groups;
+    const float* qi = a.q + ((b * a.H + h) * a.Q + i) * a.D;
+    const float* kt = a.kt + (b * a.Hkv + g) * a.D * a.K;    // [D, K]
+    const float* v = a.v + (b * a.Hkv + g) * a.K * a.D;      // [K, D]
+    const bool* allowed = a.mask ? a.mask + ((b % a.mask_b) * a.Q + i) * a.K : nullptr;
+    const int64_t last = allowed ? a.K : a.K - a.Q + i + 1;   // no mask: causal, the rows the last Q positions
+    float* __restrict sc = s.data();
+    for (int64_t j = 0; j < last; ++j) sc[j] = 0.f;
+    for (int64_t d = 0; d < a.D; ++d) {
+      const float qd = qi[d];
+      const float* __restrict kd = kt + d * a.K;
+#pragma GCC ivdep
+      for (int64_t j = 0; j < last; ++j) sc[j] += qd * kd[j];
+    }
+    float m = -INFINITY;
+    for (int64_t j = 0; j < last; ++j)
+      if (!allowed || allowed[j]) m = std::max(m, sc[j] * a.scale);
+    float* __restrict oi = o.data();
+    for (int64_t d = 0; d < a.D; ++d) oi[d] = 0.f;
+    float sum = 0.f;
+    if (m != -INFINITY) {
+      for (int64_t j = 0; j < last; ++j) {
+        if (allowed && !allowed[j]) continue;
+        const float e = std::exp(sc[j] * a.scale - m);
+        sum += e;
+        const float* __restrict vj = v + j * a.D;
+#pragma GCC ivdep
+        for (int64_t d = 0; d < a.D; ++d) oi[d] += e * vj[d];
+      }
+    }
+    float* dst = a.out + ((b * a.Q + i) * a.H + h) * a.D;   // [B, Q, H, D]
+    const float inv = sum > 0.f ? 1.f / sum : 0.f;          // a row that may see nothing: zeros
+    for (int64_t d = 0; d < a.D; ++d) dst[d] = oi[d] * inv;
+  }
+}
+void attn_rows_default(const AttnArgs& a, int64_t b, int64_t e) { attn_rows(a, b, e); }
+#ifdef DLM_X86
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+void attn_rows_avx2(const AttnArgs& a, int64_t b, int64_t e) { attn_rows(a, b, e); }
+#pragma GCC pop_options
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx2,fma")
+void attn_rows_avx512(const AttnArgs& a, int64_t b, int64_t e) { attn_rows(a, b, e); }
+#pragma GCC pop_options
+#endif
+
+// q [B, H, Q, D], k / v [B, Hkv, K, D] (H a multiple of Hkv), mask bool [B or 1, 1, Q, K] (True = may attend) or
+// none (causal: row i sees keys up to K - Q + i) -> [B, Q, H, D].
+at::Tensor row_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                         const c10::optional<at::Tensor>& mask, double scale, int64_t path) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4 && q.scalar_type() == at::kFloat &&
+              k.scalar_type() == at::kFloat && v.scalar_type() == at::kFloat, "row_attention: fp32 [B, H, T, D]");
+  const int64_t B = q.size(0), H = q.size(1), Q = q.size(2), D = q.size(3), Hkv = k.size(1), K = k.size(2);
+  TORCH_CHECK(H % Hkv == 0 && k.size(0) == B && v.sizes() == k.sizes() && k.size(3) == D && K >= Q,
+              "row_attention: q [B, H, Q, D], k / v [B, Hkv, K >= Q, D]");
+  const at::Tensor qc = q.contiguous(), kt = k.transpose(2, 3).contiguous(), vc = v.contiguous();
+  at::Tensor mc;
+  int64_t mask_b = 1;
+  if (mask.has_value() && mask->defined()) {
+    TORCH_CHECK(mask->scalar_type() == at::kBool && mask->dim() == 4 && mask->size(1) == 1 && mask->size(2) == Q &&
+                mask->size(3) == K && (mask->size(0) == 1 || mask->size(0) == B),
+                "row_attention: a bool mask [B or 1, 1, Q, K]");
+    mc = mask->contiguous();
+    mask_b = mc.size(0);
+  }
+  at::Tensor out = at::empty({B, Q, H, D}, q.options());
+  const AttnArgs args{qc.data_ptr<float>(), kt.data_ptr<float>(), vc.data_ptr<float>(),
+                      mc.defined() ? mc.data_ptr<bool>() : nullptr, mask_b, B, H, Hkv, Q, K, D,
+                      static_cast<float>(scale), out.data_ptr<float>()};
+  auto fn = attn_rows_default;
+#ifdef DLM_X86
+  if (path == 2) fn = attn_rows_avx512;
+  if (path == 1) fn = attn_rows_avx2;
+#endif
+  at::parallel_for(0, B * H * Q, 1, [&](int64_t b, int64_t e) { fn(args, b, e); });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(dlm_packed, m) {
@@ -576,10 +698,12 @@ TORCH_LIBRARY(dlm_packed, m) {
   m.def("lean_mlp_out(Tensor attn, Tensor residual, Tensor[] qweights, Tensor[] scales, Tensor[] biases, int bits, "
         "int group, int path, Tensor[] lora_o, Tensor[] lora_gu, Tensor[] lora_down, float[] lora_scales, "
         "Tensor? gate, Tensor norm_w, float eps) -> Tensor");
+  m.def("row_attention(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale, int path) -> Tensor");
 }
 TORCH_LIBRARY_IMPL(dlm_packed, CPU, m) {
   m.impl("packed_linear", &packed_linear);
   m.impl("packed_linear_lora", &packed_linear_lora);
   m.impl("lean_attn_in", &lean_attn_in);
   m.impl("lean_mlp_out", &lean_mlp_out);
+  m.impl("row_attention", &row_attention);
 }
