@@ -145,7 +145,9 @@ class _Layer:
         return self._stack(members)
 
     def _stack(self, members: list) -> tuple:
-        """Per group: [A stacked, B_0, B_1, ...] (a member without the adapter: a rank-0 B) and the scales."""
+        """Per group: [A stacked, B_0, B_1, ...] as packed int8 (qweight, scales) for lean ops' kernel, ranks padded
+        to multiples of 32 with zeros (a member without the adapter: rank 0), and the scales."""
+        from .packed_linear import BLOCK, quantize
         outs = [p.out_features for p in self.packed.values()]
         ins = [p.in_features for p in self.packed.values()]
         groups, scales = [], []
@@ -153,10 +155,15 @@ class _Layer:
             if all(members[i] is None for i in idx):
                 groups.append(())
                 continue
-            # transposed for the C++ loops: A^T [K, sum r], B_j^T [r_j, n_j] (a member without it: rank 0)
-            a = torch.cat([members[i][0] if members[i] else torch.zeros(0, ins[i]) for i in idx]).t().contiguous()
-            b = [members[i][1].t().contiguous() if members[i] else torch.zeros(0, outs[i]) for i in idx]
-            groups.append((a, *b))
+            a_parts, b_parts = [], []
+            for i in idx:
+                a, b = members[i][:2] if members[i] else (torch.zeros(0, ins[i]), torch.zeros(outs[i], 0))
+                pad = -a.shape[0] % BLOCK
+                a_parts.append(torch.cat([a.detach().float(), torch.zeros(pad, ins[i])]))
+                b = torch.cat([b.detach().float(), torch.zeros(outs[i], pad)], 1)
+                b_parts += list(quantize(b, 8)) if b.shape[1] else [torch.zeros(outs[i], 0, dtype=torch.int8),
+                                                                  torch.zeros(outs[i], 0, dtype=torch.float16)]
+            groups.append((*quantize(torch.cat(a_parts), 8), *b_parts))
             scales += [members[i][2] if members[i] else 0.0 for i in idx]
         return (*groups, scales)
 

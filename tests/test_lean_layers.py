@@ -10,9 +10,9 @@ import dlm
 from dlm import lean_layers, packed_linear
 from dlm.adapter_routing import ANY_ORDER, AdapterRouting, install_inference_forward
 
-# LoRA rows, lean vs peft: the adapter summed in another order, and a neighbouring int8 step where that moved an
-# activation of a later layer across a half (one step of max|x| / 127 in one activation, carried on)
-DRAFT_TOL = 1e-2
+# LoRA rows, lean vs peft's fp32 adapter: the lean ops run A and B as packed int8 on int8 rows (~1% of the adapter's
+# update), and a later layer's int8 rows may round an activation so moved to a neighbouring step (carried on)
+DRAFT_TOL = 3e-2
 
 pytestmark = pytest.mark.skipif(not packed_linear.available(), reason="the packed CPU kernel cannot be built here")
 
@@ -107,8 +107,7 @@ def test_row_gated_lora_clean_rows_exact_draft_rows_close(tiny_llama_dir, fmt, m
     assert torch.equal(out.clean, out_ref.clean)                          # the verifier: the base, exactly
     for layer, layer_ref in zip(cache.kv.layers, cache_ref.kv.layers):
         assert torch.equal(layer.keys, layer_ref.keys) and torch.equal(layer.values, layer_ref.values)
-    # the drafts: the adapter's, summed in another order than peft's; the packed kernel's int8 rows may round an
-    # activation of the next layer to a neighbouring step where that order moved it across a half (DRAFT_TOL)
+    # the drafts: the adapter's, as packed int8 (DRAFT_TOL)
     torch.testing.assert_close(out.noisy, out_ref.noisy, rtol=DRAFT_TOL, atol=DRAFT_TOL)
     with torch.no_grad():                                                  # and the adapter does change them
         base_only = lean.block_verify(lean.new_block_cache(), None, ids, clean_from=0).clean

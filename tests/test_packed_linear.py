@@ -22,6 +22,10 @@ REL_ERROR = {"int8": 0.05, "int4": 0.5}
 # sums' order differs, and where an activation's x / d lands within that rounding of a half, the two round it to
 # neighbouring integers, one step (max|x| / 127 of its block) apart, which the next layers carry
 SAME_ROWS = 1e-3
+# an unmerged LoRA at inference on a packed LLaMA / Qwen2 layer (dlm.lean_layers): its A and B run as packed int8 on
+# int8 rows; measured 1-3e-2 (by kernel path) on the tiny models' random adapters (init_lora_weights=False: an update
+# as large as the layer's own output, the worst case for rounding it)
+LORA_INT8 = 5e-2
 
 
 def _paths():
@@ -261,12 +265,12 @@ def test_lora_on_top_of_a_packed_base(kernel, fmt, tiny_llama_dir, tmp_path):
     assert lora.lora_A["default"].weight.dtype == torch.float32   # kernel's nn.Linear under AVX2)
     ref = _logits(_dequantized_reference(dlm.load(adapter, device="cpu", merge_adapter=False), pl.BITS[fmt]))
     out = _logits(unmerged)
-    assert ((out - ref).norm() / ref.norm()).item() < SAME_ROWS
+    assert ((out - ref).norm() / ref.norm()).item() < LORA_INT8
     assert unmerged.quantization == fmt
-    with torch.enable_grad():   # grad mode takes peft's own forward: the same sums up to their order
+    with torch.enable_grad():   # grad mode takes peft's own forward (fp32 A and B, fp32 activations)
         ids = _ids()
         peft_out = unmerged.denoise_logits(ids).detach().double()
-    assert ((out - peft_out).norm() / peft_out.norm()).item() < SAME_ROWS
+    assert ((out - peft_out).norm() / peft_out.norm()).item() < LORA_INT8
     full = _logits(dlm.load(adapter, device="cpu"))
     assert ((out - full).norm() / full.norm()).item() < REL_ERROR[fmt]
 

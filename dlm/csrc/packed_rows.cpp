@@ -313,10 +313,10 @@ void tile_vnni(const QRows& a, int64_t M, const uint8_t* tw, const at::Half* ts,
 // Every tile of the weight, in parallel over tiles; the last (narrower) tile on the portable path.
 template <bool I4>
 void run(const QRows& a, int64_t M, const uint8_t* wp, int64_t row_bytes, const at::Half* sp, int64_t G,
-         int64_t group, float* yp, int64_t N, const float* bp, int64_t path) {
+         int64_t group, float* yp, int64_t N, const float* bp, int64_t path, bool parallel = true) {
   constexpr int64_t P = I4 ? 2 : 1;
   const int64_t tiles = (N + kTile - 1) / kTile;
-  const int64_t grain = std::max<int64_t>(4, tiles / (4 * at::get_num_threads()));
+  const int64_t grain = parallel ? std::max<int64_t>(4, tiles / (4 * at::get_num_threads())) : tiles;
   at::parallel_for(0, tiles, grain, [&](int64_t tb, int64_t te) {
     for (int64_t t = tb; t < te; ++t) {
       const int64_t n0 = t * kTile, w = std::min(kTile, N - n0);
@@ -401,68 +401,12 @@ at::Tensor packed_linear_lora(const at::Tensor& x, const at::Tensor& qweight, co
 // These two ops run the same ATen calls, in the same order, from C++ (the attention itself stays in Python, the
 // model's own implementation): the results are transformers' bit for bit where no LoRA runs (dlm/lean_layers.py).
 
-// The LoRA update of the gated rows, in loops without horizontal sums (the compiler vectorizes the inner ones):
-//   low[i, :] = gate_i * sum_k x[rows_i, k] * at[k, :]                 at = A^T [K, R] (every member's ranks)
-//   y[rows_i, member j] += scale_j * sum_r low[i, r0_j + r] * bt_j[r, :]    bt_j = B_j^T [r_j, n_j]
-// Each output is summed in ascending k / r whatever the vector width.
-struct LoraArgs {
-  const float* x; int64_t K; const int64_t* rows; const float* gate; int64_t Mg;
-  const float* at; int64_t R; float* low;
-  const std::vector<const float*>* bt; const std::vector<int64_t>* r_of; const std::vector<int64_t>* off;
-  const std::vector<int64_t>* r0; const double* scale; float* y; int64_t N;
-};
-
-__attribute__((always_inline)) inline void lora_low(const LoraArgs& a, int64_t rb, int64_t re) {
-  for (int64_t i = 0; i < a.Mg; ++i) {
-    float* __restrict low = a.low + i * a.R;
-    for (int64_t r = rb; r < re; ++r) low[r] = 0.f;
-    const float* xr = a.x + a.rows[i] * a.K;
-    for (int64_t k = 0; k < a.K; ++k) {
-      const float xk = xr[k];
-      const float* __restrict ak = a.at + k * a.R;
-#pragma GCC ivdep
-      for (int64_t r = rb; r < re; ++r) low[r] += xk * ak[r];
-    }
-    for (int64_t r = rb; r < re; ++r) low[r] *= a.gate[i];
-  }
-}
-
-__attribute__((always_inline)) inline void lora_out(const LoraArgs& a, int64_t j, int64_t nb, int64_t ne) {
-  const int64_t rj = (*a.r_of)[j], n_j = ne - nb;
-  const float* bt = (*a.bt)[j];
-  const int64_t width = (j + 1 < static_cast<int64_t>(a.off->size()) ? (*a.off)[j + 1] : a.N) - (*a.off)[j];
-  for (int64_t i = 0; i < a.Mg; ++i) {
-    float* __restrict yr = a.y + a.rows[i] * a.N + (*a.off)[j] + nb;
-    const float* low = a.low + i * a.R + (*a.r0)[j];
-    for (int64_t r = 0; r < rj; ++r) {
-      const float c = static_cast<float>(a.scale[j]) * low[r];
-      const float* __restrict br = bt + r * width + nb;
-#pragma GCC ivdep
-      for (int64_t n = 0; n < n_j; ++n) yr[n] += c * br[n];
-    }
-  }
-}
-
-void lora_low_default(const LoraArgs& a, int64_t rb, int64_t re) { lora_low(a, rb, re); }
-void lora_out_default(const LoraArgs& a, int64_t j, int64_t nb, int64_t ne) { lora_out(a, j, nb, ne); }
-#ifdef DLM_X86
-#pragma GCC push_options
-#pragma GCC target("avx2,fma")
-void lora_low_avx2(const LoraArgs& a, int64_t rb, int64_t re) { lora_low(a, rb, re); }
-void lora_out_avx2(const LoraArgs& a, int64_t j, int64_t nb, int64_t ne) { lora_out(a, j, nb, ne); }
-#pragma GCC pop_options
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx2,fma")
-void lora_low_avx512(const LoraArgs& a, int64_t rb, int64_t re) { lora_low(a, rb, re); }
-void lora_out_avx512(const LoraArgs& a, int64_t j, int64_t nb, int64_t ne) { lora_out(a, j, nb, ne); }
-#pragma GCC pop_options
-#endif
-
 // A fused packed linear (x2 [M, K] contiguous): packed_linear + the LoRA update of each member j, whose outputs are
-// columns [off_j, off_j + n_j): lora = [at (the members' A stacked and transposed, [K, sum r_j]), bt_0 [r_0, n_0],
-// bt_1, ...] (B_j transposed) or empty; y[m, member j] += scale_j * gate[m] * (x_m A_j^T) B_j^T. A member with
-// r_j = 0 has no adapter. Rows whose gate is 0 are not touched at all (the packed layer's result, as `+ 0` would
-// leave it); ATen's mm / addmm per member cost more in dispatch than their arithmetic at a few rows.
+// columns [off_j, off_j + n_j): lora = [A (the members' A stacked, [sum r_j, K]) as packed int8 (qweight, scales),
+// then per member B_j [n_j, r_j] as packed int8 (qweight, scales)] or empty, ranks padded to multiples of 32 with
+// zeros; y[m, member j] += scale_j * gate[m] * B_j (A_j x_m) on the same kernel (int8 weights and rows: the adapter's
+// 39 MB of fp32 A and B a forward were a third of a DLM verify step). A member with r_j = 0 has no adapter. Rows
+// whose gate is 0 are not touched at all (the packed layer's result, as `+ 0` would leave it).
 at::Tensor fused_linear(const at::Tensor& x2, const at::Tensor& qweight, const at::Tensor& scales,
                         const at::Tensor& bias, int64_t bits, int64_t group, int64_t path, at::TensorList lora,
                         at::ArrayRef<double> lora_scales, const c10::optional<at::Tensor>& gate) {
@@ -470,7 +414,8 @@ at::Tensor fused_linear(const at::Tensor& x2, const at::Tensor& qweight, const a
                                bits, group, path);
   const int64_t M = x2.size(0), K = x2.size(1), N = y.size(1);
   if (lora.empty() || M == 0) return y;
-  TORCH_CHECK(lora_scales.size() + 1 == lora.size(), "fused_linear: one scale per LoRA member");
+  TORCH_CHECK(lora.size() >= 4 && lora.size() % 2 == 0 && lora_scales.size() + 1 == lora.size() / 2,
+              "fused_linear: LoRA [A q, A scales, B_j q, B_j scales, ...], one scale per member");
   at::Tensor g;
   if (gate.has_value() && gate->defined()) {
     g = gate->to(at::kFloat).contiguous();
@@ -487,46 +432,42 @@ at::Tensor fused_linear(const at::Tensor& x2, const at::Tensor& qweight, const a
   }
   const int64_t Mg = static_cast<int64_t>(rows.size());
   if (Mg == 0) return y;
-  const at::Tensor& at_ = lora[0];
-  TORCH_CHECK(at_.dim() == 2 && at_.size(0) == K && at_.scalar_type() == at::kFloat && at_.is_contiguous(),
-              "fused_linear: LoRA A^T [K, sum r] fp32 contiguous");
-  const int64_t R = at_.size(1);
-  std::vector<const float*> bt;
-  std::vector<int64_t> r_of, off, r0;
-  int64_t o = 0, rr = 0;
-  for (size_t j = 1; j < lora.size(); ++j) {
-    const at::Tensor& b = lora[j];
-    TORCH_CHECK(b.dim() == 2 && b.scalar_type() == at::kFloat && b.is_contiguous(),
-                "fused_linear: LoRA B^T [r, n] fp32 contiguous");
-    bt.push_back(b.data_ptr<float>());
-    r_of.push_back(b.size(0));
-    off.push_back(o);
-    r0.push_back(rr);
-    o += b.size(1);
-    rr += b.size(0);
-  }
-  TORCH_CHECK(o == N && rr == R, "fused_linear: the LoRA members cover ", o, " of ", N, " outputs, ", rr, " of ", R,
-              " ranks");
-  std::vector<float> low(Mg * R);
-  const LoraArgs args{x2.data_ptr<float>(), K, rows.data(), row_gate.data(), Mg, at_.data_ptr<float>(), R,
-                      low.data(), &bt, &r_of, &off, &r0, lora_scales.data(), y.data_ptr<float>(), N};
-  auto low_fn = lora_low_default;
-  auto out_fn = lora_out_default;
-#ifdef DLM_X86
-  if (path == 2) low_fn = lora_low_avx512, out_fn = lora_out_avx512;
-  if (path == 1) low_fn = lora_low_avx2, out_fn = lora_out_avx2;
-#endif
-  at::parallel_for(0, R, 32, [&](int64_t rb, int64_t re) { low_fn(args, rb, re); });
-  const int64_t members = static_cast<int64_t>(off.size()), chunk = 256;
-  std::vector<std::pair<int64_t, int64_t>> tasks;   // (member, first output of a chunk)
-  for (int64_t j = 0; j < members; ++j)
-    for (int64_t n = 0; r_of[j] && n < (j + 1 < members ? off[j + 1] : N) - off[j]; n += chunk) tasks.emplace_back(j, n);
-  at::parallel_for(0, static_cast<int64_t>(tasks.size()), 1, [&](int64_t tb, int64_t te) {
-    for (int64_t t = tb; t < te; ++t) {
-      const int64_t j = tasks[t].first, width = (j + 1 < members ? off[j + 1] : N) - off[j];
-      out_fn(args, j, tasks[t].second, std::min(width, tasks[t].second + chunk));
+  // a few rows of small matrices: plain buffers and one thread (ATen calls and thread hand-offs cost more here)
+  const at::Tensor& aq = lora[0];
+  const int64_t R = aq.size(0);
+  TORCH_CHECK(aq.dim() == 2 && aq.size(1) == K && lora[1].scalar_type() == at::kHalf && lora[1].numel() == R * (K / kBlock),
+              "fused_linear: LoRA A packed int8 [sum r, K]");
+  std::vector<float> xg(Mg * K), low(Mg * R), part, out;
+  const float* xp = x2.data_ptr<float>();
+  for (int64_t i = 0; i < Mg; ++i) std::copy(xp + rows[i] * K, xp + (rows[i] + 1) * K, xg.begin() + i * K);
+  run<false>(quantize_rows(xg.data(), Mg, K, path), Mg, static_cast<const uint8_t*>(aq.data_ptr()), K,
+             lora[1].data_ptr<at::Half>(), K / kBlock, kBlock, low.data(), R, nullptr, path, false);
+  for (int64_t i = 0; i < Mg; ++i)
+    for (int64_t r = 0; r < R; ++r) low[i * R + r] *= row_gate[i];
+  float* yp = y.data_ptr<float>();
+  int64_t off = 0, r0 = 0;
+  for (size_t j = 0; j + 1 < lora.size() / 2; ++j) {
+    const at::Tensor& bq = lora[2 + 2 * j];
+    const int64_t nj = bq.size(0), rj = bq.size(1);
+    if (rj > 0) {
+      TORCH_CHECK(rj % kBlock == 0 && r0 + rj <= R && lora[3 + 2 * j].numel() == nj * (rj / kBlock),
+                  "fused_linear: LoRA B packed int8 [n, r], r a multiple of 32");
+      part.resize(Mg * rj);
+      out.resize(Mg * nj);
+      for (int64_t i = 0; i < Mg; ++i) std::copy(low.begin() + i * R + r0, low.begin() + i * R + r0 + rj, part.begin() + i * rj);
+      run<false>(quantize_rows(part.data(), Mg, rj, path), Mg, static_cast<const uint8_t*>(bq.data_ptr()), rj,
+                 lora[3 + 2 * j].data_ptr<at::Half>(), rj / kBlock, kBlock, out.data(), nj, nullptr, path, false);
+      const float sj = static_cast<float>(lora_scales[j]);
+      for (int64_t i = 0; i < Mg; ++i) {
+        float* yr = yp + rows[i] * N + off;
+        for (int64_t n = 0; n < nj; ++n) yr[n] += sj * out[i * nj + n];
+      }
     }
-  });
+    off += nj;
+    r0 += rj;
+  }
+  TORCH_CHECK(off == N && r0 == R, "fused_linear: the LoRA members cover ", off, " of ", N, " outputs, ", r0, " of ",
+              R, " ranks");
   return y;
 }
 
@@ -575,7 +516,7 @@ at::Tensor lean_mlp_out(const at::Tensor& attn, const at::Tensor& residual, at::
   const int64_t B = residual.size(0), T = residual.size(1), K = residual.size(2), M = B * T;
   size_t si = 0;
   auto next_scales = [&](const at::TensorList& lora) {
-    const size_t n = lora.empty() ? 0 : lora.size() - 1;
+    const size_t n = lora.empty() ? 0 : lora.size() / 2 - 1;   // [A q, A scales, (B_j q, B_j scales)...]
     at::ArrayRef<double> out = lora_scales.slice(si, n);
     si += n;
     return out;
