@@ -76,9 +76,10 @@ def quantization_config(quantization: Optional[str], dtype: torch.dtype, device:
 def resolve_auto_quantization(base, dtype: torch.dtype, device: torch.device) -> Optional[str]:
     """What `quantization="auto"` means for this base: "int4" on a CPU in fp32 when packing every linear layer as
     int4 reproduces its weights exactly (a base read from a Q4_1 GGUF, as the embedded default is: the packed
-    model is the GGUF's own model and reads 5 bits a weight instead of 32), else None (full precision). A GPU, a
-    half-precision dtype or any other base keeps its weights: "auto" never changes what a model computes beyond
-    the order of fp32 sums."""
+    model is the GGUF's own weights, read at 5 bits a weight instead of 32), else None (full precision). A GPU, a
+    half-precision dtype or any other base keeps its weights: "auto" never changes a model's weights. The packed
+    kernel rounds activations to int8 per block of 32 (as llama.cpp does for this format): SmolLM2's logits move by
+    ~3% against fp32, top-1 0.97, judge-PPL level (docs/method.md); `quantization=None` keeps fp32."""
     if device.type != "cpu" or dtype != torch.float32:
         return None
     from .packed_linear import int4_exact
