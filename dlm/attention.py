@@ -226,10 +226,13 @@ def packed_gqa_sdpa(module, query, key, value, attention_mask, dropout: float = 
              and not kwargs.get("output_attentions", False) and (dropout == 0.0 or not module.training))
     m = attention_mask
     if plain and (m is None or m.dtype == torch.bool and m.dim() == 4 and m.shape[1] == 1) and \
-            query.device.type == "cpu" and query.dtype == key.dtype == value.dtype == torch.float32:
+            query.device.type == "cpu" and query.dtype == key.dtype == value.dtype == torch.float32 and \
+            key.shape[2] >= q:
         causal = getattr(module, "is_causal", True) if is_causal is None else is_causal   # transformers' rule
         if m is None and q > 1 and not causal:
             m = torch.ones(1, 1, q, key.shape[2], dtype=torch.bool)
+        elif m is not None:
+            m = m[:, :, :, :key.shape[2]]   # as transformers' sdpa path slices a longer (static-cache) mask
         out = row_attention(query, key, value, m, D ** -0.5 if scaling is None else scaling)
         if out is not None:
             return out, None
