@@ -623,7 +623,9 @@ at::Tensor row_attention(const at::Tensor& q, const at::Tensor& k, const at::Ten
   if (path == 2) fn = attn_rows_avx512;
   if (path == 1) fn = attn_rows_avx2;
 #endif
-  at::parallel_for(0, B * H * Q, 1, [&](int64_t b, int64_t e) { fn(args, b, e); });
+  // a decoding step's few rows in one thread (a thread hand-off costs more than their arithmetic)
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 18) / std::max<int64_t>(1, K * D));
+  at::parallel_for(0, B * H * Q, grain, [&](int64_t b, int64_t e) { fn(args, b, e); });
   return out;
 }
 
