@@ -132,13 +132,17 @@ inline int weight_q(const uint8_t* tw, int64_t w, int64_t k, int64_t n, bool i4)
   return static_cast<int8_t>(tw[kb * kBlock * w + (j / kChunk) * kChunk * w + n * kChunk + j % kChunk]);
 }
 
+// The first k (within its block) of unpacked chunk c: int4's 4 byte chunks give 8 (c < 4 the low nibbles, k = 4c;
+// c >= 4 the high ones, k = 16 + 4 (c - 4)); int8's 8 chunks are k = 4c.
+constexpr int64_t chunk_k(int c, bool i4) { return i4 && c >= 4 ? 16 + 4 * (c - 4) : 4 * c; }
+
 // ----- portable path (any tile width: also the narrower last tile on every path) ----------------------------------
 template <bool I4>
-void tile_scalar(const QRows& a, int64_t m_begin, int64_t m_end, const uint8_t* tw, const at::Half* ts, int64_t w,
+void tile_scalar(const QRows& a, int64_t M, const uint8_t* tw, const at::Half* ts, int64_t w,
                  int64_t G, int64_t group, float* y, int64_t ldy, int64_t n0, const float* bias) {
   constexpr int64_t P = I4 ? 2 : 1;
   const int64_t per_group = group / kBlock;
-  for (int64_t m = m_begin; m < m_end; ++m)
+  for (int64_t m = 0; m < M; ++m)
     for (int64_t n = 0; n < w; ++n) {
       float acc = 0.f;
       for (int64_t kb = 0; kb < a.KB; ++kb) {
@@ -199,7 +203,7 @@ inline void half_avx2(const QRows& a, int64_t m0, const uint8_t* tw, const at::H
           __m256i s16 = _mm256_setzero_si256();
 #pragma GCC unroll 8
           for (int c = 0; c < 8; ++c) {
-            const int64_t k = k0 + (c < 4 ? 4 * c : 16 + 4 * (c - 4));
+            const int64_t k = k0 + chunk_k(c, true);
             s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(wv[c], _mm256_set1_epi32(a.broadcast4(row, k))));
           }
           isum = _mm256_madd_epi16(s16, ones);
@@ -207,7 +211,8 @@ inline void half_avx2(const QRows& a, int64_t m0, const uint8_t* tw, const at::H
           isum = _mm256_setzero_si256();
 #pragma GCC unroll 8
           for (int c = 0; c < 8; ++c) {
-            const __m256i xs = _mm256_sign_epi8(_mm256_set1_epi32(a.broadcast4(row, k0 + 4 * c)), ws[c]);
+            const __m256i xs =
+                _mm256_sign_epi8(_mm256_set1_epi32(a.broadcast4(row, k0 + chunk_k(c, false))), ws[c]);
             isum = _mm256_add_epi32(isum, _mm256_madd_epi16(_mm256_maddubs_epi16(wv[c], xs), ones));
           }
         }
@@ -275,7 +280,7 @@ inline void tile_rows_vnni(const QRows& a, int64_t m0, const uint8_t* tw, const 
         __m512i part[2] = {_mm512_setzero_si512(), _mm512_setzero_si512()};   // two chains: vpdpbusd's latency
 #pragma GCC unroll 8
         for (int c = 0; c < 8; ++c) {
-          const int64_t k = k0 + (I4 ? (c < 4 ? 4 * c : 16 + 4 * (c - 4)) : 4 * c);
+          const int64_t k = k0 + chunk_k(c, I4);
           part[c & 1] = _mm512_dpbusd_epi32(part[c & 1], wv[c], _mm512_set1_epi32(a.broadcast4(row, k)));
         }
         __m512i isum = _mm512_add_epi32(part[0], part[1]);
@@ -290,7 +295,7 @@ inline void tile_rows_vnni(const QRows& a, int64_t m0, const uint8_t* tw, const 
   for (int m = 0; m < MT; ++m) _mm512_storeu_ps(y + (m0 + m) * ldy + n0, _mm512_add_ps(acc[m], b));
 }
 
-constexpr int64_t kRowsVnni = 4;
+constexpr int64_t kRowsVnni = 4;   // rows per pass over a tile (8 ran no faster on the 2-core Xeon)
 template <bool I4>
 void tile_vnni(const QRows& a, int64_t M, const uint8_t* tw, const at::Half* ts, int64_t G, int64_t group, float* y,
                int64_t ldy, int64_t n0, const float* bias) {
@@ -299,11 +304,7 @@ void tile_vnni(const QRows& a, int64_t M, const uint8_t* tw, const at::Half* ts,
       case 1: tile_rows_vnni<I4, 1>(a, m, tw, ts, G, group, y, ldy, n0, bias); break;
       case 2: tile_rows_vnni<I4, 2>(a, m, tw, ts, G, group, y, ldy, n0, bias); break;
       case 3: tile_rows_vnni<I4, 3>(a, m, tw, ts, G, group, y, ldy, n0, bias); break;
-      case 4: tile_rows_vnni<I4, 4>(a, m, tw, ts, G, group, y, ldy, n0, bias); break;
-      case 5: tile_rows_vnni<I4, 5>(a, m, tw, ts, G, group, y, ldy, n0, bias); break;
-      case 6: tile_rows_vnni<I4, 6>(a, m, tw, ts, G, group, y, ldy, n0, bias); break;
-      case 7: tile_rows_vnni<I4, 7>(a, m, tw, ts, G, group, y, ldy, n0, bias); break;
-      default: tile_rows_vnni<I4, 8>(a, m, tw, ts, G, group, y, ldy, n0, bias); break;
+      default: tile_rows_vnni<I4, 4>(a, m, tw, ts, G, group, y, ldy, n0, bias); break;
     }
   }
 }
@@ -326,7 +327,7 @@ void run(const QRows& a, int64_t M, const uint8_t* wp, int64_t row_bytes, const 
       if (w == kTile && path == 2) { tile_vnni<I4>(a, M, tw, ts, G, group, yp, N, n0, bp); continue; }
       if (w == kTile && path == 1) { tile_avx2<I4>(a, M, tw, ts, G, group, yp, N, n0, bp); continue; }
 #endif
-      tile_scalar<I4>(a, 0, M, tw, ts, w, G, group, yp, N, n0, bp);
+      tile_scalar<I4>(a, M, tw, ts, w, G, group, yp, N, n0, bp);
     }
   });
 }
@@ -401,6 +402,14 @@ at::Tensor packed_linear_lora(const at::Tensor& x, const at::Tensor& qweight, co
 // These two ops run the same ATen calls, in the same order, from C++ (the attention itself stays in Python, the
 // model's own implementation): the results are transformers' bit for bit where no LoRA runs (dlm/lean_layers.py).
 
+// y [M, N] = x [M, K] @ dequant(W)^T for a packed int8 W (group 32), in this thread: the LoRA's few rows of small
+// matrices, where ATen calls and thread hand-offs cost more than the arithmetic.
+void int8_rows_serial(const float* x, int64_t M, int64_t K, const at::Tensor& q, const at::Tensor& s, float* y,
+                      int64_t path) {
+  run<false>(quantize_rows(x, M, K, path), M, static_cast<const uint8_t*>(q.data_ptr()), K, s.data_ptr<at::Half>(),
+             K / kBlock, kBlock, y, q.size(0), nullptr, path, false);
+}
+
 // A fused packed linear (x2 [M, K] contiguous): packed_linear + the LoRA update of each member j, whose outputs are
 // columns [off_j, off_j + n_j): lora = [A (the members' A stacked, [sum r_j, K]) as packed int8 (qweight, scales),
 // then per member B_j [n_j, r_j] as packed int8 (qweight, scales)] or empty, ranks padded to multiples of 32 with
@@ -432,7 +441,6 @@ at::Tensor fused_linear(const at::Tensor& x2, const at::Tensor& qweight, const a
   }
   const int64_t Mg = static_cast<int64_t>(rows.size());
   if (Mg == 0) return y;
-  // a few rows of small matrices: plain buffers and one thread (ATen calls and thread hand-offs cost more here)
   const at::Tensor& aq = lora[0];
   const int64_t R = aq.size(0);
   TORCH_CHECK(aq.dim() == 2 && aq.size(1) == K && lora[1].scalar_type() == at::kHalf && lora[1].numel() == R * (K / kBlock),
@@ -440,8 +448,7 @@ at::Tensor fused_linear(const at::Tensor& x2, const at::Tensor& qweight, const a
   std::vector<float> xg(Mg * K), low(Mg * R), part, out;
   const float* xp = x2.data_ptr<float>();
   for (int64_t i = 0; i < Mg; ++i) std::copy(xp + rows[i] * K, xp + (rows[i] + 1) * K, xg.begin() + i * K);
-  run<false>(quantize_rows(xg.data(), Mg, K, path), Mg, static_cast<const uint8_t*>(aq.data_ptr()), K,
-             lora[1].data_ptr<at::Half>(), K / kBlock, kBlock, low.data(), R, nullptr, path, false);
+  int8_rows_serial(xg.data(), Mg, K, aq, lora[1], low.data(), path);
   for (int64_t i = 0; i < Mg; ++i)
     for (int64_t r = 0; r < R; ++r) low[i * R + r] *= row_gate[i];
   float* yp = y.data_ptr<float>();
@@ -455,8 +462,7 @@ at::Tensor fused_linear(const at::Tensor& x2, const at::Tensor& qweight, const a
       part.resize(Mg * rj);
       out.resize(Mg * nj);
       for (int64_t i = 0; i < Mg; ++i) std::copy(low.begin() + i * R + r0, low.begin() + i * R + r0 + rj, part.begin() + i * rj);
-      run<false>(quantize_rows(part.data(), Mg, rj, path), Mg, static_cast<const uint8_t*>(bq.data_ptr()), rj,
-                 lora[3 + 2 * j].data_ptr<at::Half>(), rj / kBlock, kBlock, out.data(), nj, nullptr, path, false);
+      int8_rows_serial(part.data(), Mg, rj, bq, lora[3 + 2 * j], out.data(), path);
       const float sj = static_cast<float>(lora_scales[j]);
       for (int64_t i = 0; i < Mg; ++i) {
         float* yr = yp + rows[i] * N + off;
