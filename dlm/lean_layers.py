@@ -1,4 +1,4 @@
-"""A LLaMA-style decoder layer in two calls into C++ at inference on a CPU: transformers' arithmetic, bit for bit.
+"""A LLaMA-style decoder layer in two calls into C++ at inference on a CPU: transformers' layer, row by row.
 
 A 1-row decoding step of SmolLM2-135M in int4 reads ~70 MB of weights (~3 ms on a 2-core CPU), but transformers'
 decoder layer makes ~50 ATen calls and nine module calls from Python for each of the 30 layers, and at a few
@@ -6,13 +6,17 @@ microseconds of dispatch each, that overhead was 7.5 of a 17 ms step (profiled, 
 packed model (`dlm.packed_linear`, int8 / int4) runs as
 
     lean_attn_in:  input norm -> one fused q|k|v packed matmul (+ LoRA) -> rotary embedding          (C++)
-    cache.update and the model's own attention function (sdpa, dlm's packed GQA, eager...)           (Python)
+    cache.update and the model's own attention function (dlm's row attention, sdpa, eager...)       (Python)
     lean_mlp_out:  o projection + residual -> norm -> one fused gate|up matmul -> silu * up -> down   (C++)
 
-The C++ ops (`dlm/csrc/packed_rows.cpp`) make the same ATen calls in the same order as transformers' Python, and
-the packed kernel gives each output the same fixed-order sum whether a weight is fused with others or not, so a
-row without LoRA (the AR base, the verifier's clean rows) is transformers' result exactly; tests hold it to
-`torch.equal`. The fused q|k|v and gate|up weights are views of one buffer per group, not copies.
+The C++ ops (`dlm/csrc/packed_rows.cpp`) do the norms, the rotary embedding, the residuals and silu * up in plain
+loops, one row at a time in a fixed order of fp32 operations (ATen calls from C++ still cost ~1-2 us each, ~25 a
+layer), and the packed kernel gives each output the same fixed-order sum whether a weight is fused with others or
+not, and whatever rows share the call. So a position's result is the same bits in an AR step, a prompt's prefill or
+a verify forward beside noisy rows (tests hold it to `torch.equal`): the verifier's clean rows under a row-gated
+adapter are the base model's lean result exactly. Against transformers' layers on the same packed weights they
+agree within fp32 rounding (the norm sums its squares in another order). The fused q|k|v and gate|up weights are
+views of one buffer per group, not copies.
 
 A LoRA adapter (peft, unmerged, the active one) is added per member with its scale, row-gated by
 `dlm.adapter_routing` as the layer-by-layer path is (a row the gate closes is not touched: the base's result). Its A

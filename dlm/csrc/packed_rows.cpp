@@ -399,8 +399,8 @@ at::Tensor packed_linear_lora(const at::Tensor& x, const at::Tensor& qweight, co
 // ----- a LLaMA-style decoder layer in two calls ------------------------------------------------------------------
 // From Python each ATen call costs a few microseconds of dispatch; a decoder layer of transformers is ~50 of them
 // plus nine module calls, ~5 ms of a 1-row step over SmolLM2's 30 layers (more than its int4 weights take to read).
-// These two ops run the same ATen calls, in the same order, from C++ (the attention itself stays in Python, the
-// model's own implementation): the results are transformers' bit for bit where no LoRA runs (dlm/lean_layers.py).
+// These two ops do its work from C++ (the attention itself stays in Python, the model's own implementation), the
+// glue in plain loops below: transformers' layer within fp32 rounding, every row on its own (dlm/lean_layers.py).
 
 // y [M, N] = x [M, K] @ dequant(W)^T for a packed int8 W (group 32), in this thread: the LoRA's few rows of small
 // matrices, where ATen calls and thread hand-offs cost more than the arithmetic.
@@ -477,40 +477,76 @@ at::Tensor fused_linear(const at::Tensor& x2, const at::Tensor& qweight, const a
   return y;
 }
 
-// transformers' LlamaRMSNorm on fp32: weight * (x * rsqrt(mean(x^2) + eps)).
-at::Tensor rms_norm_hf(const at::Tensor& x, const at::Tensor& weight, double eps) {
-  return weight * (x * at::rsqrt(x.pow(2).mean(-1, true) + eps));
+// The layer's glue, row by row in plain loops (ATen calls from C++ still cost ~1-2 us of dispatch each, and ~25 of
+// them a layer were a fifth of a 1-row step): each row's result depends on that row alone, in a fixed order of fp32
+// operations, so a position gets the same bits in an AR step, a prefill or a verify forward.
+
+// transformers' LlamaRMSNorm on fp32 rows: w * (x * 1 / sqrt(mean(x^2) + eps)); the sum of squares in 8 lanes
+// (fixed order), then the lanes in order.
+void rms_rows(const float* x, int64_t M, int64_t K, const float* w, float eps, float* out) {
+  for (int64_t m = 0; m < M; ++m) {
+    const float* xr = x + m * K;
+    float lane[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+    int64_t k = 0;
+    for (; k + 8 <= K; k += 8)
+      for (int j = 0; j < 8; ++j) lane[j] += xr[k + j] * xr[k + j];
+    float ss = 0.f;
+    for (int j = 0; j < 8; ++j) ss += lane[j];
+    for (; k < K; ++k) ss += xr[k] * xr[k];
+    const float r = 1.f / std::sqrt(ss / static_cast<float>(K) + eps);
+    float* o = out + m * K;
+    for (k = 0; k < K; ++k) o[k] = w[k] * (xr[k] * r);
+  }
 }
 
-at::Tensor rotate_half(const at::Tensor& x) {
-  const int64_t h = x.size(-1) / 2;
-  return at::cat({-x.narrow(-1, h, x.size(-1) - h), x.narrow(-1, 0, h)}, -1);
+// Rotary embedding of one head's row (transformers' x * cos + rotate_half(x) * sin, rotate_half(x) = [-x2, x1]).
+inline void rope_row(const float* x, const float* c, const float* s, int64_t D, float* out) {
+  const int64_t h = D / 2;
+  for (int64_t d = 0; d < h; ++d) out[d] = x[d] * c[d] + (-x[d + h]) * s[d];
+  for (int64_t d = h; d < D; ++d) out[d] = x[d] * c[d] + x[d - h] * s[d];
 }
 
-// input norm -> fused q|k|v projection -> rotary embedding: (q, k, v) as [B, heads, T, head_dim], as the model's
-// attention module hands them to the cache and the attention function. x [B, T, K] fp32; cos / sin [B, T, hd].
+// input norm -> fused q|k|v projection -> rotary embedding: (q, k, v) as [B, heads, T, head_dim] (contiguous), as the
+// model's attention module hands them to the cache and the attention function. x [B, T, K] fp32; cos / sin
+// [B or 1, T, hd].
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lean_attn_in(
     const at::Tensor& x, const at::Tensor& norm_w, double eps, const at::Tensor& qweight, const at::Tensor& scales,
     const at::Tensor& bias, int64_t bits, int64_t group, int64_t path, at::TensorList lora,
     at::ArrayRef<double> lora_scales, const c10::optional<at::Tensor>& gate, const at::Tensor& cos,
     const at::Tensor& sin, int64_t n_q, int64_t n_kv, int64_t head_dim) {
   TORCH_CHECK(x.dim() == 3 && x.scalar_type() == at::kFloat, "lean_attn_in: x [B, T, K] fp32");
-  const int64_t B = x.size(0), T = x.size(1), K = x.size(2);
-  const at::Tensor h = rms_norm_hf(x, norm_w, eps);
-  const at::Tensor y = fused_linear(h.reshape({B * T, K}).contiguous(), qweight, scales, bias, bits, group, path,
-                                    lora, lora_scales, gate).view({B, T, -1});
-  const int64_t nq = n_q * head_dim, nk = n_kv * head_dim;
-  TORCH_CHECK(y.size(2) == nq + 2 * nk, "lean_attn_in: the fused projection has ", y.size(2), " outputs");
-  const at::Tensor q = y.narrow(2, 0, nq).view({B, T, n_q, head_dim}).transpose(1, 2);
-  const at::Tensor k = y.narrow(2, nq, nk).view({B, T, n_kv, head_dim}).transpose(1, 2);
-  const at::Tensor v = y.narrow(2, nq + nk, nk).view({B, T, n_kv, head_dim}).transpose(1, 2);
-  const at::Tensor c = cos.unsqueeze(1), s = sin.unsqueeze(1);
-  return {q * c + rotate_half(q) * s, k * c + rotate_half(k) * s, v};
+  const int64_t B = x.size(0), T = x.size(1), K = x.size(2), D = head_dim;
+  TORCH_CHECK(norm_w.numel() == K && norm_w.scalar_type() == at::kFloat, "lean_attn_in: norm weight [K] fp32");
+  TORCH_CHECK(cos.dim() == 3 && cos.sizes() == sin.sizes() && cos.size(1) == T && cos.size(2) == D &&
+              (cos.size(0) == B || cos.size(0) == 1) && cos.scalar_type() == at::kFloat &&
+              sin.scalar_type() == at::kFloat, "lean_attn_in: cos / sin [B or 1, T, head_dim] fp32");
+  const at::Tensor xc = x.contiguous(), wn = norm_w.contiguous(), cc = cos.contiguous(), sc = sin.contiguous();
+  at::Tensor h = at::empty({B * T, K}, xc.options());
+  rms_rows(xc.data_ptr<float>(), B * T, K, wn.data_ptr<float>(), static_cast<float>(eps), h.data_ptr<float>());
+  const at::Tensor y = fused_linear(h, qweight, scales, bias, bits, group, path, lora, lora_scales, gate);
+  const int64_t nq = n_q * D, nk = n_kv * D, N = nq + 2 * nk;
+  TORCH_CHECK(y.size(1) == N, "lean_attn_in: the fused projection has ", y.size(1), " outputs");
+  at::Tensor q = at::empty({B, n_q, T, D}, xc.options()), k = at::empty({B, n_kv, T, D}, xc.options()),
+             v = at::empty({B, n_kv, T, D}, xc.options());
+  const float *yp = y.data_ptr<float>(), *cp = cc.data_ptr<float>(), *sp = sc.data_ptr<float>();
+  float *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t t = 0; t < T; ++t) {
+      const float* yr = yp + (b * T + t) * N;
+      const int64_t rot = ((cos.size(0) == 1 ? 0 : b) * T + t) * D;
+      for (int64_t hd = 0; hd < n_q; ++hd)
+        rope_row(yr + hd * D, cp + rot, sp + rot, D, qp + ((b * n_q + hd) * T + t) * D);
+      for (int64_t hd = 0; hd < n_kv; ++hd) {
+        rope_row(yr + nq + hd * D, cp + rot, sp + rot, D, kp + ((b * n_kv + hd) * T + t) * D);
+        std::copy(yr + nq + nk + hd * D, yr + nq + nk + (hd + 1) * D, vp + ((b * n_kv + hd) * T + t) * D);
+      }
+    }
+  return {q, k, v};
 }
 
 // o projection + residual -> post-attention norm -> fused gate|up -> silu(gate) * up -> down + residual.
-// attn [B, T, heads * hd] (contiguous), residual [B, T, K]; weights / scales / biases / lora in the order o, gate|up,
-// down (a bias of 0 elements: none); lora_scales: o's, gate's and up's, down's.
+// attn [B, T, heads * hd], residual [B, T, K]; weights / scales / biases / lora in the order o, gate|up, down (a
+// bias of 0 elements: none); lora_scales: o's, gate's and up's, down's.
 at::Tensor lean_mlp_out(const at::Tensor& attn, const at::Tensor& residual, at::TensorList qweights,
                         at::TensorList scales, at::TensorList biases, int64_t bits, int64_t group, int64_t path,
                         at::TensorList lora_o, at::TensorList lora_gu, at::TensorList lora_down,
@@ -519,7 +555,9 @@ at::Tensor lean_mlp_out(const at::Tensor& attn, const at::Tensor& residual, at::
   TORCH_CHECK(qweights.size() == 3 && scales.size() == 3 && biases.size() == 3, "lean_mlp_out: o, gate|up, down");
   TORCH_CHECK(lora_scales.size() == (lora_o.empty() ? 0 : 1) + (lora_gu.empty() ? 0 : 2) +
                                          (lora_down.empty() ? 0 : 1), "lean_mlp_out: one LoRA scale per member");
+  TORCH_CHECK(residual.dim() == 3 && residual.scalar_type() == at::kFloat, "lean_mlp_out: residual [B, T, K] fp32");
   const int64_t B = residual.size(0), T = residual.size(1), K = residual.size(2), M = B * T;
+  TORCH_CHECK(norm_w.numel() == K && norm_w.scalar_type() == at::kFloat, "lean_mlp_out: norm weight [K] fp32");
   size_t si = 0;
   auto next_scales = [&](const at::TensorList& lora) {
     const size_t n = lora.empty() ? 0 : lora.size() / 2 - 1;   // [A q, A scales, (B_j q, B_j scales)...]
@@ -528,15 +566,26 @@ at::Tensor lean_mlp_out(const at::Tensor& attn, const at::Tensor& residual, at::
     return out;
   };
   const at::ArrayRef<double> s_o = next_scales(lora_o), s_gu = next_scales(lora_gu), s_d = next_scales(lora_down);
-  const at::Tensor hs = residual + fused_linear(attn.reshape({M, attn.size(2)}), qweights[0], scales[0], biases[0],
-                                                bits, group, path, lora_o, s_o, gate).view({B, T, K});
-  const at::Tensor h = rms_norm_hf(hs, norm_w, eps);
-  const at::Tensor g = fused_linear(h.reshape({M, K}).contiguous(), qweights[1], scales[1], biases[1], bits, group,
-                                    path, lora_gu, s_gu, gate);
+  const at::Tensor res = residual.contiguous(), wn = norm_w.contiguous();
+  at::Tensor hs = fused_linear(attn.reshape({M, attn.size(2)}).contiguous(), qweights[0], scales[0], biases[0], bits,
+                               group, path, lora_o, s_o, gate);
+  TORCH_CHECK(hs.size(1) == K, "lean_mlp_out: o projection has ", hs.size(1), " outputs for a residual of ", K);
+  float* hp = hs.data_ptr<float>();
+  const float* rp = res.data_ptr<float>();
+  for (int64_t i = 0; i < M * K; ++i) hp[i] = rp[i] + hp[i];
+  at::Tensor h = at::empty({M, K}, res.options());
+  rms_rows(hp, M, K, wn.data_ptr<float>(), static_cast<float>(eps), h.data_ptr<float>());
+  const at::Tensor g = fused_linear(h, qweights[1], scales[1], biases[1], bits, group, path, lora_gu, s_gu, gate);
   const int64_t I = g.size(1) / 2;
-  const at::Tensor act = at::silu(g.narrow(1, 0, I)) * g.narrow(1, I, I);
-  return hs + fused_linear(act, qweights[2], scales[2], biases[2], bits, group, path, lora_down, s_d, gate)
-                  .view({B, T, K});
+  at::Tensor act = at::silu(g.narrow(1, 0, I)).contiguous();   // ATen's vectorized exp (a scalar exp costs more)
+  float* ap = act.data_ptr<float>();
+  const float* gp = g.data_ptr<float>();
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t i = 0; i < I; ++i) ap[m * I + i] = ap[m * I + i] * gp[m * 2 * I + I + i];
+  at::Tensor out = fused_linear(act, qweights[2], scales[2], biases[2], bits, group, path, lora_down, s_d, gate);
+  float* op = out.data_ptr<float>();
+  for (int64_t i = 0; i < M * K; ++i) op[i] = hp[i] + op[i];
+  return out.view({B, T, K});
 }
 
 // ----- attention whose every row is the same bits however it is called ------------------------------------------
