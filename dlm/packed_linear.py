@@ -250,6 +250,17 @@ def row_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optio
     return torch.ops.dlm_packed.row_attention.default(q, k, v, mask, float(scale), fast[1])
 
 
+def nucleus_filter(scores: torch.Tensor, probs: torch.Tensor, top_p: float, min_keep: int, filter_value: float
+                   ) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+    """Top-p filtering of scores [N, V] fp32 CPU (probs their softmax) without sorting the vocabulary (csrc/
+    packed_rows.cpp): (filtered scores, decided [N]; an undecided row is left as it was, for a full sort), or None
+    where the kernel does not run here. `dlm.token_sampling.nucleus_warper` is its caller."""
+    fast = _FAST if _FAST is not None else _fast()
+    if not fast:
+        return None
+    return torch.ops.dlm_packed.nucleus_filter.default(scores, probs, float(top_p), int(min_keep), float(filter_value))
+
+
 # ----- the module ---------------------------------------------------------------------------------------------------
 class PackedLinear(nn.Module):
     """A linear layer with packed int8 / int4 weights (buffers `qweight`, `scales`; `bias` fp32 when the layer has

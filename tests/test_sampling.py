@@ -6,6 +6,8 @@ choose, so orders and probabilities are known exactly); end-to-end behaviour on 
 """
 from __future__ import annotations
 
+import math
+
 import re
 
 import pytest
@@ -142,9 +144,9 @@ def test_sample_tokens_greedy_seeded_and_filtered():
 @pytest.mark.parametrize("top_p", [0.3, 0.9, 0.95, 0.999])
 @pytest.mark.parametrize("min_keep", [1, 3])
 def test_nucleus_warper_keeps_exactly_what_transformers_top_p_keeps(top_p, min_keep):
-    """The top-k shortcut decides the same kept set as the full sort: peaked rows (decided from the candidates),
-    flat rows (the nucleus reaches past them: the full sort), banned (-inf) tokens, a vocabulary smaller than the
-    candidates."""
+    """The candidates' shortcut decides the same kept set as the full sort: peaked rows, flat rows, banned (-inf)
+    tokens, a small vocabulary (all decided from the tokens above a threshold), and rows whose nucleus reaches into
+    a tail of tokens below every threshold (the full sort)."""
     from transformers import TopPLogitsWarper
 
     from dlm.token_sampling import nucleus_warper
@@ -154,28 +156,36 @@ def test_nucleus_warper_keeps_exactly_what_transformers_top_p_keeps(top_p, min_k
     banned = torch.randn(4, 5000, generator=g) * 4
     banned[:, ::3] = float("-inf")
     small = torch.randn(6, 100, generator=g) * 3
+    # 99.6% on one token, the rest spread over 4,999 tokens of < 1e-6 each: top-p 0.999 reaches into that tail
+    tail = (torch.full((3, 5000), 0.004 / 4999) * (1 + 0.01 * torch.rand(3, 5000, generator=g))).log()
+    tail[:, 0] = math.log(0.996)
     full_sorts = []
     parent = TopPLogitsWarper.__call__
     ours = nucleus_warper(top_p)
     ours.min_tokens_to_keep = min_keep
-    type(ours).__bases__[0].__call__ = lambda self, i, sc: full_sorts.append(1) or parent(self, i, sc)
+    type(ours).__bases__[0].__call__ = lambda self, i, sc: full_sorts.append(len(batches)) or parent(self, i, sc)
     try:
-        batches = [*peaked.split(1), peaked, flat, banned, small]   # one row per call, then whole batches
-        for scores in batches:
+        batches = []
+        for scores in [*peaked.split(1), peaked, flat, banned, small, tail]:   # one row per call, then batches
+            batches.append(scores)
             ref = parent(TopPLogitsWarper(top_p, min_tokens_to_keep=min_keep), None, scores.clone())
             got = ours(None, scores.clone())
             assert torch.equal(got[~torch.isinf(got)], scores[~torch.isinf(got)])   # kept scores untouched
             differ = torch.isinf(got) != torch.isinf(ref)
-            if differ.any():   # only where float32 rounding of the parent's cumulative sum decides: the token's
-                p = scores.double().softmax(-1)                  # mass-from-here is within 1e-4 of 1 - top_p
+            if differ.any():   # only where float32 rounding of the parent's cumulative sum (over up to 5,000
+                p = scores.double().softmax(-1)   # tokens) decides: the token's mass-from-here is within 5e-4 of 1 - top_p
                 rows, cols = differ.nonzero(as_tuple=True)
                 for r, c in zip(rows.tolist(), cols.tolist()):
                     mass = float(p[r][p[r] <= p[r, c]].sum())
-                    assert abs(mass - (1 - top_p)) < 1e-4, (r, c, mass)
+                    assert abs(mass - (1 - top_p)) < 5e-4, (r, c, mass)
                 assert differ.sum() <= differ.shape[0]
     finally:
         TopPLogitsWarper.__call__ = parent
-    assert len(full_sorts) >= 2 and len(batches) - len(full_sorts) >= 8   # flat / small rows sorted, peaked not
+    # only the tail's rows, and only when the nucleus reaches past its head (top-p above 0.996, or more than one
+    # token to keep), took the full sort
+    from dlm.packed_linear import available
+    if available():   # (without the compiled kernel every row takes the full sort)
+        assert full_sorts == ([len(batches)] * tail.shape[0] if top_p > 0.996 or min_keep > 1 else [])
 
 
 def test_ar_generate_samples_from_the_nucleus_of_the_tempered_distribution(model):

@@ -684,6 +684,67 @@ at::Tensor row_attention(const at::Tensor& q, const at::Tensor& k, const at::Ten
   return out;
 }
 
+// ----- top-p (nucleus) filtering without sorting the vocabulary ------------------------------------------------
+// transformers' TopPLogitsWarper removes a token when the tokens more probable than it hold >= top_p of the mass
+// (from its full sort of the vocabulary: ~3.4 ms a row for 49,152 tokens on a 2-core CPU). If the tokens above a
+// probability t hold more than top_p, no token at or below t is kept, so only those candidates are sorted.
+// scores / probs [N, V] (probs = softmax(scores)) -> (scores with the removed tokens set to filter_value, decided
+// [N]): a row no threshold bounds (the nucleus may reach below the last one) is left as it was and not decided, for
+// the caller's full sort. The masses are summed in double.
+std::tuple<at::Tensor, at::Tensor> nucleus_filter(const at::Tensor& scores, const at::Tensor& probs, double top_p,
+                                                  int64_t min_keep, double filter_value) {
+  TORCH_CHECK(scores.dim() == 2 && probs.sizes() == scores.sizes() && scores.scalar_type() == at::kFloat &&
+              probs.scalar_type() == at::kFloat, "nucleus_filter: scores and probs [N, V] fp32");
+  const int64_t N = scores.size(0), V = scores.size(1);
+  const at::Tensor sc = scores.contiguous(), pc = probs.contiguous();
+  at::Tensor out = at::empty_like(sc), decided = at::zeros({N}, scores.options().dtype(at::kBool));
+  const float *pp = pc.data_ptr<float>(), *sp = sc.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  bool* dp = decided.data_ptr<bool>();
+  const float fv = static_cast<float>(filter_value);
+  std::vector<int32_t> wide, cand;
+  for (int64_t n = 0; n < N; ++n) {
+    const float *p = pp + n * V, *src = sp + n * V;
+    float* row = op + n * V;
+    double lane[8] = {0, 0, 0, 0, 0, 0, 0, 0}, total = 0.0;
+    int64_t v = 0;
+    for (; v + 8 <= V; v += 8)
+      for (int j = 0; j < 8; ++j) lane[j] += p[v + j];
+    for (int j = 0; j < 8; ++j) total += lane[j];
+    for (; v < V; ++v) total += p[v];
+    wide.clear();
+    for (v = 0; v < V; ++v)
+      if (p[v] > 1e-6f) wide.push_back(static_cast<int32_t>(v));
+    size_t kept = 0;
+    bool ok = false;
+    for (const float t : {1e-4f, 1e-6f}) {          // the narrow candidates first; most rows need no more
+      cand.clear();
+      for (const int32_t i : wide)
+        if (p[i] > t) cand.push_back(i);
+      std::sort(cand.begin(), cand.end(), [p](int32_t a, int32_t b) { return p[a] > p[b] || (p[a] == p[b] && a < b); });
+      double above = 0.0;
+      for (kept = 0; kept < cand.size(); ++kept) {
+        if (static_cast<int64_t>(kept) >= min_keep && !(total - above > 1.0 - top_p)) break;
+        above += p[cand[kept]];
+      }
+      // decided if the nucleus ended among the candidates, or right after them (every token below t has all of
+      // them above it); else it may reach below t
+      if (kept < cand.size() || (static_cast<int64_t>(kept) >= min_keep && !(total - above > 1.0 - top_p))) {
+        ok = true;
+        break;
+      }
+    }
+    if (!ok) {
+      std::copy(src, src + V, row);
+      continue;
+    }
+    std::fill(row, row + V, fv);
+    for (size_t i = 0; i < kept; ++i) row[cand[i]] = src[cand[i]];
+    dp[n] = true;
+  }
+  return {out, decided};
+}
+
 }  // namespace
 
 TORCH_LIBRARY(dlm_packed, m) {
@@ -697,6 +758,7 @@ TORCH_LIBRARY(dlm_packed, m) {
         "int group, int path, Tensor[] lora_o, Tensor[] lora_gu, Tensor[] lora_down, float[] lora_scales, "
         "Tensor? gate, Tensor norm_w, float eps) -> Tensor");
   m.def("row_attention(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale, int path) -> Tensor");
+  m.def("nucleus_filter(Tensor scores, Tensor probs, float top_p, int min_keep, float filter_value) -> (Tensor, Tensor)");
 }
 TORCH_LIBRARY_IMPL(dlm_packed, CPU, m) {
   m.impl("packed_linear", &packed_linear);
@@ -704,4 +766,5 @@ TORCH_LIBRARY_IMPL(dlm_packed, CPU, m) {
   m.impl("lean_attn_in", &lean_attn_in);
   m.impl("lean_mlp_out", &lean_mlp_out);
   m.impl("row_attention", &row_attention);
+  m.impl("nucleus_filter", &nucleus_filter);
 }
