@@ -231,7 +231,7 @@ def packed_gqa_sdpa(module, query, key, value, attention_mask, dropout: float = 
         causal = getattr(module, "is_causal", True) if is_causal is None else is_causal   # transformers' rule
         if m is None and q > 1 and not causal:
             m = torch.ones(1, 1, q, key.shape[2], dtype=torch.bool)
-        elif m is not None:
+        elif m is not None and m.shape[3] != key.shape[2]:
             m = m[:, :, :, :key.shape[2]]   # as transformers' sdpa path slices a longer (static-cache) mask
         out = row_attention(query, key, value, m, D ** -0.5 if scaling is None else scaling)
         if out is not None:

@@ -130,12 +130,13 @@ class _Layer:
 
     def _probe(self, name: str) -> tuple:
         out = []
-        for m in (self._first, self._last):
-            if name in m.lora_A:
-                a, b = m.lora_A[name].weight, m.lora_B[name].weight
-                out += [id(a), a._version, id(b), b._version]
-            else:
+        for m in (self._first, self._last):   # (the modules' dicts directly: this runs for every layer and forward)
+            la, lb = m.lora_A._modules.get(name), m.lora_B._modules.get(name)
+            if la is None or lb is None:
                 out.append(None)
+                continue
+            a, b = la._parameters["weight"], lb._parameters["weight"]
+            out += (id(a), a._version, id(b), b._version)
         return tuple(out)
 
     def _build(self, name: str) -> Optional[tuple]:
