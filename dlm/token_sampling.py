@@ -91,7 +91,10 @@ def sampling_probs(logits: torch.Tensor, temperature: float = 0.0, top_k: int = 
     else `sampling_warpers` and a softmax."""
     if temperature == 0:
         return torch.zeros_like(logits, dtype=torch.float32).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
-    return sampling_warpers(temperature, top_k, top_p)(None, logits.float().clone()).softmax(-1)
+    scores = logits.float().clone()
+    for warper in sampling_warpers(temperature, top_k, top_p):   # (the list's own call inspects each signature)
+        scores = warper(None, scores)
+    return scores.softmax(-1)
 
 
 def draw_tokens(probs: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
