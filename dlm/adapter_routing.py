@@ -86,14 +86,19 @@ class AdapterRouting:
         unmerged trainable tokens rebuild the whole 49k-row embedding (and a tied head) on every forward, ~36 ms
         each on a 2-core CPU; merged, a forward reads the base weights. Only the mask id's row changes, which no
         clean row embeds and whose logit every decoder bans, so the base stays the AR base. Training (grad mode on
-        a module in train mode) keeps them unmerged so that the rows get gradients."""
-        if name == self.merged_tokens:
+        a module in train mode) keeps them unmerged so that the rows get gradients. The layers' own state is
+        checked, not only the last call's: peft's `disable_adapter()` context unmerges them behind the routing's
+        back (a 3x slower forward after it, until this noticed)."""
+        def wanted(layer) -> bool:   # (peft's disabled layers unmerge themselves: leave them be)
+            return name is not None and name in layer.token_indices and not layer.disable_adapters
+
+        if name == self.merged_tokens and all(layer.merged == wanted(layer) for layer in self.token_layers):
             return
         for layer in self.token_layers:
             if layer.merged:
                 layer.unmerge()
         for layer in self.token_layers:
-            if name is not None and name in layer.token_indices and not layer.merged:
+            if wanted(layer):
                 layer.merge(adapter_names=[name])
         self.merged_tokens = name
 

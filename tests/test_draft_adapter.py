@@ -73,6 +73,27 @@ def test_clean_rows_and_their_cache_are_the_base_model(gated):
         torch.testing.assert_close(model.ar_logits(x)[..., :-1], base.ar_logits(x)[..., :-1], rtol=1e-5, atol=1e-5)
 
 
+def test_trained_mask_row_stays_merged_around_peft_disable_adapter(gated):
+    """The routing writes the draft adapter's trained [MASK] row into the embedding (unmerged, peft rebuilds the
+    whole embedding every forward); peft's `disable_adapter()` context unmerges it, and the next forward merges it
+    again instead of running unmerged from then on."""
+    model, base = gated
+    layers = model.routing.token_layers
+    assert layers, "the fixture's adapter trains the mask row"
+    ids = torch.tensor([[5, 9, 13, 21, 34, 55]])
+    drafts = torch.tensor([[8, 3]])
+    (noisy, clean), _ = _verify(model, ids, drafts)
+    assert all(layer.merged for layer in layers)
+    with model.base.disable_adapter():
+        (noisy_off, clean_off), _ = _verify(model, ids, drafts)
+        assert not any(layer.merged for layer in layers)
+    (noisy_b, _), _ = _verify(base, ids, drafts)
+    torch.testing.assert_close(noisy_off, noisy_b, rtol=1e-5, atol=1e-5)            # disabled: the base's drafts
+    (noisy_again, clean_again), _ = _verify(model, ids, drafts)
+    assert all(layer.merged for layer in layers)
+    assert torch.equal(noisy_again, noisy) and torch.equal(clean_again, clean)
+
+
 @pytest.mark.numeric
 def test_ar_generate_of_the_dlm_is_the_base_model(gated):
     model, base = gated
