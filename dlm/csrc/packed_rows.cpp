@@ -593,10 +593,11 @@ at::Tensor lean_mlp_out(const at::Tensor& attn, const at::Tensor& residual, at::
 // activation to its neighbouring step and grow from there, so exact speculative decoding (an AR step and a verify
 // forward computing the same position) needs each row's attention to depend on its own query and allowed keys only:
 // not on the other rows of the call, nor on keys its mask hides (torch's SDPA blocks its GEMMs by the call's shape).
-// Per (batch, head, row): scores of every key in a fixed order of FMAs over the head dimension (lanes = keys), the
-// softmax over the allowed keys in ascending order (std::exp), and sum_j p_j v_j in ascending j.
+// Per (batch, head, row): each key's score as a dot product over the head dimension in 16 fixed lanes, summed in a
+// fixed order (the cache's keys read where they lie: no transposed copy per call), the softmax over the allowed keys
+// in ascending order (std::exp), and sum_j p_j v_j in ascending j.
 struct AttnArgs {
-  const float *q, *kt, *v; const bool* mask; int64_t mask_b, B, H, Hkv, Q, K, D; float scale; float* out;
+  const float *q, *k, *v; const bool* mask; int64_t mask_b, B, H, Hkv, Q, K, D; float scale; float* out;
 };
 
 __attribute__((always_inline)) inline void attn_rows(const AttnArgs& a, int64_t begin, int64_t end) {
@@ -605,17 +606,21 @@ __attribute__((always_inline)) inline void attn_rows(const AttnArgs& a, int64_t 
   for (int64_t item = begin; item < end; ++item) {
     const int64_t i = item % a.Q, h = (item / a.Q) % a.H, b = item / (a.Q * a.H), g = h / groups;
     const float* qi = a.q + ((b * a.H + h) * a.Q + i) * a.D;
-    const float* kt = a.kt + (b * a.Hkv + g) * a.D * a.K;    // [D, K]
+    const float* k = a.k + (b * a.Hkv + g) * a.K * a.D;      // [K, D]
     const float* v = a.v + (b * a.Hkv + g) * a.K * a.D;      // [K, D]
     const bool* allowed = a.mask ? a.mask + ((b % a.mask_b) * a.Q + i) * a.K : nullptr;
     const int64_t last = allowed ? a.K : a.K - a.Q + i + 1;   // no mask: causal, the rows the last Q positions
     float* __restrict sc = s.data();
-    for (int64_t j = 0; j < last; ++j) sc[j] = 0.f;
-    for (int64_t d = 0; d < a.D; ++d) {
-      const float qd = qi[d];
-      const float* __restrict kd = kt + d * a.K;
-#pragma GCC ivdep
-      for (int64_t j = 0; j < last; ++j) sc[j] += qd * kd[j];
+    for (int64_t j = 0; j < last; ++j) {
+      const float* __restrict kj = k + j * a.D;
+      float lane[16] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+      int64_t d = 0;
+      for (; d + 16 <= a.D; d += 16)
+        for (int l = 0; l < 16; ++l) lane[l] += qi[d + l] * kj[d + l];
+      for (; d < a.D; ++d) lane[d % 16] += qi[d] * kj[d];
+      for (int w = 8; w >= 1; w /= 2)                        // lanes summed pairwise, always the same tree
+        for (int l = 0; l < w; ++l) lane[l] += lane[l + w];
+      sc[j] = lane[0];
     }
     float m = -INFINITY;
     for (int64_t j = 0; j < last; ++j)
@@ -659,7 +664,7 @@ at::Tensor row_attention(const at::Tensor& q, const at::Tensor& k, const at::Ten
   const int64_t B = q.size(0), H = q.size(1), Q = q.size(2), D = q.size(3), Hkv = k.size(1), K = k.size(2);
   TORCH_CHECK(H % Hkv == 0 && k.size(0) == B && v.sizes() == k.sizes() && k.size(3) == D && K >= Q,
               "row_attention: q [B, H, Q, D], k / v [B, Hkv, K >= Q, D]");
-  const at::Tensor qc = q.contiguous(), kt = k.transpose(2, 3).contiguous(), vc = v.contiguous();
+  const at::Tensor qc = q.contiguous(), kc = k.contiguous(), vc = v.contiguous();
   at::Tensor mc;
   int64_t mask_b = 1;
   if (mask.has_value() && mask->defined()) {
@@ -670,7 +675,7 @@ at::Tensor row_attention(const at::Tensor& q, const at::Tensor& k, const at::Ten
     mask_b = mc.size(0);
   }
   at::Tensor out = at::empty({B, Q, H, D}, q.options());
-  const AttnArgs args{qc.data_ptr<float>(), kt.data_ptr<float>(), vc.data_ptr<float>(),
+  const AttnArgs args{qc.data_ptr<float>(), kc.data_ptr<float>(), vc.data_ptr<float>(),
                       mc.defined() ? mc.data_ptr<bool>() : nullptr, mask_b, B, H, Hkv, Q, K, D,
                       static_cast<float>(scale), out.data_ptr<float>()};
   auto fn = attn_rows_default;
