@@ -104,19 +104,18 @@ class AdapterRouting:
 
     def _switch(self, mode: str) -> None:
         adapter = None if mode == "ar" else self.gated if mode == "block" or self.any_order is None else self.any_order
-        if self.token_layers:
+        if mode != self.mode:
+            if adapter is None:
+                self.base.base_model.disable_adapter_layers()
+            else:
+                if self.mode in (None, "ar"):
+                    self.base.base_model.enable_adapter_layers()
+                if self.base.active_adapter != adapter:
+                    self.base.set_adapter(adapter)
+            self.mode = mode
+        if self.token_layers:   # after the layers are enabled or disabled (a disabled layer is left unmerged)
             training = self.base.training and torch.is_grad_enabled()
             self._merge_tokens(None if training else adapter)
-        if mode == self.mode:
-            return
-        if adapter is None:
-            self.base.base_model.disable_adapter_layers()
-        else:
-            if self.mode in (None, "ar"):
-                self.base.base_model.enable_adapter_layers()
-            if self.base.active_adapter != adapter:
-                self.base.set_adapter(adapter)
-        self.mode = mode
 
     @contextlib.contextmanager
     def use(self, mode: str, rows: Optional[torch.Tensor] = None):

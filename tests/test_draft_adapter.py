@@ -92,6 +92,10 @@ def test_trained_mask_row_stays_merged_around_peft_disable_adapter(gated):
     (noisy_again, clean_again), _ = _verify(model, ids, drafts)
     assert all(layer.merged for layer in layers)
     assert torch.equal(noisy_again, noisy) and torch.equal(clean_again, clean)
+    with torch.no_grad():                                   # the AR mode (adapters off) and back: merged again
+        model.ar_logits(ids)
+    _verify(model, ids, drafts)
+    assert all(layer.merged for layer in layers)
 
 
 @pytest.mark.numeric
