@@ -7,7 +7,6 @@ choose, so orders and probabilities are known exactly); end-to-end behaviour on 
 from __future__ import annotations
 
 import math
-
 import re
 
 import pytest
@@ -172,8 +171,10 @@ def test_nucleus_warper_keeps_exactly_what_transformers_top_p_keeps(top_p, min_k
             got = ours(None, scores.clone())
             assert torch.equal(got[~torch.isinf(got)], scores[~torch.isinf(got)])   # kept scores untouched
             differ = torch.isinf(got) != torch.isinf(ref)
-            if differ.any():   # only where float32 rounding of the parent's cumulative sum (over up to 5,000
-                p = scores.double().softmax(-1)   # tokens) decides: the token's mass-from-here is within 5e-4 of 1 - top_p
+            # only where float32 rounding of the parent's cumulative sum (over up to 5,000 tokens) decides: the
+            # token's mass-from-here is within 5e-4 of 1 - top_p
+            if differ.any():
+                p = scores.double().softmax(-1)
                 rows, cols = differ.nonzero(as_tuple=True)
                 for r, c in zip(rows.tolist(), cols.tolist()):
                     mass = float(p[r][p[r] <= p[r, c]].sum())
