@@ -163,13 +163,6 @@ def main(argv=None) -> None:
                     max_prompt_tokens=args.max_prompt_tokens or None, time_limit=args.time_limit or None,
                     policy=SwitchPolicy(args.allow_model_switch, tuple(args.model_dir)),
                     attn_implementation=args.attn_implementation)
-    from dlm.cpu_kernel import native_bf16
-    model = getattr(demo.backend, "model", None)
-    if args.dtype in ("auto", "float32", "fp32") and getattr(getattr(model, "device", None), "type", "") == "cpu" \
-            and native_bf16():
-        print("NOTE: this CPU multiplies bf16 natively (AMX / AVX512-BF16): --dtype bfloat16 makes the DLM's "
-              "multi-token steps up to ~2x faster at a small cost in fluency (docs/app.md, bench.cpu_step)",
-              file=sys.stderr, flush=True)
     from app.model_lifecycle import freeze_heap
     freeze_heap()   # once the model is loaded and the UI built: their objects leave the collector's walks
     notice = demo.backend.notice()
