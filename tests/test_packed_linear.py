@@ -114,6 +114,41 @@ def test_a_row_does_not_depend_on_its_batch_mates(kernel, path, bits):
         assert torch.equal(pl.packed_matmul(x[i:i + 1], q, s, None, bits, path=path)[0], together[i])
 
 
+def test_other_threads_get_the_same_bits_on_the_kernels_own_pool(kernel):
+    """Off the main thread the kernel's loops run on its own thread pool instead of OpenMP (csrc: parallel_rows):
+    the same results bit for bit, from several threads at once and after torch's thread count changes."""
+    import threading
+    w = torch.randn(1000, 192) * 0.1
+    q, s = pl.quantize(w, 4)
+    x = torch.randn(5, 192)
+    k, v = torch.randn(1, 2, 40, 32), torch.randn(1, 2, 40, 32)
+    qa = torch.randn(1, 6, 3, 32)
+    want = (pl.packed_matmul(x, q, s, None, 4), pl.row_attention(qa, k, v, None, 32 ** -0.5))
+    got, errors = [], []
+
+    def work():
+        try:
+            for _ in range(20):
+                got.append((pl.packed_matmul(x, q, s, None, 4), pl.row_attention(qa, k, v, None, 32 ** -0.5)))
+        except Exception as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads_before = torch.get_num_threads()
+    try:
+        for count in (threads_before, max(2, threads_before)):
+            torch.set_num_threads(count)
+            workers = [threading.Thread(target=work) for _ in range(3)]
+            for t in workers:
+                t.start()
+            for t in workers:
+                t.join()
+    finally:
+        torch.set_num_threads(threads_before)
+    assert not errors and len(got) == 120
+    for y, a in got:
+        assert torch.equal(y, want[0]) and torch.equal(a, want[1])
+
+
 def test_paths_agree_bit_for_bit(kernel):
     """Every path does the same fp32 operations in the same order on exact integer block sums (the SIMD paths in
     lanes, the portable one with std::fma): the same bits on any CPU, full tiles and the narrower last one."""

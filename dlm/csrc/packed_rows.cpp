@@ -40,12 +40,126 @@
 #include <tuple>
 #include <vector>
 
+#include <atomic>
+#include <condition_variable>
+#include <functional>
+#include <mutex>
+#include <thread>
+#include <sys/syscall.h>
+#include <unistd.h>
+
 #if defined(__x86_64__) || defined(_M_X64)
 #define DLM_X86 1
 #include <immintrin.h>
 #endif
 
 namespace {
+
+// ----- parallel loops that stay fast in any thread ----------------------------------------------------------------
+// On the main thread the kernel's loops run on torch's OpenMP team (at::parallel_for). In any other thread they run
+// on this pool instead: libgomp keeps a team per thread that starts parallel regions, and once the main thread has
+// one, a second thread's team makes more threads than CPUs, whereupon libgomp spins only ~100 times before sleeping,
+// so every loop wakes a sleeping thread (~50 us) and a decoding step has ~120 of them (a server's worker thread ran a
+// verify forward in 21-27 ms against 13-17 on the main thread, 2-core Xeon). The pool's workers spin ~0.1 ms, then
+// wait on a condition variable; calls from several threads take turns. Both split the range into contiguous parts,
+// one per thread, and every output is computed the same way by whichever thread.
+class KernelPool {
+ public:
+  template <class F>
+  void parallel_for(int64_t begin, int64_t end, int64_t grain, const F& f) {
+    const int64_t range = end - begin;
+    if (range <= 0) return;
+    if (threads_ <= 1 || range <= std::max<int64_t>(1, grain)) {
+      f(begin, end);
+      return;
+    }
+    std::lock_guard<std::mutex> call(call_mu_);
+    const std::function<void(int64_t, int64_t)> job = [&](int64_t b, int64_t e) { f(b, e); };
+    job_ = &job;   // every worker takes part in every call, so none can still be reading these in the next one
+    begin_ = begin;
+    end_ = end;
+    chunk_ = (range + threads_ - 1) / threads_;
+    pending_.store(threads_ - 1, std::memory_order_relaxed);
+    {
+      std::lock_guard<std::mutex> lk(sleep_mu_);
+      epoch_.fetch_add(1, std::memory_order_release);
+    }
+    sleep_cv_.notify_all();
+    f(begin, std::min(end, begin + chunk_));
+    while (pending_.load(std::memory_order_acquire) != 0) relax();
+  }
+
+  // The pool for this process and torch's thread count (a forked child, or a new torch.set_num_threads, starts a
+  // new one; an old one is never freed: its detached workers sleep on it until the process ends).
+  static KernelPool& get(int threads) {
+    static std::mutex mu;
+    static KernelPool* pool = nullptr;
+    static pid_t owner = 0;
+    std::lock_guard<std::mutex> lk(mu);
+    if (pool == nullptr || owner != getpid() || pool->threads_ != threads) {
+      pool = new KernelPool(threads);
+      owner = getpid();
+    }
+    return *pool;
+  }
+
+ private:
+  explicit KernelPool(int threads) : threads_(threads) {
+    for (int i = 1; i < threads; ++i) std::thread([this, i] { loop(i); }).detach();   // worker i: part i
+  }
+
+  static void relax() {
+#ifdef DLM_X86
+    _mm_pause();
+#else
+    std::this_thread::yield();
+#endif
+  }
+
+  void loop(int index) {
+    uint64_t seen = 0;
+    for (;;) {
+      uint64_t now;
+      int spins = 0;
+      while ((now = epoch_.load(std::memory_order_acquire)) == seen) {
+        if (++spins < kSpins) {
+          relax();
+          continue;
+        }
+        std::unique_lock<std::mutex> lk(sleep_mu_);
+        sleep_cv_.wait(lk, [&] { return epoch_.load(std::memory_order_acquire) != seen; });
+      }
+      seen = now;
+      const int64_t b = begin_ + index * chunk_, e = std::min(end_, b + chunk_);
+      if (b < e) (*job_)(b, e);
+      pending_.fetch_sub(1, std::memory_order_acq_rel);
+    }
+  }
+
+  static constexpr int kSpins = 4000;   // pause instructions before sleeping (~0.1 ms)
+  const int threads_;
+  std::mutex call_mu_, sleep_mu_;
+  std::condition_variable sleep_cv_;
+  std::atomic<uint64_t> epoch_{0};
+  std::atomic<int> pending_{0};
+  const std::function<void(int64_t, int64_t)>* job_ = nullptr;
+  int64_t begin_ = 0, end_ = 0, chunk_ = 0;
+};
+
+// at::parallel_for on the main thread, the pool elsewhere (see above).
+template <class F>
+void parallel_rows(int64_t begin, int64_t end, int64_t grain, const F& f) {
+#ifdef SYS_gettid
+  static thread_local const bool main_thread = syscall(SYS_gettid) == getpid();
+#else
+  static thread_local const bool main_thread = true;
+#endif
+  if (main_thread) {
+    at::parallel_for(begin, end, grain, f);
+    return;
+  }
+  KernelPool::get(std::max(1, at::get_num_threads())).parallel_for(begin, end, grain, f);
+}
 
 constexpr int64_t kBlock = 32;   // weights per packed block (and the smallest group)
 constexpr int64_t kTile = 16;    // weight rows interleaved in a tile
@@ -318,7 +432,7 @@ void run(const QRows& a, int64_t M, const uint8_t* wp, int64_t row_bytes, const 
   constexpr int64_t P = I4 ? 2 : 1;
   const int64_t tiles = (N + kTile - 1) / kTile;
   const int64_t grain = parallel ? std::max<int64_t>(4, tiles / (4 * at::get_num_threads())) : tiles;
-  at::parallel_for(0, tiles, grain, [&](int64_t tb, int64_t te) {
+  parallel_rows(0, tiles, grain, [&](int64_t tb, int64_t te) {
     for (int64_t t = tb; t < te; ++t) {
       const int64_t n0 = t * kTile, w = std::min(kTile, N - n0);
       const uint8_t* tw = wp + n0 * row_bytes;
@@ -685,7 +799,7 @@ at::Tensor row_attention(const at::Tensor& q, const at::Tensor& k, const at::Ten
 #endif
   // a decoding step's few rows in one thread (a thread hand-off costs more than their arithmetic)
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 18) / std::max<int64_t>(1, K * D));
-  at::parallel_for(0, B * H * Q, grain, [&](int64_t b, int64_t e) { fn(args, b, e); });
+  parallel_rows(0, B * H * Q, grain, [&](int64_t b, int64_t e) { fn(args, b, e); });
   return out;
 }
 
